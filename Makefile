@@ -1,0 +1,38 @@
+# Two commands: `make run` (the service on this machine) and `make test` (the whole suite).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU-only host takes the CPU build of torch (fast, local); GPU hosts set TORCH_SPEC or preinstall torch.
+TORCH_SPEC ?= torch==2.13.0
+BASE_PATH ?= ./models
+PORT ?= 8000
+
+.PHONY: install run test lint bench audit clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[worker,flower,dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/lora-server --base_path $(BASE_PATH) --port $(PORT)
+
+test: install
+	$(PY) -m ruff check .
+	$(PY) -m mypy api shared worker
+	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy api shared worker
+
+bench: install
+	$(PY) -m bench.train --shape tiny
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

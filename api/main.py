@@ -1,0 +1,64 @@
+"""The HTTP API: `uvicorn api.main:create_app --factory`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware.cors import CORSMiddleware
+
+from api.errors import install_handlers
+from api.routes import health, jobs, status, train
+from shared.celery_config import make_celery
+from shared.reaper import reap_once
+from shared.settings import Settings, get_settings
+from shared.store import JobStore, connect
+
+log = logging.getLogger(__name__)
+
+
+async def _reaper(app: FastAPI) -> None:
+    """Fail or requeue jobs whose worker vanished, without waiting for anyone to call an endpoint."""
+    settings: Settings = app.state.settings
+    while True:
+        try:
+            await run_in_threadpool(reap_once, app.state.store, app.state.celery, settings)
+        except Exception as exc:  # Redis down: keep trying, the API answers 503 meanwhile
+            log.debug("reaper: %s", exc)
+        await asyncio.sleep(settings.reap_interval_s)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.base_path.mkdir(parents=True, exist_ok=True)
+        app.state.store = JobStore(connect(settings.redis_url))
+        app.state.celery = make_celery(settings)
+        task = asyncio.create_task(_reaper(app))
+        try:
+            yield
+        finally:
+            task.cancel()
+            app.state.store.client.close()
+
+    app = FastAPI(
+        title="lora-server",
+        summary="LoRA fine-tuning as a job queue",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
+        )
+    for module in (train, status, jobs, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,151 @@
+"""Turning a validated config and an uploaded dataset into an admitted, enqueued job."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from pydantic import ValidationError
+
+from api.errors import ApiError
+from api.uploads import disk_full
+from shared.config import TrainConfig
+from shared.dataset import DatasetError, DatasetSummary, validate_dataset
+from shared.jobs import JobRecord, JobStatus
+from shared.paths import PathOutsideBaseError, resolve_inside
+from shared.reaper import publish_train
+from shared.settings import Settings
+from shared.store import JobStore
+
+log = logging.getLogger(__name__)
+
+
+def new_job_id() -> str:
+    return f"job-{uuid.uuid4().hex[:20]}"
+
+
+def parse_config(text: str | None) -> TrainConfig:
+    """The `config` part as a TrainConfig; a precise 422 naming each bad field otherwise."""
+    if text is None or not text.strip():
+        return TrainConfig()
+    try:
+        raw: Any = json.loads(text, parse_constant=_no_constants)
+    except RecursionError as exc:
+        raise ApiError(422, "config is nested too deeply", [{"loc": ["config"], "msg": "nested too deeply"}]) from exc
+    except ValueError as exc:
+        raise ApiError(422, f"config is not valid JSON: {exc}", [{"loc": ["config"], "msg": str(exc)}]) from exc
+    if not isinstance(raw, dict):
+        raise ApiError(422, "config must be a JSON object", [{"loc": ["config"], "msg": "expected an object"}])
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        errors = [
+            {"loc": ["config", *[str(p) for p in err["loc"]]], "msg": err["msg"], "type": err["type"]}
+            for err in exc.errors(include_url=False, include_input=False)
+        ]
+        summary = "; ".join(f"{'.'.join(e['loc'][1:]) or 'config'}: {e['msg']}" for e in errors)
+        raise ApiError(422, f"invalid config: {summary}", errors) from exc
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def resolve_paths(config: TrainConfig, settings: Settings, job_id: str) -> tuple[Path, Path | None]:
+    """The job's output folder and its starting adapter, both required to stay inside base_path."""
+    base = settings.base_path
+    try:
+        output = resolve_inside(base, config.model_save_path or job_id)
+    except PathOutsideBaseError as exc:
+        raise ApiError(422, f"model_save_path: {exc}", [{"loc": ["config", "model_save_path"], "msg": str(exc)}]) from exc
+    if output.is_relative_to(settings.datasets_dir.resolve()):
+        msg = "may not point into the service's datasets folder"
+        raise ApiError(422, f"model_save_path: {msg}", [{"loc": ["config", "model_save_path"], "msg": msg}])
+    lora: Path | None = None
+    if config.lora_path is not None:
+        try:
+            lora = resolve_inside(base, config.lora_path)
+        except PathOutsideBaseError as exc:
+            raise ApiError(422, f"lora_path: {exc}", [{"loc": ["config", "lora_path"], "msg": str(exc)}]) from exc
+        if not (lora / "adapter_config.json").is_file():
+            msg = f"no adapter (adapter_config.json) at {config.lora_path!r} under base_path"
+            raise ApiError(422, f"lora_path: {msg}", [{"loc": ["config", "lora_path"], "msg": msg}])
+    return output, lora
+
+
+def store_dataset(upload: Path, settings: Settings, name: str) -> tuple[Path, DatasetSummary]:
+    """Validate the spooled upload and move its normalised form into the datasets folder."""
+    settings.datasets_dir.mkdir(parents=True, exist_ok=True)
+    staging = settings.incoming_dir / f"{name}.jsonl.part"
+    final = settings.datasets_dir / f"{name}.jsonl"
+    try:
+        summary = validate_dataset(
+            upload, staging, max_record_bytes=settings.max_record_kb * 1024, max_records=settings.max_records
+        )
+    except DatasetError as exc:
+        errors = [{"loc": ["file", p.where], "msg": p.reason} for p in exc.problems]
+        raise ApiError(422, str(exc), errors, truncated=exc.truncated) from exc
+    except OSError as exc:
+        staging.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise disk_full("dataset") from exc
+        raise
+    os.replace(staging, final)
+    return final, summary
+
+
+def check_disk(settings: Settings) -> None:
+    settings.base_path.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(settings.base_path).free
+    if free < settings.min_free_disk_mb * 1024 * 1024:
+        raise disk_full("upload (LORA_MIN_FREE_DISK_MB)")
+
+
+def admit(
+    store: JobStore,
+    celery: Celery,
+    settings: Settings,
+    *,
+    job_id: str,
+    config: TrainConfig,
+    dataset: Path,
+    num_records: int,
+    output_dir: Path,
+) -> JobRecord:
+    """Take a slot and enqueue; 409 when every slot is taken, 503 when the task cannot be published."""
+    record = JobRecord(
+        id=job_id,
+        status=JobStatus.queued,
+        created_at=0.0,
+        config=config,
+        dataset_path=str(dataset),
+        num_records=num_records,
+        output_dir=str(output_dir),
+        message="Queued, waiting for a worker",
+        max_attempts=settings.max_attempts,
+    )
+    result = store.admit(record, max_slots=settings.max_concurrent_jobs, queue_timeout_s=settings.queue_timeout_s)
+    if not result.admitted:
+        raise busy(result.running)
+    try:
+        publish_train(celery, job_id)
+    except Exception as exc:
+        log.error("could not publish job %s: %s", job_id, exc)
+        store.abort(job_id, f"could not enqueue the job: {exc}")
+        raise ApiError(503, f"the broker did not accept the job: {exc}") from exc
+    stored = store.get(job_id)
+    return stored if stored is not None else record
+
+
+def busy(running: list[str]) -> ApiError:
+    names = ", ".join(running)
+    return ApiError(
+        409, f"Training already in progress (job {names}); every training slot is taken", running_jobs=running
+    )

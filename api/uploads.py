@@ -1,0 +1,192 @@
+"""Receiving `POST /train` bodies: multipart parsed as it streams, the file spooled to the volume.
+
+Starlette's form parser puts no limit on file parts and spools them to the system temp dir; this
+receiver counts bytes as they arrive (whatever Content-Length claims), stops at the configured
+limit, writes only under base_path, never uses the client's filename, and removes its file on any
+failure.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from fastapi import Request
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from api.errors import ApiError
+from shared.settings import Settings
+
+_OVERHEAD = 1 << 20  # room for the config part and multipart framing beyond the dataset limit
+
+
+def _too_large(settings: Settings) -> ApiError:
+    return ApiError(413, f"upload exceeds the {settings.max_upload_mb:g} MB limit (LORA_MAX_UPLOAD_MB)")
+
+
+def disk_full(what: str) -> ApiError:
+    return ApiError(507, f"not enough disk space on the volume to store the {what}")
+
+
+@dataclass
+class Upload:
+    """What a `POST /train` body carried: the raw config text and the spooled dataset file."""
+
+    config_text: str | None
+    dataset: Path | None
+    other_fields: list[str] = field(default_factory=list)
+
+    def discard(self) -> None:
+        if self.dataset is not None:
+            self.dataset.unlink(missing_ok=True)
+
+
+@dataclass
+class _Part:
+    name: str = ""
+    is_file: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    buffer: bytearray = field(default_factory=bytearray)
+
+
+class _Receiver:
+    """The parser's callbacks: route each part's bytes to memory (config) or to disk (file)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.config_limit = settings.max_config_kb * 1024
+        self.part = _Part()
+        self._field, self._value = b"", b""
+        self.config_text: str | None = None
+        self.dataset: Path | None = None
+        self.file_bytes = 0
+        self.sink: IO[bytes] | None = None
+        self.other_fields: list[str] = []
+
+    def callbacks(self) -> dict[str, Callable[..., None]]:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+        }
+
+    def on_part_begin(self) -> None:
+        self.part = _Part()
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def on_header_end(self) -> None:
+        name = self._field.decode("latin-1").lower()
+        self.part.headers[name] = self._value.decode("latin-1")
+        self._field, self._value = b"", b""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self.part.headers.get("content-disposition", ""))
+        self.part.name = options.get(b"name", b"").decode("utf-8", "replace")
+        if self.part.name == "file":
+            if self.dataset is not None:
+                raise ApiError(422, "more than one 'file' part", [{"loc": ["file"], "msg": "send one dataset file"}])
+            self.settings.incoming_dir.mkdir(parents=True, exist_ok=True)
+            # Our own name: the client's filename is never used as a path.
+            self.dataset = self.settings.incoming_dir / f"{uuid.uuid4().hex}.upload"
+            self.sink = self.dataset.open("wb")
+            self.part.is_file = True
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        chunk = data[start:end]
+        if self.part.is_file:
+            assert self.sink is not None
+            self.file_bytes += len(chunk)
+            if self.file_bytes > self.settings.max_upload_bytes:
+                raise _too_large(self.settings)
+            try:
+                self.sink.write(chunk)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise disk_full("upload") from exc
+                raise
+            return
+        self.part.buffer += chunk
+        limit = self.config_limit if self.part.name == "config" else 4096
+        if len(self.part.buffer) > limit:
+            raise ApiError(413, f"form field {self.part.name!r} exceeds {limit // 1024} KiB")
+
+    def on_part_end(self) -> None:
+        if self.part.is_file:
+            assert self.sink is not None
+            self.sink.close()
+            self.sink = None
+        elif self.part.name == "config":
+            try:
+                self.config_text = self.part.buffer.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ApiError(422, "config is not valid UTF-8", [{"loc": ["config"], "msg": str(exc)}]) from exc
+        else:
+            self.other_fields.append(self.part.name)
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+            self.sink = None
+
+
+async def receive_upload(request: Request, settings: Settings) -> Upload:
+    """Stream a multipart body into an Upload; raise ApiError (and leave no file) when it is unusable."""
+    content_type, params = parse_options_header(request.headers.get("content-type", ""))
+    if content_type != b"multipart/form-data":
+        raise ApiError(415, "send multipart/form-data with a 'file' part (the dataset) and an optional 'config' part")
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise ApiError(400, "multipart body without a boundary")
+    declared = request.headers.get("content-length")
+    limit = settings.max_upload_bytes + _OVERHEAD
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(settings)  # refuse before reading a byte
+
+    receiver = _Receiver(settings)
+    parser = MultipartParser(boundary, receiver.callbacks())  # type: ignore[arg-type]
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise _too_large(settings)
+            parser.write(chunk)
+        parser.finalize()
+        if receiver.sink is not None:
+            raise ApiError(400, "the multipart body ended inside the 'file' part")
+    except MultipartParseError as exc:
+        receiver.close()
+        _remove(receiver.dataset)
+        raise ApiError(400, f"malformed multipart body: {exc}") from exc
+    except BaseException:
+        receiver.close()
+        _remove(receiver.dataset)
+        raise
+    if receiver.dataset is None:
+        raise ApiError(
+            422, "missing the 'file' part (the dataset)", [{"loc": ["file"], "msg": "field required"}]
+        )
+    return Upload(receiver.config_text, receiver.dataset, receiver.other_fields)
+
+
+def _remove(path: Path | None) -> None:
+    if path is not None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,336 @@
+"""Streaming validation of chat datasets, by content rather than file extension.
+
+Accepts JSON Lines (one record per line) or one JSON array of records, UTF-8 with or without a
+byte-order mark, LF or CRLF line ends. Each record is `{"messages": [...]}`: an optional leading
+system message, then user/assistant turns alternating, ending with an assistant turn, every
+content a non-empty string. Valid input is rewritten as normalised JSON Lines; nothing is ever
+read whole into memory.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+MAX_PROBLEMS = 20
+_CHUNK = 1 << 16
+_BOM = codecs.BOM_UTF8
+
+
+@dataclass(frozen=True)
+class Problem:
+    where: str  # "line 3" or "record 2 (line 7)"
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}"
+
+
+@dataclass
+class DatasetError(Exception):
+    problems: list[Problem]
+    truncated: bool = False  # more problems existed than are listed
+
+    def __str__(self) -> str:
+        more = " (more problems not shown)" if self.truncated else ""
+        return "invalid dataset: " + "; ".join(str(p) for p in self.problems) + more
+
+
+@dataclass
+class DatasetSummary:
+    num_records: int
+    num_messages: int = 0
+    format: str = "jsonl"
+    roles: dict[str, int] = field(default_factory=dict)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1048576:g} MiB" if n >= 1048576 else f"{n / 1024:g} KiB" if n >= 1024 else f"{n} bytes"
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+def check_record(obj: Any) -> tuple[list[dict[str, str]] | None, str | None]:
+    """The record's normalised messages, or the reason it is invalid."""
+    if not isinstance(obj, dict):
+        return (
+            None,
+            f"expected an object with a 'messages' list, got {type(obj).__name__}",
+        )
+    messages = obj.get("messages")
+    if messages is None:
+        return None, "missing 'messages'"
+    if not isinstance(messages, list) or not messages:
+        return None, "'messages' must be a non-empty list"
+    out: list[dict[str, str]] = []
+    expected = "user"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return None, f"messages[{i}] must be an object with 'role' and 'content'"
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str):
+            return None, f"messages[{i}].role must be a string"
+        if not isinstance(content, str):
+            return None, f"messages[{i}].content must be a string"
+        if not content.strip():
+            return None, f"messages[{i}].content is empty"
+        if role == "system" and i == 0:
+            out.append({"role": role, "content": content})
+            continue
+        if role not in ("user", "assistant", "system"):
+            return (
+                None,
+                f"messages[{i}].role {role!r} is not one of system, user, assistant",
+            )
+        if role == "system":
+            return (
+                None,
+                f"messages[{i}].role is 'system': a system message may only come first",
+            )
+        if role != expected:
+            return (
+                None,
+                f"messages[{i}].role is {role!r}, expected {expected!r} (turns alternate user/assistant)",
+            )
+        out.append({"role": role, "content": content})
+        expected = "assistant" if role == "user" else "user"
+    if out[-1]["role"] != "assistant":
+        return None, "the conversation must end with an assistant message"
+    return out, None
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+        self.truncated = False
+
+    def add(self, where: str, reason: str) -> None:
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(Problem(where, reason))
+        else:
+            self.truncated = True
+
+    @property
+    def full(self) -> bool:
+        return self.truncated
+
+
+def _sniff(raw: IO[bytes]) -> tuple[str | None, bool]:
+    """The first significant character ('[' or '{' ...) and whether a BOM was present."""
+    head = raw.read(len(_BOM))
+    bom = head == _BOM
+    if not bom:
+        raw.seek(0)
+    while True:
+        chunk = raw.read(_CHUNK)
+        if not chunk:
+            return None, bom
+        stripped = chunk.lstrip(b" \t\r\n")
+        if stripped:
+            raw.seek(raw.tell() - len(chunk))
+            return chr(stripped[0]), bom
+
+
+def _jsonl(
+    raw: IO[bytes], max_record: int, bad: _Collector
+) -> Iterator[tuple[int, Any]]:
+    line_no = 0
+    while not bad.full:
+        line = raw.readline(max_record + 1)
+        if not line:
+            return
+        line_no += 1
+        if len(line) > max_record and not line.endswith(b"\n"):
+            bad.add(
+                f"line {line_no}",
+                f"longer than the {_size(max_record)} per-record limit",
+            )
+            while line and not line.endswith(
+                b"\n"
+            ):  # skip the rest of the over-long line
+                line = raw.readline(_CHUNK)
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            bad.add(f"line {line_no}", f"invalid UTF-8 at byte {exc.start}")
+            continue
+        if not text.strip():
+            continue
+        try:
+            yield line_no, _loads(text)
+        except ValueError as exc:
+            bad.add(f"line {line_no}", f"not valid JSON ({exc})")
+
+
+class _ArrayReader:
+    """Records of a top-level JSON array, decoded incrementally from a byte stream."""
+
+    def __init__(self, raw: IO[bytes], max_record: int, bad: _Collector) -> None:
+        self.raw, self.max_record, self.bad = raw, max_record, bad
+        self.decoder = json.JSONDecoder(parse_constant=_reject_constant)
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("strict")
+        self.buf, self.pos, self.eof = "", 0, False
+        self.base_line = 1  # line number of buf[0]
+
+    def line_at(self, pos: int) -> int:
+        return self.base_line + self.buf.count("\n", 0, pos)
+
+    def fill(self) -> bool:
+        """Append more text, dropping what was consumed; False at the end of input."""
+        if self.eof:
+            return False
+        # Read at least as much as is pending so re-decoding a long record stays linear overall.
+        chunk = self.raw.read(max(_CHUNK, len(self.buf) - self.pos))
+        try:
+            text = self.utf8.decode(chunk, final=not chunk)
+        except UnicodeDecodeError:
+            self.bad.add(f"near line {self.line_at(len(self.buf))}", "invalid UTF-8")
+            self.eof = True
+            return False
+        self.eof = not chunk
+        self.base_line += self.buf.count("\n", 0, self.pos)
+        self.buf, self.pos = self.buf[self.pos :] + text, 0
+        return bool(chunk)
+
+    def skip_ws(self) -> bool:
+        """Move to the next significant character; False at the end of input."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
+                self.pos += 1
+            if self.pos < len(self.buf):
+                return True
+            if not self.fill():
+                return False
+
+    def records(self) -> Iterator[tuple[str, Any]]:
+        self.skip_ws()
+        self.pos += 1  # the opening '[' (sniffed already)
+        if self.skip_ws() and self.buf[self.pos] == "]":
+            self.pos += 1
+            return self._after_close()
+        index = 0
+        while not self.bad.full:
+            if not self.skip_ws():
+                self.bad.add(
+                    f"after record {index}", "the JSON array is not closed with ']'"
+                )
+                return
+            index += 1
+            where = f"record {index} (line {self.line_at(self.pos)})"
+            obj = self._decode_one(where)
+            if obj is _FAILED:
+                return
+            yield where, obj
+            if not self.skip_ws():
+                self.bad.add(
+                    f"after record {index}", "the JSON array is not closed with ']'"
+                )
+                return
+            sep = self.buf[self.pos]
+            self.pos += 1
+            if sep == "]":
+                return self._after_close()
+            if sep != ",":
+                self.bad.add(
+                    f"after record {index}", f"expected ',' or ']', found {sep!r}"
+                )
+                return
+
+    def _decode_one(self, where: str) -> Any:
+        while True:
+            try:
+                obj, end = self.decoder.raw_decode(self.buf, self.pos)
+                if end - self.pos > self.max_record:
+                    self.bad.add(where, f"longer than the {_size(self.max_record)} per-record limit")
+                    return _FAILED
+                self.pos = end
+                return obj
+            except ValueError as exc:
+                if len(self.buf) - self.pos > self.max_record:
+                    self.bad.add(
+                        where,
+                        f"longer than the {_size(self.max_record)} per-record limit",
+                    )
+                    return _FAILED
+                if not self.fill():
+                    self.bad.add(where, f"not valid JSON ({exc})")
+                    return _FAILED
+
+    def _after_close(self) -> None:
+        if self.skip_ws():
+            self.bad.add(
+                f"line {self.line_at(self.pos)}", "unexpected data after the JSON array"
+            )
+
+
+_FAILED = object()
+
+
+def validate_dataset(
+    src: Path, dest: Path, *, max_record_bytes: int, max_records: int
+) -> DatasetSummary:
+    """Validate `src` and write its records to `dest` as normalised JSON Lines.
+
+    Raises DatasetError (and leaves `dest` absent) when anything is wrong.
+    """
+    bad = _Collector()
+    summary = DatasetSummary(num_records=0)
+    try:
+        with src.open("rb") as raw, dest.open("w", encoding="utf-8") as out:
+            first, _ = _sniff(raw)
+            records: Iterator[tuple[Any, Any]]
+            if first is None:
+                raise DatasetError([Problem("line 1", "the dataset is empty")])
+            if first == "[":
+                summary.format = "json-array"
+                records = _ArrayReader(raw, max_record_bytes, bad).records()
+            elif first == "{":
+                records = _jsonl(raw, max_record_bytes, bad)
+            else:
+                raise DatasetError(
+                    [
+                        Problem(
+                            "line 1",
+                            "expected JSON Lines records ({...} per line) or a JSON array ([...])",
+                        )
+                    ]
+                )
+            for where, obj in records:
+                messages, reason = check_record(obj)
+                if reason is not None:
+                    bad.add(
+                        str(where) if isinstance(where, str) else f"line {where}",
+                        reason,
+                    )
+                    continue
+                assert messages is not None
+                summary.num_records += 1
+                summary.num_messages += len(messages)
+                if summary.num_records > max_records:
+                    bad.add(
+                        f"record {summary.num_records}",
+                        f"more than the {max_records} records allowed",
+                    )
+                    break
+                if not bad.problems:
+                    out.write(json.dumps({"messages": messages}, ensure_ascii=False))
+                    out.write("\n")
+        if not bad.problems and summary.num_records == 0:
+            bad.add("line 1", "the dataset holds no records")
+        if bad.problems:
+            raise DatasetError(bad.problems, bad.truncated)
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    return summary

@@ -1,0 +1,83 @@
+"""The job record: lifecycle states, progress, and how the seed's `/status` sees them."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.config import TrainConfig
+
+
+class JobStatus(str, Enum):
+    queued = "queued"  # admitted, holding a slot, waiting for a worker to claim it
+    running = "running"  # a worker holds the lease and trains
+    succeeded = "succeeded"  # adapter saved
+    failed = "failed"  # error, worker lost, or never picked up
+    cancelled = "cancelled"  # stopped on request
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+TERMINAL_STATUSES = frozenset(s.value for s in JobStatus if s.terminal)
+
+# The seed's four-valued status, as `/status` reports it.
+SEED_STATUS: dict[JobStatus, str] = {
+    JobStatus.queued: "training",
+    JobStatus.running: "training",
+    JobStatus.succeeded: "completed",
+    JobStatus.failed: "error",
+    JobStatus.cancelled: "error",
+}
+
+
+class Progress(BaseModel):
+    """Live training progress, rewritten by the worker on every step."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    current_step: int = 0
+    total_steps: int = 0
+    current_epoch: int = 0
+    total_epochs: int = 0
+    loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+
+
+class JobRecord(BaseModel):
+    """Everything known about one job; stored as a Redis hash (see shared.store)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    status: JobStatus
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    config: TrainConfig
+    dataset_path: str
+    num_records: int = 0
+    output_dir: str
+    model_path: str | None = None
+    message: str = ""
+    error: str | None = None
+    attempts: int = 0
+    max_attempts: int = 1
+    worker: str | None = None
+    cancel_requested: bool = False
+    progress: Progress = Field(default_factory=Progress)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainTaskPayload(BaseModel):
+    """The Celery message body: just enough to find the job; the record holds the rest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str

@@ -1,0 +1,36 @@
+"""Settling jobs whose worker vanished: run periodically by the API and by every worker."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+
+from shared.jobs import TrainTaskPayload
+from shared.settings import Settings
+from shared.store import JobStore
+from shared.tasks import QUEUE, TRAIN_TASK
+
+log = logging.getLogger(__name__)
+
+
+def publish_train(celery: Celery, job_id: str) -> None:
+    """Send the training task by name; the job id doubles as the task id."""
+    celery.send_task(
+        TRAIN_TASK,
+        kwargs={"payload": TrainTaskPayload(job_id=job_id).model_dump()},
+        queue=QUEUE,
+        task_id=job_id,
+    )
+
+
+def reap_once(store: JobStore, celery: Celery, settings: Settings) -> list[str]:
+    """Fail or requeue jobs whose lease lapsed; republish the requeued ones. Returns requeued ids."""
+    requeued = store.reap(queue_timeout_s=settings.queue_timeout_s)
+    for job_id in requeued:
+        log.warning("job %s lost its worker; publishing it again", job_id)
+        try:
+            publish_train(celery, job_id)
+        except Exception as exc:  # the broker is the store here: if it is down, so is everything else
+            store.abort(job_id, f"could not requeue after worker loss: {exc}")
+    return requeued

@@ -1,0 +1,273 @@
+"""The job store: job records, state transitions, progress, events and slots, all in Redis."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis
+
+from shared import keys, scripts
+from shared.config import TrainConfig
+from shared.jobs import JobRecord, JobStatus, Progress
+
+
+@dataclass(frozen=True)
+class AdmitResult:
+    admitted: bool
+    running: list[str]  # ids holding the slots when not admitted
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str  # stream id, "ms-seq": ordered, usable as a cursor
+    type: str
+    ts: float
+    message: str
+    data: dict[str, Any]
+
+
+def connect(url: str, *, timeout: float = 5.0) -> redis.Redis:
+    """A client that fails fast instead of hanging when the server is gone."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        health_check_interval=15,
+    )
+
+
+def _record_to_fields(record: JobRecord) -> dict[str, str]:
+    return {
+        "id": record.id,
+        "status": record.status.value,
+        "config": record.config.model_dump_json(),
+        "dataset_path": record.dataset_path,
+        "num_records": str(record.num_records),
+        "output_dir": record.output_dir,
+        "message": record.message,
+        "attempts": str(record.attempts),
+        "max_attempts": str(record.max_attempts),
+        "cancel_requested": "0",
+        "progress": record.progress.model_dump_json(),
+        "metrics": json.dumps(record.metrics),
+    }
+
+
+def _record_from_fields(fields: dict[str, str]) -> JobRecord:
+    def opt_float(name: str) -> float | None:
+        value = fields.get(name)
+        return float(value) if value else None
+
+    return JobRecord(
+        id=fields["id"],
+        status=JobStatus(fields["status"]),
+        created_at=float(fields.get("created_at") or 0.0),
+        started_at=opt_float("started_at"),
+        finished_at=opt_float("finished_at"),
+        config=TrainConfig.model_validate_json(fields["config"]),
+        dataset_path=fields["dataset_path"],
+        num_records=int(fields.get("num_records") or 0),
+        output_dir=fields["output_dir"],
+        model_path=fields.get("model_path") or None,
+        message=fields.get("message", ""),
+        error=fields.get("error") or None,
+        attempts=int(fields.get("attempts") or 0),
+        max_attempts=int(fields.get("max_attempts") or 1),
+        worker=fields.get("worker") or None,
+        cancel_requested=fields.get("cancel_requested") == "1",
+        progress=Progress.model_validate_json(fields.get("progress") or "{}"),
+        metrics=json.loads(fields.get("metrics") or "{}"),
+    )
+
+
+def _flatten(fields: dict[str, str]) -> list[str]:
+    return [item for pair in fields.items() for item in pair]
+
+
+class JobStore:
+    """Typed access to job state. Every transition is one Lua script (see shared.scripts)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._admit = client.register_script(scripts.ADMIT)
+        self._claim = client.register_script(scripts.CLAIM)
+        self._renew = client.register_script(scripts.RENEW)
+        self._finish = client.register_script(scripts.FINISH)
+        self._cancel = client.register_script(scripts.CANCEL)
+        self._reap = client.register_script(scripts.REAP)
+        self._abort = client.register_script(scripts.ABORT)
+
+    def ping(self) -> bool:
+        return bool(self.client.ping())
+
+    def admit(
+        self, record: JobRecord, *, max_slots: int, queue_timeout_s: float
+    ) -> AdmitResult:
+        """Take a slot and create the record in one step; refuse when every slot is taken."""
+        result = self._admit(
+            keys=[
+                keys.ACTIVE,
+                keys.JOBS,
+                keys.job_key(record.id),
+                keys.events_key(record.id),
+            ],
+            args=[
+                record.id,
+                max_slots,
+                int(queue_timeout_s * 1000),
+                *_flatten(_record_to_fields(record)),
+            ],
+        )
+        admitted, running = cast(list[Any], result)
+        return AdmitResult(admitted=bool(admitted), running=list(running))
+
+    def get(self, job_id: str) -> JobRecord | None:
+        fields = cast(dict[str, str], self.client.hgetall(keys.job_key(job_id)))
+        return _record_from_fields(fields) if fields.get("id") else None
+
+    def active_ids(self) -> list[str]:
+        return cast(list[str], self.client.zrange(keys.ACTIVE, 0, -1))
+
+    def current(self) -> JobRecord | None:
+        """The oldest job holding a slot, else the most recently created job."""
+        for job_id in self.active_ids():
+            record = self.get(job_id)
+            if record is not None:
+                return record
+        for job_id in cast(list[str], self.client.zrevrange(keys.JOBS, 0, 0)):
+            return self.get(job_id)
+        return None
+
+    def list_ids(
+        self, *, before: float | None = None, limit: int = 20
+    ) -> list[tuple[str, float]]:
+        """Job ids newest first, with their creation time (ms), strictly before `before`."""
+        top: float | str = f"({before}" if before is not None else "+inf"
+        rows = self.client.zrevrangebyscore(
+            keys.JOBS, top, "-inf", start=0, num=limit, withscores=True
+        )
+        return [
+            (str(job_id), float(score))
+            for job_id, score in cast(list[tuple[str, float]], rows)
+        ]
+
+    def claim(self, job_id: str, *, token: str, lease_s: float, worker: str) -> str:
+        """'ok' when this runner now owns the job, else the status that stopped it."""
+        return str(
+            self._claim(
+                keys=[keys.job_key(job_id), keys.ACTIVE, keys.events_key(job_id)],
+                args=[job_id, token, int(lease_s * 1000), worker],
+            )
+        )
+
+    def renew(
+        self, job_id: str, *, token: str, lease_s: float, progress: Progress | None
+    ) -> int:
+        """Extend the lease (and store progress): -1 fenced out, 1 cancel requested, 0 carry on."""
+        payload = progress.model_dump_json() if progress is not None else ""
+        return int(
+            cast(
+                int,
+                self._renew(
+                    keys=[keys.job_key(job_id), keys.ACTIVE],
+                    args=[job_id, token, int(lease_s * 1000), payload],
+                ),
+            )
+        )
+
+    def finish(
+        self,
+        job_id: str,
+        *,
+        token: str,
+        status: JobStatus,
+        message: str,
+        error: str | None = None,
+        model_path: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        progress: Progress | None = None,
+    ) -> bool:
+        """Record the outcome and free the slot, if this runner still owns the job."""
+        fields: dict[str, str] = {"message": message}
+        if error is not None:
+            fields["error"] = error
+        if model_path is not None:
+            fields["model_path"] = model_path
+        if metrics is not None:
+            fields["metrics"] = json.dumps(metrics)
+        if progress is not None:
+            fields["progress"] = progress.model_dump_json()
+        event_message = error if error else message
+        data = json.dumps({"status": status.value})
+        done = self._finish(
+            keys=[keys.job_key(job_id), keys.ACTIVE, keys.events_key(job_id)],
+            args=[job_id, token, status.value, event_message, data, *_flatten(fields)],
+        )
+        return bool(done)
+
+    def cancel(self, job_id: str) -> str:
+        """'cancelled' (was queued), 'requested' (running; the worker stops soon), 'missing' or the final status."""
+        return str(
+            self._cancel(
+                keys=[keys.job_key(job_id), keys.ACTIVE, keys.events_key(job_id)],
+                args=[job_id],
+            )
+        )
+
+    def abort(self, job_id: str, error: str) -> bool:
+        """Fail a job that is still queued (its task could not be published) and free its slot."""
+        return bool(self._abort(keys=[keys.job_key(job_id), keys.ACTIVE, keys.events_key(job_id)], args=[job_id, error]))
+
+    def reap(self, *, queue_timeout_s: float) -> list[str]:
+        """Settle jobs whose lease lapsed; returns ids requeued for another attempt."""
+        result = self._reap(
+            keys=[keys.ACTIVE],
+            args=[keys.JOB_PREFIX, keys.EVENTS_SUFFIX, int(queue_timeout_s * 1000)],
+        )
+        return [str(x) for x in cast(list[Any], result)]
+
+    def add_event(
+        self, job_id: str, etype: str, message: str, data: dict[str, Any] | None = None
+    ) -> str:
+        return str(
+            self.client.xadd(
+                keys.events_key(job_id),
+                {
+                    "type": etype,
+                    "ts": f"{time.time():.3f}",
+                    "message": message,
+                    "data": json.dumps(data or {}),
+                },
+                maxlen=100_000,
+                approximate=True,
+            )
+        )
+
+    def events(
+        self, job_id: str, *, after: str | None = None, limit: int = 100
+    ) -> list[Event]:
+        start = f"({after}" if after else "-"
+        rows = self.client.xrange(
+            keys.events_key(job_id), min=start, max="+", count=limit
+        )
+        return [
+            Event(
+                id=str(event_id),
+                type=fields.get("type", ""),
+                ts=float(fields.get("ts") or 0.0),
+                message=fields.get("message", ""),
+                data=json.loads(fields.get("data") or "{}"),
+            )
+            for event_id, fields in cast(list[tuple[str, dict[str, str]]], rows)
+        ]
+
+    def heartbeat_worker(self, name: str) -> None:
+        self.client.zadd(keys.WORKERS, {name: int(time.time() * 1000)})
+
+    def workers_alive(self, *, within_s: float) -> list[str]:
+        low = int((time.time() - within_s) * 1000)
+        return cast(list[str], self.client.zrangebyscore(keys.WORKERS, low, "+inf"))

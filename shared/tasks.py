@@ -1,0 +1,4 @@
+"""Celery task names: the API sends by name and never imports worker code."""
+
+TRAIN_TASK = "lora.train"
+QUEUE = "lora"

@@ -1,0 +1,62 @@
+"""Shared fixtures: a real Redis-compatible server, the tiny model, and the running service.
+
+Redis: `LORA_TEST_REDIS_URL` names a server to use (its database is flushed between tests);
+otherwise an embedded one is started for the session, so the suite runs on a bare machine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from shared.embedded_redis import EmbeddedRedis
+from tests.service import Service
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = os.environ.get("LORA_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), persist=False).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen2 chat model and ChatML tokenizer, built locally once per session."""
+    from worker.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture
+def service(tmp_path: Path, redis_url: str, tiny_model_dir: Path) -> Iterator[Service]:
+    """The API on a real port and one real Celery worker process, on a fresh Redis database."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    client.close()
+    svc = Service(base_path=tmp_path / "base", redis_url=redis_url, log_dir=tmp_path / "logs")
+    svc.start()
+    try:
+        yield svc
+    finally:
+        svc.stop()

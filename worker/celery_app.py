@@ -1,0 +1,19 @@
+"""The worker's Celery application: `celery -A worker.celery_app worker`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.signals import worker_ready
+
+from shared.celery_config import make_celery
+from shared.settings import get_settings
+
+app = make_celery(get_settings(), include=["worker.tasks"])
+
+
+@worker_ready.connect
+def _on_ready(sender: Any = None, **_: Any) -> None:
+    from worker.maintenance import start_maintenance
+
+    start_maintenance(app, get_settings(), getattr(sender, "hostname", None) or "worker")

@@ -1,0 +1,103 @@
+"""Holding a job's lease while it trains, and carrying progress and events to Redis.
+
+A background thread renews the lease (fencing: it stops the moment another runner owns the
+job), stores the latest progress, appends events, and notices cancellation. The training loop
+never talks to Redis itself: it hands progress over and asks `should_stop()`, so a slow or
+unreachable Redis never stalls a step.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from types import TracebackType
+from typing import Any
+
+import redis
+
+from shared.jobs import Progress
+from shared.store import JobStore
+
+log = logging.getLogger(__name__)
+
+
+class LeaseKeeper:
+    def __init__(self, store: JobStore, job_id: str, token: str, lease_s: float) -> None:
+        self.store, self.job_id, self.token, self.lease_s = store, job_id, token, lease_s
+        self.cancelled = threading.Event()  # a cancel was requested
+        self.fenced = threading.Event()  # another runner owns the job now (or it was settled)
+        self.lost = threading.Event()  # Redis unreachable for longer than the lease
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._progress: Progress | None = None
+        self._events: queue.Queue[tuple[str, str, dict[str, Any]]] = queue.Queue()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+        self._interval = min(1.0, lease_s / 3)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # Called from the training loop.
+    def publish(self, progress: Progress) -> None:
+        with self._lock:
+            self._progress = progress
+        self._wake.set()
+
+    def event(self, etype: str, message: str, data: dict[str, Any] | None = None) -> None:
+        self._events.put((etype, message, data or {}))
+        self._wake.set()
+
+    def should_stop(self) -> bool:
+        return self.cancelled.is_set() or self.fenced.is_set() or self.lost.is_set()
+
+    @property
+    def latest(self) -> Progress | None:
+        with self._lock:
+            return self._progress
+
+    # The thread.
+    def _run(self) -> None:
+        last_ok = time.monotonic()
+        while True:
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            stopping = self._stop.is_set()
+            with self._lock:
+                progress = self._progress
+            try:
+                self._flush_events()
+                state = self.store.renew(self.job_id, token=self.token, lease_s=self.lease_s, progress=progress)
+                last_ok = time.monotonic()
+                if state < 0 and not self.fenced.is_set():
+                    log.warning("job %s: lease lost to another runner or settled; stopping", self.job_id)
+                    self.fenced.set()
+                elif state == 1 and not self.cancelled.is_set():
+                    log.info("job %s: cancel requested", self.job_id)
+                    self.cancelled.set()
+            except redis.RedisError as exc:
+                if time.monotonic() - last_ok > self.lease_s and not self.lost.is_set():
+                    log.error("job %s: Redis unreachable for %.0f s (%s); stopping", self.job_id, self.lease_s, exc)
+                    self.lost.set()
+            if stopping:
+                return
+
+    def _flush_events(self) -> None:
+        while True:
+            try:
+                etype, message, data = self._events.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self.store.add_event(self.job_id, etype, message, data)
+            except redis.RedisError:
+                self._events.put((etype, message, data))  # keep it for the next round
+                raise

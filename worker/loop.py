@@ -1,0 +1,162 @@
+"""The training loop every job runs: AdamW + linear decay + clipping over an engine's step function.
+
+`batch_size` sequences make one optimizer step (the last step of an epoch may hold fewer). The
+loop never reads a device value back except at logging steps (loss, grad norm), at epoch ends
+(the epoch's mean loss) and once at the end, so the GPU is never made to wait in between.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from worker.engine import EngineKind, make_step_fn
+from worker.example import Example
+
+
+@dataclass(frozen=True, slots=True)
+class StepInfo:
+    """Progress after one optimizer step (what `on_step` receives)."""
+
+    step: int  # 1-based, across epochs
+    total_steps: int
+    epoch: int  # 1-based
+    epochs: int
+    loss: float | None  # this step's mean loss; read back only at logging steps
+    learning_rate: float  # the rate this step used
+    grad_norm: float | None  # before clipping; same rule as `loss`
+    tokens_per_second: float  # real tokens since the loop started / seconds since then
+    eta_seconds: float
+    num_tokens: int  # real tokens in this step
+
+
+@dataclass(slots=True)
+class LoopResult:
+    steps_done: int
+    stopped: bool  # should_stop() ended the loop early
+    final_loss: float | None  # loss of the last step done (None when no step ran)
+    logged_losses: list[tuple[int, float]] = field(default_factory=list)
+    total_tokens: int = 0
+    elapsed_s: float = 0.0
+
+
+def batch_order(
+    num_examples: int, batch_size: int, epoch: int, seed: int, *, shuffle: bool = True
+) -> list[list[int]]:
+    """The (shuffled) batches of one epoch (1-based), reproducible from `seed`."""
+    order = list(range(num_examples))
+    if shuffle:
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, num_examples, batch_size)]
+
+
+def linear_decay(base_lr: float, step: int, total_steps: int) -> float:
+    """Learning rate for 1-based `step`: from `base_lr` at step 1 linearly towards 0, no warmup."""
+    return base_lr * max(0.0, (total_steps - step + 1) / total_steps)
+
+
+def train_loop(
+    model: nn.Module,
+    examples: Sequence[Example],
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    device: torch.device,
+    seed: int = 0,
+    engine: EngineKind = "fast",
+    max_grad_norm: float = 1.0,
+    log_every: int = 1,
+    on_step: Callable[[StepInfo], None] | None = None,
+    on_epoch_end: Callable[[int, float | None], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    shuffle: bool = True,
+    compile: bool = False,
+) -> LoopResult:
+    """Train `model`'s trainable parameters on `examples`; see the module docstring.
+
+    `on_epoch_end(epoch, mean_loss)` gets the mean of that epoch's step losses, after each epoch
+    that ran to its end. `should_stop()` is asked before every step. ``shuffle=False`` takes the
+    examples in order every epoch (benchmarks); `compile` is the fast engine's experimental
+    per-layer ``torch.compile`` (CUDA only).
+    """
+    if not examples:
+        raise ValueError("no examples to train on")
+    if epochs < 1 or batch_size < 1 or log_every < 1:
+        raise ValueError("epochs, batch_size and log_every must be >= 1")
+    torch.manual_seed(seed)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=learning_rate, weight_decay=0.0, **_fast_adamw_options(params, device)
+    )
+    step_fn = make_step_fn(model, kind=engine, device=device, compile=compile)
+    steps_per_epoch = math.ceil(len(examples) / batch_size)
+    total_steps = epochs * steps_per_epoch
+    result = LoopResult(steps_done=0, stopped=False, final_loss=None)
+    last_loss: torch.Tensor | None = None
+    start = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        epoch_loss_sum: torch.Tensor | None = None
+        epoch_steps = 0
+        for indices in batch_order(len(examples), batch_size, epoch, seed, shuffle=shuffle):
+            if should_stop is not None and should_stop():
+                result.stopped = True
+                break
+            step = result.steps_done + 1
+            lr = linear_decay(learning_rate, step, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            out = step_fn([examples[i] for i in indices])
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.steps_done = step
+            result.total_tokens += out.num_tokens
+            last_loss = out.loss
+            epoch_loss_sum = out.loss if epoch_loss_sum is None else epoch_loss_sum + out.loss
+            epoch_steps += 1
+            logging_step = step % log_every == 0 or step == total_steps
+            loss_value = float(out.loss) if logging_step else None
+            if loss_value is not None:
+                result.logged_losses.append((step, loss_value))
+            if on_step is not None:
+                elapsed = time.perf_counter() - start
+                on_step(
+                    StepInfo(
+                        step=step,
+                        total_steps=total_steps,
+                        epoch=epoch,
+                        epochs=epochs,
+                        loss=loss_value,
+                        learning_rate=lr,
+                        grad_norm=float(grad_norm) if logging_step else None,
+                        tokens_per_second=result.total_tokens / elapsed if elapsed > 0 else 0.0,
+                        eta_seconds=elapsed / step * (total_steps - step),
+                        num_tokens=out.num_tokens,
+                    )
+                )
+        if result.stopped:
+            break  # a cut-short epoch gets no on_epoch_end
+        if on_epoch_end is not None:
+            mean = None if epoch_loss_sum is None else float(epoch_loss_sum) / epoch_steps
+            on_epoch_end(epoch, mean)
+    if last_loss is not None:
+        result.final_loss = float(last_loss)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    result.elapsed_s = time.perf_counter() - start
+    return result
+
+
+def _fast_adamw_options(params: list[nn.Parameter], device: torch.device) -> dict[str, bool]:
+    """Fused AdamW (a few kernels for all parameters) on CUDA when every parameter is there."""
+    if device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params):
+        return {"fused": True}
+    return {}

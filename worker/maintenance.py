@@ -1,0 +1,34 @@
+"""The worker's housekeeping thread (main process): heartbeat for readiness, and the reaper.
+
+Every worker reaps, so lapsed leases are settled even when no API process is running.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import Celery
+
+from shared.reaper import reap_once
+from shared.settings import Settings
+from shared.store import JobStore, connect
+
+log = logging.getLogger(__name__)
+
+
+def start_maintenance(celery: Celery, settings: Settings, name: str) -> threading.Event:
+    stop = threading.Event()
+
+    def run() -> None:
+        store = JobStore(connect(settings.redis_url))
+        while not stop.is_set():
+            try:
+                store.heartbeat_worker(name)
+                reap_once(store, celery, settings)
+            except Exception as exc:  # Redis down: the worker keeps trying until it returns
+                log.debug("maintenance: %s", exc)
+            stop.wait(settings.reap_interval_s)
+
+    threading.Thread(target=run, name="lora-maintenance", daemon=True).start()
+    return stop

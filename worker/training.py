@@ -1,0 +1,255 @@
+"""Fine-tuning one LoRA adapter: load the base model, tokenize, run the loop, save atomically.
+
+The library entry point (no server, no Redis):
+
+    from worker.training import train_model, TrainConfig
+    train_model(TrainConfig(model_name="Qwen/Qwen2.5-0.5B", epochs=1), "data.jsonl", "out/my_adapter")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import logging
+import os
+import random
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from shared.config import TrainConfig
+from shared.dataset import check_record
+from shared.jobs import Progress
+from worker.data import read_records, tokenize_dataset
+from worker.engine import engine_attn_implementation
+from worker.loop import StepInfo, train_loop
+
+__all__ = ["TrainConfig", "TrainResult", "train_model", "load_base_model"]
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[Progress], None]
+EventCallback = Callable[[str, str, dict[str, Any]], None]
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path | None  # None when the run was stopped before saving
+    stopped: bool
+    steps: int
+    total_steps: int
+    final_loss: float | None
+    num_examples: int
+    skipped_examples: int
+    total_tokens: int
+    elapsed_s: float
+    tokens_per_second: float
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["output_dir"] = str(self.output_dir) if self.output_dir else None
+        return out
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU, unless the config says otherwise."""
+    named = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if config.model_load_torch_dtype != "auto":
+        return named[config.model_load_torch_dtype]
+    if config.train_arg_bf16:
+        return torch.bfloat16
+    if config.train_arg_fp16:
+        return torch.float16
+    if device.type != "cuda":
+        return torch.float32
+    if torch.cuda.is_bf16_supported() and config.train_arg_bf16 is not False:
+        return torch.bfloat16
+    return torch.float16 if config.train_arg_fp16 is not False else torch.float32
+
+
+def load_base_model(
+    config: TrainConfig, device: torch.device, on_event: EventCallback | None = None
+) -> tuple[PreTrainedModel, Any]:
+    """The base model and tokenizer, with the attention implementation the hardware allows."""
+    attn, warning = engine_attn_implementation(config.engine, config.attn_implementation, device)
+    if warning and on_event is not None:
+        on_event("warning", warning, {"requested": config.attn_implementation, "using": attn})
+    tokenizer = AutoTokenizer.from_pretrained(config.model_name)
+    model = AutoModelForCausalLM.from_pretrained(
+        config.model_name, dtype=resolve_dtype(config, device), attn_implementation=attn
+    )
+    model.to(device)
+    return model, tokenizer
+
+
+def check_modules_to_save(model: torch.nn.Module, names: Sequence[str]) -> None:
+    """A name in lora_modules_to_save that matches no module is an error, not a silent no-op."""
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [n for n in names if n not in leaves and not any(m.endswith(n) for m, _ in model.named_modules())]
+    if missing:
+        raise ValueError(
+            f"lora_modules_to_save: no module named {', '.join(map(repr, missing))} in {type(model).__name__}"
+        )
+
+
+def apply_lora(model: PreTrainedModel, config: TrainConfig, lora_path: Path | None) -> PeftModel:
+    check_modules_to_save(model, config.lora_modules_to_save)
+    if lora_path is not None:
+        return PeftModel.from_pretrained(model, str(lora_path), is_trainable=True)
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules,
+        modules_to_save=list(config.lora_modules_to_save) or None,
+        task_type="CAUSAL_LM",
+    )
+    peft_model: PeftModel = get_peft_model(model, lora)
+    return peft_model
+
+
+def _records(dataset: str | Path | Iterable[dict[str, Any]]) -> Iterable[list[dict[str, str]]]:
+    if isinstance(dataset, str | Path):
+        yield from read_records(Path(dataset))
+        return
+    for i, record in enumerate(dataset):
+        messages, reason = check_record(record)
+        if reason is not None:
+            raise ValueError(f"dataset record {i + 1}: {reason}")
+        assert messages is not None
+        yield messages
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _save(model: PeftModel, tokenizer: Any, config: TrainConfig, dest: Path, summary: dict[str, Any]) -> None:
+    """Write into a sibling temp folder, then swap it into place: never a half-written adapter."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        model.save_pretrained(str(staging))
+        if config.tokenizer_padding_side is not None:
+            tokenizer.padding_side = config.tokenizer_padding_side
+        tokenizer.save_pretrained(str(staging))
+        (staging / "training_summary.json").write_text(json.dumps(summary, indent=2))
+        if dest.exists():
+            old = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.old"
+            os.replace(dest, old)
+            os.replace(staging, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def train_model(
+    config: TrainConfig | dict[str, Any] | None = None,
+    dataset: str | Path | Iterable[dict[str, Any]] = "",
+    output_dir: str | Path | None = None,
+    *,
+    lora_path: str | Path | None = None,
+    on_progress: ProgressCallback | None = None,
+    on_event: EventCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Fine-tune a LoRA adapter in this process and save it under `output_dir`.
+
+    `dataset` is a JSON Lines path of `{"messages": [...]}` records or an iterable of such records.
+    `output_dir` defaults to `config.model_save_path`, else `./lora_model`. `on_progress` is called
+    on every step; `should_stop` is polled every step (the run then ends without saving).
+    """
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.model_validate(config or {})
+    dest = Path(output_dir or cfg.model_save_path or "lora_model")
+    emit: EventCallback = on_event or (lambda etype, message, data: log.info("%s: %s", etype, message))
+    adapter = Path(lora_path) if lora_path is not None else (Path(cfg.lora_path) if cfg.lora_path else None)
+    _seed_everything(cfg.seed)
+    device = pick_device()
+    start = time.monotonic()
+
+    model, tokenizer = load_base_model(cfg, device, emit)
+    examples, skipped = tokenize_dataset(
+        tokenizer, _records(dataset), max_length=cfg.max_length, response_template=cfg.response_template
+    )
+    if skipped:
+        emit("warning", f"{skipped} examples had no assistant token left after truncation and were skipped", {"skipped": skipped})
+    if not examples:
+        raise ValueError("no example has an assistant token to train on (check max_length and the dataset)")
+    peft_model = apply_lora(model, cfg, adapter)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    emit(
+        "info",
+        f"training {trainable:,} of {total:,} parameters on {len(examples)} examples ({device.type})",
+        {"trainable_params": trainable, "total_params": total, "examples": len(examples), "device": device.type},
+    )
+
+    def step_hook(info: StepInfo) -> None:
+        progress = Progress(
+            current_step=info.step,
+            total_steps=info.total_steps,
+            current_epoch=info.epoch,
+            total_epochs=info.epochs,
+            loss=info.loss,
+            learning_rate=info.learning_rate,
+            grad_norm=info.grad_norm,
+            tokens_per_second=info.tokens_per_second,
+            eta_seconds=info.eta_seconds,
+        )
+        if on_progress is not None:
+            on_progress(progress)
+        if info.loss is not None:
+            emit("metrics", f"step {info.step}/{info.total_steps} loss {info.loss:.4f}", progress.model_dump())
+
+    def epoch_hook(epoch: int, loss: float | None) -> None:
+        emit("epoch", f"epoch {epoch}/{cfg.epochs} done", {"epoch": epoch, "loss": loss})
+
+    loop = train_loop(
+        peft_model,
+        examples,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        device=device,
+        seed=cfg.seed,
+        engine=cfg.engine,
+        log_every=cfg.log_every,
+        on_step=step_hook,
+        on_epoch_end=epoch_hook,
+        should_stop=should_stop,
+    )
+    elapsed = time.monotonic() - start
+    result = TrainResult(
+        output_dir=None,
+        stopped=loop.stopped,
+        steps=loop.steps_done,
+        total_steps=cfg.epochs * math.ceil(len(examples) / cfg.batch_size),
+        final_loss=loop.final_loss,
+        num_examples=len(examples),
+        skipped_examples=skipped,
+        total_tokens=loop.total_tokens,
+        elapsed_s=elapsed,
+        tokens_per_second=loop.total_tokens / loop.elapsed_s if loop.elapsed_s > 0 else 0.0,
+        losses=list(loop.logged_losses),
+    )
+    if loop.stopped:
+        return result
+    result.output_dir = dest
+    summary = {**result.summary(), "config": cfg.model_dump(), "output_dir": str(dest)}
+    _save(peft_model, tokenizer, cfg, dest, summary)
+    return result
