@@ -61,8 +61,7 @@ def tokenize_conversation(
     """
     if not getattr(tokenizer, "chat_template", None):
         raise DatasetTokenizationError(
-            "the tokenizer has no chat template; use a chat/instruct model or a tokenizer "
-            "that defines `chat_template`"
+            "the tokenizer has no chat template; use a chat/instruct model or a tokenizer that defines `chat_template`"
         )
     if not getattr(tokenizer, "is_fast", False):
         raise DatasetTokenizationError(
@@ -112,9 +111,7 @@ def tokenize_dataset(
     examples: list[Example] = []
     skipped = 0
     for messages in records:
-        example = tokenize_conversation(
-            tokenizer, messages, max_length=max_length, response_template=response_template
-        )
+        example = tokenize_conversation(tokenizer, messages, max_length=max_length, response_template=response_template)
         if example is None:
             skipped += 1
         else:
@@ -122,20 +119,14 @@ def tokenize_dataset(
     return examples, skipped
 
 
-def _render(
-    tokenizer: PreTrainedTokenizerBase, messages: Messages, *, add_generation_prompt: bool = False
-) -> str:
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+def _render(tokenizer: PreTrainedTokenizerBase, messages: Messages, *, add_generation_prompt: bool = False) -> str:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     if not isinstance(text, str):  # tokenize=False always gives a str; keep mypy honest
         raise DatasetTokenizationError(f"chat template rendered {type(text).__name__}, not str")
     return text
 
 
-def _prefix_spans(
-    tokenizer: PreTrainedTokenizerBase, messages: Messages, text: str
-) -> list[Span] | None:
+def _prefix_spans(tokenizer: PreTrainedTokenizerBase, messages: Messages, text: str) -> list[Span] | None:
     """Assistant spans by rendering prefixes; None when the template is not prefix preserving."""
     spans: list[Span] = []
     for i, message in enumerate(messages):
@@ -174,9 +165,7 @@ def _response_template_spans(text: str, response_template: str, eos: str | None)
     return spans
 
 
-def _labels_from_spans(
-    input_ids: list[int], offsets: list[tuple[int, int]], spans: list[Span]
-) -> list[int]:
+def _labels_from_spans(input_ids: list[int], offsets: list[tuple[int, int]], spans: list[Span]) -> list[int]:
     """Label a token with its id when its characters overlap a span, else IGNORE_INDEX."""
     labels = [IGNORE_INDEX] * len(input_ids)
     span_idx = 0

@@ -313,11 +313,15 @@ def make_step_fn(
         return functools.partial(_reference_step, model, device, autocast)
     if kind != "fast":
         raise ValueError(f"unknown engine {kind!r}")
-    if compile and device.type == "cuda":
-        for layer in _decoder_layers(hf_model):
-            layer.compile(dynamic=False)
-        pad_to_multiple = pad_to_multiple or 256
-    return _FastStep(hf_model, device, autocast, pad_to_multiple, loss_chunk_rows)
+    step = _FastStep(hf_model, device, autocast, pad_to_multiple, loss_chunk_rows)
+    if compile:
+        if step.attention == "packed" and not (device.type == "cuda" and autocast is not None):
+            logger.warning("compile skipped: per-sequence sdpa (no varlen kernel here) does not compile")
+        else:
+            step.bucket_max_len = True
+            for layer in _decoder_layers(hf_model):
+                layer.compile(dynamic=True)
+    return step
 
 
 def _unwrap(model: nn.Module) -> Any:
@@ -392,6 +396,7 @@ class _FastStep:
         config = hf_model.config
         self.layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
         self.attention = _attention_mode(config._attn_implementation)
+        self.bucket_max_len = False  # round max_len up to a power of two (fewer recompiles)
 
     def __call__(self, examples: Sequence[Example]) -> StepOutput:
         packed = pack_examples(examples, pad_to_multiple=self.pad_to_multiple)
@@ -435,8 +440,8 @@ class _FastStep:
             return {}, allowed.view(1, 1, total, total)
         cu_seqlens = rest[:n_cu].to(torch.int32)
         max_len = max(packed.seq_lens)
-        if self.pad_to_multiple:  # an over-estimate is fine for the kernels; fewer distinct values
-            max_len = -(-max_len // self.pad_to_multiple) * self.pad_to_multiple
+        if self.bucket_max_len:  # an over-estimate is fine for the kernels; fewer distinct values
+            max_len = 1 << (max_len - 1).bit_length()
         kwargs: dict[str, Any] = {
             "cu_seq_lens_q": cu_seqlens,
             "cu_seq_lens_k": cu_seqlens,

@@ -35,13 +35,14 @@ def run_job(job_id: str) -> None:
     assert record is not None
     log.info("job %s: training %s", job_id, record.config.model_name)
 
-    from worker.training import train_model  # torch, transformers: loaded in the child only
-
     error: str | None = None
     result = None
     lora_path = resolve_inside(settings.base_path, record.config.lora_path) if record.config.lora_path else None
     with LeaseKeeper(store, job_id, token, settings.lease_ttl_s) as lease:
         try:
+            # torch and transformers load in the child only, under the lease (the import takes seconds).
+            from worker.training import train_model
+
             result = train_model(
                 record.config,
                 Path(record.dataset_path),

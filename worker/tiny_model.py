@@ -103,9 +103,7 @@ def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
     return token_id
 
 
-def build_tiny_model(
-    out_dir: Path, *, vocab_corpus: Iterable[str] | None = None, seed: int = 0
-) -> Path:
+def build_tiny_model(out_dir: Path, *, vocab_corpus: Iterable[str] | None = None, seed: int = 0) -> Path:
     """Write a tiny random Qwen2 causal LM and its tokenizer into `out_dir`; return `out_dir`.
 
     `vocab_corpus`: extra texts the BPE is trained on besides the built-in corpus (so your
@@ -154,9 +152,7 @@ def build_tiny_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id
-    )
+    model.generation_config = GenerationConfig(bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id)
 
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

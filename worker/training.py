@@ -87,10 +87,13 @@ def load_base_model(
     attn, warning = engine_attn_implementation(config.engine, config.attn_implementation, device)
     if warning and on_event is not None:
         on_event("warning", warning, {"requested": config.attn_implementation, "using": attn})
-    tokenizer = AutoTokenizer.from_pretrained(config.model_name)
-    model = AutoModelForCausalLM.from_pretrained(
-        config.model_name, dtype=resolve_dtype(config, device), attn_implementation=attn
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.model_name)
+        model = AutoModelForCausalLM.from_pretrained(
+            config.model_name, dtype=resolve_dtype(config, device), attn_implementation=attn
+        )
+    except OSError as exc:  # not a local directory and not in the hub cache (or the hub is unreachable)
+        raise OSError(f"could not load model {config.model_name!r}: {exc}") from exc
     model.to(device)
     return model, tokenizer
 
