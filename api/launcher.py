@@ -7,6 +7,7 @@ and leaves nothing behind. If any child dies on its own, everything is stopped.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -56,10 +57,8 @@ def _stop(name: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
     except ProcessLookupError:
         pass
     # Whatever it left in its group (a prefork child mid-job) goes too.
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def serve(opts: ServeOptions) -> int:

@@ -8,6 +8,7 @@ from pydantic import BaseModel
 
 from shared.config import TrainConfig
 from shared.jobs import SEED_STATUS, JobRecord, JobStatus, Progress
+from shared.store import Event
 
 
 class TrainAccepted(BaseModel):
@@ -90,3 +91,33 @@ class JobPublic(BaseModel):
             seed_status=SEED_STATUS[record.status],  # type: ignore[arg-type]
             **record.model_dump(exclude={"dataset_path", "output_dir"}),
         )
+
+
+class JobPage(BaseModel):
+    data: list[JobPublic]
+    has_more: bool
+    next_cursor: str | None = None
+
+
+class EventPublic(BaseModel):
+    id: str
+    type: str
+    created_at: float
+    message: str
+    data: dict[str, Any]
+
+    @classmethod
+    def from_event(cls, event: Event) -> EventPublic:
+        return cls(id=event.id, type=event.type, created_at=event.ts, message=event.message, data=event.data)
+
+
+class EventPage(BaseModel):
+    data: list[EventPublic]
+    has_more: bool
+    last_id: str | None = None
+
+
+class CancelPublic(BaseModel):
+    job_id: str
+    status: Literal["cancelled", "cancelling"]
+    message: str

@@ -64,7 +64,9 @@ def resolve_paths(config: TrainConfig, settings: Settings, job_id: str) -> tuple
     try:
         output = resolve_inside(base, config.model_save_path or job_id)
     except PathOutsideBaseError as exc:
-        raise ApiError(422, f"model_save_path: {exc}", [{"loc": ["config", "model_save_path"], "msg": str(exc)}]) from exc
+        raise ApiError(
+            422, f"model_save_path: {exc}", [{"loc": ["config", "model_save_path"], "msg": str(exc)}]
+        ) from exc
     if output.is_relative_to(settings.datasets_dir.resolve()):
         msg = "may not point into the service's datasets folder"
         raise ApiError(422, f"model_save_path: {msg}", [{"loc": ["config", "model_save_path"], "msg": msg}])

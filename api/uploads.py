@@ -8,6 +8,7 @@ failure.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import uuid
@@ -178,15 +179,11 @@ async def receive_upload(request: Request, settings: Settings) -> Upload:
         _remove(receiver.dataset)
         raise
     if receiver.dataset is None:
-        raise ApiError(
-            422, "missing the 'file' part (the dataset)", [{"loc": ["file"], "msg": "field required"}]
-        )
+        raise ApiError(422, "missing the 'file' part (the dataset)", [{"loc": ["file"], "msg": "field required"}])
     return Upload(receiver.config_text, receiver.dataset, receiver.other_fields)
 
 
 def _remove(path: Path | None) -> None:
     if path is not None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass

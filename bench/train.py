@@ -123,8 +123,15 @@ def run_engine(args: argparse.Namespace, engine: str) -> dict[str, Any]:
     model = _build_model(shape, engine, device, dtype, args.seed)
     if engine == "trl":
         result = run_trl_baseline(
-            model, None, examples, epochs=1, batch_size=args.batch_size, learning_rate=args.lr,
-            seed=args.seed, warmup_steps=args.warmup, shuffle=False,
+            model,
+            None,
+            examples,
+            epochs=1,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            seed=args.seed,
+            warmup_steps=args.warmup,
+            shuffle=False,
         )
     else:
         marks: dict[str, float] = {}
@@ -142,15 +149,28 @@ def run_engine(args: argparse.Namespace, engine: str) -> dict[str, Any]:
         if use_cuda:
             torch.cuda.reset_peak_memory_stats()
         loop = train_loop(
-            model, examples, epochs=1, batch_size=args.batch_size, learning_rate=args.lr, device=device,
-            seed=args.seed, engine=engine, log_every=10**9, on_step=on_step, shuffle=False,
+            model,
+            examples,
+            epochs=1,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            device=device,
+            seed=args.seed,
+            engine=engine,
+            log_every=10**9,
+            on_step=on_step,
+            shuffle=False,
             compile=args.compile and engine == "fast",
         )
         elapsed = time.perf_counter() - marks["start"]  # train_loop synchronized before returning
         result = {
-            "engine": engine, "steps": loop.steps_done - args.warmup, "tokens": timed_tokens,
-            "elapsed_s": elapsed, "tokens_per_second": timed_tokens / elapsed,
-            "peak_memory_bytes": peak_memory_bytes(use_cuda), "final_loss": loop.final_loss,
+            "engine": engine,
+            "steps": loop.steps_done - args.warmup,
+            "tokens": timed_tokens,
+            "elapsed_s": elapsed,
+            "tokens_per_second": timed_tokens / elapsed,
+            "peak_memory_bytes": peak_memory_bytes(use_cuda),
+            "final_loss": loop.final_loss,
         }
     result["device"] = torch.cuda.get_device_name(device) if use_cuda else "cpu"
     result["dtype"] = str(dtype).removeprefix("torch.")
@@ -189,8 +209,10 @@ def _mfu(args: argparse.Namespace, result: dict[str, Any]) -> float | None:
 
 def _print_table(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     device = next((r["device"] for r in results if "device" in r), "?")
-    print(f"shape={args.shape} batch={args.batch_size} steps={args.steps} (+{args.warmup} warm-up) "
-          f"mean_len={args.mean_len} max_len={args.max_len} seed={args.seed} device={device}")
+    print(
+        f"shape={args.shape} batch={args.batch_size} steps={args.steps} (+{args.warmup} warm-up) "
+        f"mean_len={args.mean_len} max_len={args.max_len} seed={args.seed} device={device}"
+    )
     print(FLOP_FORMULA)
     memory_kind = "peak GPU mem" if device != "cpu" else "peak RSS"
     print(f"{'engine':<10} {'tokens/s':>11} {memory_kind:>13} {'MFU':>7} {'final loss':>11}")
@@ -199,16 +221,20 @@ def _print_table(args: argparse.Namespace, results: list[dict[str, Any]]) -> Non
             print(f"{r['engine']:<10} ERROR {r['error']}")
             continue
         mfu = r.get("mfu")
-        print(f"{r['engine']:<10} {r['tokens_per_second']:>11,.0f} {r['peak_memory_bytes'] / 2**30:>9.2f} GiB "
-              f"{'n/a' if mfu is None else f'{mfu:.1%}':>7} {r['final_loss']:>11.4f}")
+        print(
+            f"{r['engine']:<10} {r['tokens_per_second']:>11,.0f} {r['peak_memory_bytes'] / 2**30:>9.2f} GiB "
+            f"{'n/a' if mfu is None else f'{mfu:.1%}':>7} {r['final_loss']:>11.4f}"
+        )
     base = next((r for r in results if r["engine"] == "trl" and "error" not in r), None)
     if base is None:
         return
     for r in results:
         if r is base or "error" in r:
             continue
-        print(f"{r['engine']} vs trl: {r['tokens_per_second'] / base['tokens_per_second']:.2f}x tokens/s, "
-              f"{r['peak_memory_bytes'] / base['peak_memory_bytes']:.2f}x peak memory")
+        print(
+            f"{r['engine']} vs trl: {r['tokens_per_second'] / base['tokens_per_second']:.2f}x tokens/s, "
+            f"{r['peak_memory_bytes'] / base['peak_memory_bytes']:.2f}x peak memory"
+        )
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -247,8 +273,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append(result)
     _print_table(args, results)
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "flops": FLOP_FORMULA,
-                                         "results": results}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {"args": {k: str(v) for k, v in vars(args).items()}, "flops": FLOP_FORMULA, "results": results},
+                indent=2,
+            )
+        )
     return 0 if all("error" not in r for r in results) else 1
 
 

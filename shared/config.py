@@ -6,9 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-AttnImplementation = Literal[
-    "flash_attention_2", "flash_attention_3", "sdpa", "eager", "flex_attention"
-]
+AttnImplementation = Literal["flash_attention_2", "flash_attention_3", "sdpa", "eager", "flex_attention"]
 TorchDtypeName = Literal["auto", "bfloat16", "float16", "float32"]
 EngineName = Literal["fast", "reference"]
 
@@ -26,37 +24,21 @@ class TrainConfig(BaseModel):
         min_length=1,
         description="Hub id or local directory.",
     )
-    lora_path: str | None = Field(
-        default=None, description="Existing adapter to continue (inside base_path)."
-    )
+    lora_path: str | None = Field(default=None, description="Existing adapter to continue (inside base_path).")
     lora_rank: int = Field(default=8, ge=1, le=1024, description="LoRA rank r.")
     lora_alpha: int = Field(default=32, ge=1, description="LoRA scaling alpha.")
-    lora_dropout: float = Field(
-        default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path."
-    )
-    epochs: int = Field(
-        default=3, ge=1, le=10_000, description="Passes over the dataset."
-    )
-    batch_size: int = Field(
-        default=4, ge=1, le=4096, description="Sequences per optimizer step."
-    )
-    learning_rate: float = Field(
-        default=3e-4, gt=0.0, le=1.0, description="Peak learning rate (linear decay)."
-    )
-    max_length: int | None = Field(
-        default=None, ge=8, description="Truncate sequences to this many tokens."
-    )
-    model_save_path: str | None = Field(
-        default=None, description="Output folder under base_path (default: job id)."
-    )
+    lora_dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    epochs: int = Field(default=3, ge=1, le=10_000, description="Passes over the dataset.")
+    batch_size: int = Field(default=4, ge=1, le=4096, description="Sequences per optimizer step.")
+    learning_rate: float = Field(default=3e-4, gt=0.0, le=1.0, description="Peak learning rate (linear decay).")
+    max_length: int | None = Field(default=None, ge=8, description="Truncate sequences to this many tokens.")
+    model_save_path: str | None = Field(default=None, description="Output folder under base_path (default: job id).")
     response_template: str = Field(
         default="<|im_start|>assistant\n",
         min_length=1,
         description="Fallback marker of assistant turns.",
     )
-    lora_target_modules: list[str] | str = Field(
-        default="all-linear", description="'all-linear' or module names."
-    )
+    lora_target_modules: list[str] | str = Field(default="all-linear", description="'all-linear' or module names.")
     lora_modules_to_save: list[str] = Field(
         default_factory=lambda: ["lm_head", "embed_tokens"],
         description="Modules trained in full.",
@@ -72,19 +54,11 @@ class TrainConfig(BaseModel):
         default="auto",
         description="'auto': bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.",
     )
-    train_arg_bf16: bool | None = Field(
-        default=None, description="Force bf16 autocast on/off (None: from hardware)."
-    )
-    train_arg_fp16: bool | None = Field(
-        default=None, description="Force fp16 autocast on/off (None: from hardware)."
-    )
+    train_arg_bf16: bool | None = Field(default=None, description="Force bf16 autocast on/off (None: from hardware).")
+    train_arg_fp16: bool | None = Field(default=None, description="Force fp16 autocast on/off (None: from hardware).")
     seed: int = Field(default=42, description="Seed for LoRA init and data order.")
-    engine: EngineName = Field(
-        default="fast", description="'fast' (packed, chunked loss) or 'reference'."
-    )
-    log_every: int = Field(
-        default=1, ge=1, description="Read loss back from the device every N steps."
-    )
+    engine: EngineName = Field(default="fast", description="'fast' (packed, chunked loss) or 'reference'.")
+    log_every: int = Field(default=1, ge=1, description="Read loss back from the device every N steps.")
 
     @field_validator("lora_modules_to_save")
     @classmethod
@@ -103,9 +77,7 @@ class TrainConfig(BaseModel):
     def _check_targets(cls, value: list[str] | str) -> list[str] | str:
         if isinstance(value, str):
             if not value.strip():
-                raise ValueError(
-                    "must be 'all-linear' or a non-empty list of module names"
-                )
+                raise ValueError("must be 'all-linear' or a non-empty list of module names")
             return value
         if not value or any(not v.strip() for v in value):
             raise ValueError("must be 'all-linear' or a non-empty list of module names")

@@ -141,9 +141,7 @@ def _sniff(raw: IO[bytes]) -> tuple[str | None, bool]:
             return chr(stripped[0]), bom
 
 
-def _jsonl(
-    raw: IO[bytes], max_record: int, bad: _Collector
-) -> Iterator[tuple[int, Any]]:
+def _jsonl(raw: IO[bytes], max_record: int, bad: _Collector) -> Iterator[tuple[int, Any]]:
     line_no = 0
     while not bad.full:
         line = raw.readline(max_record + 1)
@@ -155,9 +153,7 @@ def _jsonl(
                 f"line {line_no}",
                 f"longer than the {_size(max_record)} per-record limit",
             )
-            while line and not line.endswith(
-                b"\n"
-            ):  # skip the rest of the over-long line
+            while line and not line.endswith(b"\n"):  # skip the rest of the over-long line
                 line = raw.readline(_CHUNK)
             continue
         try:
@@ -222,9 +218,7 @@ class _ArrayReader:
         index = 0
         while not self.bad.full:
             if not self.skip_ws():
-                self.bad.add(
-                    f"after record {index}", "the JSON array is not closed with ']'"
-                )
+                self.bad.add(f"after record {index}", "the JSON array is not closed with ']'")
                 return
             index += 1
             where = f"record {index} (line {self.line_at(self.pos)})"
@@ -233,18 +227,14 @@ class _ArrayReader:
                 return
             yield where, obj
             if not self.skip_ws():
-                self.bad.add(
-                    f"after record {index}", "the JSON array is not closed with ']'"
-                )
+                self.bad.add(f"after record {index}", "the JSON array is not closed with ']'")
                 return
             sep = self.buf[self.pos]
             self.pos += 1
             if sep == "]":
                 return self._after_close()
             if sep != ",":
-                self.bad.add(
-                    f"after record {index}", f"expected ',' or ']', found {sep!r}"
-                )
+                self.bad.add(f"after record {index}", f"expected ',' or ']', found {sep!r}")
                 return
 
     def _decode_one(self, where: str) -> Any:
@@ -269,17 +259,13 @@ class _ArrayReader:
 
     def _after_close(self) -> None:
         if self.skip_ws():
-            self.bad.add(
-                f"line {self.line_at(self.pos)}", "unexpected data after the JSON array"
-            )
+            self.bad.add(f"line {self.line_at(self.pos)}", "unexpected data after the JSON array")
 
 
 _FAILED = object()
 
 
-def validate_dataset(
-    src: Path, dest: Path, *, max_record_bytes: int, max_records: int
-) -> DatasetSummary:
+def validate_dataset(src: Path, dest: Path, *, max_record_bytes: int, max_records: int) -> DatasetSummary:
     """Validate `src` and write its records to `dest` as normalised JSON Lines.
 
     Raises DatasetError (and leaves `dest` absent) when anything is wrong.

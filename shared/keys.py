@@ -1,9 +1,7 @@
 """Every Redis key name the service uses."""
 
 PREFIX = "lora:"
-ACTIVE = (
-    PREFIX + "active"
-)  # zset: job id -> lease (or queue) deadline, ms since epoch; one member per slot
+ACTIVE = PREFIX + "active"  # zset: job id -> lease (or queue) deadline, ms since epoch; one member per slot
 JOBS = PREFIX + "jobs"  # zset: job id -> creation time, ms; the history, newest last
 WORKERS = PREFIX + "workers"  # zset: worker name -> last heartbeat, ms
 JOB_PREFIX = PREFIX + "job:"  # hash per job: JOB_PREFIX + id

@@ -149,7 +149,9 @@ return requeued
 )
 
 # KEYS: job, active, events. ARGV: id, error. A queued job whose task could not be published.
-ABORT = _PRELUDE + """
+ABORT = (
+    _PRELUDE
+    + """
 if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
 local now = now_ms()
 redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', string.format('%.3f', now / 1000),
@@ -158,3 +160,4 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 event(KEYS[3], now, 'status', ARGV[2], '{"status":"failed"}')
 return 1
 """
+)

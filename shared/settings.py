@@ -15,60 +15,30 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORA_", extra="ignore")
 
-    base_path: Path = Field(
-        default=Path("./models"), description="Volume for datasets and adapters."
-    )
-    redis_url: str = Field(
-        default="redis://127.0.0.1:6379/0", description="Broker and job store."
-    )
-    max_concurrent_jobs: int = Field(
-        default=1, ge=1, description="Training slots (one per GPU)."
-    )
-    max_upload_mb: float = Field(
-        default=1024.0, gt=0, description="Largest accepted dataset upload."
-    )
-    max_record_kb: int = Field(
-        default=8192, ge=1, description="Largest single dataset record."
-    )
-    max_records: int = Field(
-        default=2_000_000, ge=1, description="Most records in one dataset."
-    )
-    max_config_kb: int = Field(
-        default=64, ge=1, description="Largest accepted config part."
-    )
-    min_free_disk_mb: int = Field(
-        default=256, ge=0, description="Refuse uploads below this free space."
-    )
-    lease_ttl_s: float = Field(
-        default=60.0, gt=0, description="Worker lease on a running job."
-    )
+    base_path: Path = Field(default=Path("./models"), description="Volume for datasets and adapters.")
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Broker and job store.")
+    max_concurrent_jobs: int = Field(default=1, ge=1, description="Training slots (one per GPU).")
+    max_upload_mb: float = Field(default=1024.0, gt=0, description="Largest accepted dataset upload.")
+    max_record_kb: int = Field(default=8192, ge=1, description="Largest single dataset record.")
+    max_records: int = Field(default=2_000_000, ge=1, description="Most records in one dataset.")
+    max_config_kb: int = Field(default=64, ge=1, description="Largest accepted config part.")
+    min_free_disk_mb: int = Field(default=256, ge=0, description="Refuse uploads below this free space.")
+    lease_ttl_s: float = Field(default=60.0, gt=0, description="Worker lease on a running job.")
     queue_timeout_s: float = Field(
         default=3600.0,
         gt=0,
         description="Fail a queued job no worker picked up within this time.",
     )
-    reap_interval_s: float = Field(
-        default=5.0, gt=0, description="How often lapsed leases are reaped."
-    )
-    max_attempts: int = Field(
-        default=1, ge=1, description="Runs allowed per job (retries after worker loss)."
-    )
-    job_time_limit_s: int = Field(
-        default=7 * 24 * 3600, ge=1, description="Hard limit on one job."
-    )
+    reap_interval_s: float = Field(default=5.0, gt=0, description="How often lapsed leases are reaped.")
+    max_attempts: int = Field(default=1, ge=1, description="Runs allowed per job (retries after worker loss).")
+    job_time_limit_s: int = Field(default=7 * 24 * 3600, ge=1, description="Hard limit on one job.")
     visibility_timeout_s: int | None = Field(
         default=None,
         description="Broker redelivery timeout; defaults to the job time limit plus an hour.",
     )
-    api_key: str | None = Field(
-        default=None, description="Bearer token required by the API when set."
-    )
-    cors_origins: list[str] = Field(
-        default_factory=list, description="Allowed CORS origins (closed by default)."
-    )
-    worker_name: str | None = Field(
-        default=None, description="Name a worker reports (defaults to host:pid)."
-    )
+    api_key: str | None = Field(default=None, description="Bearer token required by the API when set.")
+    cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins (closed by default).")
+    worker_name: str | None = Field(default=None, description="Name a worker reports (defaults to host:pid).")
 
     @property
     def effective_visibility_timeout_s(self) -> int:

@@ -104,9 +104,7 @@ class JobStore:
     def ping(self) -> bool:
         return bool(self.client.ping())
 
-    def admit(
-        self, record: JobRecord, *, max_slots: int, queue_timeout_s: float
-    ) -> AdmitResult:
+    def admit(self, record: JobRecord, *, max_slots: int, queue_timeout_s: float) -> AdmitResult:
         """Take a slot and create the record in one step; refuse when every slot is taken."""
         result = self._admit(
             keys=[
@@ -142,18 +140,11 @@ class JobStore:
             return self.get(job_id)
         return None
 
-    def list_ids(
-        self, *, before: float | None = None, limit: int = 20
-    ) -> list[tuple[str, float]]:
+    def list_ids(self, *, before: float | None = None, limit: int = 20) -> list[tuple[str, float]]:
         """Job ids newest first, with their creation time (ms), strictly before `before`."""
         top: float | str = f"({before}" if before is not None else "+inf"
-        rows = self.client.zrevrangebyscore(
-            keys.JOBS, top, "-inf", start=0, num=limit, withscores=True
-        )
-        return [
-            (str(job_id), float(score))
-            for job_id, score in cast(list[tuple[str, float]], rows)
-        ]
+        rows = self.client.zrevrangebyscore(keys.JOBS, top, "-inf", start=0, num=limit, withscores=True)
+        return [(str(job_id), float(score)) for job_id, score in cast(list[tuple[str, float]], rows)]
 
     def claim(self, job_id: str, *, token: str, lease_s: float, worker: str) -> str:
         """'ok' when this runner now owns the job, else the status that stopped it."""
@@ -164,9 +155,7 @@ class JobStore:
             )
         )
 
-    def renew(
-        self, job_id: str, *, token: str, lease_s: float, progress: Progress | None
-    ) -> int:
+    def renew(self, job_id: str, *, token: str, lease_s: float, progress: Progress | None) -> int:
         """Extend the lease (and store progress): -1 fenced out, 1 cancel requested, 0 carry on."""
         payload = progress.model_dump_json() if progress is not None else ""
         return int(
@@ -220,7 +209,9 @@ class JobStore:
 
     def abort(self, job_id: str, error: str) -> bool:
         """Fail a job that is still queued (its task could not be published) and free its slot."""
-        return bool(self._abort(keys=[keys.job_key(job_id), keys.ACTIVE, keys.events_key(job_id)], args=[job_id, error]))
+        return bool(
+            self._abort(keys=[keys.job_key(job_id), keys.ACTIVE, keys.events_key(job_id)], args=[job_id, error])
+        )
 
     def reap(self, *, queue_timeout_s: float) -> list[str]:
         """Settle jobs whose lease lapsed; returns ids requeued for another attempt."""
@@ -230,9 +221,7 @@ class JobStore:
         )
         return [str(x) for x in cast(list[Any], result)]
 
-    def add_event(
-        self, job_id: str, etype: str, message: str, data: dict[str, Any] | None = None
-    ) -> str:
+    def add_event(self, job_id: str, etype: str, message: str, data: dict[str, Any] | None = None) -> str:
         return str(
             self.client.xadd(
                 keys.events_key(job_id),
@@ -247,13 +236,9 @@ class JobStore:
             )
         )
 
-    def events(
-        self, job_id: str, *, after: str | None = None, limit: int = 100
-    ) -> list[Event]:
+    def events(self, job_id: str, *, after: str | None = None, limit: int = 100) -> list[Event]:
         start = f"({after}" if after else "-"
-        rows = self.client.xrange(
-            keys.events_key(job_id), min=start, max="+", count=limit
-        )
+        rows = self.client.xrange(keys.events_key(job_id), min=start, max="+", count=limit)
         return [
             Event(
                 id=str(event_id),

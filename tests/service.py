@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -30,10 +31,8 @@ def _stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeo
         proc.wait()
     except ProcessLookupError:
         pass
-    try:  # stray prefork children
+    with contextlib.suppress(ProcessLookupError):  # stray prefork children
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 @dataclass
@@ -134,6 +133,4 @@ class Service:
             if body.get("status") in statuses:
                 return body
             time.sleep(0.25)
-        raise AssertionError(
-            f"job {job_id} never reached {statuses}; last {body}\nworker log:\n{self.logs('worker')}"
-        )
+        raise AssertionError(f"job {job_id} never reached {statuses}; last {body}\nworker log:\n{self.logs('worker')}")

@@ -71,9 +71,7 @@ def pick_attn_implementation(requested: str, device: torch.device) -> tuple[str,
     return requested, None
 
 
-def engine_attn_implementation(
-    kind: EngineKind, requested: str, device: torch.device
-) -> tuple[str, str | None]:
+def engine_attn_implementation(kind: EngineKind, requested: str, device: torch.device) -> tuple[str, str | None]:
     """The ``attn_implementation`` to load the model with for engine `kind`, plus any warning.
 
     The reference engine uses what was asked for (with the flash -> sdpa fallback). The fast
@@ -405,7 +403,11 @@ class _FastStep:
         for length in packed.seq_lens:
             cu_seqlens.append(cu_seqlens[-1] + length)
         flat = _to_device(
-            packed.input_ids + packed.position_ids + packed.loss_rows + packed.targets + cu_seqlens
+            packed.input_ids
+            + packed.position_ids
+            + packed.loss_rows
+            + packed.targets
+            + cu_seqlens
             + (packed.segment_ids if self.attention == "dense" else []),
             self.device,
         )

@@ -60,7 +60,9 @@ def run_job(job_id: str) -> None:
         log.warning("job %s: another runner owns it or it was settled; recording nothing", job_id)
         return
     if error is not None:
-        store.finish(job_id, token=token, status=JobStatus.failed, message="Training failed", error=error, progress=progress)
+        store.finish(
+            job_id, token=token, status=JobStatus.failed, message="Training failed", error=error, progress=progress
+        )
     elif result is not None and result.stopped:
         if lease.cancelled.is_set():
             store.finish(

@@ -46,9 +46,7 @@ class LoopResult:
     elapsed_s: float = 0.0
 
 
-def batch_order(
-    num_examples: int, batch_size: int, epoch: int, seed: int, *, shuffle: bool = True
-) -> list[list[int]]:
+def batch_order(num_examples: int, batch_size: int, epoch: int, seed: int, *, shuffle: bool = True) -> list[list[int]]:
     """The (shuffled) batches of one epoch (1-based), reproducible from `seed`."""
     order = list(range(num_examples))
     if shuffle:
@@ -93,9 +91,7 @@ def train_loop(
     torch.manual_seed(seed)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=learning_rate, weight_decay=0.0, **_fast_adamw_options(params, device)
-    )
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0, **_fast_adamw_options(params, device))
     step_fn = make_step_fn(model, kind=engine, device=device, compile=compile)
     steps_per_epoch = math.ceil(len(examples) / batch_size)
     total_steps = epochs * steps_per_epoch

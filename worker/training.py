@@ -9,8 +9,8 @@ The library entry point (no server, no Redis):
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import os
 import random
 import shutil
@@ -32,7 +32,7 @@ from worker.data import read_records, tokenize_dataset
 from worker.engine import engine_attn_implementation
 from worker.loop import StepInfo, train_loop
 
-__all__ = ["TrainConfig", "TrainResult", "train_model", "load_base_model"]
+__all__ = ["TrainConfig", "TrainResult", "load_base_model", "train_model"]
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def load_base_model(
         )
     except OSError as exc:  # not a local directory and not in the hub cache (or the hub is unreachable)
         raise OSError(f"could not load model {config.model_name!r}: {exc}") from exc
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers types .to() for models oddly
     return model, tokenizer
 
 
@@ -191,7 +191,11 @@ def train_model(
         tokenizer, _records(dataset), max_length=cfg.max_length, response_template=cfg.response_template
     )
     if skipped:
-        emit("warning", f"{skipped} examples had no assistant token left after truncation and were skipped", {"skipped": skipped})
+        emit(
+            "warning",
+            f"{skipped} examples had no assistant token left after truncation and were skipped",
+            {"skipped": skipped},
+        )
     if not examples:
         raise ValueError("no example has an assistant token to train on (check max_length and the dataset)")
     peft_model = apply_lora(model, cfg, adapter)

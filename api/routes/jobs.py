@@ -1,19 +1,146 @@
-"""The jobs resource."""
+"""The jobs resource: list, read, events (paged and live), cancel."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import StoreDep
 from api.errors import ApiError
-from api.schemas import JobPublic
+from api.schemas import CancelPublic, EventPage, EventPublic, JobPage, JobPublic
+from shared.jobs import JobRecord, JobStatus
+from shared.store import JobStore
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+_STREAM_POLL_S = 0.5
+_KEEPALIVE_S = 15.0
+
+
+def _get(store: JobStore, job_id: str) -> JobRecord:
+    record = store.get(job_id)
+    if record is None:
+        raise ApiError(404, f"no job {job_id!r}")
+    return record
+
+
+@router.get("")
+def list_jobs(
+    store: StoreDep,
+    status: Annotated[JobStatus | None, Query(description="only jobs in this state")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> JobPage:
+    """Jobs, newest first, `limit` per page."""
+    before: float | None = None
+    if cursor is not None:
+        try:
+            before = float(cursor)
+        except ValueError as exc:
+            raise ApiError(422, "cursor: not a cursor this API returned") from exc
+    data: list[JobPublic] = []
+    next_cursor: str | None = None
+    while len(data) < limit:
+        rows = store.list_ids(before=before, limit=limit * 2)
+        if not rows:
+            break
+        for job_id, created in rows:
+            before = created
+            record = store.get(job_id)
+            if record is None or (status is not None and record.status is not status):
+                continue
+            data.append(JobPublic.from_record(record))
+            if len(data) == limit:
+                next_cursor = repr(created)
+                break
+    has_more = next_cursor is not None and bool(store.list_ids(before=float(next_cursor), limit=1))
+    return JobPage(data=data, has_more=has_more, next_cursor=next_cursor if has_more else None)
 
 
 @router.get("/{job_id}", responses={404: {"description": "no such job"}})
 def get_job(job_id: str, store: StoreDep) -> JobPublic:
-    record = store.get(job_id)
-    if record is None:
+    return JobPublic.from_record(_get(store, job_id))
+
+
+@router.get("/{job_id}/events", responses={404: {"description": "no such job"}})
+def job_events(
+    job_id: str,
+    store: StoreDep,
+    after: Annotated[str | None, Query(pattern=r"^\d{1,20}-\d{1,20}$", description="last event id seen")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> EventPage:
+    """Events in order: state changes, warnings, per-step metrics."""
+    _get(store, job_id)
+    events = store.events(job_id, after=after, limit=limit + 1)
+    page = [EventPublic.from_event(e) for e in events[:limit]]
+    return EventPage(data=page, has_more=len(events) > limit, last_id=page[-1].id if page else after)
+
+
+@router.get(
+    "/{job_id}/events/stream",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, 404: {"description": "no such job"}},
+)
+async def stream_events(
+    job_id: str,
+    store: StoreDep,
+    request: Request,
+    last_event_id: Annotated[str | None, Header(pattern=r"^\d{1,20}-\d{1,20}$")] = None,
+    after: Annotated[str | None, Query(pattern=r"^\d{1,20}-\d{1,20}$")] = None,
+) -> StreamingResponse:
+    """Server-Sent Events; resume with the `Last-Event-ID` header. Ends when the job has ended."""
+    await run_in_threadpool(_get, store, job_id)
+    cursor = last_event_id or after
+
+    async def generate() -> AsyncIterator[bytes]:
+        nonlocal cursor
+        quiet_since = time.monotonic()
+        while not await request.is_disconnected():
+            events = await run_in_threadpool(store.events, job_id, after=cursor, limit=500)
+            for event in events:
+                cursor = event.id
+                payload = EventPublic.from_event(event).model_dump_json()
+                yield f"id: {event.id}\nevent: {event.type}\ndata: {payload}\n\n".encode()
+            if events:
+                quiet_since = time.monotonic()
+                continue
+            record = await run_in_threadpool(store.get, job_id)
+            if record is None or record.status.terminal:
+                yield b"event: end\ndata: {}\n\n"
+                return
+            if time.monotonic() - quiet_since > _KEEPALIVE_S:
+                quiet_since = time.monotonic()
+                yield b": keep-alive\n\n"
+            await asyncio.sleep(_STREAM_POLL_S)
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(generate(), media_type="text/event-stream", headers=headers)
+
+
+def cancel_job(store: JobStore, job_id: str) -> JSONResponse:
+    outcome = store.cancel(job_id)
+    if outcome == "missing":
         raise ApiError(404, f"no job {job_id!r}")
-    return JobPublic.from_record(record)
+    if outcome == "cancelled":
+        body = CancelPublic(job_id=job_id, status="cancelled", message="Job cancelled before it started")
+        return JSONResponse(status_code=200, content=body.model_dump())
+    if outcome == "requested":
+        body = CancelPublic(job_id=job_id, status="cancelling", message="The worker stops within a few steps")
+        return JSONResponse(status_code=202, content=body.model_dump())
+    raise ApiError(409, f"job {job_id!r} has already ended ({outcome}); nothing to cancel", status=outcome)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=CancelPublic,
+    responses={202: {"model": CancelPublic}, 404: {"description": "no such job"}, 409: {"description": "ended"}},
+)
+def cancel(job_id: str, store: StoreDep) -> JSONResponse:
+    """Cancel a job: a queued job is removed at once, a running one stops within a few steps."""
+    return cancel_job(store, job_id)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 
 from api.deps import StoreDep
+from api.errors import ApiError
+from api.routes.jobs import cancel_job
 from api.schemas import SeedStatusPublic
 
 router = APIRouter(tags=["training"])
@@ -14,3 +17,12 @@ router = APIRouter(tags=["training"])
 def status(store: StoreDep) -> SeedStatusPublic:
     record = store.current()
     return SeedStatusPublic.idle() if record is None else SeedStatusPublic.from_record(record)
+
+
+@router.post("/cancel", responses={404: {"description": "no current job"}, 409: {"description": "already ended"}})
+def cancel_current(store: StoreDep) -> JSONResponse:
+    """Cancel the current job (the seed-style counterpart of `POST /jobs/{id}/cancel`)."""
+    active = store.active_ids()
+    if not active:
+        raise ApiError(404, "no job is queued or training")
+    return cancel_job(store, active[0])

@@ -22,7 +22,11 @@ _BODY = {
                     "required": ["file"],
                     "properties": {
                         "config": {"type": "string", "description": "TrainConfig as a JSON object"},
-                        "file": {"type": "string", "format": "binary", "description": "chat dataset (JSONL or JSON array)"},
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "chat dataset (JSONL or JSON array)",
+                        },
                     },
                 }
             }
