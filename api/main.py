@@ -11,8 +11,9 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
+from api.auth import ApiKeyMiddleware
 from api.errors import install_handlers
-from api.routes import health, jobs, status, train
+from api.routes import artifacts, dashboard, health, jobs, openai_files, openai_jobs, status, train
 from shared.celery_config import make_celery
 from shared.reaper import reap_once
 from shared.settings import Settings, get_settings
@@ -55,10 +56,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_handlers(app)
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
-    for module in (train, status, jobs, health):
+    for module in (train, status, jobs, health, artifacts, dashboard, openai_files, openai_jobs):
         app.include_router(module.router)
     return app

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -15,11 +14,11 @@ from celery import Celery
 from pydantic import ValidationError
 
 from api.errors import ApiError
-from api.uploads import disk_full
+from api.uploads import disk_full, storage_error
 from shared.config import TrainConfig
 from shared.dataset import DatasetError, DatasetSummary, validate_dataset
 from shared.jobs import JobRecord, JobStatus
-from shared.paths import PathOutsideBaseError, resolve_inside
+from shared.paths import UnsafePathError, resolve_inside
 from shared.reaper import publish_train
 from shared.settings import Settings
 from shared.store import JobStore
@@ -38,11 +37,18 @@ def parse_config(text: str | None) -> TrainConfig:
     try:
         raw: Any = json.loads(text, parse_constant=_no_constants)
     except RecursionError as exc:
-        raise ApiError(422, "config is nested too deeply", [{"loc": ["config"], "msg": "nested too deeply"}]) from exc
+        raise _too_deep() from exc
     except ValueError as exc:
         raise ApiError(422, f"config is not valid JSON: {exc}", [{"loc": ["config"], "msg": str(exc)}]) from exc
     if not isinstance(raw, dict):
         raise ApiError(422, "config must be a JSON object", [{"loc": ["config"], "msg": "expected an object"}])
+    try:  # a lone surrogate escape ("\\ud800") decodes fine but can be neither stored nor echoed back
+        json.dumps(raw, ensure_ascii=False).encode("utf-8")
+    except RecursionError as exc:
+        raise _too_deep() from exc
+    except UnicodeEncodeError as exc:
+        msg = "contains a lone surrogate escape (\\ud800-\\udfff), which is not valid Unicode"
+        raise ApiError(422, f"config {msg}", [{"loc": ["config"], "msg": msg}]) from exc
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as exc:
@@ -54,6 +60,10 @@ def parse_config(text: str | None) -> TrainConfig:
         raise ApiError(422, f"invalid config: {summary}", errors) from exc
 
 
+def _too_deep() -> ApiError:
+    return ApiError(422, "config is nested too deeply", [{"loc": ["config"], "msg": "nested too deeply"}])
+
+
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -63,43 +73,60 @@ def resolve_paths(config: TrainConfig, settings: Settings, job_id: str) -> tuple
     base = settings.base_path
     try:
         output = resolve_inside(base, config.model_save_path or job_id)
-    except PathOutsideBaseError as exc:
-        raise ApiError(
-            422, f"model_save_path: {exc}", [{"loc": ["config", "model_save_path"], "msg": str(exc)}]
-        ) from exc
-    if output.is_relative_to(settings.datasets_dir.resolve()):
-        msg = "may not point into the service's datasets folder"
-        raise ApiError(422, f"model_save_path: {msg}", [{"loc": ["config", "model_save_path"], "msg": msg}])
+    except UnsafePathError as exc:
+        raise _path_error("model_save_path", str(exc)) from exc
+    reserved = _reserved_part(output, base)
+    if reserved is not None:
+        raise _path_error("model_save_path", f"{reserved!r} is reserved for the service's own files ({_RESERVED_HELP})")
     lora: Path | None = None
     if config.lora_path is not None:
         try:
             lora = resolve_inside(base, config.lora_path)
-        except PathOutsideBaseError as exc:
-            raise ApiError(422, f"lora_path: {exc}", [{"loc": ["config", "lora_path"], "msg": str(exc)}]) from exc
+        except UnsafePathError as exc:
+            raise _path_error("lora_path", str(exc)) from exc
         if not (lora / "adapter_config.json").is_file():
-            msg = f"no adapter (adapter_config.json) at {config.lora_path!r} under base_path"
-            raise ApiError(422, f"lora_path: {msg}", [{"loc": ["config", "lora_path"], "msg": msg}])
+            raise _path_error("lora_path", f"no adapter (adapter_config.json) at {config.lora_path!r} under base_path")
     return output, lora
 
 
+# Top-level folders the service writes itself; an adapter saved over one would replace (and delete) it.
+RESERVED_DIRS = frozenset({"datasets", "checkpoints"})
+_RESERVED_HELP = "datasets/, checkpoints/ and names starting with '.', such as the embedded Redis's .redis/"
+
+
+def _reserved_part(output: Path, base: Path) -> str | None:
+    """The part of `output` (resolved, inside base) that is the service's own, if any."""
+    parts = output.relative_to(base.resolve()).parts
+    if parts[0] in RESERVED_DIRS:
+        return parts[0]
+    # Hidden names: the embedded Redis's data folder and the worker's `.name.*.tmp` staging folders.
+    return next((part for part in parts if part.startswith(".")), None)
+
+
+def _path_error(field: str, msg: str) -> ApiError:
+    return ApiError(422, f"{field}: {msg}", [{"loc": ["config", field], "msg": msg}])
+
+
 def store_dataset(upload: Path, settings: Settings, name: str) -> tuple[Path, DatasetSummary]:
-    """Validate the spooled upload and move its normalised form into the datasets folder."""
-    settings.datasets_dir.mkdir(parents=True, exist_ok=True)
+    """Validate the spooled upload and move its normalised form into the datasets folder.
+
+    422 for a bad dataset, 507 when the volume fills up, 500 for any other storage failure;
+    in every case nothing is left in the datasets folder.
+    """
     staging = settings.incoming_dir / f"{name}.jsonl.part"
     final = settings.datasets_dir / f"{name}.jsonl"
     try:
+        settings.incoming_dir.mkdir(parents=True, exist_ok=True)
         summary = validate_dataset(
             upload, staging, max_record_bytes=settings.max_record_kb * 1024, max_records=settings.max_records
         )
+        os.replace(staging, final)
     except DatasetError as exc:
         errors = [{"loc": ["file", p.where], "msg": p.reason} for p in exc.problems]
         raise ApiError(422, str(exc), errors, truncated=exc.truncated) from exc
     except OSError as exc:
         staging.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise disk_full("dataset") from exc
-        raise
-    os.replace(staging, final)
+        raise storage_error(exc, "dataset") from exc
     return final, summary
 
 

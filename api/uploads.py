@@ -18,13 +18,16 @@ from pathlib import Path
 from typing import IO
 
 from fastapi import Request
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from api.errors import ApiError
 from shared.settings import Settings
 
 _OVERHEAD = 1 << 20  # room for the config part and multipart framing beyond the dataset limit
+_MAX_PARTS = 16  # `POST /train` needs two; a cap keeps a body of tiny parts from piling up names
+_FIELD_LIMIT = 4096  # bytes in a form field other than `config`
 
 
 def _too_large(settings: Settings) -> ApiError:
@@ -33,6 +36,13 @@ def _too_large(settings: Settings) -> ApiError:
 
 def disk_full(what: str) -> ApiError:
     return ApiError(507, f"not enough disk space on the volume to store the {what}")
+
+
+def storage_error(exc: OSError, what: str) -> ApiError:
+    """507 when the volume (or the quota on it) is full, else 500 saying what failed; never the path."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return disk_full(what)
+    return ApiError(500, f"could not store the {what} on the volume: {exc.strerror or exc.__class__.__name__}")
 
 
 @dataclass
@@ -69,6 +79,8 @@ class _Receiver:
         self.file_bytes = 0
         self.sink: IO[bytes] | None = None
         self.other_fields: list[str] = []
+        self.parts = 0
+        self.complete = False  # the closing boundary was seen
 
     def callbacks(self) -> dict[str, Callable[..., None]]:
         return {
@@ -79,9 +91,13 @@ class _Receiver:
             "on_headers_finished": self.on_headers_finished,
             "on_part_data": self.on_part_data,
             "on_part_end": self.on_part_end,
+            "on_end": self.on_end,
         }
 
     def on_part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > _MAX_PARTS:
+            raise ApiError(400, f"the multipart body has more than {_MAX_PARTS} parts")
         self.part = _Part()
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
@@ -101,10 +117,13 @@ class _Receiver:
         if self.part.name == "file":
             if self.dataset is not None:
                 raise ApiError(422, "more than one 'file' part", [{"loc": ["file"], "msg": "send one dataset file"}])
-            self.settings.incoming_dir.mkdir(parents=True, exist_ok=True)
             # Our own name: the client's filename is never used as a path.
             self.dataset = self.settings.incoming_dir / f"{uuid.uuid4().hex}.upload"
-            self.sink = self.dataset.open("wb")
+            try:
+                self.settings.incoming_dir.mkdir(parents=True, exist_ok=True)
+                self.sink = self.dataset.open("xb")
+            except OSError as exc:
+                raise storage_error(exc, "upload") from exc
             self.part.is_file = True
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
@@ -117,39 +136,53 @@ class _Receiver:
             try:
                 self.sink.write(chunk)
             except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    raise disk_full("upload") from exc
-                raise
+                raise storage_error(exc, "upload") from exc
             return
         self.part.buffer += chunk
-        limit = self.config_limit if self.part.name == "config" else 4096
+        limit = self.config_limit if self.part.name == "config" else _FIELD_LIMIT
         if len(self.part.buffer) > limit:
-            raise ApiError(413, f"form field {self.part.name!r} exceeds {limit // 1024} KiB")
+            raise ApiError(413, f"form field {self.part.name[:64]!r} exceeds {limit // 1024} KiB")
 
     def on_part_end(self) -> None:
         if self.part.is_file:
             assert self.sink is not None
-            self.sink.close()
-            self.sink = None
+            sink, self.sink = self.sink, None
+            try:
+                sink.close()  # flushes the last buffered bytes: the volume can fill up right here
+            except OSError as exc:
+                raise storage_error(exc, "upload") from exc
         elif self.part.name == "config":
+            if self.config_text is not None:
+                raise ApiError(422, "more than one 'config' part", [{"loc": ["config"], "msg": "send one config"}])
             try:
                 self.config_text = self.part.buffer.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise ApiError(422, "config is not valid UTF-8", [{"loc": ["config"], "msg": str(exc)}]) from exc
+                msg = f"not valid UTF-8 at byte {exc.start}"
+                raise ApiError(422, f"config is {msg}", [{"loc": ["config"], "msg": msg}]) from exc
         else:
             self.other_fields.append(self.part.name)
 
+    def on_end(self) -> None:
+        self.complete = True
+
     def close(self) -> None:
-        if self.sink is not None:
-            self.sink.close()
-            self.sink = None
+        """Release the open file on a failure path; the file is being discarded, so a failed flush is moot."""
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            with contextlib.suppress(OSError):
+                sink.close()
 
 
-async def receive_upload(request: Request, settings: Settings) -> Upload:
-    """Stream a multipart body into an Upload; raise ApiError (and leave no file) when it is unusable."""
+async def stream_multipart(request: Request, settings: Settings, receiver: _Receiver, *, expects: str) -> None:
+    """Feed a multipart body to `receiver` as it arrives; raise ApiError (leaving no file) if it is unusable.
+
+    Bytes are counted as they arrive, whatever Content-Length claims (and with chunked transfer
+    encoding, when there is none); the body must end with its closing boundary.
+    `expects` completes the 415 message: what the endpoint wants in its parts.
+    """
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data":
-        raise ApiError(415, "send multipart/form-data with a 'file' part (the dataset) and an optional 'config' part")
+        raise ApiError(415, f"send multipart/form-data with {expects}")
     boundary = params.get(b"boundary")
     if not boundary:
         raise ApiError(400, "multipart body without a boundary")
@@ -157,9 +190,10 @@ async def receive_upload(request: Request, settings: Settings) -> Upload:
     limit = settings.max_upload_bytes + _OVERHEAD
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(settings)  # refuse before reading a byte
-
-    receiver = _Receiver(settings)
-    parser = MultipartParser(boundary, receiver.callbacks())  # type: ignore[arg-type]
+    try:
+        parser = MultipartParser(boundary, receiver.callbacks())  # type: ignore[arg-type]
+    except FormParserError as exc:
+        raise ApiError(400, f"unusable multipart boundary: {exc}") from exc
     received = 0
     try:
         async for chunk in request.stream():
@@ -170,14 +204,26 @@ async def receive_upload(request: Request, settings: Settings) -> Upload:
         parser.finalize()
         if receiver.sink is not None:
             raise ApiError(400, "the multipart body ended inside the 'file' part")
-    except MultipartParseError as exc:
+        if not receiver.complete:
+            what = "is empty" if received == 0 else "ended before its closing boundary"
+            raise ApiError(400, f"the multipart body {what}")
+    except BaseException as exc:
         receiver.close()
         _remove(receiver.dataset)
-        raise ApiError(400, f"malformed multipart body: {exc}") from exc
-    except BaseException:
-        receiver.close()
-        _remove(receiver.dataset)
+        if isinstance(exc, FormParserError):
+            raise ApiError(400, f"malformed multipart body: {exc}") from exc
+        if isinstance(exc, ClientDisconnect):
+            # Nobody is left to read an answer; this only keeps a dropped upload out of the error log.
+            raise ApiError(400, "the client disconnected before the body was complete") from exc
         raise
+
+
+async def receive_upload(request: Request, settings: Settings) -> Upload:
+    """Stream a multipart body into an Upload; raise ApiError (and leave no file) when it is unusable."""
+    receiver = _Receiver(settings)
+    await stream_multipart(
+        request, settings, receiver, expects="a 'file' part (the dataset) and an optional 'config' part"
+    )
     if receiver.dataset is None:
         raise ApiError(422, "missing the 'file' part (the dataset)", [{"loc": ["file"], "msg": "field required"}])
     return Upload(receiver.config_text, receiver.dataset, receiver.other_fields)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 ENGINES = ("fast", "reference", "trl")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16, no sparsity
@@ -109,7 +109,7 @@ def _build_model(shape: Shape, engine: str, device: Any, dtype: Any, seed: int) 
     return get_peft_model(model, lora)
 
 
-def run_engine(args: argparse.Namespace, engine: str) -> dict[str, Any]:
+def run_engine(args: argparse.Namespace, engine: Literal["fast", "reference", "trl"]) -> dict[str, Any]:
     import torch
 
     from worker.loop import StepInfo, train_loop

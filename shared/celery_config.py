@@ -24,7 +24,14 @@ def make_celery(settings: Settings, *, include: list[str] | None = None) -> Cele
         worker_max_tasks_per_child=1,
         # The broker redelivers unacked messages after the visibility timeout: keep it above the job limit.
         task_time_limit=settings.job_time_limit_s,
-        broker_transport_options={"visibility_timeout": visibility, "socket_timeout": 10, "socket_connect_timeout": 5},
+        broker_transport_options={
+            "visibility_timeout": visibility,
+            # Sweep for expired unacked messages at a pace that fits the timeout (kombu's default is ~100 s).
+            "unacked_restore_interval": max(1, min(10, visibility // 10)),
+            "unacked_restore_throttle": 1 if visibility < 3600 else 10,
+            "socket_timeout": 10,
+            "socket_connect_timeout": 5,
+        },
         result_backend_transport_options={"visibility_timeout": visibility},
         # A worker cut off from the broker stops its task instead of training on unobserved.
         worker_cancel_long_running_tasks_on_connection_loss=True,

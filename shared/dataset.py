@@ -57,7 +57,27 @@ def _reject_constant(name: str) -> Any:
 
 
 def _loads(text: str) -> Any:
-    return json.loads(text, parse_constant=_reject_constant)
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError as exc:  # e.g. 100k nested arrays: a ValueError here, not a crash
+        raise ValueError(_TOO_DEEP) from exc
+
+
+_TOO_DEEP = "nested too deeply"
+
+
+def _valid_text(value: str) -> bool:
+    """False for strings holding a lone surrogate ("\\ud800" in JSON): they cannot be written as UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _short(value: str, limit: int = 40) -> str:
+    """A user value quoted in a message, cut so an 8 MB 'role' cannot bloat the error response."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + "..."
 
 
 def check_record(obj: Any) -> tuple[list[dict[str, str]] | None, str | None]:
@@ -84,13 +104,15 @@ def check_record(obj: Any) -> tuple[list[dict[str, str]] | None, str | None]:
             return None, f"messages[{i}].content must be a string"
         if not content.strip():
             return None, f"messages[{i}].content is empty"
+        if not _valid_text(content):
+            return None, f"messages[{i}].content is not valid Unicode (a lone surrogate escape)"
         if role == "system" and i == 0:
             out.append({"role": role, "content": content})
             continue
         if role not in ("user", "assistant", "system"):
             return (
                 None,
-                f"messages[{i}].role {role!r} is not one of system, user, assistant",
+                f"messages[{i}].role {_short(role)} is not one of system, user, assistant",
             )
         if role == "system":
             return (
@@ -240,7 +262,11 @@ class _ArrayReader:
     def _decode_one(self, where: str) -> Any:
         while True:
             try:
-                obj, end = self.decoder.raw_decode(self.buf, self.pos)
+                try:
+                    obj, end = self.decoder.raw_decode(self.buf, self.pos)
+                except RecursionError:
+                    self.bad.add(where, f"not valid JSON ({_TOO_DEEP})")
+                    return _FAILED
                 if end - self.pos > self.max_record:
                     self.bad.add(where, f"longer than the {_size(self.max_record)} per-record limit")
                     return _FAILED

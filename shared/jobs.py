@@ -47,6 +47,7 @@ class Progress(BaseModel):
     learning_rate: float | None = None
     grad_norm: float | None = None
     tokens_per_second: float | None = None
+    step_seconds: float | None = None
     eta_seconds: float | None = None
 
 

@@ -14,3 +14,17 @@ def job_key(job_id: str) -> str:
 
 def events_key(job_id: str) -> str:
     return JOB_PREFIX + job_id + EVENTS_SUFFIX
+
+
+# The OpenAI-compatible surface (/v1): uploaded files, and the OpenAI-only fields of a job.
+FILES = PREFIX + "files"  # zset: file id -> upload time, ms; the index of uploaded files
+FILE_PREFIX = PREFIX + "file:"  # hash per uploaded file: FILE_PREFIX + id
+OPENAI_SUFFIX = ":openai"  # hash per job created through /v1: JOB_PREFIX + id + OPENAI_SUFFIX
+
+
+def file_key(file_id: str) -> str:
+    return FILE_PREFIX + file_id
+
+
+def openai_job_key(job_id: str) -> str:
+    return JOB_PREFIX + job_id + OPENAI_SUFFIX

@@ -79,7 +79,8 @@ return 1
 """
 )
 
-# KEYS: job, active, events. ARGV: id. Returns 'cancelled', 'requested', 'missing' or the terminal status.
+# KEYS: job, active, events. ARGV: id. Returns 'removed' (was queued), 'requested' (running), 'missing'
+# or the terminal status found.
 CANCEL = (
     _PRELUDE
     + """
@@ -91,7 +92,7 @@ if st == 'queued' then
     'message', 'Cancelled before it started', 'error', 'cancelled by request')
   redis.call('ZREM', KEYS[2], ARGV[1])
   event(KEYS[3], now, 'status', 'Job cancelled before it started', '{"status":"cancelled"}')
-  return 'cancelled'
+  return 'removed'
 end
 if st == 'running' then
   if redis.call('HGET', KEYS[1], 'cancel_requested') ~= '1' then

@@ -199,7 +199,7 @@ class JobStore:
         return bool(done)
 
     def cancel(self, job_id: str) -> str:
-        """'cancelled' (was queued), 'requested' (running; the worker stops soon), 'missing' or the final status."""
+        """'removed' (was queued), 'requested' (running; the worker stops soon), 'missing' or the final status."""
         return str(
             self._cancel(
                 keys=[keys.job_key(job_id), keys.ACTIVE, keys.events_key(job_id)],
@@ -249,6 +249,19 @@ class JobStore:
             )
             for event_id, fields in cast(list[tuple[str, dict[str, str]]], rows)
         ]
+
+    def count_by_status(self) -> dict[str, int]:
+        """Jobs per status over the whole history (one pipelined read per 500 jobs)."""
+        counts: dict[str, int] = {}
+        ids = cast(list[str], self.client.zrange(keys.JOBS, 0, -1))
+        for start in range(0, len(ids), 500):
+            pipe = self.client.pipeline(transaction=False)
+            for job_id in ids[start : start + 500]:
+                pipe.hget(keys.job_key(job_id), "status")
+            for status in pipe.execute():
+                if status:
+                    counts[status] = counts.get(status, 0) + 1
+        return counts
 
     def heartbeat_worker(self, name: str) -> None:
         self.client.zadd(keys.WORKERS, {name: int(time.time() * 1000)})

@@ -18,11 +18,12 @@ its attention path. See docs/performance.md for why these are the levers.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -100,28 +101,25 @@ def _flash_attn_installed(implementation: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-@functools.cache
-def _torch_varlen() -> tuple[Callable[..., torch.Tensor], frozenset[str]] | None:
-    """PyTorch's `varlen_attn` (torch >= 2.10) and its keyword names, or None."""
+@dataclass(frozen=True)
+class _Varlen:
+    """PyTorch's ``varlen_attn`` (torch >= 2.10) and the keywords its version takes."""
+
+    function: Callable[..., torch.Tensor]
+    params: frozenset[str]
+
+
+def _torch_varlen(device: torch.device, dtype: torch.dtype) -> _Varlen | None:
+    """The varlen kernel when it runs here: CUDA, sm80+, bf16/fp16, torch >= 2.10. Else None."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return None
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
-
-
-@functools.cache
-def _cuda_supports_flash(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (8, 0)
-
-
-def _varlen_usable(query: torch.Tensor) -> bool:
-    return (
-        query.is_cuda
-        and query.dtype in (torch.bfloat16, torch.float16)
-        and _torch_varlen() is not None
-        and _cuda_supports_flash(query.device.index or 0)
-    )
+    return _Varlen(varlen_attn, frozenset(inspect.signature(varlen_attn).parameters))  # type: ignore[arg-type]
 
 
 def _packed_attention_forward(
@@ -134,17 +132,25 @@ def _packed_attention_forward(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Causal attention within each packed sequence; plain sdpa when not called from a packed step."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    """Causal attention within each packed sequence; plain sdpa when not called from a packed step.
 
+    The packed step passes ``cu_seq_lens_q`` / ``max_length_q`` and either ``packed_varlen``
+    (the kernel to use) or ``packed_seq_lens`` (host lengths for one sdpa call per sequence).
+    """
+    varlen: _Varlen | None = kwargs.pop("packed_varlen", None)
     seq_lens: tuple[int, ...] | None = kwargs.pop("packed_seq_lens", None)
     cu_seqlens = kwargs.get("cu_seq_lens_q")
-    if seq_lens is None or cu_seqlens is None:
+    if varlen is not None and cu_seqlens is not None and dropout == 0.0:
+        return _varlen_attention(varlen, query, key, value, cu_seqlens, kwargs["max_length_q"], scaling), None
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seqlens is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if dropout == 0.0 and _varlen_usable(query):
-        return _varlen_attention(query, key, value, cu_seqlens, kwargs["max_length_q"], scaling), None
+    if seq_lens is None:
+        raise RuntimeError("packed attention without a varlen kernel needs packed_seq_lens")
     outputs = [
         sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True)[0]
         for q, k, v in zip(
@@ -155,6 +161,7 @@ def _packed_attention_forward(
 
 
 def _varlen_attention(
+    varlen: _Varlen,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -163,24 +170,21 @@ def _varlen_attention(
     scaling: float | None,
 ) -> torch.Tensor:
     """PyTorch's varlen flash kernel over (1, H, T, D) tensors; returns (1, T, H, D)."""
-    found = _torch_varlen()
-    assert found is not None
-    varlen_attn, params = found
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (T, H, D)
     options: dict[str, Any] = {}
-    if "window_size" in params:  # torch > 2.10
+    if "window_size" in varlen.params:  # torch > 2.10
         options["window_size"] = (-1, 0)
     else:  # torch 2.10
         options["is_causal"] = True
     if k.shape[1] != q.shape[1]:
-        if "enable_gqa" in params:
+        if "enable_gqa" in varlen.params:
             options["enable_gqa"] = True
         else:
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    if scaling is not None and "scale" in params:
+    if scaling is not None and "scale" in varlen.params:
         options["scale"] = scaling
-    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **options)
+    out = varlen.function(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **options)
     return out.unsqueeze(0)
 
 
@@ -300,10 +304,12 @@ def make_step_fn(
     """A function running forward + backward for one optimizer step's sequences.
 
     `model`: a PEFT-wrapped (or plain) Hugging Face causal LM already on `device`, in train mode.
-    Fast-engine options (measure on the GPU before turning them on by default):
-    `compile` compiles each decoder layer with ``torch.compile`` (CUDA only; implies padding to
-    a multiple of 256 unless `pad_to_multiple` says otherwise); `pad_to_multiple` pads the packed
-    row and the loss rows to a multiple, so compiled code sees few shapes.
+    Both engines run under bf16 autocast when the model is bf16 on CUDA.
+
+    Fast-engine options (measure on the GPU before turning them on by default): `compile`
+    compiles each decoder layer in place with ``torch.compile(dynamic=True)`` (with PyTorch's
+    varlen kernel on CUDA, or a model loaded with sdpa; skipped for per-sequence sdpa);
+    `pad_to_multiple` pads the packed row and the loss rows up to a multiple (shape bucketing).
     """
     hf_model = _unwrap(model)
     autocast = _autocast_dtype(hf_model, device)
@@ -313,10 +319,10 @@ def make_step_fn(
         raise ValueError(f"unknown engine {kind!r}")
     step = _FastStep(hf_model, device, autocast, pad_to_multiple, loss_chunk_rows)
     if compile:
-        if step.attention == "packed" and not (device.type == "cuda" and autocast is not None):
+        if step.attention == "packed" and step.varlen is None:
             logger.warning("compile skipped: per-sequence sdpa (no varlen kernel here) does not compile")
         else:
-            step.bucket_max_len = True
+            step.compiled = True
             for layer in _decoder_layers(hf_model):
                 layer.compile(dynamic=True)
     return step
@@ -394,7 +400,12 @@ class _FastStep:
         config = hf_model.config
         self.layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
         self.attention = _attention_mode(config._attn_implementation)
-        self.bucket_max_len = False  # round max_len up to a power of two (fewer recompiles)
+        self.compiled = False  # layers compiled: varlen only, max_len rounded up to a power of two
+        compute_dtype = autocast or hf_model.dtype
+        self.varlen = _torch_varlen(device, compute_dtype) if self.attention == "packed" else None
+        # Under autocast PEFT's cast of each LoRA input to the fp32 adapter dtype is a wasted round
+        # trip (autocast casts it straight back to bf16 for the matmul): two kernels per adapter.
+        self.uncast_layers = _peft_tuner_layers(hf_model) if autocast is not None else []
 
     def __call__(self, examples: Sequence[Example]) -> StepOutput:
         packed = pack_examples(examples, pad_to_multiple=self.pad_to_multiple)
@@ -415,7 +426,7 @@ class _FastStep:
             [total, total, n_rows, n_rows, flat.numel() - 2 * total - 2 * n_rows]
         )
         attention_kwargs, mask = self._attention_inputs(packed, rest, total)
-        with _autocast(self.device, self.autocast):
+        with _autocast(self.device, self.autocast), _input_casting_off(self.uncast_layers):
             hidden = self.decoder(
                 input_ids=input_ids.view(1, total),
                 position_ids=position_ids.view(1, total),
@@ -442,7 +453,7 @@ class _FastStep:
             return {}, allowed.view(1, 1, total, total)
         cu_seqlens = rest[:n_cu].to(torch.int32)
         max_len = max(packed.seq_lens)
-        if self.bucket_max_len:  # an over-estimate is fine for the kernels; fewer distinct values
+        if self.compiled:  # an over-estimate is fine for the kernels; fewer distinct values
             max_len = 1 << (max_len - 1).bit_length()
         kwargs: dict[str, Any] = {
             "cu_seq_lens_q": cu_seqlens,
@@ -450,9 +461,31 @@ class _FastStep:
             "max_length_q": max_len,
             "max_length_k": max_len,
         }
-        if self.attention == "packed":
-            kwargs["packed_seq_lens"] = packed.seq_lens
+        if self.varlen is not None:
+            kwargs["packed_varlen"] = self.varlen
+        if self.attention == "packed" and not self.compiled:  # a host tuple would recompile every step
+            kwargs["packed_seq_lens"] = packed.seq_lens  # per-sequence sdpa when varlen can't run
         return kwargs, None
+
+
+def _peft_tuner_layers(hf_model: nn.Module) -> list[nn.Module]:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return []
+    return [m for m in hf_model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def _input_casting_off(layers: list[nn.Module]) -> Iterator[None]:
+    """PEFT's ``disable_input_dtype_casting`` without walking the model every step."""
+    for layer in layers:
+        setattr(layer, "cast_input_dtype_enabled", False)  # noqa: B010
+    try:
+        yield
+    finally:
+        for layer in layers:
+            setattr(layer, "cast_input_dtype_enabled", True)  # noqa: B010
 
 
 def _attention_mode(implementation: str) -> Literal["flash", "packed", "dense"]:

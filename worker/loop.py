@@ -91,7 +91,7 @@ def train_loop(
     torch.manual_seed(seed)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0, **_fast_adamw_options(params, device))
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0, fused=_use_fused_adamw(params, device))
     step_fn = make_step_fn(model, kind=engine, device=device, compile=compile)
     steps_per_epoch = math.ceil(len(examples) / batch_size)
     total_steps = epochs * steps_per_epoch
@@ -151,8 +151,8 @@ def train_loop(
     return result
 
 
-def _fast_adamw_options(params: list[nn.Parameter], device: torch.device) -> dict[str, bool]:
-    """Fused AdamW (a few kernels for all parameters) on CUDA when every parameter is there."""
+def _use_fused_adamw(params: list[nn.Parameter], device: torch.device) -> bool | None:
+    """Fused AdamW (a few kernels for all parameters) on CUDA; else torch's default (None)."""
     if device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params):
-        return {"fused": True}
-    return {}
+        return True
+    return None

@@ -206,8 +206,14 @@ def train_model(
         {"trainable_params": trainable, "total_params": total, "examples": len(examples), "device": device.type},
     )
 
+    last_step_at = time.monotonic()
+
     def step_hook(info: StepInfo) -> None:
+        nonlocal last_step_at
+        now = time.monotonic()
+        step_seconds, last_step_at = now - last_step_at, now
         progress = Progress(
+            step_seconds=step_seconds,
             current_step=info.step,
             total_steps=info.total_steps,
             current_epoch=info.epoch,

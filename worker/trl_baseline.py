@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from worker.example import IGNORE_INDEX, Example
 
@@ -43,7 +42,7 @@ def stub_tokenizer() -> Any:
 
 
 def run_trl_baseline(
-    model: nn.Module,
+    model: Any,
     tokenizer: Any,
     examples: Sequence[Example],
     *,

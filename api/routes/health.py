@@ -1,29 +1,77 @@
-"""Liveness and readiness probes (never behind the API key)."""
+"""Liveness, readiness and Prometheus metrics."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import StoreDep
+from api.deps import SettingsDep, StoreDep
 from api.errors import redact_url
+from shared.jobs import JobStatus
+from shared.store import JobStore
+from shared.tasks import QUEUE
 
 router = APIRouter(tags=["health"])
+
+WORKER_FRESH_S = 30.0  # a worker heartbeats every reap interval; silent this long means gone
 
 
 @router.get("/healthz")
 def healthz() -> dict[str, str]:
+    """The process is up (no dependencies checked)."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=None)
-async def readyz(store: StoreDep) -> JSONResponse:
-    url = redact_url(str(store.client.connection_pool.connection_kwargs.get("host", "")))
+@router.get("/readyz", response_model=None, responses={503: {"description": "Redis or workers unavailable"}})
+async def readyz(store: StoreDep, settings: SettingsDep) -> JSONResponse:
+    """Redis reachable and at least one worker alive."""
     try:
-        workers = await run_in_threadpool(store.workers_alive, within_s=30.0)
+        workers = await run_in_threadpool(store.workers_alive, within_s=WORKER_FRESH_S)
     except Exception as exc:
-        return JSONResponse(status_code=503, content={"status": "unavailable", "reason": f"Redis {url}: {exc}"})
+        reason = f"Redis at {redact_url(settings.redis_url)} is unreachable: {exc}"
+        return JSONResponse(status_code=503, content={"status": "unavailable", "reason": reason})
     if not workers:
-        return JSONResponse(status_code=503, content={"status": "unavailable", "reason": "no worker is alive"})
+        reason = f"no worker has reported in the last {WORKER_FRESH_S:.0f} s"
+        return JSONResponse(status_code=503, content={"status": "unavailable", "reason": reason})
     return JSONResponse(content={"status": "ready", "workers": workers})
+
+
+def _metrics_text(store: JobStore) -> str:
+    counts = store.count_by_status()
+    lines = [
+        "# HELP lora_jobs Jobs by status.",
+        "# TYPE lora_jobs gauge",
+        *(f'lora_jobs{{status="{s.value}"}} {counts.get(s.value, 0)}' for s in JobStatus),
+        "# HELP lora_queue_depth Training tasks waiting in the broker queue.",
+        "# TYPE lora_queue_depth gauge",
+        f"lora_queue_depth {store.client.llen(QUEUE)}",
+        "# HELP lora_workers_alive Workers that reported recently.",
+        "# TYPE lora_workers_alive gauge",
+        f"lora_workers_alive {len(store.workers_alive(within_s=WORKER_FRESH_S))}",
+        "# HELP lora_training_tokens_per_second Real (unpadded) tokens per second of each running job.",
+        "# TYPE lora_training_tokens_per_second gauge",
+        "# HELP lora_training_step_seconds Wall time of the latest optimizer step of each running job.",
+        "# TYPE lora_training_step_seconds gauge",
+        "# HELP lora_training_loss Latest logged training loss of each running job.",
+        "# TYPE lora_training_loss gauge",
+    ]
+    for job_id in store.active_ids():
+        record = store.get(job_id)
+        if record is None or record.status is not JobStatus.running:
+            continue
+        p = record.progress
+        for name, value in (
+            ("lora_training_tokens_per_second", p.tokens_per_second),
+            ("lora_training_step_seconds", p.step_seconds),
+            ("lora_training_loss", p.loss),
+        ):
+            if value is not None:
+                lines.append(f'{name}{{job_id="{job_id}"}} {value}')
+    return "\n".join(lines) + "\n"
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+def metrics(store: StoreDep) -> PlainTextResponse:
+    """Prometheus text exposition format."""
+    return PlainTextResponse(_metrics_text(store), media_type="text/plain; version=0.0.4")

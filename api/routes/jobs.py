@@ -127,7 +127,7 @@ def cancel_job(store: JobStore, job_id: str) -> JSONResponse:
     outcome = store.cancel(job_id)
     if outcome == "missing":
         raise ApiError(404, f"no job {job_id!r}")
-    if outcome == "cancelled":
+    if outcome == "removed":
         body = CancelPublic(job_id=job_id, status="cancelled", message="Job cancelled before it started")
         return JSONResponse(status_code=200, content=body.model_dump())
     if outcome == "requested":

@@ -72,6 +72,7 @@ def test_claim_renew_finish_and_fencing(redis_client: redis.Redis) -> None:
 def test_cancel_queued_and_running(redis_client: redis.Redis) -> None:
     store = JobStore(redis_client)
     assert _admitted(store, "q")
+    assert store.cancel("q") == "removed"
     assert store.cancel("q") == "cancelled"
     assert store.active_ids() == []
     assert store.claim("q", token="t", lease_s=30, worker="w") == "cancelled"

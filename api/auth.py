@@ -1,0 +1,42 @@
+"""Bearer-token access control: with LORA_API_KEY set, every endpoint but the probes needs the key."""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+# Probes must answer orchestrators without secrets; the dashboard page asks for the key itself.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/dashboard", "/"})
+
+
+class ApiKeyMiddleware:
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        # Constant-time comparison: response timing must not reveal how much of the key matched.
+        if hmac.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps(
+            {"detail": "missing or wrong API key: send 'Authorization: Bearer <LORA_API_KEY>'"}
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b'Bearer realm="lora-server"'),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

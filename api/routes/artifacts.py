@@ -1,0 +1,147 @@
+"""A job's files: the adapter it produced, its checkpoints, and either as one streamed tar.gz."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from api.deps import SettingsDep, StoreDep
+from api.errors import ApiError
+from shared.artifacts import (
+    Checkpoint,
+    FileEntry,
+    adapter_dir,
+    get_checkpoint,
+    iter_tar_gz,
+    list_checkpoints,
+    list_files,
+)
+from shared.jobs import JobRecord, JobStatus
+from shared.store import JobStore
+
+router = APIRouter(prefix="/jobs", tags=["artifacts"])
+
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such job (or checkpoint)"}}
+
+
+class CheckpointPublic(BaseModel):
+    name: str
+    step: int
+    epoch: int
+    loss: float | None
+    created_at: float
+    files: list[FileEntry]
+    total_bytes: int
+    archive_url: str
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, base_url: str, job_id: str) -> CheckpointPublic:
+        return cls(
+            **checkpoint.model_dump(exclude={"path"}),
+            total_bytes=checkpoint.total_bytes,
+            archive_url=f"{base_url}/jobs/{job_id}/artifacts/archive?checkpoint={checkpoint.step}",
+        )
+
+
+class CheckpointPage(BaseModel):
+    job_id: str
+    data: list[CheckpointPublic]
+
+
+class ArtifactsPublic(BaseModel):
+    job_id: str
+    status: JobStatus
+    model_path: str | None  # the adapter folder, once the job succeeded
+    files: list[FileEntry]  # relative to model_path
+    total_bytes: int
+    archive_url: str | None
+    checkpoints: list[CheckpointPublic]
+
+
+def _record(store: JobStore, job_id: str) -> JobRecord:
+    record = store.get(job_id)
+    if record is None:
+        raise ApiError(404, f"no job {job_id!r}")
+    return record
+
+
+def _adapter(record: JobRecord, base_path: Path) -> Path | None:
+    return adapter_dir(base_path, record.model_path) if record.status is JobStatus.succeeded else None
+
+
+def _base_url(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+def _checkpoints(base_path: Path, job_id: str, request: Request) -> list[CheckpointPublic]:
+    base_url = _base_url(request)
+    return [CheckpointPublic.from_checkpoint(c, base_url, job_id) for c in list_checkpoints(base_path, job_id)]
+
+
+def _download_name(name: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:100]
+    return f"{safe or 'adapter'}.tar.gz"
+
+
+@router.get("/{job_id}/artifacts", responses=_NOT_FOUND)
+def artifacts(job_id: str, store: StoreDep, settings: SettingsDep, request: Request) -> ArtifactsPublic:
+    """The adapter's files (once the job succeeded) with their sizes, and the job's checkpoints."""
+    record = _record(store, job_id)
+    folder = _adapter(record, settings.base_path)
+    files = list_files(folder) if folder is not None else []
+    return ArtifactsPublic(
+        job_id=job_id,
+        status=record.status,
+        model_path=str(folder) if folder is not None else None,
+        files=files,
+        total_bytes=sum(f.size for f in files),
+        archive_url=f"{_base_url(request)}/jobs/{job_id}/artifacts/archive" if folder is not None else None,
+        checkpoints=_checkpoints(settings.base_path, job_id, request),
+    )
+
+
+@router.get("/{job_id}/checkpoints", responses=_NOT_FOUND)
+def checkpoints(job_id: str, store: StoreDep, settings: SettingsDep, request: Request) -> CheckpointPage:
+    """Checkpoints saved so far, oldest first (listed while the job still trains, too)."""
+    _record(store, job_id)
+    return CheckpointPage(job_id=job_id, data=_checkpoints(settings.base_path, job_id, request))
+
+
+@router.get(
+    "/{job_id}/artifacts/archive",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/gzip": {}}, "description": "a tar.gz of the folder's files"},
+        409: {"description": "the job has no adapter (it has not succeeded)"},
+        **_NOT_FOUND,
+    },
+)
+def archive(
+    job_id: str,
+    store: StoreDep,
+    settings: SettingsDep,
+    checkpoint: Annotated[int | None, Query(ge=0, description="a checkpoint's step instead of the adapter")] = None,
+) -> StreamingResponse:
+    """The adapter folder (or one checkpoint) as a tar.gz, streamed; members are paths relative to it."""
+    record = _record(store, job_id)
+    if checkpoint is not None:
+        found = get_checkpoint(settings.base_path, job_id, checkpoint)
+        if found is None:
+            raise ApiError(404, f"job {job_id!r} has no checkpoint at step {checkpoint}")
+        folder, name = Path(found.path), f"{job_id}-{found.name}"
+    else:
+        if record.status is not JobStatus.succeeded:
+            raise ApiError(
+                409, f"job {job_id!r} has no adapter: it is {record.status.value}", status=record.status.value
+            )
+        adapter = _adapter(record, settings.base_path)
+        if adapter is None:
+            raise ApiError(404, f"the adapter folder of job {job_id!r} is no longer on the volume")
+        folder, name = adapter, adapter.name
+    headers = {"Content-Disposition": f'attachment; filename="{_download_name(name)}"'}
+    return StreamingResponse(iter_tar_gz(folder, list_files(folder)), media_type="application/gzip", headers=headers)

@@ -1,0 +1,185 @@
+"""The `lora-server` client commands, run as real subprocesses against the real service."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from api.client import UnsafeArchiveError, extract_tar_safely
+from tests.data import easy_records, write_jsonl
+from tests.service import Service
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(service: Service, *args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+    base_env = {k: v for k, v in os.environ.items() if k not in ("LORA_API_KEY", "LORA_URL")}
+    run_env = {**base_env, "LORA_URL": service.url, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run(
+        [sys.executable, "-m", "api.cli", *args], cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_submit_follow_trains_then_status_jobs_and_download_work(
+    service: Service, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", easy_records(8))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_name": str(tiny_model_dir), "epochs": 2, "learning_rate": 3e-3}))
+    done = cli(service, "submit", str(data), "--config", str(config),
+               "--set", "epochs=20", "--set", "batch_size=4", "--set", "model_save_path=cli_adapter", "--follow")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_id = done.stdout.splitlines()[0]
+    assert job_id.startswith("job-")
+    assert "40/40" in done.stderr and "100%" in done.stderr and "loss " in done.stderr, done.stderr
+    assert "succeeded" in done.stderr and "cli_adapter" in done.stderr
+
+    job = service.get(f"/jobs/{job_id}").json()
+    assert job["config"]["epochs"] == 20 and job["config"]["batch_size"] == 4  # --set values parsed as JSON
+    assert job["config"]["learning_rate"] == 3e-3  # from --config
+    assert job["config"]["model_save_path"] == "cli_adapter"  # not JSON: kept as a string
+
+    status = cli(service, "status")
+    assert status.returncode == 0 and status.stdout.startswith(f"completed  {job_id}"), status.stdout
+    assert "40/40" in status.stdout and "cli_adapter" in status.stdout
+    one = cli(service, "status", job_id, "--json")
+    assert json.loads(one.stdout)["status"] == "succeeded"
+
+    jobs = cli(service, "jobs", "--status", "succeeded")
+    assert jobs.returncode == 0 and job_id in jobs.stdout, jobs.stdout
+    assert job_id not in cli(service, "jobs", "--status", "failed").stdout
+
+    dest = tmp_path / "downloaded"
+    got = cli(service, "download", job_id, str(dest))
+    assert got.returncode == 0, got.stderr
+    adapter = service.base_path / "cli_adapter"
+    assert (dest / "adapter_config.json").read_bytes() == (adapter / "adapter_config.json").read_bytes()
+    expected = sorted(p.relative_to(adapter).as_posix() for p in adapter.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == expected
+    for name in expected:
+        assert (dest / name).read_bytes() == (adapter / name).read_bytes(), name
+
+    # Nothing to cancel any more: an error, said plainly, and a non-zero exit.
+    late = cli(service, "cancel", job_id)
+    assert late.returncode == 1 and "409" in late.stderr and "already ended" in late.stderr
+
+
+def test_a_failing_job_makes_follow_exit_non_zero(service: Service, tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", easy_records(2))
+    done = cli(service, "submit", str(data), "--set", f"model_name={tiny_model_dir}",
+               "--set", 'lora_modules_to_save=["nope"]', "--follow")  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "failed" in done.stderr and "nope" in done.stderr
+    job_id = done.stdout.splitlines()[0]
+    assert service.get(f"/jobs/{job_id}").json()["status"] == "failed"
+    gone = cli(service, "download", job_id, str(tmp_path / "nothing"))
+    assert gone.returncode == 1 and "no adapter" in gone.stderr
+
+
+def test_cancel_stops_a_followed_job_which_then_exits_non_zero(
+    service: Service, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", easy_records(8))
+    env = {k: v for k, v in os.environ.items() if k != "LORA_API_KEY"}
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "submit", str(data), "--url", service.url,
+         "--set", f"model_name={tiny_model_dir}", "--set", "epochs=400", "--set", "batch_size=2", "--follow"],
+        cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert follower.stdout is not None
+        job_id = follower.stdout.readline().strip()
+        assert job_id.startswith("job-"), follower.communicate(timeout=30)
+        deadline = time.monotonic() + 120
+        while service.get(f"/jobs/{job_id}").json()["progress"]["current_step"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        cancelled = cli(service, "cancel", job_id)
+        assert cancelled.returncode == 0 and "cancelling" in cancelled.stdout, cancelled.stderr
+        _, err = follower.communicate(timeout=60)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+    assert follower.returncode == 3, err
+    assert "cancelled" in err and "/1600" in err
+    assert service.get(f"/jobs/{job_id}").json()["status"] == "cancelled"
+
+
+def test_bad_input_and_missing_key_are_clear_errors(tmp_path: Path, redis_url: str, tiny_model_dir: Path) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    client.close()
+    svc = Service(base_path=tmp_path / "base", redis_url=redis_url, log_dir=tmp_path / "logs",
+                  env_extra={"LORA_API_KEY": "k3y"})  # fmt: skip
+    svc.start()
+    try:
+        denied = cli(svc, "jobs")
+        assert denied.returncode == 1 and "401" in denied.stderr
+        assert cli(svc, "jobs", LORA_API_KEY="k3y").returncode == 0
+        assert cli(svc, "status", "--api-key", "k3y").stdout.startswith("idle")
+
+        data = write_jsonl(tmp_path / "train.jsonl", easy_records(2))
+        bad = cli(svc, "submit", str(data), "--set", "epochs=three", LORA_API_KEY="k3y")
+        assert bad.returncode == 1 and "422" in bad.stderr and "epochs" in bad.stderr
+        unknown = cli(svc, "status", "job-nope", LORA_API_KEY="k3y")
+        assert unknown.returncode == 1 and "404" in unknown.stderr
+        assert cli(svc, "submit", str(tmp_path / "missing.jsonl")).returncode != 0
+    finally:
+        svc.stop()
+    unreachable = cli(svc, "status")
+    assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
+
+
+def _tar(*members: tuple[tarfile.TarInfo, bytes]) -> io.BytesIO:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for info, payload in members:
+            info.size = len(payload) if info.isfile() else 0
+            tar.addfile(info, io.BytesIO(payload) if info.isfile() else None)
+    buf.seek(0)
+    return buf
+
+
+@pytest.mark.parametrize(
+    "member",
+    [tarfile.TarInfo("../escape.txt"), tarfile.TarInfo("/tmp/abs.txt"), tarfile.TarInfo("a/../../escape.txt")],
+)
+def test_download_refuses_members_that_leave_the_folder(tmp_path: Path, member: tarfile.TarInfo) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(UnsafeArchiveError):
+        extract_tar_safely(_tar((member, b"x")), dest)
+    assert not (tmp_path / "escape.txt").exists() and not list(dest.rglob("*.txt"))
+
+
+def test_download_refuses_links_and_does_not_follow_existing_ones(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    link = tarfile.TarInfo("evil")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc"
+    with pytest.raises(UnsafeArchiveError):
+        extract_tar_safely(_tar((link, b"")), dest)
+    assert not (dest / "evil").exists()
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (dest / "sub").symlink_to(outside)  # a link planted in the target folder beforehand
+    with pytest.raises(UnsafeArchiveError):
+        extract_tar_safely(_tar((tarfile.TarInfo("sub/file.txt"), b"x")), dest)
+    assert not list(outside.iterdir())
+
+    (outside / "target.txt").write_text("keep")
+    (dest / "adapter_config.json").symlink_to(outside / "target.txt")
+    written = extract_tar_safely(_tar((tarfile.TarInfo("adapter_config.json"), b"{}")), dest)
+    assert written == [dest.resolve() / "adapter_config.json"]
+    assert (outside / "target.txt").read_text() == "keep"  # replaced the link, did not write through it
+    assert not (dest / "adapter_config.json").is_symlink() and (dest / "adapter_config.json").read_text() == "{}"

@@ -1,0 +1,221 @@
+"""Faults with real processes: killed workers, restarted API and Redis, redelivery, cancel, races."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from shared.embedded_redis import EmbeddedRedis
+from tests.data import easy_records, jsonl
+from tests.integration.faults import alive, children, running_events, submit, submit_long, wait_running
+from tests.service import Service
+
+
+@pytest.fixture
+def make_service(tmp_path: Path, redis_url: str, tiny_model_dir: Path) -> Iterator[type[Service]]:
+    started: list[Service] = []
+
+    def factory(redis_url: str = redis_url, **env: str) -> Service:
+        client = redis.Redis.from_url(redis_url)
+        client.flushdb()
+        client.close()
+        svc = Service(base_path=tmp_path / "base", redis_url=redis_url, log_dir=tmp_path / "logs", env_extra=env)
+        svc.start()
+        started.append(svc)
+        return svc
+
+    yield factory  # type: ignore[misc]
+    for svc in started:
+        svc.stop()
+
+
+def test_worker_killed_mid_job_fails_it_and_frees_the_slot(service: Service, tiny_model_dir: Path) -> None:
+    job_id = submit_long(service, tiny_model_dir)
+    wait_running(service, job_id)
+    service.kill_worker_tree()
+    t0 = time.monotonic()
+    job = service.wait_for(job_id, {"failed", "succeeded", "cancelled"}, timeout=60)
+    assert job["status"] == "failed" and "worker lost" in job["error"]
+    assert time.monotonic() - t0 < 30  # lease 4 s here; about two minutes with the default 60 s
+    status = service.get("/status").json()
+    assert status["status"] == "error" and "worker lost" in status["error"]
+    service.start_worker()
+    r = submit(service, tiny_model_dir)
+    assert r.status_code == 202, r.text
+    assert service.wait_for(r.json()["job_id"], {"succeeded", "failed"})["status"] == "succeeded"
+
+
+def test_killed_child_is_redelivered_and_the_duplicate_refused(service: Service, tiny_model_dir: Path) -> None:
+    """SIGKILL the pool child only: Celery requeues the message, the lease check refuses it."""
+    job_id = submit_long(service, tiny_model_dir)
+    wait_running(service, job_id)
+    assert service.worker is not None
+    (child,) = children(service.worker.pid)
+    os.kill(child, signal.SIGKILL)
+    job = service.wait_for(job_id, {"failed", "succeeded"}, timeout=60)
+    assert job["status"] == "failed" and "worker lost" in job["error"]
+    assert len(running_events(service, job_id)) == 1  # never a second runner
+    deadline = time.monotonic() + 20
+    while f"not running job {job_id}: it is" not in service.logs("worker"):
+        assert time.monotonic() < deadline, service.logs("worker")
+        time.sleep(0.3)
+
+
+def test_attempt_budget_runs_a_lost_job_once_more(make_service: type[Service], tiny_model_dir: Path) -> None:
+    svc = make_service(LORA_MAX_ATTEMPTS="2")  # type: ignore[call-arg]
+    job_id = submit_long(svc, tiny_model_dir, epochs=30)
+    wait_running(svc, job_id)
+    svc.kill_worker_tree()
+    deadline = time.monotonic() + 30
+    while svc.get(f"/jobs/{job_id}").json()["status"] != "queued":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    svc.start_worker()
+    job = svc.wait_for(job_id, {"succeeded", "failed"}, timeout=180)
+    assert job["status"] == "succeeded" and job["attempts"] == 2
+    assert len(running_events(svc, job_id)) == 2
+
+
+def test_cancel_running_job_stops_it_and_frees_the_slot(service: Service, tiny_model_dir: Path) -> None:
+    job_id = submit_long(service, tiny_model_dir)
+    running = wait_running(service, job_id, min_step=3)
+    assert service.worker is not None
+    (child,) = children(service.worker.pid)
+    r = service.post(f"/jobs/{job_id}/cancel")
+    assert r.status_code == 202 and r.json()["status"] == "cancelling"
+    job = service.wait_for(job_id, {"cancelled", "failed", "succeeded"}, timeout=30)
+    assert job["status"] == "cancelled"
+    assert job["progress"]["current_step"] < running["progress"]["total_steps"]
+    status = service.get("/status").json()
+    assert status["status"] == "error" and "cancel" in status["message"].lower()
+    assert service.post(f"/jobs/{job_id}/cancel").status_code == 409
+    assert service.post("/jobs/job-unknown/cancel").status_code == 404
+    deadline = time.monotonic() + 20
+    while alive(child):  # one task per child: the process that held the model is gone
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert submit(service, tiny_model_dir).status_code == 202
+
+
+def test_cancel_queued_job_removes_it_before_it_starts(service: Service, tiny_model_dir: Path) -> None:
+    service.stop_worker()
+    r = submit(service, tiny_model_dir)
+    job_id = r.json()["job_id"]
+    assert service.get(f"/jobs/{job_id}").json()["status"] == "queued"
+    assert service.post("/cancel").status_code == 200
+    assert service.get(f"/jobs/{job_id}").json()["status"] == "cancelled"
+    service.start_worker()
+    deadline = time.monotonic() + 30
+    while f"not running job {job_id}: it is cancelled" not in service.logs("worker"):
+        assert time.monotonic() < deadline, service.logs("worker")
+        time.sleep(0.3)
+    assert service.get(f"/jobs/{job_id}").json()["attempts"] == 0
+
+
+def test_api_restart_mid_job_loses_nothing(service: Service, tiny_model_dir: Path) -> None:
+    job_id = submit_long(service, tiny_model_dir, epochs=60)
+    wait_running(service, job_id)
+    before_job = service.get(f"/jobs/{job_id}").json()
+    before_status = service.get("/status").json()
+    service.stop_api()
+    service.start_api()
+    after_job = service.get(f"/jobs/{job_id}").json()
+    after_status = service.get("/status").json()
+    for key in ("id", "status", "config", "created_at", "started_at", "attempts", "worker"):
+        assert after_job[key] == before_job[key], key
+    assert after_job["progress"]["current_step"] >= before_job["progress"]["current_step"]
+    assert {k: after_status[k] for k in ("status", "job_id", "total_steps")} == {
+        k: before_status[k] for k in ("status", "job_id", "total_steps")
+    }
+    assert service.wait_for(job_id, {"succeeded", "failed"})["status"] == "succeeded"
+
+
+def test_redis_restart_mid_job_never_runs_it_twice(
+    make_service: type[Service], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    server = EmbeddedRedis(tmp_path / "redis-restart", persist=True).start()
+    try:
+        svc = make_service(redis_url=server.url)  # type: ignore[call-arg]
+        job_id = submit_long(svc, tiny_model_dir)
+        wait_running(svc, job_id)
+        server.stop()
+        r = svc.get("/status")
+        assert r.status_code == 503 and "Redis" in r.json()["detail"]
+        r = svc.post("/train", files={"file": ("d.jsonl", jsonl(easy_records(2)))})
+        assert r.status_code == 503 and "Redis" in r.json()["detail"]
+        time.sleep(2)
+        server.start()
+        job = svc.wait_for(job_id, {"failed", "succeeded", "cancelled"}, timeout=90)
+        assert len(running_events(svc, job_id)) == 1
+        assert job["status"] in ("failed", "succeeded")
+        # Both sides reconnect by themselves: a new job runs to the end.
+        deadline = time.monotonic() + 60
+        while (r := submit(svc, tiny_model_dir)).status_code != 202:
+            assert time.monotonic() < deadline, r.text
+            time.sleep(1)
+        assert svc.wait_for(r.json()["job_id"], {"succeeded", "failed"}, timeout=120)["status"] == "succeeded"
+    finally:
+        server.stop()
+
+
+def test_redelivery_after_visibility_timeout_is_refused(make_service: type[Service], tiny_model_dir: Path) -> None:
+    svc = make_service(LORA_VISIBILITY_TIMEOUT_S="2")  # type: ignore[call-arg]
+    svc.start_worker()  # a second, idle worker to receive the redelivered message
+    job_id = submit_long(svc, tiny_model_dir, epochs=40)
+    wait_running(svc, job_id)
+    deadline = time.monotonic() + 60
+    while f"not running job {job_id}: it is running" not in svc.logs("worker"):
+        assert time.monotonic() < deadline, svc.logs("worker")
+        time.sleep(0.3)
+    job = svc.wait_for(job_id, {"succeeded", "failed"}, timeout=180)
+    assert job["status"] == "succeeded" and job["attempts"] == 1
+    assert len(running_events(svc, job_id)) == 1
+
+
+def test_fifty_simultaneous_submits_admit_one_per_round(service: Service, tiny_model_dir: Path) -> None:
+    data = jsonl(easy_records(2))
+    config = json.dumps({"epochs": 1, "model_name": str(tiny_model_dir)})
+    for round_no in range(10):
+        codes: list[int] = []
+        ids: list[str] = []
+        barrier = threading.Barrier(50)
+
+        def post(client: httpx.Client, barrier: threading.Barrier = barrier, codes: list[int] = codes,
+                 ids: list[str] = ids) -> None:  # fmt: skip
+            barrier.wait()
+            r = client.post("/train", files={"config": (None, config), "file": ("d.jsonl", data)})
+            codes.append(r.status_code)
+            if r.status_code == 202:
+                ids.append(r.json()["job_id"])
+
+        with httpx.Client(base_url=service.url, timeout=60, limits=httpx.Limits(max_connections=60)) as client:
+            threads = [threading.Thread(target=post, args=(client,)) for _ in range(50)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert codes.count(202) == 1 and codes.count(409) == 49, (round_no, sorted(codes))
+        service.post(f"/jobs/{ids[0]}/cancel")
+        service.wait_for(ids[0], {"cancelled", "succeeded", "failed"}, timeout=60)
+
+
+def test_api_key_guards_every_endpoint_but_the_probes(make_service: type[Service]) -> None:
+    svc = make_service(LORA_API_KEY="s3cret")  # type: ignore[call-arg]
+    assert svc.get("/healthz").status_code == 200
+    for path in ("/status", "/jobs", "/metrics", "/openapi.json"):
+        r = svc.get(path)
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer"), path
+        assert svc.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert svc.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200, path
+    r = svc.post("/train", files={"file": ("d.jsonl", jsonl(easy_records(2)))})
+    assert r.status_code == 401
+    assert not list((svc.base_path / "datasets").glob("*.jsonl"))

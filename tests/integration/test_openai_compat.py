@@ -1,0 +1,192 @@
+"""The OpenAI-compatible surface, driven by the official `openai` client against the real service."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from openai import OpenAI
+from openai.types.fine_tuning import FineTuningJob
+
+from tests.data import easy_records, jsonl
+from tests.service import Service
+
+
+@pytest.fixture
+def client(service: Service) -> Iterator[OpenAI]:
+    with OpenAI(base_url=service.url + "/v1", api_key="any-key", max_retries=0, timeout=60) as c:
+        yield c
+
+
+def _upload(client: OpenAI, n: int = 8) -> str:
+    return client.files.create(file=("train.jsonl", jsonl(easy_records(n))), purpose="fine-tune").id
+
+
+def _wait(client: OpenAI, service: Service, job_id: str, statuses: set[str], timeout: float = 180) -> FineTuningJob:
+    deadline = time.monotonic() + timeout
+    job = client.fine_tuning.jobs.retrieve(job_id)
+    while job.status not in statuses:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{job_id} never reached {statuses}: {job}\n{service.logs('worker')}")
+        time.sleep(0.25)
+        job = client.fine_tuning.jobs.retrieve(job_id)
+    return job
+
+
+def test_upload_train_follow_and_list_a_job(client: OpenAI, service: Service, tiny_model_dir: Path) -> None:
+    uploaded = client.files.create(file=("my data.jsonl", jsonl(easy_records(8))), purpose="fine-tune")
+    assert uploaded.id.startswith("file-") and uploaded.object == "file"
+    assert (uploaded.purpose, uploaded.status, uploaded.filename) == ("fine-tune", "processed", "my data.jsonl")
+    stored = service.base_path / "datasets" / f"{uploaded.id}.jsonl"
+    assert uploaded.bytes == stored.stat().st_size > 0
+    assert client.files.retrieve(uploaded.id) == uploaded
+    assert uploaded.id in [f.id for f in client.files.list()]
+    assert client.files.content(uploaded.id).content == stored.read_bytes()
+
+    created = client.fine_tuning.jobs.create(
+        model=str(tiny_model_dir),
+        training_file=uploaded.id,
+        method={
+            "type": "supervised",
+            "supervised": {"hyperparameters": {"n_epochs": 20, "batch_size": 4, "learning_rate_multiplier": 10}},
+        },
+        suffix="tiny bot",
+        seed=7,
+        metadata={"team": "nlp"},
+        integrations=[{"type": "wandb", "wandb": {"project": "lora-tests", "tags": ["ci"]}}],
+    )
+    assert created.object == "fine_tuning.job" and created.status in ("queued", "running")
+    assert (created.model, created.training_file, created.seed) == (str(tiny_model_dir), uploaded.id, 7)
+    assert created.hyperparameters.model_dump() == {"n_epochs": 20, "batch_size": 4, "learning_rate_multiplier": 10}
+    assert created.method is not None and created.method.type == "supervised"
+    assert created.user_provided_suffix == "tiny bot"
+    assert created.metadata == {"team": "nlp"}
+    assert created.integrations and created.integrations[0].wandb.project == "lora-tests"
+    assert created.fine_tuned_model is None and created.error is None and created.finished_at is None
+
+    # One job model underneath: the native view shows the mapped training config.
+    native = service.get(f"/jobs/{created.id}").json()
+    assert native["config"]["epochs"] == 20 and native["config"]["learning_rate"] == pytest.approx(3e-3)
+    assert native["config"]["seed"] == 7 and native["config"]["model_save_path"].startswith("ft-tiny-bot-")
+
+    job = _wait(client, service, created.id, {"succeeded", "failed", "cancelled"})
+    assert job.status == "succeeded", job
+    assert job.error is None and job.trained_tokens and job.trained_tokens > 0
+    assert job.finished_at is not None and job.finished_at >= job.created_at
+    assert job.fine_tuned_model is not None
+    adapter = Path(job.fine_tuned_model)
+    assert adapter.parent == service.base_path.resolve() and adapter.name.startswith("ft-tiny-bot-")
+    assert (adapter / "adapter_config.json").is_file()
+
+    listed = client.fine_tuning.jobs.list(limit=10)
+    assert [j.id for j in listed.data] == [job.id] and listed.has_more is False
+    assert [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "nlp"})] == [job.id]
+    assert client.fine_tuning.jobs.list(metadata={"team": "other"}).data == []
+
+    # Events: newest first, metrics with step and train_loss; paging with `after` walks them all once.
+    everything = client.fine_tuning.jobs.list_events(job.id, limit=1000)
+    events = everything.data
+    assert everything.has_more is False and all(e.object == "fine_tuning.job.event" for e in events)
+    assert [e.created_at for e in events] == sorted((e.created_at for e in events), reverse=True)
+    metrics = [e for e in events if e.type == "metrics"]
+    assert len(metrics) == 40
+    steps = [e.data["step"] for e in metrics]  # type: ignore[index]
+    assert steps == list(range(40, 0, -1))
+    assert all(isinstance(e.data["train_loss"], float) for e in metrics)  # type: ignore[index]
+    assert events[0].type == "message" and "completed" in events[0].message.lower()
+    assert events[-1].message == "Job queued"
+    paged = list(client.fine_tuning.jobs.list_events(job.id, limit=7))  # auto-paginates through `after`
+    assert [e.id for e in paged] == [e.id for e in events]
+
+    # Checkpoints: only those the worker wrote; each in OpenAI's shape, newest first.
+    checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+    for ckpt in checkpoints:
+        assert ckpt.object == "fine_tuning.job.checkpoint" and ckpt.fine_tuning_job_id == job.id
+        assert Path(ckpt.fine_tuned_model_checkpoint).is_dir() and ckpt.metrics.step == ckpt.step_number
+    assert [c.step_number for c in checkpoints] == sorted((c.step_number for c in checkpoints), reverse=True)
+
+    # The job keeps its data when the file is deleted.
+    assert client.files.delete(uploaded.id).deleted is True
+    assert not stored.exists()
+    assert (service.base_path / "datasets" / f"{job.id}.jsonl").is_file()
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(uploaded.id)
+
+
+def test_cancel_a_running_job_and_busy_slots_are_a_409(client: OpenAI, service: Service, tiny_model_dir: Path) -> None:
+    file_id = _upload(client)
+    long = client.fine_tuning.jobs.create(
+        model=str(tiny_model_dir), training_file=file_id, hyperparameters={"n_epochs": 10_000, "batch_size": 1}
+    )
+    _wait(client, service, long.id, {"running"})
+
+    with pytest.raises(openai.ConflictError) as busy:
+        client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=file_id)
+    assert busy.value.code == "training_slots_full" and long.id in busy.value.message
+    assert busy.value.response.headers["x-should-retry"] == "false"
+
+    while not [e for e in client.fine_tuning.jobs.list_events(long.id, limit=5).data if e.type == "metrics"]:
+        time.sleep(0.2)
+    cancelling = client.fine_tuning.jobs.cancel(long.id)
+    assert cancelling.id == long.id and cancelling.status in ("running", "cancelled")
+    job = _wait(client, service, long.id, {"succeeded", "failed", "cancelled"}, timeout=60)
+    assert job.status == "cancelled" and job.error is None and job.fine_tuned_model is None
+    assert job.hyperparameters.n_epochs == 10_000
+
+    with pytest.raises(openai.BadRequestError) as ended:
+        client.fine_tuning.jobs.cancel(long.id)
+    assert ended.value.code == "job_already_ended"
+    # The slot is free again.
+    again = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=file_id)
+    client.fine_tuning.jobs.cancel(again.id)
+    assert _wait(client, service, again.id, {"cancelled", "succeeded", "failed"}, timeout=60).status == "cancelled"
+
+
+def test_invalid_requests_raise_the_clients_errors(client: OpenAI, service: Service, tiny_model_dir: Path) -> None:
+    bad = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"oops": 1}\n'
+    with pytest.raises(openai.BadRequestError) as invalid:
+        client.files.create(file=("bad.jsonl", bad), purpose="fine-tune")
+    assert invalid.value.param == "file" and invalid.value.code == "invalid_file_format"
+    assert "line 2" in invalid.value.message and "missing 'messages'" in invalid.value.message
+    assert isinstance(invalid.value.body, dict) and invalid.value.body["type"] == "invalid_request_error"
+
+    with pytest.raises(openai.BadRequestError) as purpose:
+        client.files.create(file=("d.jsonl", jsonl(easy_records(2))), purpose="assistants")
+    assert purpose.value.param == "purpose"
+    assert client.files.list().data == []
+    datasets = service.base_path / "datasets"
+    assert not list(datasets.glob("*.jsonl")) and not list((datasets / ".incoming").iterdir())
+
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.fine_tuning.jobs.retrieve("job-doesnotexist")
+    assert "job-doesnotexist" in missing.value.message
+    for call in (client.fine_tuning.jobs.cancel, client.fine_tuning.jobs.list_events):
+        with pytest.raises(openai.NotFoundError):
+            call("job-doesnotexist")
+    with pytest.raises(openai.NotFoundError):
+        client.fine_tuning.jobs.checkpoints.list("job-doesnotexist")
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve("file-nope")
+
+    with pytest.raises(openai.BadRequestError) as no_file:
+        client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file="file-nope")
+    assert no_file.value.param == "training_file"
+    file_id = _upload(client, 2)
+    with pytest.raises(openai.BadRequestError) as epochs:
+        client.fine_tuning.jobs.create(model="m", training_file=file_id, hyperparameters={"n_epochs": 0})
+    assert epochs.value.param == "hyperparameters.n_epochs"
+    with pytest.raises(openai.BadRequestError) as lr:
+        client.fine_tuning.jobs.create(
+            model="m", training_file=file_id, hyperparameters={"learning_rate_multiplier": 10_000}
+        )
+    assert lr.value.param == "hyperparameters.learning_rate_multiplier"
+    with pytest.raises(openai.BadRequestError) as dpo:
+        client.fine_tuning.jobs.create(model="m", training_file=file_id, method={"type": "dpo"})
+    assert dpo.value.param == "method.type"
+    # Nothing was admitted, linked or recorded for the refused jobs.
+    assert client.fine_tuning.jobs.list().data == []
+    assert service.get("/status").json()["status"] == "idle"
+    assert [p.name for p in datasets.glob("*.jsonl")] == [f"{file_id}.jsonl"]
