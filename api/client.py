@@ -24,8 +24,8 @@ from typing import IO, Any, TypeVar, cast
 import httpx
 from pydantic import BaseModel
 
-from api.routes.artifacts import ArtifactsPublic, CheckpointPage
 from api.schemas import CancelPublic, EventPage, EventPublic, JobPage, JobPublic, SeedStatusPublic, TrainAccepted
+from shared.artifacts import ArtifactsPublic, CheckpointPage
 from shared.jobs import JobStatus
 
 DEFAULT_URL = "http://127.0.0.1:8000"

@@ -13,7 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from api.auth import ApiKeyMiddleware
 from api.errors import install_handlers
-from api.routes import artifacts, dashboard, health, jobs, openai_files, openai_jobs, status, train
+from api.routes import artifacts, dashboard, health, jobs, merge, openai_files, openai_jobs, status, train
 from shared.celery_config import make_celery
 from shared.reaper import reap_once
 from shared.settings import Settings, get_settings
@@ -62,6 +62,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
-    for module in (train, status, jobs, health, artifacts, dashboard, openai_files, openai_jobs):
+    for module in (train, status, jobs, merge, health, artifacts, dashboard, openai_files, openai_jobs):
         app.include_router(module.router)
     return app

@@ -9,7 +9,7 @@ Request validation failures are 400s, as OpenAI answers them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import redis
@@ -71,14 +71,27 @@ class OpenAIError(Exception):
 
     @classmethod
     def from_validation(cls, exc: RequestValidationError) -> OpenAIError:
-        problems: list[str] = []
-        param: str | None = None
+        problems: dict[str, str] = {}  # where -> the first problem found there
         for err in exc.errors():
-            loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
-            where = ".".join(loc)
-            param = param or where or None
-            problems.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
-        return cls(400, "invalid request: " + "; ".join(problems), param=param, code="invalid_request")
+            where = ".".join(_field_path(err.get("loc", ())))
+            problems.setdefault(where, str(err.get("msg", "invalid")))
+        param = next(iter(problems), "") or None
+        text = "; ".join(f"{where}: {msg}" if where else msg for where, msg in problems.items())
+        return cls(400, f"invalid request: {text}", param=param, code="invalid_request")
+
+
+def _field_path(loc: Sequence[Any]) -> list[str]:
+    """The request field a validation error is about: no `body` prefix, no union member tags."""
+    path: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            path.append(str(part))
+        elif isinstance(part, str) and part.isidentifier():
+            if path or part not in ("body", "query", "path"):
+                path.append(part)
+        else:  # "constrained-int", "literal['auto']": which member of a union was tried
+            break
+    return path
 
 
 class OpenAIRoute(APIRoute):

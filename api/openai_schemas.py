@@ -320,15 +320,14 @@ class FineTuningJobEventPublic(BaseModel):
         elif event.data.get("status") == JobStatus.failed.value:
             level = "error"
         if event.type == "metrics":
-            d = event.data
+            # OpenAI's names for ours (`step`, `train_loss`, `valid_loss`); any other figure passes through.
+            d = dict(event.data)
             data: dict[str, Any] = {
-                "step": d.get("current_step"),
-                "total_steps": d.get("total_steps"),
-                "epoch": d.get("current_epoch"),
-                "train_loss": d.get("loss"),
-                "learning_rate": d.get("learning_rate"),
-                "grad_norm": d.get("grad_norm"),
-                "tokens_per_second": d.get("tokens_per_second"),
+                "step": d.pop("step", d.pop("current_step", None)),
+                "train_loss": d.pop("loss", None),
+                "valid_loss": d.pop("eval_loss", None),
+                "epoch": d.pop("epoch", d.pop("current_epoch", None)),
+                **d,
             }
             return cls(
                 id=EVENT_ID_PREFIX + event.id,

@@ -68,6 +68,8 @@ class SeedStatusPublic(BaseModel):
 
 class JobPublic(BaseModel):
     id: str
+    kind: Literal["train", "merge"]
+    source_job: str | None
     status: JobStatus
     seed_status: Literal["training", "completed", "error"]
     created_at: float
@@ -89,7 +91,7 @@ class JobPublic(BaseModel):
     def from_record(cls, record: JobRecord) -> JobPublic:
         return cls(
             seed_status=SEED_STATUS[record.status],  # type: ignore[arg-type]
-            **record.model_dump(exclude={"dataset_path", "output_dir"}),
+            **record.model_dump(exclude={"dataset_path", "output_dir", "validation_path"}),
         )
 
 

@@ -8,7 +8,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from celery import Celery
 from pydantic import ValidationError
@@ -144,9 +144,12 @@ def admit(
     *,
     job_id: str,
     config: TrainConfig,
-    dataset: Path,
+    dataset: Path | str,
     num_records: int,
     output_dir: Path,
+    validation: Path | None = None,
+    kind: Literal["train", "merge"] = "train",
+    source_job: str | None = None,
 ) -> JobRecord:
     """Take a slot and enqueue; 409 when every slot is taken, 503 when the task cannot be published."""
     record = JobRecord(
@@ -154,7 +157,10 @@ def admit(
         status=JobStatus.queued,
         created_at=0.0,
         config=config,
+        kind=kind,
         dataset_path=str(dataset),
+        validation_path=str(validation) if validation else None,
+        source_job=source_job,
         num_records=num_records,
         output_dir=str(output_dir),
         message="Queued, waiting for a worker",

@@ -1,6 +1,6 @@
 """Training throughput: our engines against plain TRL on the same data, model and seed.
 
-    python -m bench.train --shape tiny|tiny-deep|qwen2.5-0.5b --batch-size 4 --steps 20 \\
+    python -m bench.train --shape tiny|tiny-deep|qwen2.5-0.5b --batch-size 4 --steps 10 \\
         --mean-len 386 --max-len 2048 --seed 0 --engines fast,reference,trl [--json OUT]
 
 Random weights (throughput depends on shape, not values), synthetic pre-tokenized chat data
@@ -241,7 +241,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per engine")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per engine")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
     parser.add_argument("--mean-len", type=int, default=386)
     parser.add_argument("--max-len", type=int, default=2048)

@@ -20,6 +20,8 @@ from pathlib import Path, PurePosixPath
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from shared.jobs import JobStatus
+
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_META = "checkpoint.json"
 _CHECKPOINT_NAME = re.compile(r"^step-(\d{1,12})$")
@@ -56,6 +58,43 @@ class Checkpoint(BaseModel):
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
+
+
+# What the API answers about a job's files (here, so that clients need no web framework).
+
+
+class CheckpointPublic(BaseModel):
+    name: str
+    step: int
+    epoch: int
+    loss: float | None
+    created_at: float
+    files: list[FileEntry]
+    total_bytes: int
+    archive_url: str
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, base_url: str, job_id: str) -> CheckpointPublic:
+        return cls(
+            **checkpoint.model_dump(exclude={"path"}),
+            total_bytes=checkpoint.total_bytes,
+            archive_url=f"{base_url}/jobs/{job_id}/artifacts/archive?checkpoint={checkpoint.step}",
+        )
+
+
+class CheckpointPage(BaseModel):
+    job_id: str
+    data: list[CheckpointPublic]
+
+
+class ArtifactsPublic(BaseModel):
+    job_id: str
+    status: JobStatus
+    model_path: str | None  # the adapter folder, once the job succeeded
+    files: list[FileEntry]  # relative to model_path
+    total_bytes: int
+    archive_url: str | None
+    checkpoints: list[CheckpointPublic]
 
 
 def _inside(base: Path, path: Path) -> Path | None:

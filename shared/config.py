@@ -59,6 +59,10 @@ class TrainConfig(BaseModel):
     seed: int = Field(default=42, description="Seed for LoRA init and data order.")
     engine: EngineName = Field(default="fast", description="'fast' (packed, chunked loss) or 'reference'.")
     log_every: int = Field(default=1, ge=1, description="Read loss back from the device every N steps.")
+    validation_split: float | None = Field(
+        default=None, gt=0.0, lt=0.5, description="Hold out this fraction of records; eval loss per epoch."
+    )
+    keep_checkpoints: int = Field(default=2, ge=0, le=100, description="Adapter checkpoints kept (one per epoch).")
 
     @field_validator("lora_modules_to_save")
     @classmethod

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -57,12 +57,15 @@ class JobRecord(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     id: str
+    kind: Literal["train", "merge"] = "train"  # merge: fold a finished job's adapter into its base model
     status: JobStatus
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
     config: TrainConfig
     dataset_path: str
+    validation_path: str | None = None
+    source_job: str | None = None  # for merge jobs: the training job whose adapter is merged
     num_records: int = 0
     output_dir: str
     model_path: str | None = None

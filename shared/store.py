@@ -43,9 +43,12 @@ def connect(url: str, *, timeout: float = 5.0) -> redis.Redis:
 def _record_to_fields(record: JobRecord) -> dict[str, str]:
     return {
         "id": record.id,
+        "kind": record.kind,
         "status": record.status.value,
         "config": record.config.model_dump_json(),
         "dataset_path": record.dataset_path,
+        "validation_path": record.validation_path or "",
+        "source_job": record.source_job or "",
         "num_records": str(record.num_records),
         "output_dir": record.output_dir,
         "message": record.message,
@@ -64,12 +67,15 @@ def _record_from_fields(fields: dict[str, str]) -> JobRecord:
 
     return JobRecord(
         id=fields["id"],
+        kind="merge" if fields.get("kind") == "merge" else "train",
         status=JobStatus(fields["status"]),
         created_at=float(fields.get("created_at") or 0.0),
         started_at=opt_float("started_at"),
         finished_at=opt_float("finished_at"),
         config=TrainConfig.model_validate_json(fields["config"]),
         dataset_path=fields["dataset_path"],
+        validation_path=fields.get("validation_path") or None,
+        source_job=fields.get("source_job") or None,
         num_records=int(fields.get("num_records") or 0),
         output_dir=fields["output_dir"],
         model_path=fields.get("model_path") or None,

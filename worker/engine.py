@@ -84,6 +84,8 @@ def engine_attn_implementation(kind: EngineKind, requested: str, device: torch.d
     if kind == "reference" or implementation.startswith("flash_attention"):
         return implementation, warning
     register_packed_attention()
+    if warning is not None:
+        warning = warning.replace("using sdpa instead", "using PyTorch's attention kernels instead")
     return PACKED_ATTENTION, warning
 
 

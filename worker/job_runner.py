@@ -1,4 +1,4 @@
-"""Running one job inside a worker child: claim it, train under a lease, record the outcome."""
+"""Running one job inside a worker child: claim it, work under a lease, record the outcome."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import os
 import socket
 import traceback
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from shared.jobs import JobStatus
+from shared.jobs import JobRecord, JobStatus, Progress
 from shared.paths import resolve_inside
-from shared.settings import get_settings
+from shared.settings import Settings, get_settings
 from shared.store import JobStore, connect
 from worker.lease import LeaseKeeper
 
@@ -22,74 +24,80 @@ def worker_name() -> str:
     return get_settings().worker_name or f"{socket.gethostname()}:{os.getppid()}"
 
 
+@dataclass
+class Outcome:
+    status: JobStatus
+    message: str
+    error: str | None = None
+    model_path: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _train(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome:
+    from worker.training import train_model  # torch loads in the child only, under the lease
+
+    cfg = record.config
+    result = train_model(
+        cfg,
+        Path(record.dataset_path),
+        Path(record.output_dir),
+        lora_path=resolve_inside(settings.base_path, cfg.lora_path) if cfg.lora_path else None,
+        validation=Path(record.validation_path) if record.validation_path else None,
+        checkpoint_dir=settings.base_path / "checkpoints" / record.id,
+        run_name=record.id,
+        on_progress=lease.publish,
+        on_event=lease.event,
+        should_stop=lease.should_stop,
+    )
+    if not result.stopped:
+        message = "Training completed"
+        return Outcome(JobStatus.succeeded, message, model_path=str(result.output_dir), metrics=result.summary())
+    if lease.cancelled.is_set():
+        message = f"Training cancelled at step {result.steps}/{result.total_steps}"
+        return Outcome(JobStatus.cancelled, message, error="cancelled by request", metrics=result.summary())
+    error = "lost contact with Redis for longer than the lease; stopped training"
+    return Outcome(JobStatus.failed, "Training stopped", error=error)
+
+
+def _merge(record: JobRecord, lease: LeaseKeeper) -> Outcome:
+    from worker.merge import merge_model
+
+    assert record.source_job is not None
+    lease.event("info", f"merging the adapter of {record.source_job} into {record.config.model_name}", {})
+    path = merge_model(record.dataset_path, record.output_dir)
+    return Outcome(JobStatus.succeeded, "Merge completed", model_path=str(path))
+
+
 def run_job(job_id: str) -> None:
     settings = get_settings()
     store = JobStore(connect(settings.redis_url))
     token = uuid.uuid4().hex
-    outcome = store.claim(job_id, token=token, lease_s=settings.lease_ttl_s, worker=worker_name())
-    if outcome != "ok":
+    claimed = store.claim(job_id, token=token, lease_s=settings.lease_ttl_s, worker=worker_name())
+    if claimed != "ok":
         # A redelivered message for a job that runs elsewhere or has ended: acknowledge and ignore it.
-        log.warning("not running job %s: it is %s", job_id, outcome)
+        log.warning("not running job %s: it is %s", job_id, claimed)
         return
     record = store.get(job_id)
     assert record is not None
-    log.info("job %s: training %s", job_id, record.config.model_name)
-
-    error: str | None = None
-    result = None
-    lora_path = resolve_inside(settings.base_path, record.config.lora_path) if record.config.lora_path else None
+    log.info("job %s (%s): %s", job_id, record.kind, record.config.model_name)
     with LeaseKeeper(store, job_id, token, settings.lease_ttl_s) as lease:
         try:
-            # torch and transformers load in the child only, under the lease (the import takes seconds).
-            from worker.training import train_model
-
-            result = train_model(
-                record.config,
-                Path(record.dataset_path),
-                Path(record.output_dir),
-                lora_path=lora_path,
-                on_progress=lease.publish,
-                on_event=lease.event,
-                should_stop=lease.should_stop,
-            )
+            outcome = _merge(record, lease) if record.kind == "merge" else _train(record, settings, lease)
         except Exception as exc:
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
-            error = f"{type(exc).__name__}: {exc}"
-        progress = lease.latest
+            failed = "Merge failed" if record.kind == "merge" else "Training failed"
+            outcome = Outcome(JobStatus.failed, failed, error=f"{type(exc).__name__}: {exc}")
+        progress: Progress | None = lease.latest
     if lease.fenced.is_set():
         log.warning("job %s: another runner owns it or it was settled; recording nothing", job_id)
         return
-    if error is not None:
-        store.finish(
-            job_id, token=token, status=JobStatus.failed, message="Training failed", error=error, progress=progress
-        )
-    elif result is not None and result.stopped:
-        if lease.cancelled.is_set():
-            store.finish(
-                job_id,
-                token=token,
-                status=JobStatus.cancelled,
-                message=f"Training cancelled at step {result.steps}/{result.total_steps}",
-                error="cancelled by request",
-                progress=progress,
-                metrics=result.summary(),
-            )
-        else:
-            store.finish(
-                job_id,
-                token=token,
-                status=JobStatus.failed,
-                message="Training stopped",
-                error="lost contact with Redis for longer than the lease; stopped training",
-                progress=progress,
-            )
-    elif result is not None:
-        store.finish(
-            job_id,
-            token=token,
-            status=JobStatus.succeeded,
-            message="Training completed",
-            model_path=str(result.output_dir),
-            progress=progress,
-            metrics=result.summary(),
-        )
+    store.finish(
+        job_id,
+        token=token,
+        status=outcome.status,
+        message=outcome.message,
+        error=outcome.error,
+        model_path=outcome.model_path,
+        metrics=outcome.metrics or None,
+        progress=progress,
+    )

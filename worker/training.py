@@ -30,7 +30,10 @@ from shared.dataset import check_record
 from shared.jobs import Progress
 from worker.data import read_records, tokenize_dataset
 from worker.engine import engine_attn_implementation
+from worker.evaluation import eval_loss
+from worker.example import Example
 from worker.loop import StepInfo, train_loop
+from worker.wandb_log import WandbRun
 
 __all__ = ["TrainConfig", "TrainResult", "load_base_model", "train_model"]
 
@@ -53,6 +56,8 @@ class TrainResult:
     elapsed_s: float
     tokens_per_second: float
     losses: list[tuple[int, float]] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (epoch, loss)
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         out = asdict(self)
@@ -162,21 +167,59 @@ def _save(model: PeftModel, tokenizer: Any, config: TrainConfig, dest: Path, sum
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def split_validation(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out `fraction` of the examples (at least one, never all), reproducibly."""
+    if len(examples) < 2:
+        raise ValueError("validation_split needs at least 2 usable examples")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in order[:n_eval]]
+
+
+class _Checkpoints:
+    """Adapter checkpoints at each epoch end under `root/step-NNNNNN/`, keeping the newest `keep`."""
+
+    def __init__(self, root: Path | None, keep: int) -> None:
+        self.root, self.keep = root, keep
+        self.saved: list[dict[str, Any]] = []
+
+    def save(self, model: PeftModel, *, step: int, epoch: int, loss: float | None, eval_loss: float | None) -> None:
+        if self.root is None or self.keep == 0:
+            return
+        meta = {"step": step, "epoch": epoch, "loss": loss, "eval_loss": eval_loss, "created_at": time.time()}
+        dest = self.root / f"step-{step:06d}"
+        staging = self.root / f".step-{step:06d}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(str(staging))
+        (staging / "checkpoint.json").write_text(json.dumps(meta))
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(staging, dest)
+        self.saved.append({**meta, "path": str(dest)})
+        while len(self.saved) > self.keep:
+            shutil.rmtree(self.saved.pop(0)["path"], ignore_errors=True)
+
+
 def train_model(
     config: TrainConfig | dict[str, Any] | None = None,
     dataset: str | Path | Iterable[dict[str, Any]] = "",
     output_dir: str | Path | None = None,
     *,
     lora_path: str | Path | None = None,
+    validation: str | Path | Iterable[dict[str, Any]] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    run_name: str | None = None,
     on_progress: ProgressCallback | None = None,
     on_event: EventCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Fine-tune a LoRA adapter in this process and save it under `output_dir`.
 
-    `dataset` is a JSON Lines path of `{"messages": [...]}` records or an iterable of such records.
-    `output_dir` defaults to `config.model_save_path`, else `./lora_model`. `on_progress` is called
-    on every step; `should_stop` is polled every step (the run then ends without saving).
+    `dataset` (and `validation`) is a JSON Lines path of `{"messages": [...]}` records or an
+    iterable of such records. `output_dir` defaults to `config.model_save_path`, else
+    `./lora_model`. `on_progress` is called on every step; `should_stop` is polled every step (the
+    run then ends without saving). Checkpoints go to `checkpoint_dir` at each epoch end.
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.model_validate(config or {})
     dest = Path(output_dir or cfg.model_save_path or "lora_model")
@@ -187,15 +230,20 @@ def train_model(
     start = time.monotonic()
 
     model, tokenizer = load_base_model(cfg, device, emit)
-    examples, skipped = tokenize_dataset(
-        tokenizer, _records(dataset), max_length=cfg.max_length, response_template=cfg.response_template
-    )
-    if skipped:
-        emit(
-            "warning",
-            f"{skipped} examples had no assistant token left after truncation and were skipped",
-            {"skipped": skipped},
+
+    def tokenize(source: str | Path | Iterable[dict[str, Any]]) -> tuple[list[Example], int]:
+        examples, skipped = tokenize_dataset(
+            tokenizer, _records(source), max_length=cfg.max_length, response_template=cfg.response_template
         )
+        if skipped:
+            message = f"{skipped} examples had no assistant token left after truncation and were skipped"
+            emit("warning", message, {"skipped": skipped})
+        return examples, skipped
+
+    examples, skipped = tokenize(dataset)
+    held_out = tokenize(validation)[0] if validation is not None else []
+    if cfg.validation_split and not held_out:
+        examples, held_out = split_validation(examples, cfg.validation_split, cfg.seed)
     if not examples:
         raise ValueError("no example has an assistant token to train on (check max_length and the dataset)")
     peft_model = apply_lora(model, cfg, adapter)
@@ -203,10 +251,14 @@ def train_model(
     emit(
         "info",
         f"training {trainable:,} of {total:,} parameters on {len(examples)} examples ({device.type})",
-        {"trainable_params": trainable, "total_params": total, "examples": len(examples), "device": device.type},
-    )
-
+        {"trainable_params": trainable, "total_params": total, "examples": len(examples), "device": device.type,
+         "validation_examples": len(held_out)},
+    )  # fmt: skip
+    wandb = WandbRun(run_name or dest.name, cfg.model_dump(), emit)
+    checkpoints = _Checkpoints(Path(checkpoint_dir) if checkpoint_dir else None, cfg.keep_checkpoints)
+    eval_losses: list[tuple[int, float]] = []
     last_step_at = time.monotonic()
+    last: dict[str, Any] = {"step": 0, "loss": None}
 
     def step_hook(info: StepInfo) -> None:
         nonlocal last_step_at
@@ -224,28 +276,49 @@ def train_model(
             tokens_per_second=info.tokens_per_second,
             eta_seconds=info.eta_seconds,
         )
+        last["step"] = info.step
         if on_progress is not None:
             on_progress(progress)
         if info.loss is not None:
-            emit("metrics", f"step {info.step}/{info.total_steps} loss {info.loss:.4f}", progress.model_dump())
+            last["loss"] = info.loss
+            data = {"step": info.step, "epoch": info.epoch, "loss": info.loss, "learning_rate": info.learning_rate,
+                    "grad_norm": info.grad_norm, "tokens_per_second": info.tokens_per_second,
+                    "step_seconds": step_seconds}  # fmt: skip
+            emit("metrics", f"step {info.step}/{info.total_steps} loss {info.loss:.4f}", data)
+            wandb.log({"train/loss": info.loss, "train/learning_rate": info.learning_rate,
+                       "train/grad_norm": info.grad_norm, "train/tokens_per_second": info.tokens_per_second},
+                      step=info.step)  # fmt: skip
 
     def epoch_hook(epoch: int, loss: float | None) -> None:
-        emit("epoch", f"epoch {epoch}/{cfg.epochs} done", {"epoch": epoch, "loss": loss})
+        held = eval_loss(peft_model, held_out, batch_size=cfg.batch_size, device=device) if held_out else None
+        data: dict[str, Any] = {"epoch": epoch, "step": last["step"], "loss": loss}
+        message = f"epoch {epoch}/{cfg.epochs} done"
+        if held is not None:
+            eval_losses.append((epoch, held))
+            data["eval_loss"] = held
+            message += f", eval loss {held:.4f}"
+            wandb.log({"eval/loss": held}, step=int(last["step"] or 0))
+        emit("epoch", message, data)
+        checkpoints.save(peft_model, step=int(last["step"] or 0), epoch=epoch, loss=loss, eval_loss=held)
 
-    loop = train_loop(
-        peft_model,
-        examples,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        device=device,
-        seed=cfg.seed,
-        engine=cfg.engine,
-        log_every=cfg.log_every,
-        on_step=step_hook,
-        on_epoch_end=epoch_hook,
-        should_stop=should_stop,
-    )
+    try:
+        loop = train_loop(
+            peft_model,
+            examples,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            device=device,
+            seed=cfg.seed,
+            engine=cfg.engine,
+            log_every=cfg.log_every,
+            on_step=step_hook,
+            on_epoch_end=epoch_hook,
+            should_stop=should_stop,
+        )
+    except BaseException:
+        wandb.finish()
+        raise
     elapsed = time.monotonic() - start
     result = TrainResult(
         output_dir=None,
@@ -259,7 +332,10 @@ def train_model(
         elapsed_s=elapsed,
         tokens_per_second=loop.total_tokens / loop.elapsed_s if loop.elapsed_s > 0 else 0.0,
         losses=list(loop.logged_losses),
+        eval_losses=eval_losses,
+        checkpoints=checkpoints.saved,
     )
+    wandb.finish({"final_loss": loop.final_loss, "stopped": loop.stopped})
     if loop.stopped:
         return result
     result.output_dir = dest

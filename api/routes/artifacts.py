@@ -8,13 +8,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
 
 from api.deps import SettingsDep, StoreDep
 from api.errors import ApiError
 from shared.artifacts import (
-    Checkpoint,
-    FileEntry,
+    ArtifactsPublic,
+    CheckpointPage,
+    CheckpointPublic,
     adapter_dir,
     get_checkpoint,
     iter_tar_gz,
@@ -27,40 +27,6 @@ from shared.store import JobStore
 router = APIRouter(prefix="/jobs", tags=["artifacts"])
 
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such job (or checkpoint)"}}
-
-
-class CheckpointPublic(BaseModel):
-    name: str
-    step: int
-    epoch: int
-    loss: float | None
-    created_at: float
-    files: list[FileEntry]
-    total_bytes: int
-    archive_url: str
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: Checkpoint, base_url: str, job_id: str) -> CheckpointPublic:
-        return cls(
-            **checkpoint.model_dump(exclude={"path"}),
-            total_bytes=checkpoint.total_bytes,
-            archive_url=f"{base_url}/jobs/{job_id}/artifacts/archive?checkpoint={checkpoint.step}",
-        )
-
-
-class CheckpointPage(BaseModel):
-    job_id: str
-    data: list[CheckpointPublic]
-
-
-class ArtifactsPublic(BaseModel):
-    job_id: str
-    status: JobStatus
-    model_path: str | None  # the adapter folder, once the job succeeded
-    files: list[FileEntry]  # relative to model_path
-    total_bytes: int
-    archive_url: str | None
-    checkpoints: list[CheckpointPublic]
 
 
 def _record(store: JobStore, job_id: str) -> JobRecord:

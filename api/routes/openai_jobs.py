@@ -57,8 +57,12 @@ _PARAMS = {
 
 
 def _not_found(job_id: str) -> OpenAIError:
-    return OpenAIError(404, f"No fine-tuning job found with id {job_id!r}", param="fine_tuning_job_id",
-                       code="fine_tuning_job_not_found")  # fmt: skip
+    return OpenAIError(
+        404,
+        f"No fine-tuning job found with id {job_id!r}",
+        param="fine_tuning_job_id",
+        code="fine_tuning_job_not_found",
+    )
 
 
 def _record(store: JobStore, job_id: str) -> JobRecord:
@@ -81,14 +85,21 @@ def _hyperparameters(body: FineTuningJobCreate) -> HyperparametersSpec:
     if body.method is None:
         return top or HyperparametersSpec()
     if body.method.type != "supervised":
-        raise OpenAIError(400, f"method.type {body.method.type!r} is not supported: this server trains supervised "
-                          "LoRA adapters", param="method.type", code="unsupported_method")  # fmt: skip
+        raise OpenAIError(
+            400,
+            f"method.type {body.method.type!r} is not supported: this server trains supervised LoRA adapters",
+            param="method.type",
+            code="unsupported_method",
+        )
     nested = body.method.supervised.hyperparameters if body.method.supervised else None
     if nested is None:
         return top or HyperparametersSpec()
     if top is not None and top != nested:
-        raise OpenAIError(400, "hyperparameters differ between the top level and method.supervised; send them "
-                          "under method only", param="hyperparameters")  # fmt: skip
+        raise OpenAIError(
+            400,
+            "hyperparameters differ between the top level and method.supervised; send them under method only",
+            param="hyperparameters",
+        )
     return nested
 
 
@@ -153,12 +164,21 @@ def _submit(
     try:
         _link(Path(training.path), dataset)
     except FileNotFoundError as exc:
-        raise OpenAIError(400, f"invalid training_file: {training.id} was deleted", param="training_file",
-                          code="invalid_file") from exc  # fmt: skip
+        raise OpenAIError(
+            400, f"invalid training_file: {training.id} was deleted", param="training_file", code="invalid_file"
+        ) from exc
     try:
         ostore.put_job(job_id, extra)  # before admission, so the job is never seen without its fields
-        return admit(store, celery, settings, job_id=job_id, config=config, dataset=dataset,
-                     num_records=training.num_records, output_dir=output_dir)  # fmt: skip
+        return admit(
+            store,
+            celery,
+            settings,
+            job_id=job_id,
+            config=config,
+            dataset=dataset,
+            num_records=training.num_records,
+            output_dir=output_dir,
+        )
     except BaseException:
         dataset.unlink(missing_ok=True)
         with contextlib.suppress(redis.RedisError):
@@ -257,8 +277,12 @@ def cancel_job(fine_tuning_job_id: str, store: StoreDep, ostore: OpenAIStoreDep)
     if outcome == "missing":
         raise _not_found(job_id)
     if outcome not in ("removed", "requested"):  # else the job had ended: its final status
-        raise OpenAIError(400, f"job {job_id} has already ended ({outcome}); nothing to cancel",
-                          param="fine_tuning_job_id", code="job_already_ended")  # fmt: skip
+        raise OpenAIError(
+            400,
+            f"job {job_id} has already ended ({outcome}); nothing to cancel",
+            param="fine_tuning_job_id",
+            code="job_already_ended",
+        )
     return _view(store, ostore, job_id)
 
 

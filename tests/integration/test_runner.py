@@ -1,0 +1,84 @@
+"""`lora-server --base_path DIR --port N`: one command starts everything; a signal stops everything."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shared.embedded_redis import free_port
+from tests.data import easy_records, jsonl
+from tests.integration.faults import alive
+from tests.service import ROOT
+
+
+def _descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        p = stack.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            kids = (task / "children").read_text().split() if (task / "children").exists() else []
+            for kid in map(int, kids):
+                if kid not in found:
+                    found.add(kid)
+                    stack.append(kid)
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    return {p for p in pids if alive(p)}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_one_command_runs_the_service_and_a_signal_leaves_nothing_behind(
+    tmp_path: Path, tiny_model_dir: Path, sig: signal.Signals
+) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "LORA_REDIS_URL"}
+    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "LORA_MIN_FREE_DISK_MB": "1"})
+    cmd = [sys.executable, "-m", "api.cli", "--base_path", str(tmp_path / "models"), "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "service did not become ready"
+            time.sleep(0.3)
+        r = httpx.post(
+            url + "/train",
+            files={"config": (None, f'{{"epochs": 2, "model_name": "{tiny_model_dir}"}}'),
+                   "file": ("training_data.json", jsonl(easy_records(4)), "application/json")},
+            timeout=30,
+        )  # fmt: skip
+        assert r.status_code == 202, r.text
+        deadline = time.monotonic() + 120
+        while (status := httpx.get(url + "/status", timeout=5).json())["status"] == "training":
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert status["status"] == "completed", status
+        assert Path(status["model_path"], "adapter_config.json").is_file()
+        assert (tmp_path / "models" / ".redis" / "appendonlydir").is_dir()  # embedded Redis persists
+
+        family = _descendants(proc.pid)
+        assert len(family) >= 3  # Redis, worker (and its pool child), API
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == 0
+        deadline = time.monotonic() + 10
+        while _alive(family):
+            assert time.monotonic() < deadline, f"left running: {_alive(family)}"
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
