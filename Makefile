@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[worker,flower,dev]"
+	$(PY) -m pip install -q -e ".[worker,flower,wandb,dev]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -101,12 +101,15 @@ def test_upload_train_follow_and_list_a_job(client: OpenAI, service: Service, ti
     paged = list(client.fine_tuning.jobs.list_events(job.id, limit=7))  # auto-paginates through `after`
     assert [e.id for e in paged] == [e.id for e in events]
 
-    # Checkpoints: only those the worker wrote; each in OpenAI's shape, newest first.
-    checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+    # Checkpoints (the worker keeps the last few, one per epoch): OpenAI's shape, newest first, paged.
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id, limit=100).data
+    assert checkpoints and checkpoints[0].step_number == 40
     for ckpt in checkpoints:
         assert ckpt.object == "fine_tuning.job.checkpoint" and ckpt.fine_tuning_job_id == job.id
-        assert Path(ckpt.fine_tuned_model_checkpoint).is_dir() and ckpt.metrics.step == ckpt.step_number
+        assert (Path(ckpt.fine_tuned_model_checkpoint) / "checkpoint.json").is_file()
+        assert ckpt.metrics.step == ckpt.step_number and ckpt.metrics.train_loss is not None
     assert [c.step_number for c in checkpoints] == sorted((c.step_number for c in checkpoints), reverse=True)
+    assert [c.id for c in client.fine_tuning.jobs.checkpoints.list(job.id, limit=1)] == [c.id for c in checkpoints]
 
     # The job keeps its data when the file is deleted.
     assert client.files.delete(uploaded.id).deleted is True
