@@ -157,15 +157,20 @@ def _submit(
     job_id: str,
     config: TrainConfig,
     training: FileRecord,
+    validation: FileRecord | None = None,
     extra: OpenAIJobRecord,
 ) -> JobRecord:
     output_dir, _ = resolve_paths(config, settings, job_id)
     dataset = settings.datasets_dir / f"{job_id}.jsonl"
+    held_out = settings.datasets_dir / f"{job_id}.validation.jsonl"
     try:
         _link(Path(training.path), dataset)
+        if validation is not None:
+            _link(Path(validation.path), held_out)
     except FileNotFoundError as exc:
+        dataset.unlink(missing_ok=True)
         raise OpenAIError(
-            400, f"invalid training_file: {training.id} was deleted", param="training_file", code="invalid_file"
+            400, "invalid training_file or validation_file: it was deleted", param="training_file", code="invalid_file"
         ) from exc
     try:
         ostore.put_job(job_id, extra)  # before admission, so the job is never seen without its fields
@@ -178,9 +183,11 @@ def _submit(
             dataset=dataset,
             num_records=training.num_records,
             output_dir=output_dir,
+            validation=held_out if validation is not None else None,
         )
     except BaseException:
         dataset.unlink(missing_ok=True)
+        held_out.unlink(missing_ok=True)
         with contextlib.suppress(redis.RedisError):
             if store.get(job_id) is None:
                 ostore.remove_job(job_id)
@@ -202,7 +209,7 @@ async def create_job(
     spec = _hyperparameters(body)
     training = await run_in_threadpool(_training_file, ostore, body.training_file, "training_file")
     assert training is not None
-    await run_in_threadpool(_training_file, ostore, body.validation_file, "validation_file")
+    validation = await run_in_threadpool(_training_file, ostore, body.validation_file, "validation_file")
     job_id = new_job_id()
     config = _train_config(body, spec, job_id)
     extra = OpenAIJobRecord(
@@ -215,7 +222,17 @@ async def create_job(
         hyperparameters=spec.resolved(),
     )
     record = await run_in_threadpool(
-        lambda: _submit(store, ostore, celery, settings, job_id=job_id, config=config, training=training, extra=extra)
+        lambda: _submit(
+            store,
+            ostore,
+            celery,
+            settings,
+            job_id=job_id,
+            config=config,
+            training=training,
+            validation=validation,
+            extra=extra,
+        )
     )
     return FineTuningJobPublic.from_record(record, extra)
 

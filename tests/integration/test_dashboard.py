@@ -143,7 +143,11 @@ def test_dashboard_shows_live_progress_and_loss_and_cancels(
     browser.wait_for(f"document.getElementById('job-id').textContent === {job_id!r}")
 
     # The progress shown moves while the job trains.
-    browser.wait_for("Number(document.getElementById('progress').dataset.step || 0) >= 1", timeout=120)
+    deadline = time.monotonic() + 120
+    while (job := service.get(f"/jobs/{job_id}").json())["progress"]["current_step"] < 1:
+        assert job["status"] in ("queued", "running") and time.monotonic() < deadline, (job, service.logs("worker"))
+        time.sleep(0.2)
+    browser.wait_for("Number(document.getElementById('progress').dataset.step || 0) >= 1", timeout=30)
     first = browser.text("step-text")
     browser.wait_for(f"document.getElementById('step-text').textContent !== {first!r}", timeout=30)
     second = browser.text("step-text")
