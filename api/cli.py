@@ -14,6 +14,7 @@ Exit codes: 0 ok; 1 error or failed job; 3 cancelled job; 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -75,8 +76,8 @@ def _duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
 
-def progress_line(p: Progress, width: int = 24) -> str:
-    """`[#####-----]  40/200  20%  epoch 3/10  loss 5.1234  1234 tok/s  ETA 0:12`"""
+def progress_line(p: Progress, width: int = 24, eval_loss: float | None = None) -> str:
+    """`[#####-----]  40/200  20%  epoch 3/10  loss 5.1234  eval 5.3  1234 tok/s  ETA 0:12`"""
     frac = min(1.0, p.current_step / p.total_steps) if p.total_steps else 0.0
     filled = round(frac * width)
     parts = [
@@ -87,6 +88,8 @@ def progress_line(p: Progress, width: int = 24) -> str:
     ]
     if p.loss is not None:
         parts.append(f"loss {p.loss:.4f}")
+    if eval_loss is not None:
+        parts.append(f"eval {eval_loss:.4f}")
     if p.tokens_per_second:
         parts.append(f"{p.tokens_per_second:.0f} tok/s")
     parts.append(f"ETA {_duration(p.eta_seconds)}")
@@ -94,24 +97,29 @@ def progress_line(p: Progress, width: int = 24) -> str:
 
 
 class ProgressView:
-    """One redrawn line on a terminal; otherwise a line at most every `every_s` seconds (and the last step)."""
+    """One redrawn line on a terminal; otherwise a line at most every `every_s` seconds, and the latest
+    state before any other message and at the end, so the log never stops short of where the job got."""
 
     def __init__(self, out: TextIO, every_s: float = 1.0) -> None:
         self.out = out
         self.tty = out.isatty()
         self.every_s = every_s
         self._last = 0.0
-        self._drawn = False
+        self._drawn = False  # terminal: a bar is on the current line
+        self._pending: str | None = None  # log: the latest line not written yet
 
-    def update(self, p: Progress) -> None:
+    def update(self, p: Progress, eval_loss: float | None = None) -> None:
         now = time.monotonic()
+        line = progress_line(p, eval_loss=eval_loss)
         final = bool(p.total_steps) and p.current_step >= p.total_steps
         if self.tty:
-            self.out.write("\r\033[K" + progress_line(p))
+            self.out.write("\r\033[K" + line)
             self._drawn = True
         elif final or now - self._last >= self.every_s:
-            self.out.write(progress_line(p) + "\n")
+            self.out.write(line + "\n")
+            self._pending = None
         else:
+            self._pending = line
             return
         self._last = now
         self.out.flush()
@@ -125,6 +133,9 @@ class ProgressView:
         if self._drawn:
             self.out.write("\n")
             self._drawn = False
+        if self._pending is not None:
+            self.out.write(self._pending + "\n")
+            self._pending = None
 
 
 # ---------------------------------------------------------------- client commands
@@ -156,13 +167,59 @@ def _load_config(path: Path | None) -> dict[str, Any]:
     return data
 
 
+class LiveProgress:
+    """What to show: each metrics event's numbers over the job record's totals and ETA (re-read every few s)."""
+
+    def __init__(self, client: LoraClient, job_id: str, refresh_s: float = 2.0) -> None:
+        self.client, self.job_id, self.refresh_s = client, job_id, refresh_s
+        self.record = Progress()
+        self.eval_loss: float | None = None
+        self._read_at = -refresh_s
+
+    def _record(self) -> Progress:
+        interval = self.refresh_s if self.record.total_steps else 0.5
+        if time.monotonic() - self._read_at >= interval:
+            # On a failed read keep the last record: the stream is what matters.
+            with contextlib.suppress(ApiClientError, httpx.TransportError):
+                self.record = self.client.job(self.job_id).progress
+            self._read_at = time.monotonic()
+        return self.record
+
+    def apply(self, data: dict[str, Any]) -> Progress:
+        base = self._record()
+        step = int(data.get("step", data.get("current_step", base.current_step)) or 0)
+        total = int(data.get("total_steps") or base.total_steps or 0)
+        eta = data.get("eta_seconds")
+        if eta is None and total:
+            if base.eta_seconds is not None and 0 < base.current_step < step:
+                eta = base.eta_seconds * (total - step) / max(1, total - base.current_step)
+            elif data.get("step_seconds"):
+                eta = float(data["step_seconds"]) * (total - step)
+            else:
+                eta = base.eta_seconds
+        return base.model_copy(
+            update={
+                "current_step": step,
+                "total_steps": total,
+                "current_epoch": int(data.get("epoch", data.get("current_epoch", base.current_epoch)) or 0),
+                "loss": data.get("loss", base.loss),
+                "tokens_per_second": data.get("tokens_per_second", base.tokens_per_second),
+                "eta_seconds": eta,
+            }
+        )
+
+
 def _follow(client: LoraClient, job_id: str) -> int:
     view = ProgressView(sys.stderr)
+    live = LiveProgress(client, job_id)
     try:
         for event in client.stream(job_id):
             if event.type == "metrics":
-                view.update(Progress.model_validate(event.data))
-            elif event.type != "epoch":
+                view.update(live.apply(event.data), eval_loss=live.eval_loss)
+            elif event.type == "epoch":
+                if event.data.get("eval_loss") is not None:
+                    live.eval_loss = float(event.data["eval_loss"])
+            else:
                 view.message(f"{event.type}: {event.message}")
     except KeyboardInterrupt:
         view.end_line()

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import anyio.to_thread
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
@@ -39,6 +40,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.base_path.mkdir(parents=True, exist_ok=True)
+        # Sync handlers (Redis reads) run in worker threads; the default 40 would queue a crowd of pollers.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 128
         app.state.store = JobStore(connect(settings.redis_url))
         app.state.celery = make_celery(settings)
         task = asyncio.create_task(_reaper(app))

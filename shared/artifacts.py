@@ -3,9 +3,11 @@
 Checkpoint layout (the worker writes it, the API reads it):
 
     <base_path>/checkpoints/<job_id>/step-000120/   adapter files, then `checkpoint.json` last
-    checkpoint.json = {"step": int, "epoch": int, "loss": float | null, "created_at": float}
+    checkpoint.json = {"step": int, "epoch": int, "loss": float | null, "created_at": float,
+                       "eval_loss": float | null (optional)}
 
-A checkpoint folder without a valid `checkpoint.json` is still being written and is not listed.
+A folder whose name is not `step-N` (the worker's hidden staging folder) or that has no valid
+`checkpoint.json` yet is not listed.
 Nothing here follows a symlink or returns a path outside `base_path`.
 """
 
@@ -43,6 +45,7 @@ class CheckpointMeta(BaseModel):
     step: int = Field(ge=0)
     epoch: int = Field(ge=0)
     loss: float | None = None
+    eval_loss: float | None = None  # on the validation split, when the job has one
     created_at: float
 
 
@@ -51,6 +54,7 @@ class Checkpoint(BaseModel):
     step: int
     epoch: int
     loss: float | None
+    eval_loss: float | None
     created_at: float
     path: str  # absolute folder on the volume
     files: list[FileEntry]
@@ -68,6 +72,7 @@ class CheckpointPublic(BaseModel):
     step: int
     epoch: int
     loss: float | None
+    eval_loss: float | None
     created_at: float
     files: list[FileEntry]
     total_bytes: int
@@ -158,6 +163,7 @@ def _read_checkpoint(folder: Path) -> Checkpoint | None:
         step=meta.step,
         epoch=meta.epoch,
         loss=meta.loss,
+        eval_loss=meta.eval_loss,
         created_at=meta.created_at,
         path=str(folder),
         files=list_files(folder),

@@ -208,8 +208,10 @@ class _ArrayReader:
         """Append more text, dropping what was consumed; False at the end of input."""
         if self.eof:
             return False
-        # Read at least as much as is pending so re-decoding a long record stays linear overall.
-        chunk = self.raw.read(max(_CHUNK, len(self.buf) - self.pos))
+        # Read as much as is pending (so re-decoding a long record stays linear overall), but never
+        # past the record limit: an over-long record is refused with at most about that much held.
+        pending = len(self.buf) - self.pos
+        chunk = self.raw.read(max(_CHUNK, min(pending, self.max_record + 1 - pending)))
         try:
             text = self.utf8.decode(chunk, final=not chunk)
         except UnicodeDecodeError:

@@ -272,6 +272,9 @@ class JobStore:
     def heartbeat_worker(self, name: str) -> None:
         self.client.zadd(keys.WORKERS, {name: int(time.time() * 1000)})
 
+    def forget_worker(self, name: str) -> None:
+        self.client.zrem(keys.WORKERS, name)
+
     def workers_alive(self, *, within_s: float) -> list[str]:
         low = int((time.time() - within_s) * 1000)
         return cast(list[str], self.client.zrangebyscore(keys.WORKERS, low, "+inf"))

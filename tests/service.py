@@ -43,8 +43,8 @@ class Service:
     env_extra: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     api: subprocess.Popen[bytes] | None = None
-    worker: subprocess.Popen[bytes] | None = None
-    _worker_count: int = 0
+    worker: subprocess.Popen[bytes] | None = None  # the newest worker
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -92,13 +92,13 @@ class Service:
         raise RuntimeError("API did not start:\n" + self.logs("api"))
 
     def start_worker(self, **env: str) -> None:
-        self._worker_count += 1
         log = (self.log_dir / "worker.log").open("ab")
         cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO",
-               "--concurrency", "1", "-Q", QUEUE, "-n", f"test{self._worker_count}@%h"]  # fmt: skip
+               "--concurrency", "1", "-Q", QUEUE, "-n", f"test{len(self.workers) + 1}@%h"]  # fmt: skip
         self.worker = subprocess.Popen(
             cmd, cwd=ROOT, env={**self.env(), **env}, stdout=log, stderr=log, start_new_session=True
         )
+        self.workers.append(self.worker)
 
     def stop_api(self) -> None:
         _stop(self.api)
@@ -112,7 +112,8 @@ class Service:
 
     def stop(self) -> None:
         self.stop_api()
-        self.stop_worker()
+        for worker in self.workers:  # every worker this service started, not only the newest
+            _stop(worker, signal.SIGKILL)
 
     def logs(self, which: str) -> str:
         path = self.log_dir / f"{which}.log"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutdown
 
 from shared.celery_config import make_celery
 from shared.settings import get_settings
@@ -17,3 +17,10 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     from worker.maintenance import start_maintenance
 
     start_maintenance(app, get_settings(), getattr(sender, "hostname", None) or "worker")
+
+
+@worker_shutdown.connect
+def _on_shutdown(sender: Any = None, **_: Any) -> None:
+    from worker.maintenance import leave
+
+    leave(get_settings(), getattr(sender, "hostname", None) or "worker")

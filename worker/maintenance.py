@@ -32,3 +32,11 @@ def start_maintenance(celery: Celery, settings: Settings, name: str) -> threadin
 
     threading.Thread(target=run, name="lora-maintenance", daemon=True).start()
     return stop
+
+
+def leave(settings: Settings, name: str) -> None:
+    """Drop this worker from the live set at shutdown, so readiness reflects it at once."""
+    try:
+        JobStore(connect(settings.redis_url, timeout=2)).forget_worker(name)
+    except Exception as exc:
+        log.debug("could not deregister %s: %s", name, exc)

@@ -9,12 +9,16 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import SettingsDep, StoreDep
 from api.errors import redact_url
 from shared.jobs import JobStatus
+from shared.settings import Settings
 from shared.store import JobStore
 from shared.tasks import QUEUE
 
 router = APIRouter(tags=["health"])
 
-WORKER_FRESH_S = 30.0  # a worker heartbeats every reap interval; silent this long means gone
+
+def worker_fresh_s(settings: Settings) -> float:
+    """A worker heartbeats every reap interval; silent for three of them (at least 10 s) means gone."""
+    return max(10.0, 3 * settings.reap_interval_s)
 
 
 @router.get("/healthz")
@@ -27,17 +31,17 @@ def healthz() -> dict[str, str]:
 async def readyz(store: StoreDep, settings: SettingsDep) -> JSONResponse:
     """Redis reachable and at least one worker alive."""
     try:
-        workers = await run_in_threadpool(store.workers_alive, within_s=WORKER_FRESH_S)
+        workers = await run_in_threadpool(store.workers_alive, within_s=worker_fresh_s(settings))
     except Exception as exc:
         reason = f"Redis at {redact_url(settings.redis_url)} is unreachable: {exc}"
         return JSONResponse(status_code=503, content={"status": "unavailable", "reason": reason})
     if not workers:
-        reason = f"no worker has reported in the last {WORKER_FRESH_S:.0f} s"
+        reason = f"no worker has reported in the last {worker_fresh_s(settings):.0f} s"
         return JSONResponse(status_code=503, content={"status": "unavailable", "reason": reason})
     return JSONResponse(content={"status": "ready", "workers": workers})
 
 
-def _metrics_text(store: JobStore) -> str:
+def _metrics_text(store: JobStore, settings: Settings) -> str:
     counts = store.count_by_status()
     lines = [
         "# HELP lora_jobs Jobs by status.",
@@ -48,7 +52,7 @@ def _metrics_text(store: JobStore) -> str:
         f"lora_queue_depth {store.client.llen(QUEUE)}",
         "# HELP lora_workers_alive Workers that reported recently.",
         "# TYPE lora_workers_alive gauge",
-        f"lora_workers_alive {len(store.workers_alive(within_s=WORKER_FRESH_S))}",
+        f"lora_workers_alive {len(store.workers_alive(within_s=worker_fresh_s(settings)))}",
         "# HELP lora_training_tokens_per_second Real (unpadded) tokens per second of each running job.",
         "# TYPE lora_training_tokens_per_second gauge",
         "# HELP lora_training_step_seconds Wall time of the latest optimizer step of each running job.",
@@ -72,6 +76,6 @@ def _metrics_text(store: JobStore) -> str:
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-def metrics(store: StoreDep) -> PlainTextResponse:
+def metrics(store: StoreDep, settings: SettingsDep) -> PlainTextResponse:
     """Prometheus text exposition format."""
-    return PlainTextResponse(_metrics_text(store), media_type="text/plain; version=0.0.4")
+    return PlainTextResponse(_metrics_text(store, settings), media_type="text/plain; version=0.0.4")

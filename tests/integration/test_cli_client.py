@@ -5,16 +5,20 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
+from api.cli import build_parser
 from api.client import UnsafeArchiveError, extract_tar_safely
+from shared.embedded_redis import free_port
 from tests.data import easy_records, write_jsonl
 from tests.service import Service
 
@@ -36,21 +40,21 @@ def test_submit_follow_trains_then_status_jobs_and_download_work(
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"model_name": str(tiny_model_dir), "epochs": 2, "learning_rate": 3e-3}))
     done = cli(service, "submit", str(data), "--config", str(config),
-               "--set", "epochs=20", "--set", "batch_size=4", "--set", "model_save_path=cli_adapter", "--follow")  # fmt: skip
+               "--set", "epochs=10", "--set", "batch_size=4", "--set", "model_save_path=cli_adapter", "--follow")  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     job_id = done.stdout.splitlines()[0]
     assert job_id.startswith("job-")
-    assert "40/40" in done.stderr and "100%" in done.stderr and "loss " in done.stderr, done.stderr
+    assert "20/20" in done.stderr and "100%" in done.stderr and "loss " in done.stderr, done.stderr
     assert "succeeded" in done.stderr and "cli_adapter" in done.stderr
 
     job = service.get(f"/jobs/{job_id}").json()
-    assert job["config"]["epochs"] == 20 and job["config"]["batch_size"] == 4  # --set values parsed as JSON
+    assert job["config"]["epochs"] == 10 and job["config"]["batch_size"] == 4  # --set values parsed as JSON
     assert job["config"]["learning_rate"] == 3e-3  # from --config
     assert job["config"]["model_save_path"] == "cli_adapter"  # not JSON: kept as a string
 
     status = cli(service, "status")
     assert status.returncode == 0 and status.stdout.startswith(f"completed  {job_id}"), status.stdout
-    assert "40/40" in status.stdout and "cli_adapter" in status.stdout
+    assert "20/20" in status.stdout and "cli_adapter" in status.stdout
     one = cli(service, "status", job_id, "--json")
     assert json.loads(one.stdout)["status"] == "succeeded"
 
@@ -183,3 +187,38 @@ def test_download_refuses_links_and_does_not_follow_existing_ones(tmp_path: Path
     assert written == [dest.resolve() / "adapter_config.json"]
     assert (outside / "target.txt").read_text() == "keep"  # replaced the link, did not write through it
     assert not (dest / "adapter_config.json").is_symlink() and (dest / "adapter_config.json").read_text() == "{}"
+
+
+def test_serve_is_an_alias_of_the_bare_command(tmp_path: Path) -> None:
+    bare = build_parser().parse_args(["--base_path", "/data", "--port", "9001"])
+    alias = build_parser().parse_args(["serve", "--base_path", "/data", "--port", "9001"])
+    before = build_parser().parse_args(["--port", "9002", "serve"])
+    assert bare.command is None and alias.command == "serve"
+    assert (bare.base_path, bare.port) == (alias.base_path, alias.port) == (Path("/data"), 9001)
+    assert before.port == 9002 and before.host == "127.0.0.1"
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("LORA_REDIS_URL", "LORA_API_KEY", "LORA_URL")}
+    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "LORA_MIN_FREE_DISK_MB": "1"})
+    cmd = [sys.executable, "-m", "api.cli", "serve", "--base_path", str(tmp_path / "models"), "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "`serve` did not become ready"
+            time.sleep(0.3)
+        status = subprocess.run([sys.executable, "-m", "api.cli", "status", "--url", url],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert status.returncode == 0 and status.stdout.startswith("idle"), status.stdout + status.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -130,7 +130,8 @@ _CHART_PIXELS = """(() => {
 def test_dashboard_shows_live_progress_and_loss_and_cancels(
     service: Service, tiny_model_dir: Path, browser: Page
 ) -> None:
-    job_id = _submit(service, tiny_model_dir, epochs=400, batch_size=2)  # far longer than the test needs
+    # 6 training records (2 held out) in batches of 2: 1200 steps, far longer than the test needs.
+    job_id = _submit(service, tiny_model_dir, epochs=400, batch_size=2, validation_split=0.25)
     root = httpx.get(service.url + "/", follow_redirects=False, timeout=10)
     assert root.status_code in (302, 307) and root.headers["location"].endswith("/dashboard")
     page = service.get("/dashboard")
@@ -148,10 +149,11 @@ def test_dashboard_shows_live_progress_and_loss_and_cancels(
         assert job["status"] in ("queued", "running") and time.monotonic() < deadline, (job, service.logs("worker"))
         time.sleep(0.2)
     browser.wait_for("Number(document.getElementById('progress').dataset.step || 0) >= 1", timeout=30)
+    browser.wait_for("document.getElementById('step-text').textContent.endsWith('/ 1200')", timeout=10)
     first = browser.text("step-text")
     browser.wait_for(f"document.getElementById('step-text').textContent !== {first!r}", timeout=30)
     second = browser.text("step-text")
-    assert first != second and second.startswith("step ") and "/ 1600" in second, (first, second)
+    assert first != second and second.startswith("step ") and "/ 1200" in second, (first, second)
     bar = float(browser.eval("document.getElementById('progress').getAttribute('aria-valuenow')"))
     assert 0 < bar < 100
 
@@ -160,6 +162,7 @@ def test_dashboard_shows_live_progress_and_loss_and_cancels(
                                   "Number(document.getElementById('loss-chart').dataset.points)"))  # fmt: skip
     assert points >= 3
     assert browser.eval(_CHART_PIXELS) > 20
+    browser.wait_for("Number(document.getElementById('loss-chart').dataset.evalPoints) >= 1")  # held-out loss
     browser.wait_for("/^\\d+:\\d\\d/.test(document.getElementById('eta').textContent)")
     browser.wait_for("/^\\d+$/.test(document.getElementById('tps').textContent)")
     assert browser.text("epoch").endswith("/ 400")

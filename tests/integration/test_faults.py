@@ -72,7 +72,7 @@ def test_killed_child_is_redelivered_and_the_duplicate_refused(service: Service,
 
 def test_attempt_budget_runs_a_lost_job_once_more(make_service: type[Service], tiny_model_dir: Path) -> None:
     svc = make_service(LORA_MAX_ATTEMPTS="2")  # type: ignore[call-arg]
-    job_id = submit_long(svc, tiny_model_dir, epochs=30)
+    job_id = submit_long(svc, tiny_model_dir, epochs=10)
     wait_running(svc, job_id)
     svc.kill_worker_tree()
     deadline = time.monotonic() + 30
@@ -122,7 +122,7 @@ def test_cancel_queued_job_removes_it_before_it_starts(service: Service, tiny_mo
 
 
 def test_api_restart_mid_job_loses_nothing(service: Service, tiny_model_dir: Path) -> None:
-    job_id = submit_long(service, tiny_model_dir, epochs=60)
+    job_id = submit_long(service, tiny_model_dir, epochs=25)
     wait_running(service, job_id)
     before_job = service.get(f"/jobs/{job_id}").json()
     before_status = service.get("/status").json()
@@ -170,7 +170,7 @@ def test_redis_restart_mid_job_never_runs_it_twice(
 def test_redelivery_after_visibility_timeout_is_refused(make_service: type[Service], tiny_model_dir: Path) -> None:
     svc = make_service(LORA_VISIBILITY_TIMEOUT_S="2")  # type: ignore[call-arg]
     svc.start_worker()  # a second, idle worker to receive the redelivered message
-    job_id = submit_long(svc, tiny_model_dir, epochs=40)
+    job_id = submit_long(svc, tiny_model_dir, epochs=15)
     wait_running(svc, job_id)
     deadline = time.monotonic() + 60
     while f"not running job {job_id}: it is running" not in svc.logs("worker"):
@@ -182,6 +182,7 @@ def test_redelivery_after_visibility_timeout_is_refused(make_service: type[Servi
 
 
 def test_fifty_simultaneous_submits_admit_one_per_round(service: Service, tiny_model_dir: Path) -> None:
+    service.stop_worker()  # admitted jobs stay queued, so each round's cancel frees the slot at once
     data = jsonl(easy_records(2))
     config = json.dumps({"epochs": 1, "model_name": str(tiny_model_dir)})
     for round_no in range(10):
@@ -204,8 +205,8 @@ def test_fifty_simultaneous_submits_admit_one_per_round(service: Service, tiny_m
             for t in threads:
                 t.join()
         assert codes.count(202) == 1 and codes.count(409) == 49, (round_no, sorted(codes))
-        service.post(f"/jobs/{ids[0]}/cancel")
-        service.wait_for(ids[0], {"cancelled", "succeeded", "failed"}, timeout=60)
+        assert service.post(f"/jobs/{ids[0]}/cancel").status_code == 200
+    assert len(service.get("/jobs", params={"status": "cancelled", "limit": 100}).json()["data"]) == 10
 
 
 def test_api_key_guards_every_endpoint_but_the_probes(make_service: type[Service]) -> None:

@@ -491,7 +491,9 @@ BATTERY_IDS = {"over-limit-chunked-no-content-length", "content-length-fits-file
 def test_a_running_job_trains_on_undisturbed_through_the_battery(
     limited: Service, symlink_out: None, tiny_model_dir: Path
 ) -> None:
-    config = {"model_name": str(tiny_model_dir), "epochs": 150, "batch_size": 4, "model_save_path": "undisturbed"}
+    """Rounds of hostile requests while a job trains (at least one whole round, at most three): each is
+    refused precisely, and the job goes on to finish every step and save its adapter."""
+    config = {"model_name": str(tiny_model_dir), "epochs": 100, "batch_size": 4, "model_save_path": "undisturbed"}
     reply = _post(limited, _multipart(_config(config), _file(jsonl(easy_records(8)))))
     assert reply.status == 202, reply.text
     job_id = json.loads(reply.text)["job_id"]
@@ -502,7 +504,8 @@ def test_a_running_job_trains_on_undisturbed_through_the_battery(
     datasets = limited.base_path / "datasets"
     battery = [c for c in CASES if c.id in BATTERY_IDS]
     assert len(battery) == len(BATTERY_IDS)
-    for _ in range(2):
+    rounds_while_running = 0
+    for _ in range(3):
         for c in battery:
             before = _state(limited, files_under=datasets)
             _check(c.send(limited), c)
@@ -510,14 +513,17 @@ def test_a_running_job_trains_on_undisturbed_through_the_battery(
             after = _state(limited, files_under=datasets)
             assert after.files == before.files and after.jobs == before.jobs, c.id
             assert after.tracebacks == before.tracebacks, limited.logs("api")
-            assert after.status["job_id"] == job_id and after.status["status"] == "training", (c.id, after.status)
+            assert after.status["job_id"] == job_id, (c.id, after.status)
+            assert after.status["status"] in ("training", "completed"), (c.id, after.status)
             assert after.status["current_step"] >= before.status["current_step"]
-    steps_during = limited.get(f"/jobs/{job_id}").json()["progress"]["current_step"]
-    assert limited.get(f"/jobs/{job_id}").json()["status"] == "running", "the job ended before the battery did"
+        if limited.get(f"/jobs/{job_id}").json()["status"] != "running":
+            break
+        rounds_while_running += 1
+    assert rounds_while_running >= 1, "the job ended before one round of hostile requests did"
 
-    final = limited.wait_for(job_id, {"succeeded", "failed", "cancelled"}, timeout=300)
+    final = limited.wait_for(job_id, {"succeeded", "failed", "cancelled"}, timeout=400)
     assert final["status"] == "succeeded", final
-    assert final["progress"]["current_step"] == final["progress"]["total_steps"] == 300 > steps_during
+    assert final["progress"]["current_step"] == final["progress"]["total_steps"] == 200
     assert final["attempts"] == 1
     assert (limited.base_path / "undisturbed" / "adapter_config.json").is_file()
     status = limited.get("/status").json()
@@ -627,6 +633,7 @@ def test_a_100k_record_dataset_streams_through_in_bounded_memory(service: Servic
     ]  # fmt: skip
     data = jsonl(records)
     assert len(data) > 45 * MB
+    service.stop_worker()  # this is about the API: the job stays queued, so cancelling it is immediate
     config = b"--" + BOUNDARY + b"\r\n" + _config({"model_name": str(tiny_model_dir), "epochs": 1}) + b"\r\n"
     with Watch(service) as watch:
         r = httpx.post(service.url + "/train", content=_streamed(config, data), headers={"content-type": MULTIPART},
@@ -641,8 +648,7 @@ def test_a_100k_record_dataset_streams_through_in_bounded_memory(service: Servic
     )
     assert watch.codes == {200} and max(watch.latencies) < 2.0, (watch.codes, max(watch.latencies))
     assert not list((service.base_path / "datasets" / ".incoming").iterdir())
-    assert service.post(f"/jobs/{job_id}/cancel").status_code in (200, 202, 409)
-    service.wait_for(job_id, {"succeeded", "failed", "cancelled"})
+    assert service.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelled"
 
 
 @pytest.mark.parametrize("layout", ["jsonl", "json-array"])
@@ -658,7 +664,7 @@ def test_a_50mb_single_line_is_refused_at_the_record_limit_without_being_read_wh
     assert r.status_code == 422, r.text
     where = "line 1" if layout == "jsonl" else "record 1 (line 1)"
     assert r.json()["errors"] == [{"loc": ["file", where], "msg": "longer than the 8 MiB per-record limit"}]
-    assert watch.growth < 40 * MB, f"API RSS grew {watch.growth / MB:.1f} MB for a 50 MB line"
+    assert watch.growth < 30 * MB, f"API RSS grew {watch.growth / MB:.1f} MB for a 50 MB line"
     assert _state(service) == before
 
 
