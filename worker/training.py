@@ -33,9 +33,10 @@ from worker.engine import engine_attn_implementation
 from worker.evaluation import eval_loss
 from worker.example import Example
 from worker.loop import StepInfo, train_loop
+from worker.merge import merge_model
 from worker.wandb_log import WandbRun
 
-__all__ = ["TrainConfig", "TrainResult", "load_base_model", "train_model"]
+__all__ = ["TrainConfig", "TrainResult", "load_base_model", "merge_model", "train_model"]
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,9 @@ def apply_lora(model: PreTrainedModel, config: TrainConfig, lora_path: Path | No
         lora_dropout=config.lora_dropout,
         target_modules=config.lora_target_modules,
         modules_to_save=list(config.lora_modules_to_save) or None,
+        # Tied input/output embeddings must stay tied when both are trained in full, or the saved adapter
+        # (and a merged model, which reloads them tied) would disagree with what was trained.
+        ensure_weight_tying=bool(getattr(model.config, "tie_word_embeddings", False)),
         task_type="CAUSAL_LM",
     )
     peft_model: PeftModel = get_peft_model(model, lora)
