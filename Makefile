@@ -10,6 +10,8 @@ PORT ?= 8000
 .PHONY: install run test lint bench audit clean
 
 $(VENV)/.installed: pyproject.toml
+	@# The dashboard test drives headless Chromium (Debian's package; needs root or an existing install).
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -362,7 +363,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.add_argument("dest", type=Path, metavar="DIR")
     p.add_argument("--checkpoint", type=int, help="a checkpoint's step instead of the final adapter")
+
+    p = sub.add_parser("merge", help="fold an adapter into its base model, on this machine")
+    p.add_argument("adapter_dir", type=Path)
+    p.add_argument("output_dir", type=Path)
+    p.add_argument("--base", default=None, help="base model (default: the one the adapter was trained on)")
     return parser
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    """Merging needs torch: it runs as `python -m worker.merge`, keeping the API side free of it."""
+    cmd = [sys.executable, "-m", "worker.merge", str(args.adapter_dir), str(args.output_dir)]
+    if args.base:
+        cmd += ["--base", args.base]
+    try:
+        return subprocess.run(cmd, check=False).returncode
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
 
 
 def _run_client(args: argparse.Namespace) -> int:
@@ -384,6 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in (None, "serve"):
         return _run_serve(args)
+    if args.command == "merge":
+        return _run_merge(args)
     return _run_client(args)
 
 

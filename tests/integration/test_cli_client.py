@@ -222,3 +222,23 @@ def test_serve_is_an_alias_of_the_bare_command(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_merge_command_writes_a_loadable_full_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from tests.data import easy_records
+    from worker.training import TrainConfig, train_model
+
+    train_model(TrainConfig(model_name=str(tiny_model_dir), epochs=1), easy_records(4), tmp_path / "adapter")
+    out = subprocess.run(
+        [sys.executable, "-m", "api.cli", "merge", str(tmp_path / "adapter"), str(tmp_path / "merged")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert model.config.model_type == "qwen2"
+    assert not any("lora" in name for name, _ in model.named_parameters())
