@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.embedded_redis import EmbeddedRedis
+from shared.process import own_group_dies_with_parent
 from shared.tasks import QUEUE
 
 log = logging.getLogger("lora-server")
@@ -98,12 +99,14 @@ def serve(opts: ServeOptions) -> int:
                 "--loglevel", opts.log_level.upper(), "--concurrency", "1", "--pool", "prefork",
                 "-Q", QUEUE, "-n", f"gpu{gpu if gpu is not None else i}@%h",
             ]  # fmt: skip
-            children.append((f"worker {i}", subprocess.Popen(cmd, env=worker_env, start_new_session=True)))
+            children.append(
+                (f"worker {i}", subprocess.Popen(cmd, env=worker_env, preexec_fn=own_group_dies_with_parent))
+            )
         api_cmd = [
             sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory",
             "--host", opts.host, "--port", str(opts.port), "--log-level", opts.log_level,
         ]  # fmt: skip
-        children.append(("api", subprocess.Popen(api_cmd, env=env, start_new_session=True)))
+        children.append(("api", subprocess.Popen(api_cmd, env=env, preexec_fn=own_group_dies_with_parent)))
         log.info("lora-server on http://%s:%d (base path %s)", opts.host, opts.port, base)
         code = 0
         while not stopping:

@@ -14,6 +14,8 @@ from types import TracebackType
 
 import redis
 
+from shared.process import own_group_dies_with_parent
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -52,7 +54,9 @@ class EmbeddedRedis:
             "--protected-mode", "yes",
             "--logfile", str(self.data_dir / "server.log"),
         ]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, preexec_fn=own_group_dies_with_parent
+        )
         deadline = time.monotonic() + timeout
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         while True:

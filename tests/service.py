@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from shared.embedded_redis import free_port
+from shared.process import own_group_dies_with_parent
 from shared.tasks import QUEUE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +79,9 @@ class Service:
         log = (self.log_dir / "api.log").open("ab")
         cmd = [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1",
                "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
-        self.api = subprocess.Popen(cmd, cwd=ROOT, env=self.env(), stdout=log, stderr=log, start_new_session=True)
+        self.api = subprocess.Popen(
+            cmd, cwd=ROOT, env=self.env(), stdout=log, stderr=log, preexec_fn=own_group_dies_with_parent
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -96,7 +99,7 @@ class Service:
         cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO",
                "--concurrency", "1", "-Q", QUEUE, "-n", f"test{len(self.workers) + 1}@%h"]  # fmt: skip
         self.worker = subprocess.Popen(
-            cmd, cwd=ROOT, env={**self.env(), **env}, stdout=log, stderr=log, start_new_session=True
+            cmd, cwd=ROOT, env={**self.env(), **env}, stdout=log, stderr=log, preexec_fn=own_group_dies_with_parent
         )
         self.workers.append(self.worker)
 
