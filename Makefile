@@ -33,6 +33,10 @@ lint: install
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy api shared worker
 
+# Known-vulnerability audit of the pinned floors and the installed set (needs the advisory database online).
+audit: install
+	PY=$(PY) bash scripts/audit.sh
+
 bench: install
 	$(PY) -m bench.train --shape tiny
 

@@ -25,9 +25,7 @@ class ApiKeyMiddleware:
         if hmac.compare_digest(given, self.expected):
             await self.app(scope, receive, send)
             return
-        body = json.dumps(
-            {"detail": "missing or wrong API key: send 'Authorization: Bearer <LORA_API_KEY>'"}
-        ).encode()
+        body = json.dumps({"detail": "missing or wrong API key: send 'Authorization: Bearer <LORA_API_KEY>'"}).encode()
         await send(
             {
                 "type": "http.response.start",

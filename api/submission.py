@@ -107,7 +107,7 @@ def _path_error(field: str, msg: str) -> ApiError:
     return ApiError(422, f"{field}: {msg}", [{"loc": ["config", field], "msg": msg}])
 
 
-def store_dataset(upload: Path, settings: Settings, name: str) -> tuple[Path, DatasetSummary]:
+def store_dataset(upload: Path, settings: Settings, name: str, *, part: str = "file") -> tuple[Path, DatasetSummary]:
     """Validate the spooled upload and move its normalised form into the datasets folder.
 
     422 for a bad dataset, 507 when the volume fills up, 500 for any other storage failure;
@@ -122,8 +122,9 @@ def store_dataset(upload: Path, settings: Settings, name: str) -> tuple[Path, Da
         )
         os.replace(staging, final)
     except DatasetError as exc:
-        errors = [{"loc": ["file", p.where], "msg": p.reason} for p in exc.problems]
-        raise ApiError(422, str(exc), errors, truncated=exc.truncated) from exc
+        errors = [{"loc": [part, p.where], "msg": p.reason} for p in exc.problems]
+        detail = str(exc) if part == "file" else f"{part}: {exc}"
+        raise ApiError(422, detail, errors, truncated=exc.truncated) from exc
     except OSError as exc:
         staging.unlink(missing_ok=True)
         raise storage_error(exc, "dataset") from exc

@@ -8,6 +8,7 @@ failure.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
@@ -52,10 +53,12 @@ class Upload:
     config_text: str | None
     dataset: Path | None
     other_fields: list[str] = field(default_factory=list)
+    validation: Path | None = None  # an optional second dataset, held out for eval loss
 
     def discard(self) -> None:
-        if self.dataset is not None:
-            self.dataset.unlink(missing_ok=True)
+        for path in (self.dataset, self.validation):
+            if path is not None:
+                path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -76,6 +79,7 @@ class _Receiver:
         self._field, self._value = b"", b""
         self.config_text: str | None = None
         self.dataset: Path | None = None
+        self.validation: Path | None = None
         self.file_bytes = 0
         self.sink: IO[bytes] | None = None
         self.other_fields: list[str] = []
@@ -114,14 +118,19 @@ class _Receiver:
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self.part.headers.get("content-disposition", ""))
         self.part.name = options.get(b"name", b"").decode("utf-8", "replace")
-        if self.part.name == "file":
-            if self.dataset is not None:
-                raise ApiError(422, "more than one 'file' part", [{"loc": ["file"], "msg": "send one dataset file"}])
+        if self.part.name in ("file", "validation_file"):
+            name = self.part.name
+            if (self.dataset if name == "file" else self.validation) is not None:
+                raise ApiError(422, f"more than one {name!r} part", [{"loc": [name], "msg": "send one dataset file"}])
             # Our own name: the client's filename is never used as a path.
-            self.dataset = self.settings.incoming_dir / f"{uuid.uuid4().hex}.upload"
+            path = self.settings.incoming_dir / f"{uuid.uuid4().hex}.upload"
+            if name == "file":
+                self.dataset = path
+            else:
+                self.validation = path
             try:
                 self.settings.incoming_dir.mkdir(parents=True, exist_ok=True)
-                self.sink = self.dataset.open("xb")
+                self.sink = path.open("xb")
             except OSError as exc:
                 raise storage_error(exc, "upload") from exc
             self.part.is_file = True
@@ -196,7 +205,15 @@ async def stream_multipart(request: Request, settings: Settings, receiver: _Rece
         raise ApiError(400, f"unusable multipart boundary: {exc}") from exc
     received = 0
     try:
-        async for chunk in request.stream():
+        chunks = request.stream().__aiter__()
+        while True:
+            try:
+                # A client that stops sending must not hold a partial file (and a request) open forever.
+                chunk = await asyncio.wait_for(chunks.__anext__(), settings.upload_idle_timeout_s)
+            except StopAsyncIteration:
+                break
+            except TimeoutError as exc:
+                raise ApiError(408, f"no upload data for {settings.upload_idle_timeout_s:g} s; upload abandoned") from exc
             received += len(chunk)
             if received > limit:
                 raise _too_large(settings)
@@ -210,6 +227,7 @@ async def stream_multipart(request: Request, settings: Settings, receiver: _Rece
     except BaseException as exc:
         receiver.close()
         _remove(receiver.dataset)
+        _remove(receiver.validation)
         if isinstance(exc, FormParserError):
             raise ApiError(400, f"malformed multipart body: {exc}") from exc
         if isinstance(exc, ClientDisconnect):
@@ -222,11 +240,15 @@ async def receive_upload(request: Request, settings: Settings) -> Upload:
     """Stream a multipart body into an Upload; raise ApiError (and leave no file) when it is unusable."""
     receiver = _Receiver(settings)
     await stream_multipart(
-        request, settings, receiver, expects="a 'file' part (the dataset) and an optional 'config' part"
+        request,
+        settings,
+        receiver,
+        expects="a 'file' part (the dataset), an optional 'config' part and an optional 'validation_file' part",
     )
     if receiver.dataset is None:
+        _remove(receiver.validation)
         raise ApiError(422, "missing the 'file' part (the dataset)", [{"loc": ["file"], "msg": "field required"}])
-    return Upload(receiver.config_text, receiver.dataset, receiver.other_fields)
+    return Upload(receiver.config_text, receiver.dataset, receiver.other_fields, receiver.validation)
 
 
 def _remove(path: Path | None) -> None:

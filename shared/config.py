@@ -56,7 +56,7 @@ class TrainConfig(BaseModel):
     )
     train_arg_bf16: bool | None = Field(default=None, description="Force bf16 autocast on/off (None: from hardware).")
     train_arg_fp16: bool | None = Field(default=None, description="Force fp16 autocast on/off (None: from hardware).")
-    seed: int = Field(default=42, description="Seed for LoRA init and data order.")
+    seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seed for LoRA init and data order.")
     engine: EngineName = Field(default="fast", description="'fast' (packed, chunked loss) or 'reference'.")
     log_every: int = Field(default=1, ge=1, description="Read loss back from the device every N steps.")
     validation_split: float | None = Field(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from shared.config import TrainConfig
 
 
-class JobStatus(str, Enum):
+class JobStatus(StrEnum):
     queued = "queued"  # admitted, holding a slot, waiting for a worker to claim it
     running = "running"  # a worker holds the lease and trains
     succeeded = "succeeded"  # adapter saved

@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     max_record_kb: int = Field(default=8192, ge=1, description="Largest single dataset record.")
     max_records: int = Field(default=2_000_000, ge=1, description="Most records in one dataset.")
     max_config_kb: int = Field(default=64, ge=1, description="Largest accepted config part.")
+    upload_idle_timeout_s: float = Field(default=60.0, gt=0, description="Abandon an upload idle this long.")
     min_free_disk_mb: int = Field(default=256, ge=0, description="Refuse uploads below this free space.")
     lease_ttl_s: float = Field(default=60.0, gt=0, description="Worker lease on a running job.")
     queue_timeout_s: float = Field(

@@ -16,7 +16,7 @@ import random
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,6 +145,25 @@ def _records(dataset: str | Path | Iterable[dict[str, Any]]) -> Iterable[list[di
         yield messages
 
 
+class _StoppedEarly(Exception):
+    """should_stop() said so before training began (while loading or tokenizing)."""
+
+
+def _watch(
+    records: Iterable[list[dict[str, str]]], should_stop: Callable[[], bool] | None
+) -> Iterator[list[dict[str, str]]]:
+    """Pass records through, checking for a stop request every 256 (tokenizing 100k records takes a while)."""
+    for i, record in enumerate(records):
+        if should_stop is not None and i % 256 == 0 and should_stop():
+            raise _StoppedEarly
+        yield record
+
+
+def _check_stop(should_stop: Callable[[], bool] | None) -> None:
+    if should_stop is not None and should_stop():
+        raise _StoppedEarly
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -237,15 +256,23 @@ def train_model(
 
     def tokenize(source: str | Path | Iterable[dict[str, Any]]) -> tuple[list[Example], int]:
         examples, skipped = tokenize_dataset(
-            tokenizer, _records(source), max_length=cfg.max_length, response_template=cfg.response_template
+            tokenizer,
+            _watch(_records(source), should_stop),
+            max_length=cfg.max_length,
+            response_template=cfg.response_template,
         )
         if skipped:
             message = f"{skipped} examples had no assistant token left after truncation and were skipped"
             emit("warning", message, {"skipped": skipped})
         return examples, skipped
 
-    examples, skipped = tokenize(dataset)
-    held_out = tokenize(validation)[0] if validation is not None else []
+    try:
+        _check_stop(should_stop)  # a cancel that arrived while the model loaded
+        examples, skipped = tokenize(dataset)
+        held_out = tokenize(validation)[0] if validation is not None else []
+    except _StoppedEarly:
+        elapsed = time.monotonic() - start
+        return TrainResult(None, True, 0, 0, None, 0, 0, 0, elapsed, 0.0)
     if cfg.validation_split and not held_out:
         examples, held_out = split_validation(examples, cfg.validation_split, cfg.seed)
     if not examples:

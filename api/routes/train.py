@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
@@ -27,6 +29,11 @@ _BODY = {
                             "format": "binary",
                             "description": "chat dataset (JSONL or JSON array)",
                         },
+                        "validation_file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "optional held-out chat dataset: eval loss per epoch",
+                        },
                     },
                 }
             }
@@ -48,13 +55,20 @@ async def train(request: Request, store: StoreDep, celery: CeleryDep, settings: 
         raise busy(running)  # answer before reading a possibly large body
     await run_in_threadpool(check_disk, settings)
     upload = await receive_upload(request, settings)
-    dataset = None
+    stored: list[Path] = []
     try:
         config = parse_config(upload.config_text)
         job_id = new_job_id()
         output_dir, _ = resolve_paths(config, settings, job_id)
         assert upload.dataset is not None
         dataset, summary = await run_in_threadpool(store_dataset, upload.dataset, settings, job_id)
+        stored.append(dataset)
+        validation = None
+        if upload.validation is not None:
+            validation, _ = await run_in_threadpool(
+                lambda: store_dataset(upload.validation, settings, f"{job_id}.validation", part="validation_file")  # type: ignore[arg-type]
+            )
+            stored.append(validation)
         record = await run_in_threadpool(
             lambda: admit(
                 store,
@@ -65,11 +79,12 @@ async def train(request: Request, store: StoreDep, celery: CeleryDep, settings: 
                 dataset=dataset,
                 num_records=summary.num_records,
                 output_dir=output_dir,
+                validation=validation,
             )
         )
     except BaseException:
-        if dataset is not None:
-            dataset.unlink(missing_ok=True)
+        for path in stored:
+            path.unlink(missing_ok=True)
         raise
     finally:
         upload.discard()

@@ -88,3 +88,18 @@ def test_wandb_logs_when_configured_and_never_breaks_a_job(
             assert "Weights & Biases logging is off" in messages
     finally:
         svc.stop()
+
+
+def test_second_uploaded_file_is_the_validation_set(service: Service, tiny_model_dir: Path) -> None:
+    config = json.dumps({"model_name": str(tiny_model_dir), "epochs": 2})
+    bad = service.post("/train", files={"config": (None, config), "file": ("t.jsonl", jsonl(easy_records(4))),
+                                        "validation_file": ("v.jsonl", b'{"messages": []}\n')})  # fmt: skip
+    assert bad.status_code == 422 and bad.json()["errors"][0]["loc"] == ["validation_file", "line 1"]
+    assert not list((service.base_path / "datasets").glob("*.jsonl"))
+    r = service.post("/train", files={"config": (None, config), "file": ("t.jsonl", jsonl(easy_records(4))),
+                                      "validation_file": ("v.jsonl", jsonl(easy_records(8)[4:]))})  # fmt: skip
+    assert r.status_code == 202, r.text
+    job = service.wait_for(r.json()["job_id"], {"succeeded", "failed"})
+    assert job["status"] == "succeeded", job
+    assert [epoch for epoch, _ in job["metrics"]["eval_losses"]] == [1, 2]
+    assert job["metrics"]["num_examples"] == 4  # the validation records were not trained on

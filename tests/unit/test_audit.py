@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import re
 import subprocess
+import tomllib
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 

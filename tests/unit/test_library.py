@@ -48,3 +48,19 @@ def test_should_stop_ends_the_run_without_saving(tiny_model_dir: Path, tmp_path:
     )
     assert result.stopped and result.output_dir is None and result.steps == 3
     assert not (tmp_path / "adapter").exists()
+
+
+def test_stop_requested_before_training_ends_the_run_during_tokenization(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from worker.training import TrainConfig, train_model
+
+    polls: list[int] = []
+
+    def should_stop() -> bool:
+        polls.append(1)
+        return len(polls) > 2  # after two polls: while the 2,000 records are being tokenized
+
+    result = train_model(
+        TrainConfig(model_name=str(tiny_model_dir)), easy_records(2000), tmp_path / "adapter", should_stop=should_stop
+    )
+    assert result.stopped and result.steps == 0 and result.output_dir is None
+    assert not (tmp_path / "adapter").exists()
