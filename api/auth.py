@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
+import os
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 # Probes must answer orchestrators without secrets; the dashboard page asks for the key itself.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/dashboard", "/"})
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def listening_host(argv: list[str]) -> str:
+    """The address uvicorn was told to bind (`--host X` / `--host=X`), else its default."""
+    for i, arg in enumerate(argv):
+        if arg == "--host" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--host="):
+            return arg.split("=", 1)[1]
+    return os.environ.get("UVICORN_HOST", "127.0.0.1")
 
 
 class ApiKeyMiddleware:
@@ -17,7 +38,9 @@ class ApiKeyMiddleware:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+        if scope["type"] == "lifespan" or (
+            scope["type"] == "http" and (scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS")
+        ):
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization", b"")
@@ -26,6 +49,9 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         body = json.dumps({"detail": "missing or wrong API key: send 'Authorization: Bearer <LORA_API_KEY>'"}).encode()
+        if scope["type"] != "http":  # a websocket without the key: refuse the handshake
+            await send({"type": "websocket.close", "code": 1008})
+            return
         await send(
             {
                 "type": "http.response.start",

@@ -37,7 +37,8 @@ def install_handlers(app: FastAPI) -> None:
             body["errors"] = exc.errors
         return JSONResponse(status_code=exc.status_code, content=body)
 
-    @app.exception_handler(redis.RedisError)
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
     async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
         url = redact_url(request.app.state.settings.redis_url)
         log.warning("job store unreachable: %s", exc)

@@ -8,7 +8,6 @@ and leaves nothing behind. If any child dies on its own, everything is stopped.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
 import signal
@@ -34,15 +33,6 @@ class ServeOptions:
     gpus: list[str] | None = None  # one worker per listed GPU, pinned with CUDA_VISIBLE_DEVICES
     workers: int = 1
     log_level: str = "info"
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _stop(name: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -85,8 +75,6 @@ def serve(opts: ServeOptions) -> int:
     gpus = opts.gpus or [None] * opts.workers  # type: ignore[list-item]
     env = dict(os.environ, LORA_BASE_PATH=str(base), LORA_REDIS_URL=redis_url)
     env.setdefault("LORA_MAX_CONCURRENT_JOBS", str(len(gpus)))
-    if not env.get("LORA_API_KEY") and not _is_loopback(opts.host):
-        log.warning("listening on %s without LORA_API_KEY: anyone who can reach it can train and cancel", opts.host)
 
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     try:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator
 
 import anyio.to_thread
+import redis
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
-from api.auth import ApiKeyMiddleware
+from api.auth import ApiKeyMiddleware, is_loopback, listening_host
 from api.errors import install_handlers
 from api.routes import artifacts, dashboard, health, jobs, merge, openai_files, openai_jobs, status, train
 from shared.celery_config import make_celery
@@ -29,8 +31,10 @@ async def _reaper(app: FastAPI) -> None:
     while True:
         try:
             await run_in_threadpool(reap_once, app.state.store, app.state.celery, settings)
-        except Exception as exc:  # Redis down: keep trying, the API answers 503 meanwhile
+        except redis.ConnectionError as exc:  # Redis down: keep trying, the API answers 503 meanwhile
             log.debug("reaper: %s", exc)
+        except Exception:
+            log.warning("reaper failed", exc_info=True)
         await asyncio.sleep(settings.reap_interval_s)
 
 
@@ -40,6 +44,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.base_path.mkdir(parents=True, exist_ok=True)
+        host = listening_host(sys.argv)
+        if not settings.api_key and not is_loopback(host):
+            log.warning("listening on %s without LORA_API_KEY: anyone who can reach it can train and cancel", host)
         # Sync handlers (Redis reads) run in worker threads; the default 40 would queue a crowd of pollers.
         anyio.to_thread.current_default_thread_limiter().total_tokens = 128
         app.state.store = JobStore(connect(settings.redis_url))

@@ -33,7 +33,7 @@ def display_name(raw: str) -> str:
 
 class _FieldsReceiver(_Receiver):
     def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
+        super().__init__(settings, file_parts=("file",))
         self.fields: dict[str, str] = {}
         self.filename = ""
 

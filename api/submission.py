@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
+import redis
 from celery import Celery
 from pydantic import ValidationError
 
@@ -68,16 +69,24 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def resolve_output(settings: Settings, user_path: str, field: str, loc: str = "config") -> Path:
+    """An output folder the worker may replace: inside base_path and not one of the service's own."""
+    base = settings.base_path
+    try:
+        output = resolve_inside(base, user_path)
+    except UnsafePathError as exc:
+        raise _path_error(field, str(exc), loc) from exc
+    reserved = _reserved_part(output, base)
+    if reserved is not None:
+        msg = f"{reserved!r} is reserved for the service's own files ({_RESERVED_HELP})"
+        raise _path_error(field, msg, loc)
+    return output
+
+
 def resolve_paths(config: TrainConfig, settings: Settings, job_id: str) -> tuple[Path, Path | None]:
     """The job's output folder and its starting adapter, both required to stay inside base_path."""
     base = settings.base_path
-    try:
-        output = resolve_inside(base, config.model_save_path or job_id)
-    except UnsafePathError as exc:
-        raise _path_error("model_save_path", str(exc)) from exc
-    reserved = _reserved_part(output, base)
-    if reserved is not None:
-        raise _path_error("model_save_path", f"{reserved!r} is reserved for the service's own files ({_RESERVED_HELP})")
+    output = resolve_output(settings, config.model_save_path or job_id, "model_save_path")
     lora: Path | None = None
     if config.lora_path is not None:
         try:
@@ -103,8 +112,8 @@ def _reserved_part(output: Path, base: Path) -> str | None:
     return next((part for part in parts if part.startswith(".")), None)
 
 
-def _path_error(field: str, msg: str) -> ApiError:
-    return ApiError(422, f"{field}: {msg}", [{"loc": ["config", field], "msg": msg}])
+def _path_error(field: str, msg: str, loc: str = "config") -> ApiError:
+    return ApiError(422, f"{field}: {msg}", [{"loc": [loc, field], "msg": msg}])
 
 
 def store_dataset(upload: Path, settings: Settings, name: str, *, part: str = "file") -> tuple[Path, DatasetSummary]:
@@ -176,7 +185,10 @@ def admit(
         log.error("could not publish job %s: %s", job_id, exc)
         store.abort(job_id, f"could not enqueue the job: {exc}")
         raise ApiError(503, f"the broker did not accept the job: {exc}") from exc
-    stored = store.get(job_id)
+    try:  # the job is queued now: a failed read-back must not make the caller undo it
+        stored = store.get(job_id)
+    except redis.RedisError:
+        stored = None
     return stored if stored is not None else record
 
 

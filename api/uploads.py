@@ -72,8 +72,9 @@ class _Part:
 class _Receiver:
     """The parser's callbacks: route each part's bytes to memory (config) or to disk (file)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, file_parts: tuple[str, ...] = ("file", "validation_file")) -> None:
         self.settings = settings
+        self.file_parts = file_parts  # parts spooled to disk; every other part is a small field
         self.config_limit = settings.max_config_kb * 1024
         self.part = _Part()
         self._field, self._value = b"", b""
@@ -118,7 +119,7 @@ class _Receiver:
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self.part.headers.get("content-disposition", ""))
         self.part.name = options.get(b"name", b"").decode("utf-8", "replace")
-        if self.part.name in ("file", "validation_file"):
+        if self.part.name in self.file_parts:
             name = self.part.name
             if (self.dataset if name == "file" else self.validation) is not None:
                 raise ApiError(422, f"more than one {name!r} part", [{"loc": [name], "msg": "send one dataset file"}])
@@ -213,7 +214,9 @@ async def stream_multipart(request: Request, settings: Settings, receiver: _Rece
             except StopAsyncIteration:
                 break
             except TimeoutError as exc:
-                raise ApiError(408, f"no upload data for {settings.upload_idle_timeout_s:g} s; upload abandoned") from exc
+                raise ApiError(
+                    408, f"no upload data for {settings.upload_idle_timeout_s:g} s; upload abandoned"
+                ) from exc
             received += len(chunk)
             if received > limit:
                 raise _too_large(settings)

@@ -33,8 +33,11 @@ def make_celery(settings: Settings, *, include: list[str] | None = None) -> Cele
             "socket_connect_timeout": 5,
         },
         result_backend_transport_options={"visibility_timeout": visibility},
-        # A worker cut off from the broker stops its task instead of training on unobserved.
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # Not Celery's way of stopping a job cut off from the broker: it kills the task on every
+        # reconnect, so a two-second Redis restart would throw away hours of GPU work. The job's lease
+        # thread stops training itself once Redis has been gone for half a lease, and the lease's
+        # fencing refuses the message Celery redelivers after reconnecting.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         # JSON only: pickled payloads would let anyone who can write to Redis run code on workers.

@@ -58,7 +58,9 @@ class TrainConfig(BaseModel):
     train_arg_fp16: bool | None = Field(default=None, description="Force fp16 autocast on/off (None: from hardware).")
     seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seed for LoRA init and data order.")
     engine: EngineName = Field(default="fast", description="'fast' (packed, chunked loss) or 'reference'.")
-    log_every: int = Field(default=1, ge=1, description="Read loss back from the device every N steps.")
+    log_every: int | None = Field(
+        default=None, ge=1, description="Read loss back every N steps (None: every step on CPU, every 10 on a GPU)."
+    )
     validation_split: float | None = Field(
         default=None, gt=0.0, lt=0.5, description="Hold out this fraction of records; eval loss per epoch."
     )

@@ -25,8 +25,10 @@ def publish_train(celery: Celery, job_id: str) -> None:
 
 
 def reap_once(store: JobStore, celery: Celery, settings: Settings) -> list[str]:
-    """Fail or requeue jobs whose lease lapsed; republish the requeued ones. Returns requeued ids."""
+    """Fail or requeue jobs whose lease lapsed (republishing those requeued, whose ids are returned),
+    and drop the history of jobs past the retention period."""
     requeued = store.reap(queue_timeout_s=settings.queue_timeout_s)
+    store.prune(older_than_s=settings.job_retention_days * 86400)
     for job_id in requeued:
         log.warning("job %s lost its worker; publishing it again", job_id)
         try:

@@ -123,7 +123,13 @@ for _, id in ipairs(lapsed) do
     local attempts = tonumber(redis.call('HGET', key, 'attempts') or '0')
     local max = tonumber(redis.call('HGET', key, 'max_attempts') or '1')
     local who = redis.call('HGET', key, 'worker') or 'unknown'
-    if attempts < max then
+    if redis.call('HGET', key, 'cancel_requested') == '1' then
+      -- It was being cancelled anyway: no point loading the model again just to stop.
+      redis.call('HSET', key, 'status', 'cancelled', 'finished_at', stamp, 'error', 'cancelled by request',
+        'message', 'Cancelled (its worker was lost while stopping)')
+      redis.call('ZREM', KEYS[1], id)
+      event(stream, now, 'status', 'Job cancelled (worker lost while stopping)', '{"status":"cancelled"}')
+    elseif attempts < max then
       redis.call('HSET', key, 'status', 'queued', 'run_token', '', 'worker', '',
         'message', 'Worker lost; queued for another attempt')
       redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), id)

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
         default=None,
         description="Broker redelivery timeout; defaults to the job time limit plus an hour.",
     )
+    job_retention_days: float = Field(
+        default=90.0, gt=0, description="Records and events of ended jobs are deleted after this many days."
+    )
     api_key: str | None = Field(default=None, description="Bearer token required by the API when set.")
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins (closed by default).")
     worker_name: str | None = Field(default=None, description="Name a worker reports (defaults to host:pid).")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, cast
@@ -27,6 +28,15 @@ class Event:
     ts: float
     message: str
     data: dict[str, Any]
+
+
+# Job ids are ours (`job-<hex>`); anything else in a URL must never become part of a Redis key
+# (`job-1:events` would name another key of the same job).
+_VALID_ID = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+
+
+def valid_id(job_id: str) -> bool:
+    return bool(_VALID_ID.match(job_id))
 
 
 def connect(url: str, *, timeout: float = 5.0) -> redis.Redis:
@@ -130,11 +140,18 @@ class JobStore:
         return AdmitResult(admitted=bool(admitted), running=list(running))
 
     def get(self, job_id: str) -> JobRecord | None:
+        if not valid_id(job_id):
+            return None
         fields = cast(dict[str, str], self.client.hgetall(keys.job_key(job_id)))
         return _record_from_fields(fields) if fields.get("id") else None
 
     def active_ids(self) -> list[str]:
-        return cast(list[str], self.client.zrange(keys.ACTIVE, 0, -1))
+        """Jobs holding a slot, oldest first (the active set itself is ordered by lease deadline)."""
+        ids = cast(list[str], self.client.zrange(keys.ACTIVE, 0, -1))
+        if len(ids) < 2:
+            return ids
+        created = cast(list[float | None], self.client.zmscore(keys.JOBS, ids))
+        return [job_id for _, job_id in sorted(zip(created, ids, strict=True), key=lambda p: (p[0] or 0.0, p[1]))]
 
     def current(self) -> JobRecord | None:
         """The oldest job holding a slot, else the most recently created job."""
@@ -206,6 +223,8 @@ class JobStore:
 
     def cancel(self, job_id: str) -> str:
         """'removed' (was queued), 'requested' (running; the worker stops soon), 'missing' or the final status."""
+        if not valid_id(job_id):
+            return "missing"
         return str(
             self._cancel(
                 keys=[keys.job_key(job_id), keys.ACTIVE, keys.events_key(job_id)],
@@ -243,6 +262,8 @@ class JobStore:
         )
 
     def events(self, job_id: str, *, after: str | None = None, limit: int = 100) -> list[Event]:
+        if not valid_id(job_id):
+            return []
         start = f"({after}" if after else "-"
         rows = self.client.xrange(keys.events_key(job_id), min=start, max="+", count=limit)
         return [
@@ -255,6 +276,23 @@ class JobStore:
             )
             for event_id, fields in cast(list[tuple[str, dict[str, str]]], rows)
         ]
+
+    def prune(self, *, older_than_s: float, limit: int = 200) -> int:
+        """Delete the records and events of ended jobs created more than `older_than_s` ago.
+
+        Redis runs with `noeviction`: without a retention, per-step events would fill it and stop the service.
+        """
+        cutoff = self._now_ms() - int(older_than_s * 1000)
+        ids = cast(list[str], self.client.zrangebyscore(keys.JOBS, "-inf", cutoff, start=0, num=limit))
+        removed = 0
+        for job_id in ids:
+            status = cast(str | None, self.client.hget(keys.job_key(job_id), "status"))
+            if status is not None and not JobStatus(status).terminal:
+                continue
+            self.client.delete(keys.job_key(job_id), keys.events_key(job_id), keys.openai_job_key(job_id))
+            self.client.zrem(keys.JOBS, job_id)
+            removed += 1
+        return removed
 
     def count_by_status(self) -> dict[str, int]:
         """Jobs per status over the whole history (one pipelined read per 500 jobs)."""
@@ -269,12 +307,17 @@ class JobStore:
                     counts[status] = counts.get(status, 0) + 1
         return counts
 
+    def _now_ms(self) -> int:
+        """The server's clock, like the Lua scripts use: hosts' clocks may disagree."""
+        seconds, micros = cast(tuple[int, int], self.client.time())
+        return seconds * 1000 + micros // 1000
+
     def heartbeat_worker(self, name: str) -> None:
-        self.client.zadd(keys.WORKERS, {name: int(time.time() * 1000)})
+        self.client.zadd(keys.WORKERS, {name: self._now_ms()})
 
     def forget_worker(self, name: str) -> None:
         self.client.zrem(keys.WORKERS, name)
 
     def workers_alive(self, *, within_s: float) -> list[str]:
-        low = int((time.time() - within_s) * 1000)
+        low = self._now_ms() - int(within_s * 1000)
         return cast(list[str], self.client.zrangebyscore(keys.WORKERS, low, "+inf"))

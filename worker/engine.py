@@ -314,7 +314,7 @@ def make_step_fn(
     `pad_to_multiple` pads the packed row and the loss rows up to a multiple (shape bucketing).
     """
     hf_model = _unwrap(model)
-    autocast = _autocast_dtype(hf_model, device)
+    autocast = autocast_dtype(hf_model, device)
     if kind == "reference":
         return functools.partial(_reference_step, model, device, autocast)
     if kind != "fast":
@@ -340,11 +340,18 @@ def _decoder_layers(hf_model: Any) -> list[nn.Module]:
     return list(layers) if layers is not None else []
 
 
-def _autocast_dtype(hf_model: Any, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA when the model is in bf16 (PEFT keeps adapters in fp32), else none."""
-    if device.type == "cuda" and hf_model.dtype == torch.bfloat16:
-        return torch.bfloat16
-    return None
+def autocast_dtype(hf_model: Any, device: torch.device) -> torch.dtype | None:
+    """Autocast to the frozen base weights' half dtype on CUDA, else none.
+
+    Trainable parameters (LoRA and fully trained modules) are kept in fp32 by the caller, so the
+    frozen weights, not `hf_model.dtype`, say what the matmuls run in. fp16 runs without a grad
+    scaler: the fp32 master weights keep Adam's states from underflowing, small activation
+    gradients may still flush to zero (prefer bf16 where the GPU has it, which `auto` does).
+    """
+    if device.type != "cuda":
+        return None
+    frozen = next((p.dtype for p in hf_model.parameters() if not p.requires_grad and p.is_floating_point()), None)
+    return frozen if frozen in (torch.bfloat16, torch.float16) else None
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:

@@ -7,18 +7,25 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from worker.engine import autocast_dtype
 from worker.example import IGNORE_INDEX, Example
 
 
 @torch.no_grad()
 def eval_loss(model: nn.Module, examples: Sequence[Example], *, batch_size: int, device: torch.device) -> float:
-    """Token-weighted mean loss over `examples` (padded batches, the plain reference path)."""
+    """Token-weighted mean loss over `examples` (padded batches, the plain reference path).
+
+    Micro-batches of at most 4 bound the full-vocabulary logits this path builds (152k-token
+    vocabularies make them the largest tensor by far); the forward runs under training's autocast.
+    """
     was_training = model.training
     model.eval()
+    half = autocast_dtype(model, device)
     total, count = torch.zeros((), device=device, dtype=torch.float64), 0
+    step = max(1, min(batch_size, 4))
     try:
-        for start in range(0, len(examples), batch_size):
-            batch = examples[start : start + batch_size]
+        for start in range(0, len(examples), step):
+            batch = examples[start : start + step]
             width = max(len(e.input_ids) for e in batch)
             ids = torch.zeros((len(batch), width), dtype=torch.long)
             labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -29,11 +36,13 @@ def eval_loss(model: nn.Module, examples: Sequence[Example], *, batch_size: int,
                 labels[row, :n] = torch.tensor(e.labels)
                 mask[row, :n] = 1
             ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
             targets = labels[:, 1:]
-            total += nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-            ).double()
+            for row in range(logits.shape[0]):  # one fp32 row at a time
+                total += nn.functional.cross_entropy(
+                    logits[row].float(), targets[row], ignore_index=IGNORE_INDEX, reduction="sum"
+                ).double()
             count += int((targets != IGNORE_INDEX).sum())
     finally:
         model.train(was_training)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import redis
 
 from shared.jobs import JobRecord, JobStatus, Progress
 from shared.paths import resolve_inside
@@ -18,6 +21,8 @@ from shared.store import JobStore, connect
 from worker.lease import LeaseKeeper
 
 log = logging.getLogger(__name__)
+
+_LOSSES_KEPT = 1000  # logged losses kept in the job record, which every /jobs read parses
 
 
 def worker_name() -> str:
@@ -49,13 +54,15 @@ def _train(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome
         on_event=lease.event,
         should_stop=lease.should_stop,
     )
+    metrics = result.summary()
+    metrics["losses"] = metrics["losses"][-_LOSSES_KEPT:]  # the full curve is in training_summary.json
     if not result.stopped:
         message = "Training completed"
-        return Outcome(JobStatus.succeeded, message, model_path=str(result.output_dir), metrics=result.summary())
+        return Outcome(JobStatus.succeeded, message, model_path=str(result.output_dir), metrics=metrics)
     if lease.cancelled.is_set():
         message = f"Training cancelled at step {result.steps}/{result.total_steps}"
-        return Outcome(JobStatus.cancelled, message, error="cancelled by request", metrics=result.summary())
-    error = "lost contact with Redis for longer than the lease; stopped training"
+        return Outcome(JobStatus.cancelled, message, error="cancelled by request", metrics=metrics)
+    error = "lost contact with Redis (or the lease thread failed); stopped training"
     return Outcome(JobStatus.failed, "Training stopped", error=error)
 
 
@@ -87,17 +94,38 @@ def run_job(job_id: str) -> None:
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
             failed = "Merge failed" if record.kind == "merge" else "Training failed"
             outcome = Outcome(JobStatus.failed, failed, error=f"{type(exc).__name__}: {exc}")
-        progress: Progress | None = lease.latest
-    if lease.fenced.is_set():
-        log.warning("job %s: another runner owns it or it was settled; recording nothing", job_id)
+        if lease.fenced.is_set():
+            log.warning("job %s: another runner owns it or it was settled; recording nothing", job_id)
+            return
+        # Still under the lease (its thread keeps renewing), so a Redis hiccup here cannot turn a
+        # finished job into a "worker lost" one.
+        _record_outcome(store, job_id, token, outcome, lease.latest, patience_s=3 * settings.lease_ttl_s)
+
+
+def _record_outcome(
+    store: JobStore, job_id: str, token: str, outcome: Outcome, progress: Progress | None, *, patience_s: float
+) -> None:
+    deadline = time.monotonic() + patience_s
+    delay = 0.5
+    while True:
+        try:
+            recorded = store.finish(
+                job_id,
+                token=token,
+                status=outcome.status,
+                message=outcome.message,
+                error=outcome.error,
+                model_path=outcome.model_path,
+                metrics=outcome.metrics or None,
+                progress=progress,
+            )
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() > deadline:
+                log.error("job %s: could not record %s: %s", job_id, outcome.status.value, exc)
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        if not recorded:
+            log.warning("job %s: was settled by someone else before its %s was recorded", job_id, outcome.status.value)
         return
-    store.finish(
-        job_id,
-        token=token,
-        status=outcome.status,
-        message=outcome.message,
-        error=outcome.error,
-        model_path=outcome.model_path,
-        metrics=outcome.metrics or None,
-        progress=progress,
-    )

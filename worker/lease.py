@@ -57,7 +57,10 @@ class LeaseKeeper:
         self._wake.set()
 
     def should_stop(self) -> bool:
-        return self.cancelled.is_set() or self.fenced.is_set() or self.lost.is_set()
+        if self.cancelled.is_set() or self.fenced.is_set() or self.lost.is_set():
+            return True
+        # A dead lease thread renews nothing: the job must not train on unobserved.
+        return self._thread.ident is not None and not self._thread.is_alive() and not self._stop.is_set()
 
     @property
     def latest(self) -> Progress | None:
@@ -66,7 +69,17 @@ class LeaseKeeper:
 
     # The thread.
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception:
+            log.exception("job %s: the lease thread failed; stopping the job", self.job_id)
+            self.lost.set()
+
+    def _loop(self) -> None:
         last_ok = time.monotonic()
+        # Give up at half the lease: the server-side lease must not lapse (and the job be handed to
+        # another worker) while this one still trains.
+        give_up_after = self.lease_s / 2
         while True:
             self._wake.wait(self._interval)
             self._wake.clear()
@@ -84,8 +97,8 @@ class LeaseKeeper:
                     log.info("job %s: cancel requested", self.job_id)
                     self.cancelled.set()
             except redis.RedisError as exc:
-                if time.monotonic() - last_ok > self.lease_s and not self.lost.is_set():
-                    log.error("job %s: Redis unreachable for %.0f s (%s); stopping", self.job_id, self.lease_s, exc)
+                if time.monotonic() - last_ok > give_up_after and not self.lost.is_set():
+                    log.error("job %s: Redis unreachable for %.0f s (%s); stopping", self.job_id, give_up_after, exc)
                     self.lost.set()
             if stopping:
                 return

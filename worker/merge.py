@@ -1,8 +1,8 @@
 """Folding a LoRA adapter into its base model: a full model `AutoModelForCausalLM` can load.
 
-    from worker.training import merge_model
-    merge_model("models/my_lora_model", "models/my_merged_model")
-    python -m worker.merge ADAPTER_DIR OUT_DIR [--base MODEL]
+from worker.training import merge_model
+merge_model("models/my_lora_model", "models/my_merged_model")
+python -m worker.merge ADAPTER_DIR OUT_DIR [--base MODEL]
 """
 
 from __future__ import annotations
@@ -46,9 +46,13 @@ def merge_model(
         merged.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
         (staging / "merge_summary.json").write_text(json.dumps({"base_model": base, "adapter": str(adapter_dir)}))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staging, dest)
+        if dest.exists():  # swap, then delete: a reader never sees a missing or half-written model
+            old = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.old"
+            os.replace(dest, old)
+            os.replace(staging, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return dest

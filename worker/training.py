@@ -133,6 +133,17 @@ def apply_lora(model: PreTrainedModel, config: TrainConfig, lora_path: Path | No
     return peft_model
 
 
+def upcast_trainable(model: torch.nn.Module) -> None:
+    """Keep every trained parameter in fp32 (the frozen base may be bf16/fp16).
+
+    PEFT keeps LoRA weights in fp32 but copies `modules_to_save` (the seed's lm_head and
+    embed_tokens) in the base dtype; AdamW on bf16 weights loses small updates, on fp16 it overflows.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
 def _records(dataset: str | Path | Iterable[dict[str, Any]]) -> Iterable[list[dict[str, str]]]:
     if isinstance(dataset, str | Path):
         yield from read_records(Path(dataset))
@@ -213,8 +224,7 @@ class _Checkpoints:
             return
         meta = {"step": step, "epoch": epoch, "loss": loss, "eval_loss": eval_loss, "created_at": time.time()}
         dest = self.root / f"step-{step:06d}"
-        staging = self.root / f".step-{step:06d}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = self.root / f".step-{step:06d}.{uuid.uuid4().hex[:8]}.tmp"
         model.save_pretrained(str(staging))
         (staging / "checkpoint.json").write_text(json.dumps(meta))
         shutil.rmtree(dest, ignore_errors=True)
@@ -278,6 +288,7 @@ def train_model(
     if not examples:
         raise ValueError("no example has an assistant token to train on (check max_length and the dataset)")
     peft_model = apply_lora(model, cfg, adapter)
+    upcast_trainable(peft_model)
     trainable, total = peft_model.get_nb_trainable_parameters()
     emit(
         "info",
@@ -301,7 +312,7 @@ def train_model(
             total_steps=info.total_steps,
             current_epoch=info.epoch,
             total_epochs=info.epochs,
-            loss=info.loss,
+            loss=info.loss if info.loss is not None else last["loss"],  # the latest read, between logging steps
             learning_rate=info.learning_rate,
             grad_norm=info.grad_norm,
             tokens_per_second=info.tokens_per_second,
@@ -342,7 +353,8 @@ def train_model(
             device=device,
             seed=cfg.seed,
             engine=cfg.engine,
-            log_every=cfg.log_every,
+            # Reading the loss back is a host sync: on a GPU, only every few steps.
+            log_every=cfg.log_every or (10 if device.type == "cuda" else 1),
             on_step=step_hook,
             on_epoch_end=epoch_hook,
             should_stop=should_stop,

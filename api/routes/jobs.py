@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -42,8 +43,10 @@ def list_jobs(
     if cursor is not None:
         try:
             before = float(cursor)
-        except ValueError as exc:
-            raise ApiError(422, "cursor: not a cursor this API returned") from exc
+        except ValueError:
+            before = math.nan
+        if not math.isfinite(before):
+            raise ApiError(422, "cursor: not a cursor this API returned")
     data: list[JobPublic] = []
     next_cursor: str | None = None
     while len(data) < limit:

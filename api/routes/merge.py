@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Request
@@ -10,9 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import CeleryDep, SettingsDep, StoreDep
 from api.errors import ApiError
 from api.schemas import TrainAccepted
-from api.submission import admit, new_job_id
+from api.submission import admit, new_job_id, resolve_output
 from shared.jobs import JobStatus
-from shared.paths import PathOutsideBaseError, resolve_inside
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -39,10 +39,11 @@ def merge(
         raise ApiError(409, f"job {job_id!r} has no finished adapter to merge (it is {source.status.value})")
     adapter = source.model_path
     target = (spec.output_path if spec else None) or f"{adapter.rstrip('/').rsplit('/', 1)[-1]}-merged"
-    try:
-        output = resolve_inside(settings.base_path, target)
-    except PathOutsideBaseError as exc:
-        raise ApiError(422, f"output_path: {exc}", [{"loc": ["body", "output_path"], "msg": str(exc)}]) from exc
+    output = resolve_output(settings, target, "output_path", loc="body")
+    source_dir = Path(adapter).resolve()
+    if output == source_dir or source_dir.is_relative_to(output):
+        msg = "would replace the adapter being merged"
+        raise ApiError(422, f"output_path: {msg}", [{"loc": ["body", "output_path"], "msg": msg}])
     merge_id = new_job_id()
     record = admit(
         store, celery, settings, job_id=merge_id, config=source.config, dataset=adapter, num_records=0,

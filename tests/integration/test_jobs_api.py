@@ -39,7 +39,9 @@ def test_jobs_list_is_newest_first_paginated_and_filtered(service: Service, tiny
     assert service.get("/jobs", params={"status": "bogus"}).status_code == 422
     assert service.get("/jobs", params={"cursor": "x"}).status_code == 422
     job = service.get(f"/jobs/{ids[0]}").json()
-    assert {"config", "status", "created_at", "started_at", "finished_at", "progress", "metrics", "model_path"} <= set(job)
+    assert {"config", "status", "created_at", "started_at", "finished_at", "progress", "metrics", "model_path"} <= set(
+        job
+    )
     assert job["created_at"] <= job["started_at"] <= job["finished_at"]
     assert service.get("/jobs/job-missing").status_code == 404
 
@@ -81,9 +83,7 @@ def _read_sse(url: str, headers: dict[str, str], stop_after: int | None = None) 
     return events
 
 
-def test_live_event_stream_follows_a_job_and_resumes_with_last_event_id(
-    service: Service, tiny_model_dir: Path
-) -> None:
+def test_live_event_stream_follows_a_job_and_resumes_with_last_event_id(service: Service, tiny_model_dir: Path) -> None:
     r = submit(service, tiny_model_dir, epochs=20, batch_size=2)
     job_id = r.json()["job_id"]
     url = f"{service.url}/jobs/{job_id}/events/stream"

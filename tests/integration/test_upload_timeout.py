@@ -25,7 +25,7 @@ def impatient(tmp_path: Path, redis_url: str) -> Iterator[Service]:
 def test_stalled_upload_gets_408_and_no_partial_file(impatient: Service) -> None:
     head = (
         "POST /train HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\n"
-        "Content-Length: 100000\r\n\r\n--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d\"\r\n\r\n"
+        'Content-Length: 100000\r\n\r\n--B\r\nContent-Disposition: form-data; name="file"; filename="d"\r\n\r\n'
         '{"messages": [{"role": "user", "content": "hi"}'
     )
     with socket.create_connection(("127.0.0.1", impatient.port), timeout=30) as sock:

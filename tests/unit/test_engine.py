@@ -318,7 +318,7 @@ def test_bf16_autocast_path_matches_reference(monkeypatch: pytest.MonkeyPatch) -
     """The CUDA precision setup (bf16 base, fp32 adapters, bf16 autocast), exercised on CPU."""
     import worker.engine
 
-    monkeypatch.setattr(worker.engine, "_autocast_dtype", lambda model, device: torch.bfloat16)
+    monkeypatch.setattr(worker.engine, "autocast_dtype", lambda model, device: torch.bfloat16)
     engine_attn_implementation("fast", "sdpa", CPU)
     examples = make_examples(VARIED)
     results = []

@@ -64,3 +64,19 @@ def test_stop_requested_before_training_ends_the_run_during_tokenization(tiny_mo
     )
     assert result.stopped and result.steps == 0 and result.output_dir is None
     assert not (tmp_path / "adapter").exists()
+
+
+def test_trained_parameters_are_fp32_on_a_half_precision_base(tiny_model_dir: Path) -> None:
+    """The seed's modules_to_save (lm_head, embed_tokens) must not be optimised in bf16."""
+    from transformers import AutoModelForCausalLM
+
+    from worker.training import TrainConfig, apply_lora, upcast_trainable
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    model = apply_lora(base, TrainConfig(), None)
+    assert any(p.requires_grad and p.dtype == torch.bfloat16 for p in model.parameters())  # what PEFT leaves
+    upcast_trainable(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert all(p.dtype == torch.bfloat16 for p in frozen)

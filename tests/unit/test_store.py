@@ -132,3 +132,24 @@ def test_current_prefers_active_then_newest(redis_client: redis.Redis) -> None:
     assert store.current().id == "a"  # type: ignore[union-attr]
     assert _admitted(store, "b")
     assert store.current().id == "b"  # type: ignore[union-attr]
+
+
+def test_prune_drops_only_ended_jobs_past_retention(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    assert _admitted(store, "old", slots=5) and _admitted(store, "running", slots=5)
+    store.claim("old", token="t", lease_s=30, worker="w")
+    store.finish("old", token="t", status=JobStatus.succeeded, message="done")
+    store.claim("running", token="t", lease_s=30, worker="w")
+    time.sleep(0.05)
+    assert store.prune(older_than_s=3600) == 0
+    assert store.prune(older_than_s=0.01) == 1
+    assert store.get("old") is None and store.events("old") == []
+    assert store.get("running") is not None
+    assert [job_id for job_id, _ in store.list_ids()] == ["running"]
+
+
+def test_foreign_ids_never_reach_redis_keys(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    assert _admitted(store, "a")
+    assert store.get("a:events") is None and store.cancel("a:events") == "missing"
+    assert store.events("a:events") == [] and store.get("../a") is None
