@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from api.errors import ApiError
 from api.uploads import disk_full, storage_error
 from shared.config import TrainConfig
-from shared.dataset import DatasetError, DatasetSummary, validate_dataset
+from shared.dataset import DatasetError, DatasetSummary, reject_json_constant, validate_dataset
 from shared.jobs import JobRecord, JobStatus
 from shared.paths import UnsafePathError, resolve_inside
 from shared.reaper import publish_train
@@ -36,7 +36,7 @@ def parse_config(text: str | None) -> TrainConfig:
     if text is None or not text.strip():
         return TrainConfig()
     try:
-        raw: Any = json.loads(text, parse_constant=_no_constants)
+        raw: Any = json.loads(text, parse_constant=reject_json_constant)
     except RecursionError as exc:
         raise _too_deep() from exc
     except ValueError as exc:
@@ -63,10 +63,6 @@ def parse_config(text: str | None) -> TrainConfig:
 
 def _too_deep() -> ApiError:
     return ApiError(422, "config is nested too deeply", [{"loc": ["config"], "msg": "nested too deeply"}])
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def resolve_output(settings: Settings, user_path: str, field: str, loc: str = "config") -> Path:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import codecs
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -45,20 +45,20 @@ class DatasetSummary:
     num_records: int
     num_messages: int = 0
     format: str = "jsonl"
-    roles: dict[str, int] = field(default_factory=dict)
 
 
 def _size(n: int) -> str:
     return f"{n / 1048576:g} MiB" if n >= 1048576 else f"{n / 1024:g} KiB" if n >= 1024 else f"{n} bytes"
 
 
-def _reject_constant(name: str) -> Any:
+def reject_json_constant(name: str) -> Any:
+    """`parse_constant` for json: NaN and Infinity are not JSON, whatever Python's parser allows."""
     raise ValueError(f"{name} is not valid JSON")
 
 
 def _loads(text: str) -> Any:
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=reject_json_constant)
     except RecursionError as exc:  # e.g. 100k nested arrays: a ValueError here, not a crash
         raise ValueError(_TOO_DEEP) from exc
 
@@ -196,7 +196,7 @@ class _ArrayReader:
 
     def __init__(self, raw: IO[bytes], max_record: int, bad: _Collector) -> None:
         self.raw, self.max_record, self.bad = raw, max_record, bad
-        self.decoder = json.JSONDecoder(parse_constant=_reject_constant)
+        self.decoder = json.JSONDecoder(parse_constant=reject_json_constant)
         self.utf8 = codecs.getincrementaldecoder("utf-8")("strict")
         self.buf, self.pos, self.eof = "", 0, False
         self.base_line = 1  # line number of buf[0]

@@ -22,8 +22,6 @@ class JobStatus(StrEnum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
-TERMINAL_STATUSES = frozenset(s.value for s in JobStatus if s.terminal)
-
 # The seed's four-valued status, as `/status` reports it.
 SEED_STATUS: dict[JobStatus, str] = {
     JobStatus.queued: "training",

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from shared.config import TrainConfig
+from shared.config import EngineName, TrainConfig
 from shared.dataset import check_record
 from shared.jobs import Progress
 from worker.data import read_records, tokenize_dataset
@@ -86,11 +86,41 @@ def resolve_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.float16 if config.train_arg_fp16 is not False else torch.float32
 
 
+def fast_engine_unsupported(model_config: Any) -> str | None:
+    """Why the packed, chunked-loss engine would not train this model's own loss, if it would not.
+
+    It applies the LM head directly and keeps every packed sequence whole, so logit soft-capping
+    or scaling and sliding-window attention layers need the reference engine.
+    """
+    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if getattr(model_config, name, None):
+            return f"{name}={getattr(model_config, name)}"
+    for name in ("logit_scale", "logits_scaling"):
+        value = getattr(model_config, name, None)
+        if value not in (None, 1, 1.0):
+            return f"{name}={value}"
+    layer_types = getattr(model_config, "layer_types", None) or []
+    if getattr(model_config, "use_sliding_window", False) or "sliding_attention" in layer_types:
+        return "sliding-window attention layers"
+    return None
+
+
 def load_base_model(
     config: TrainConfig, device: torch.device, on_event: EventCallback | None = None
-) -> tuple[PreTrainedModel, Any]:
-    """The base model and tokenizer, with the attention implementation the hardware allows."""
-    attn, warning = engine_attn_implementation(config.engine, config.attn_implementation, device)
+) -> tuple[PreTrainedModel, Any, EngineName]:
+    """The base model and tokenizer, with the attention implementation the hardware allows, and
+    the engine that will train it (the config's, unless the model needs the reference one)."""
+    try:
+        model_config = AutoConfig.from_pretrained(config.model_name)
+    except OSError as exc:  # not a local directory and not in the hub cache (or the hub is unreachable)
+        raise OSError(f"could not load model {config.model_name!r}: {exc}") from exc
+    engine: EngineName = config.engine
+    reason = fast_engine_unsupported(model_config) if engine == "fast" else None
+    if reason is not None:
+        engine = "reference"
+        if on_event is not None:
+            on_event("warning", f"{reason}: training with the reference engine", {"engine": engine})
+    attn, warning = engine_attn_implementation(engine, config.attn_implementation, device)
     if warning and on_event is not None:
         on_event("warning", warning, {"requested": config.attn_implementation, "using": attn})
     try:
@@ -101,7 +131,7 @@ def load_base_model(
     except OSError as exc:  # not a local directory and not in the hub cache (or the hub is unreachable)
         raise OSError(f"could not load model {config.model_name!r}: {exc}") from exc
     model.to(device)  # type: ignore[arg-type]  # transformers types .to() for models oddly
-    return model, tokenizer
+    return model, tokenizer, engine
 
 
 def check_modules_to_save(model: torch.nn.Module, names: Sequence[str]) -> None:
@@ -262,7 +292,7 @@ def train_model(
     device = pick_device()
     start = time.monotonic()
 
-    model, tokenizer = load_base_model(cfg, device, emit)
+    model, tokenizer, engine = load_base_model(cfg, device, emit)
 
     def tokenize(source: str | Path | Iterable[dict[str, Any]]) -> tuple[list[Example], int]:
         examples, skipped = tokenize_dataset(
@@ -352,7 +382,7 @@ def train_model(
             learning_rate=cfg.learning_rate,
             device=device,
             seed=cfg.seed,
-            engine=cfg.engine,
+            engine=engine,
             # Reading the loss back is a host sync: on a GPU, only every few steps.
             log_every=cfg.log_every or (10 if device.type == "cuda" else 1),
             on_step=step_hook,
