@@ -17,7 +17,6 @@ from pydantic import BaseModel
 from api.deps import StoreDep
 from api.openai_schemas import FileRecord, OpenAIJobRecord
 from shared import keys
-from shared.store import Event
 
 M = TypeVar("M", bound=BaseModel)
 Order = Literal["asc", "desc"]
@@ -79,21 +78,6 @@ class OpenAIStore:
     def job_ids(self, *, after: str | None, limit: int) -> tuple[list[str], bool]:
         """Job ids newest first (all jobs, however submitted), starting after the job `after`."""
         return self._page(keys.JOBS, after=after, limit=limit, order="desc")
-
-    def events_newest_first(self, job_id: str, *, before: str | None, limit: int) -> list[Event]:
-        """Up to `limit` events of the job, newest first, older than the stream id `before`."""
-        top = f"({before}" if before else "+"
-        rows = self.client.xrevrange(keys.events_key(job_id), max=top, min="-", count=limit)
-        return [
-            Event(
-                id=str(event_id),
-                type=fields.get("type", ""),
-                ts=float(fields.get("ts") or 0.0),
-                message=fields.get("message", ""),
-                data=json.loads(fields.get("data") or "{}"),
-            )
-            for event_id, fields in cast(list[tuple[str, dict[str, str]]], rows)
-        ]
 
     def _page(self, index: str, *, after: str | None, limit: int, order: Order) -> tuple[list[str], bool]:
         start = 0

@@ -100,6 +100,19 @@ def _record_from_fields(fields: dict[str, str]) -> JobRecord:
     )
 
 
+def _events(rows: Any) -> list[Event]:
+    return [
+        Event(
+            id=str(event_id),
+            type=fields.get("type", ""),
+            ts=float(fields.get("ts") or 0.0),
+            message=fields.get("message", ""),
+            data=json.loads(fields.get("data") or "{}"),
+        )
+        for event_id, fields in cast(list[tuple[str, dict[str, str]]], rows)
+    ]
+
+
 def _flatten(fields: dict[str, str]) -> list[str]:
     return [item for pair in fields.items() for item in pair]
 
@@ -262,20 +275,18 @@ class JobStore:
         )
 
     def events(self, job_id: str, *, after: str | None = None, limit: int = 100) -> list[Event]:
+        """Up to `limit` events, oldest first, after the stream id `after`."""
         if not valid_id(job_id):
             return []
         start = f"({after}" if after else "-"
-        rows = self.client.xrange(keys.events_key(job_id), min=start, max="+", count=limit)
-        return [
-            Event(
-                id=str(event_id),
-                type=fields.get("type", ""),
-                ts=float(fields.get("ts") or 0.0),
-                message=fields.get("message", ""),
-                data=json.loads(fields.get("data") or "{}"),
-            )
-            for event_id, fields in cast(list[tuple[str, dict[str, str]]], rows)
-        ]
+        return _events(self.client.xrange(keys.events_key(job_id), min=start, max="+", count=limit))
+
+    def events_newest_first(self, job_id: str, *, before: str | None = None, limit: int = 100) -> list[Event]:
+        """Up to `limit` events, newest first, older than the stream id `before`."""
+        if not valid_id(job_id):
+            return []
+        top = f"({before}" if before else "+"
+        return _events(self.client.xrevrange(keys.events_key(job_id), max=top, min="-", count=limit))
 
     def prune(self, *, older_than_s: float, limit: int = 200) -> int:
         """Delete the records and events of ended jobs created more than `older_than_s` ago.

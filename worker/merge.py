@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from peft import PeftConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from worker.staged_dir import staged_dir
 
 
 def merge_model(
@@ -40,21 +39,10 @@ def merge_model(
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     tokenizer_src = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else Path(base)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_src))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
+    with staged_dir(dest) as staging:
         merged.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
         (staging / "merge_summary.json").write_text(json.dumps({"base_model": base, "adapter": str(adapter_dir)}))
-        if dest.exists():  # swap, then delete: a reader never sees a missing or half-written model
-            old = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.old"
-            os.replace(dest, old)
-            os.replace(staging, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, dest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return dest
 
 

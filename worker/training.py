@@ -34,6 +34,7 @@ from worker.evaluation import eval_loss
 from worker.example import Example
 from worker.loop import StepInfo, train_loop
 from worker.merge import merge_model
+from worker.staged_dir import staged_dir
 from worker.wandb_log import WandbRun
 
 __all__ = ["TrainConfig", "TrainResult", "load_base_model", "merge_model", "train_model"]
@@ -212,23 +213,12 @@ def _seed_everything(seed: int) -> None:
 
 def _save(model: PeftModel, tokenizer: Any, config: TrainConfig, dest: Path, summary: dict[str, Any]) -> None:
     """Write into a sibling temp folder, then swap it into place: never a half-written adapter."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
+    with staged_dir(dest) as staging:
         model.save_pretrained(str(staging))
         if config.tokenizer_padding_side is not None:
             tokenizer.padding_side = config.tokenizer_padding_side
         tokenizer.save_pretrained(str(staging))
         (staging / "training_summary.json").write_text(json.dumps(summary, indent=2))
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.old"
-            os.replace(dest, old)
-            os.replace(staging, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, dest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def split_validation(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

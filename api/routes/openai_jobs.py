@@ -307,7 +307,6 @@ def cancel_job(fine_tuning_job_id: str, store: StoreDep, ostore: OpenAIStoreDep)
 def list_events(
     fine_tuning_job_id: str,
     store: StoreDep,
-    ostore: OpenAIStoreDep,
     after: Annotated[str | None, Query(description="id of the last event of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
 ) -> ListPage[FineTuningJobEventPublic]:
@@ -318,7 +317,7 @@ def list_events(
         before = after.removeprefix(EVENT_ID_PREFIX)
         if not _STREAM_ID.match(before):
             raise OpenAIError(400, f"after: {after!r} is not an event id this API returned", param="after")
-    events = ostore.events_newest_first(fine_tuning_job_id, before=before, limit=limit + 1)
+    events = store.events_newest_first(fine_tuning_job_id, before=before, limit=limit + 1)
     page = [FineTuningJobEventPublic.from_event(e) for e in events[:limit]]
     return ListPage.of(page, len(events) > limit)
 
