@@ -288,21 +288,21 @@ class JobStore:
         top = f"({before}" if before else "+"
         return _events(self.client.xrevrange(keys.events_key(job_id), max=top, min="-", count=limit))
 
-    def prune(self, *, older_than_s: float, limit: int = 200) -> int:
-        """Delete the records and events of ended jobs created more than `older_than_s` ago.
+    def prune(self, *, older_than_s: float, limit: int = 200) -> list[str]:
+        """Delete the records and events of ended jobs created more than `older_than_s` ago; returns their ids.
 
         Redis runs with `noeviction`: without a retention, per-step events would fill it and stop the service.
         """
         cutoff = self._now_ms() - int(older_than_s * 1000)
         ids = cast(list[str], self.client.zrangebyscore(keys.JOBS, "-inf", cutoff, start=0, num=limit))
-        removed = 0
+        removed: list[str] = []
         for job_id in ids:
             status = cast(str | None, self.client.hget(keys.job_key(job_id), "status"))
             if status is not None and not JobStatus(status).terminal:
                 continue
             self.client.delete(keys.job_key(job_id), keys.events_key(job_id), keys.openai_job_key(job_id))
             self.client.zrem(keys.JOBS, job_id)
-            removed += 1
+            removed.append(job_id)
         return removed
 
     def count_by_status(self) -> dict[str, int]:

@@ -141,8 +141,8 @@ def test_prune_drops_only_ended_jobs_past_retention(redis_client: redis.Redis) -
     store.finish("old", token="t", status=JobStatus.succeeded, message="done")
     store.claim("running", token="t", lease_s=30, worker="w")
     time.sleep(0.05)
-    assert store.prune(older_than_s=3600) == 0
-    assert store.prune(older_than_s=0.01) == 1
+    assert store.prune(older_than_s=3600) == []
+    assert store.prune(older_than_s=0.01) == ["old"]
     assert store.get("old") is None and store.events("old") == []
     assert store.get("running") is not None
     assert [job_id for job_id, _ in store.list_ids()] == ["running"]
