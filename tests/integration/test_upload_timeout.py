@@ -34,7 +34,12 @@ def test_stalled_upload_gets_408_and_no_partial_file(impatient: Service) -> None
         incoming = impatient.base_path / "datasets" / ".incoming"
         assert len(list(incoming.iterdir())) == 1  # the upload is being spooled
         started = time.monotonic()
-        reply = sock.recv(4096).decode()
+        reply = ""
+        while "\r\n\r\n" not in reply or not reply.rstrip().endswith("}"):  # headers and the JSON body
+            chunk = sock.recv(4096).decode()
+            if not chunk:
+                break
+            reply += chunk
     assert reply.startswith("HTTP/1.1 408"), reply
     assert "no upload data for 1.5 s" in reply
     assert time.monotonic() - started < 10
