@@ -188,6 +188,13 @@ def admit(
     return stored if stored is not None else record
 
 
+def ensure_free_slot(store: JobStore, settings: Settings) -> None:
+    """409 before reading a possibly large body when every slot is already taken (admission re-checks atomically)."""
+    running = store.active_ids()
+    if len(running) >= settings.max_concurrent_jobs:
+        raise busy(running)
+
+
 def busy(running: list[str]) -> ApiError:
     names = ", ".join(running)
     return ApiError(

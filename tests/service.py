@@ -36,6 +36,19 @@ def _stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeo
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def wait_until_up(url: str, proc: subprocess.Popen[Any], *, timeout: float = 60) -> bool:
+    """Poll `url` until it answers 200; False if `proc` exits or time runs out first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
 @dataclass
 class Service:
     base_path: Path
@@ -82,16 +95,8 @@ class Service:
         self.api = subprocess.Popen(
             cmd, cwd=ROOT, env=self.env(), stdout=log, stderr=log, preexec_fn=own_group_dies_with_parent
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.api.poll() is not None:
-                break
-            time.sleep(0.1)
+        if wait_until_up(self.url + "/healthz", self.api, timeout=30):
+            return
         raise RuntimeError("API did not start:\n" + self.logs("api"))
 
     def start_worker(self, **env: str) -> None:

@@ -34,7 +34,7 @@ from api.openai_schemas import (
     OpenAIJobRecord,
 )
 from api.openai_store import OpenAIStore, OpenAIStoreDep, UnknownCursorError
-from api.submission import admit, busy, new_job_id, resolve_paths
+from api.submission import admit, ensure_free_slot, new_job_id, resolve_paths
 from shared.artifacts import list_checkpoints as list_saved_checkpoints
 from shared.config import TrainConfig
 from shared.jobs import JobRecord
@@ -203,9 +203,7 @@ async def create_job(
     settings: SettingsDep,
 ) -> FineTuningJobPublic:
     """Create a supervised LoRA fine-tuning job from an uploaded file; 409 when every slot is taken."""
-    running = await run_in_threadpool(store.active_ids)
-    if len(running) >= settings.max_concurrent_jobs:
-        raise busy(running)
+    await run_in_threadpool(ensure_free_slot, store, settings)
     spec = _hyperparameters(body)
     training = await run_in_threadpool(_training_file, ostore, body.training_file, "training_file")
     assert training is not None

@@ -9,7 +9,15 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import CeleryDep, SettingsDep, StoreDep
 from api.schemas import TrainAccepted
-from api.submission import admit, busy, check_disk, new_job_id, parse_config, resolve_paths, store_dataset
+from api.submission import (
+    admit,
+    check_disk,
+    ensure_free_slot,
+    new_job_id,
+    parse_config,
+    resolve_paths,
+    store_dataset,
+)
 from api.uploads import receive_upload
 
 router = APIRouter(tags=["training"])
@@ -50,9 +58,7 @@ _BODY = {
 )
 async def train(request: Request, store: StoreDep, celery: CeleryDep, settings: SettingsDep) -> TrainAccepted:
     """Upload a dataset with a config; the job is admitted to a free training slot and queued."""
-    running = await run_in_threadpool(store.active_ids)
-    if len(running) >= settings.max_concurrent_jobs:
-        raise busy(running)  # answer before reading a possibly large body
+    await run_in_threadpool(ensure_free_slot, store, settings)
     await run_in_threadpool(check_disk, settings)
     upload = await receive_upload(request, settings)
     stored: list[Path] = []

@@ -12,7 +12,6 @@ import tarfile
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
 
@@ -20,7 +19,7 @@ from api.cli import build_parser
 from api.client import UnsafeArchiveError, extract_tar_safely
 from shared.embedded_redis import free_port
 from tests.data import easy_records, write_jsonl
-from tests.service import Service
+from tests.service import Service, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -204,15 +203,7 @@ def test_serve_is_an_alias_of_the_bare_command(tmp_path: Path) -> None:
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "`serve` did not become ready"
-            time.sleep(0.3)
+        assert wait_until_up(url + "/readyz", proc, timeout=60), "`serve` did not become ready"
         status = subprocess.run([sys.executable, "-m", "api.cli", "status", "--url", url],
                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
         assert status.returncode == 0 and status.stdout.startswith("idle"), status.stdout + status.stderr

@@ -5,14 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from shared.embedded_redis import free_port
-from tests.service import ROOT
+from tests.service import ROOT, wait_until_up
 
 
 @pytest.mark.parametrize(
@@ -29,15 +27,7 @@ def test_open_api_on_the_network_is_warned_about(
     cmd = [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", host, "--port", str(port)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.2)
+        assert wait_until_up(f"http://127.0.0.1:{port}/healthz", proc, timeout=30), "API did not start"
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=20)

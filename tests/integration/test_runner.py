@@ -15,7 +15,7 @@ import pytest
 from shared.embedded_redis import free_port
 from tests.data import easy_records, jsonl
 from tests.integration.faults import alive
-from tests.service import ROOT
+from tests.service import ROOT, wait_until_up
 
 
 def _descendants(pid: int) -> set[int]:
@@ -47,15 +47,7 @@ def test_one_command_runs_the_service_and_a_signal_leaves_nothing_behind(
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "service did not become ready"
-            time.sleep(0.3)
+        assert wait_until_up(url + "/readyz", proc, timeout=60), "service did not become ready"
         r = httpx.post(
             url + "/train",
             files={"config": (None, f'{{"epochs": 2, "model_name": "{tiny_model_dir}"}}'),
