@@ -58,6 +58,11 @@ class TrainConfig(BaseModel):
     train_arg_fp16: bool | None = Field(default=None, description="Force fp16 autocast on/off (None: from hardware).")
     seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seed for LoRA init and data order.")
     engine: EngineName = Field(default="fast", description="'fast' (packed, chunked loss) or 'reference'.")
+    compile: bool | None = Field(
+        default=None,
+        description="Fast engine: static bucketed shapes, compiled decoder layers and whole-step CUDA graphs "
+        "(None: on for CUDA, off on CPU; False turns them off).",
+    )
     log_every: int | None = Field(
         default=None, ge=1, description="Read loss back every N steps (None: every step on CPU, every 10 on a GPU)."
     )

@@ -1,15 +1,28 @@
 """Chat records -> tokenized `Example`s whose labels cover only the assistant turns.
 
 Loss spans are found in the rendered text, then mapped to tokens with the fast tokenizer's
-offset mapping:
+offset mapping. Each span runs from the end of an assistant header through that turn's own
+end-of-turn marker, which is trained so the model learns to stop. The span never ends at
+`eos_token`: base tokenizers often close turns with another token (Qwen2.5/Qwen3 base: eos
+`<|endoftext|>`, turns end with `<|im_end|>`; Llama-3 base: `<|end_of_text|>` vs `<|eot_id|>`;
+Phi-3: `<|end|>`), and ending there would train user turns and trailing tokens.
 
-1. Prefix method (any prefix-preserving chat template): assistant message i spans from
-   `len(render(messages[:i], add_generation_prompt=True))` to `len(render(messages[:i+1]))`
-   with trailing whitespace stripped: its content and end-of-turn token (`<|im_end|>` in
-   ChatML), not its header nor the newline after it.
-2. Fallback, when the template does not preserve prefixes: each occurrence of
-   `response_template` starts a span that runs to and including the next eos token string
-   (or the end of the text).
+The end-of-turn marker is read off the chat template's own renders (`find_turn_end`): a probe
+conversation whose assistant content is a sentinel is rendered followed by a user turn, as the
+last message, and with a generation prompt; the tokens that follow the sentinel in all of these,
+stripped of whitespace, are the marker (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `<|end|>`,
+or `</s>` where the template closes turns with eos). A template that renders only whitespace
+there has no turn end to learn, and one the probe cannot render is not guessed at: both are a
+`DatasetTokenizationError`.
+
+1. Prefix method (any prefix-preserving chat template): assistant message i starts at
+   `len(render(messages[:i], add_generation_prompt=True))` and ends after the marker that closes
+   `render(messages[:i+1])` (which ends as the probe's last message did, e.g. "<|im_end|>\\n" or
+   Phi-3's "<|end|>\\n<|endoftext|>"); that render up to there must be a prefix of the whole one.
+   So the span is the content and its marker, not the header nor anything after the marker.
+2. Fallback, when the template does not preserve prefixes (Qwen3 drops earlier turns' `<think>`
+   blocks): each occurrence of `response_template` starts a span that runs through the next
+   end-of-turn marker; there must be exactly one occurrence per assistant message.
 
 Neither works -> `DatasetTokenizationError`.
 """
@@ -18,6 +31,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,9 +43,27 @@ if TYPE_CHECKING:
 Messages = list[dict[str, str]]
 Span = tuple[int, int]  # [start, end) character offsets in the rendered conversation
 
+# Probe contents: plain words that templates pass through unchanged (no whitespace to trim).
+_PROBE_SYSTEM = "loraprobesystem"
+_PROBE_USER = "loraprobeuser"
+_PROBE_ANSWER = "loraprobeanswer"
+_PROBE_NEXT = "loraprobenext"
+
 
 class DatasetTokenizationError(ValueError):
     """The dataset cannot be tokenized with this tokenizer (and response_template)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TurnEnd:
+    """How a chat template closes an assistant turn, as read off its own renders."""
+
+    marker: str  # the end-of-turn text, e.g. "<|im_end|>"; trained on, as the last token of a turn
+    final_tail: str  # all the template renders after a conversation's last assistant content
+
+    @property
+    def marker_end_in_final_tail(self) -> int:
+        return self.final_tail.index(self.marker) + len(self.marker)
 
 
 def read_records(path: Path) -> Iterator[Messages]:
@@ -48,34 +80,46 @@ def read_records(path: Path) -> Iterator[Messages]:
             yield messages
 
 
+def find_turn_end(tokenizer: PreTrainedTokenizerBase) -> TurnEnd:
+    """Derive the chat template's end-of-turn marker from renders of a probe conversation."""
+    _check_tokenizer(tokenizer)
+    tails = _probe_tails(tokenizer)
+    common = _common_token_prefix(tokenizer, tails)
+    marker = common.strip()
+    if not marker:
+        raise DatasetTokenizationError(
+            "cannot find the chat template's end-of-turn marker: after an assistant message's content it renders "
+            f"nothing but whitespace before what comes next ({tails!r}), so an assistant turn has no end to train on; "
+            "use a chat template that closes each assistant turn with an end-of-turn token"
+        )
+    return TurnEnd(marker=marker, final_tail=tails[0])
+
+
 def tokenize_conversation(
     tokenizer: PreTrainedTokenizerBase,
     messages: Messages,
     *,
     max_length: int | None,
     response_template: str | None,
+    turn_end: TurnEnd | None = None,
 ) -> Example | None:
     """Tokenize one conversation; labels are IGNORE_INDEX outside the assistant turns.
 
+    `turn_end`: the template's `find_turn_end(tokenizer)`, derived here when not given (pass it
+    to tokenize many conversations without probing the template each time).
     Returns None when no loss token is left after truncation to `max_length`.
     """
-    if not getattr(tokenizer, "chat_template", None):
-        raise DatasetTokenizationError(
-            "the tokenizer has no chat template; use a chat/instruct model or a tokenizer that defines `chat_template`"
-        )
-    if not getattr(tokenizer, "is_fast", False):
-        raise DatasetTokenizationError(
-            "loss masking needs a fast (Rust `tokenizers`) tokenizer with offset mapping; "
-            f"{type(tokenizer).__name__} is not one"
-        )
+    _check_tokenizer(tokenizer)
     try:
         text = _render(tokenizer, messages)
     except DatasetTokenizationError:
         raise
     except Exception as exc:  # jinja errors, raise_exception() in templates
         raise DatasetTokenizationError(f"the chat template failed to render: {exc}") from exc
+    if turn_end is None:
+        turn_end = find_turn_end(tokenizer)
 
-    spans = _prefix_spans(tokenizer, messages, text)
+    spans = _prefix_spans(tokenizer, messages, text, turn_end)
     if spans is None:
         if not response_template:
             raise DatasetTokenizationError(
@@ -83,11 +127,18 @@ def tokenize_conversation(
                 "not a prefix of rendering them all), so assistant turns cannot be located; "
                 "set `response_template` to the text that starts each assistant turn"
             )
-        spans = _response_template_spans(text, response_template, tokenizer.eos_token)
+        spans = _response_template_spans(text, response_template, turn_end.marker)
         if not spans:
             raise DatasetTokenizationError(
                 f"response_template {response_template!r} does not occur in the conversation "
                 f"as rendered by the chat template: {text[:200]!r}"
+            )
+        n_assistant = sum(1 for message in messages if message.get("role") == "assistant")
+        if len(spans) != n_assistant:
+            raise DatasetTokenizationError(
+                f"response_template {response_template!r} starts {len(spans)} turns in the conversation as rendered "
+                f"by the chat template, but it has {n_assistant} assistant messages; set it to the exact text that "
+                f"starts each assistant turn and occurs nowhere else: {text[:200]!r}"
             )
 
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -110,13 +161,30 @@ def tokenize_dataset(
     """Tokenize every record; return the examples and how many were skipped (no loss left)."""
     examples: list[Example] = []
     skipped = 0
+    turn_end: TurnEnd | None = None
     for messages in records:
-        example = tokenize_conversation(tokenizer, messages, max_length=max_length, response_template=response_template)
+        if turn_end is None:  # probed once, when the first record arrives
+            turn_end = find_turn_end(tokenizer)
+        example = tokenize_conversation(
+            tokenizer, messages, max_length=max_length, response_template=response_template, turn_end=turn_end
+        )
         if example is None:
             skipped += 1
         else:
             examples.append(example)
     return examples, skipped
+
+
+def _check_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DatasetTokenizationError(
+            "the tokenizer has no chat template; use a chat/instruct model or a tokenizer that defines `chat_template`"
+        )
+    if not getattr(tokenizer, "is_fast", False):
+        raise DatasetTokenizationError(
+            "loss masking needs a fast (Rust `tokenizers`) tokenizer with offset mapping; "
+            f"{type(tokenizer).__name__} is not one"
+        )
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: Messages, *, add_generation_prompt: bool = False) -> str:
@@ -126,8 +194,80 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: Messages, *, add_gener
     return text
 
 
-def _prefix_spans(tokenizer: PreTrainedTokenizerBase, messages: Messages, text: str) -> list[Span] | None:
+def _probe_tails(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """What the template renders after a probe answer: at the end, then before a user turn, then
+    before a generation prompt (left out when the template refuses one after an answer).
+
+    Tried without a system message first, then with one, for templates that require either.
+    """
+    failure: Exception | None = None
+    for head in ([], [{"role": "system", "content": _PROBE_SYSTEM}]):
+        answered = [*head, {"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_ANSWER}]
+        try:
+            final = _render(tokenizer, answered)
+            followed = _render(tokenizer, [*answered, {"role": "user", "content": _PROBE_NEXT}])
+        except Exception as exc:  # a template may refuse a role (Gemma: system) or an order
+            failure = exc
+            continue
+        tails = [_after_answer(final), _after_answer(followed, until=_PROBE_NEXT)]
+        try:
+            prompted = _render(tokenizer, answered, add_generation_prompt=True)
+        except Exception:  # optional: the other two already delimit the marker
+            return tails
+        return [*tails, _after_answer(prompted)]
+    raise DatasetTokenizationError(
+        "cannot find the chat template's end-of-turn marker: it failed to render the probe conversation "
+        f"(user, assistant, user): {failure}"
+    ) from failure
+
+
+def _after_answer(rendered: str, *, until: str | None = None) -> str:
+    """The text after the probe answer in `rendered` (up to the `until` probe content, if given)."""
+    if rendered.count(_PROBE_ANSWER) != 1:
+        raise DatasetTokenizationError(
+            "cannot find the chat template's end-of-turn marker: it does not render an assistant message's content "
+            f"verbatim exactly once (probe answer {_PROBE_ANSWER!r} rendered as {rendered!r})"
+        )
+    tail = rendered[rendered.index(_PROBE_ANSWER) + len(_PROBE_ANSWER) :]
+    if until is not None:
+        cut = tail.find(until)
+        if cut == -1:
+            raise DatasetTokenizationError(
+                "cannot find the chat template's end-of-turn marker: it does not render a user message's content "
+                f"verbatim (probe {until!r} rendered as {rendered!r})"
+            )
+        tail = tail[:cut]
+    return tail
+
+
+def _common_token_prefix(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> str:
+    """The longest run of whole tokens all `texts` start with.
+
+    Compared by token, not by character, so a marker is never cut inside or extended into a
+    special token: Phi-3's "<|end|>\\n<|user|>" and "<|end|>\\n<|endoftext|>" share "<|end|>\\n",
+    not "<|end|>\\n<|".
+    """
+    encodings = [tokenizer(text, add_special_tokens=False, return_offsets_mapping=True) for text in texts]
+    ids = [list(encoding["input_ids"]) for encoding in encodings]
+    n = 0
+    while all(len(seq) > n and seq[n] == ids[0][n] for seq in ids):
+        n += 1
+    if n == 0:
+        return ""
+    prefix = texts[0][: encodings[0]["offset_mapping"][n - 1][1]]
+    if not all(text.startswith(prefix) for text in texts):  # token ids agree but their text does not
+        raise DatasetTokenizationError(
+            f"cannot find the chat template's end-of-turn marker: the renders after an assistant message {texts!r} "
+            "share tokens but not text"
+        )
+    return prefix
+
+
+def _prefix_spans(
+    tokenizer: PreTrainedTokenizerBase, messages: Messages, text: str, turn_end: TurnEnd
+) -> list[Span] | None:
     """Assistant spans by rendering prefixes; None when the template is not prefix preserving."""
+    tail = turn_end.final_tail
     spans: list[Span] = []
     for i, message in enumerate(messages):
         if message.get("role") != "assistant":
@@ -139,28 +279,32 @@ def _prefix_spans(tokenizer: PreTrainedTokenizerBase, messages: Messages, text: 
             through = _render(tokenizer, messages[: i + 1])
         except Exception:  # a template may refuse a partial conversation
             return None
-        if not (text.startswith(through) and through.startswith(before)):
+        if not through.endswith(tail):  # this turn does not close as the probe's did
             return None
-        start, end = len(before), len(through.rstrip())
-        if end <= start:
+        start = len(before)
+        end = len(through) - len(tail) + turn_end.marker_end_in_final_tail
+        if end - len(turn_end.marker) < start:
+            return None
+        if not (through.startswith(before) and text.startswith(through[:end])):
             return None
         spans.append((start, end))
     return spans
 
 
-def _response_template_spans(text: str, response_template: str, eos: str | None) -> list[Span]:
-    """Each response_template occurrence starts a span through the next eos (or end of text)."""
+def _response_template_spans(text: str, response_template: str, marker: str) -> list[Span]:
+    """Each response_template occurrence starts a span through the next end-of-turn marker."""
     spans: list[Span] = []
     pos = text.find(response_template)
     while pos != -1:
         start = pos + len(response_template)
-        end = len(text)
-        if eos:
-            eos_pos = text.find(eos, start)
-            if eos_pos != -1:
-                end = eos_pos + len(eos)
-        if end > start:
-            spans.append((start, end))
+        marker_pos = text.find(marker, start)
+        if marker_pos == -1:
+            raise DatasetTokenizationError(
+                f"the assistant turn that response_template {response_template!r} starts at character {pos} "
+                f"is not closed by the chat template's end-of-turn marker {marker!r}: {text[pos : pos + 200]!r}"
+            )
+        end = marker_pos + len(marker)
+        spans.append((start, end))
         pos = text.find(response_template, end)
     return spans
 

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from worker.engine import EngineKind, make_step_fn
+from worker.attention import EngineKind
 from worker.example import Example
+from worker.step import make_step_fn
+from worker.train_step import EagerTrainStep, EventFn, StaticTrainStep, TrainStep, make_optimizer
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,14 +77,17 @@ def train_loop(
     on_epoch_end: Callable[[int, float | None], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     shuffle: bool = True,
-    compile: bool = False,
+    compile: bool | None = None,
+    cuda_graphs: bool | None = None,
+    on_event: EventFn | None = None,
 ) -> LoopResult:
     """Train `model`'s trainable parameters on `examples`; see the module docstring.
 
     `on_epoch_end(epoch, mean_loss)` gets the mean of that epoch's step losses, after each epoch
     that ran to its end. `should_stop()` is asked before every step. ``shuffle=False`` takes the
-    examples in order every epoch (benchmarks); `compile` is the fast engine's experimental
-    per-layer ``torch.compile`` (CUDA only).
+    examples in order every epoch (benchmarks). `compile` (``torch.compile`` of the decoder
+    layers on static bucketed shapes) and `cuda_graphs` (whole-step capture) apply to the fast
+    engine; None means on for CUDA, off elsewhere. Fallbacks are reported through `on_event`.
     """
     if not examples:
         raise ValueError("no examples to train on")
@@ -91,8 +96,10 @@ def train_loop(
     torch.manual_seed(seed)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0, fused=_use_fused_adamw(params, device))
-    step_fn = make_step_fn(model, kind=engine, device=device, compile=compile)
+    train_step = _make_train_step(
+        model, params, engine=engine, device=device, learning_rate=learning_rate, batch_size=batch_size,
+        max_grad_norm=max_grad_norm, compile=compile, cuda_graphs=cuda_graphs, on_event=on_event,
+    )  # fmt: skip
     steps_per_epoch = math.ceil(len(examples) / batch_size)
     total_steps = epochs * steps_per_epoch
     result = LoopResult(steps_done=0, stopped=False, final_loss=None)
@@ -107,12 +114,8 @@ def train_loop(
                 break
             step = result.steps_done + 1
             lr = linear_decay(learning_rate, step, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            out = step_fn([examples[i] for i in indices])
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            out = train_step([examples[i] for i in indices], lr)
+            grad_norm = out.grad_norm
             result.steps_done = step
             result.total_tokens += out.num_tokens
             last_loss = out.loss
@@ -151,8 +154,27 @@ def train_loop(
     return result
 
 
-def _use_fused_adamw(params: list[nn.Parameter], device: torch.device) -> bool | None:
-    """Fused AdamW (a few kernels for all parameters) on CUDA; else torch's default (None)."""
-    if device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params):
-        return True
-    return None
+def _make_train_step(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    *,
+    engine: EngineKind,
+    device: torch.device,
+    learning_rate: float,
+    batch_size: int,
+    max_grad_norm: float,
+    compile: bool | None,
+    cuda_graphs: bool | None,
+    on_event: EventFn | None,
+) -> TrainStep:
+    on_cuda = device.type == "cuda"
+    use_compile = on_cuda if compile is None else compile
+    use_graphs = on_cuda if cuda_graphs is None else cuda_graphs and on_cuda
+    if engine == "fast" and (use_compile or use_graphs):
+        optimizer = make_optimizer(params, learning_rate, device, capturable=use_graphs)
+        return StaticTrainStep(
+            model, optimizer, params, device=device, max_sequences=batch_size, max_grad_norm=max_grad_norm,
+            compile=use_compile, cuda_graphs=use_graphs, on_event=on_event,
+        )  # fmt: skip
+    optimizer = make_optimizer(params, learning_rate, device, capturable=False)
+    return EagerTrainStep(make_step_fn(model, kind=engine, device=device), optimizer, params, max_grad_norm)

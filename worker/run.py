@@ -1,0 +1,279 @@
+"""One fine-tuning run: `setup` (model, data, adapter), `train` (the loop with its reports), `save`.
+
+Each phase is a method so the job runner, the library call and tests can drive and inspect them;
+progress, events, checkpoints and W&B are wired here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from shared.config import TrainConfig
+from shared.dataset import check_record
+from shared.jobs import Progress
+from worker.checkpoints import Checkpoints
+from worker.data import read_records, tokenize_dataset
+from worker.evaluation import eval_loss
+from worker.example import Example
+from worker.loop import LoopResult, StepInfo, train_loop
+from worker.model_loading import EventCallback, load_base_model, pick_device, prepare_model
+from worker.staged_dir import staged_dir
+from worker.wandb_log import WandbRun
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[Progress], None]
+Dataset = str | Path | Iterable[dict[str, Any]]
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path | None  # None when the run was stopped before saving
+    stopped: bool
+    steps: int
+    total_steps: int
+    final_loss: float | None
+    num_examples: int
+    skipped_examples: int
+    total_tokens: int
+    elapsed_s: float
+    tokens_per_second: float
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (epoch, loss)
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["output_dir"] = str(self.output_dir) if self.output_dir else None
+        return out
+
+
+class StoppedEarly(Exception):
+    """should_stop() said so before training began (while loading or tokenizing)."""
+
+
+def split_validation(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out `fraction` of the examples (at least one, never all), reproducibly."""
+    if len(examples) < 2:
+        raise ValueError("validation_split needs at least 2 usable examples")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in order[:n_eval]]
+
+
+def _records(dataset: Dataset) -> Iterable[list[dict[str, str]]]:
+    if isinstance(dataset, str | Path):
+        yield from read_records(Path(dataset))
+        return
+    for i, record in enumerate(dataset):
+        messages, reason = check_record(record)
+        if reason is not None:
+            raise ValueError(f"dataset record {i + 1}: {reason}")
+        assert messages is not None
+        yield messages
+
+
+class TrainingRun:
+    """A LoRA fine-tuning run of `config` on `dataset`, saved to `output_dir`."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        dataset: Dataset,
+        output_dir: Path,
+        *,
+        lora_path: Path | None = None,
+        validation: Dataset | None = None,
+        checkpoint_dir: Path | None = None,
+        run_name: str | None = None,
+        on_progress: ProgressCallback | None = None,
+        on_event: EventCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        self.config, self.dataset, self.output_dir = config, dataset, output_dir
+        self.lora_path, self.validation = lora_path, validation
+        self.checkpoints = Checkpoints(checkpoint_dir, config.keep_checkpoints)
+        self.run_name = run_name or output_dir.name
+        self.on_progress, self.should_stop = on_progress, should_stop
+        self.emit: EventCallback = on_event or (lambda etype, message, data: log.info("%s: %s", etype, message))
+        self.device = pick_device()
+        self.started = time.monotonic()
+        self.examples: list[Example] = []
+        self.held_out: list[Example] = []
+        self.skipped = 0
+        self.eval_losses: list[tuple[int, float]] = []
+        self.model: PeftModel | None = None
+        self.tokenizer: Any = None
+        self._last_step_at = 0.0
+        self._last_step = 0
+        self._last_loss: float | None = None
+
+    # ----------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        """Load the base, tokenize the data, put the adapter on. Raises `StoppedEarly` on a stop request."""
+        cfg = self.config
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        base, self.tokenizer, self.engine = load_base_model(cfg, self.device, self.emit)
+        self._check_stop()  # a cancel that arrived while the model loaded
+        self.examples, self.skipped = self._tokenize(self.dataset)
+        if self.validation is not None:
+            self.held_out = self._tokenize(self.validation)[0]
+        if cfg.validation_split and not self.held_out:
+            self.examples, self.held_out = split_validation(self.examples, cfg.validation_split, cfg.seed)
+        if not self.examples:
+            raise ValueError("no example has an assistant token to train on (check max_length and the dataset)")
+        self.model = prepare_model(base, cfg, self.lora_path)
+        trainable, total = self.model.get_nb_trainable_parameters()
+        self.emit(
+            "info",
+            f"training {trainable:,} of {total:,} parameters on {len(self.examples)} examples ({self.device.type})",
+            {"trainable_params": trainable, "total_params": total, "examples": len(self.examples),
+             "device": self.device.type, "validation_examples": len(self.held_out), "engine": self.engine},
+        )  # fmt: skip
+
+    def _tokenize(self, source: Dataset) -> tuple[list[Example], int]:
+        examples, skipped = tokenize_dataset(
+            self.tokenizer,
+            self._watch(_records(source)),
+            max_length=self.config.max_length,
+            response_template=self.config.response_template,
+        )
+        if skipped:
+            message = f"{skipped} examples had no assistant token left after truncation and were skipped"
+            self.emit("warning", message, {"skipped": skipped})
+        return examples, skipped
+
+    def _watch(self, records: Iterable[list[dict[str, str]]]) -> Iterator[list[dict[str, str]]]:
+        """Pass records through, checking for a stop request every 256 (100k records take a while)."""
+        for i, record in enumerate(records):
+            if i % 256 == 0:
+                self._check_stop()
+            yield record
+
+    def _check_stop(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise StoppedEarly
+
+    # ----------------------------------------------------------------- train
+
+    def train(self) -> TrainResult:
+        """Run the loop; the result's `output_dir` is set by `save`."""
+        assert self.model is not None, "setup() first"
+        cfg = self.config
+        self.wandb = WandbRun(self.run_name, cfg.model_dump(), self.emit)
+        self._last_step_at = time.monotonic()
+        try:
+            loop = train_loop(
+                self.model,
+                self.examples,
+                epochs=cfg.epochs,
+                batch_size=cfg.batch_size,
+                learning_rate=cfg.learning_rate,
+                device=self.device,
+                seed=cfg.seed,
+                engine=self.engine,
+                # Reading the loss back is a host sync: on a GPU, only every few steps.
+                log_every=cfg.log_every or (10 if self.device.type == "cuda" else 1),
+                on_step=self._on_step,
+                on_epoch_end=self._on_epoch_end,
+                should_stop=self.should_stop,
+                compile=cfg.compile,
+                cuda_graphs=cfg.compile,
+                on_event=self.emit,
+            )
+        except BaseException:
+            self.wandb.finish()
+            raise
+        self.wandb.finish({"final_loss": loop.final_loss, "stopped": loop.stopped})
+        return self._result(loop)
+
+    def _result(self, loop: LoopResult) -> TrainResult:
+        return TrainResult(
+            output_dir=None,
+            stopped=loop.stopped,
+            steps=loop.steps_done,
+            total_steps=self.config.epochs * math.ceil(len(self.examples) / self.config.batch_size),
+            final_loss=loop.final_loss,
+            num_examples=len(self.examples),
+            skipped_examples=self.skipped,
+            total_tokens=loop.total_tokens,
+            elapsed_s=time.monotonic() - self.started,
+            tokens_per_second=loop.total_tokens / loop.elapsed_s if loop.elapsed_s > 0 else 0.0,
+            losses=list(loop.logged_losses),
+            eval_losses=self.eval_losses,
+            checkpoints=self.checkpoints.saved,
+        )
+
+    def _on_step(self, info: StepInfo) -> None:
+        now = time.monotonic()
+        step_seconds, self._last_step_at = now - self._last_step_at, now
+        self._last_step = info.step
+        if self.on_progress is not None:
+            self.on_progress(
+                Progress(
+                    step_seconds=step_seconds,
+                    current_step=info.step,
+                    total_steps=info.total_steps,
+                    current_epoch=info.epoch,
+                    total_epochs=info.epochs,
+                    loss=info.loss if info.loss is not None else self._last_loss,  # the latest read
+                    learning_rate=info.learning_rate,
+                    grad_norm=info.grad_norm,
+                    tokens_per_second=info.tokens_per_second,
+                    eta_seconds=info.eta_seconds,
+                )
+            )
+        if info.loss is None:
+            return
+        self._last_loss = info.loss
+        data = {"step": info.step, "epoch": info.epoch, "loss": info.loss, "learning_rate": info.learning_rate,
+                "grad_norm": info.grad_norm, "tokens_per_second": info.tokens_per_second,
+                "step_seconds": step_seconds}  # fmt: skip
+        self.emit("metrics", f"step {info.step}/{info.total_steps} loss {info.loss:.4f}", data)
+        self.wandb.log({"train/loss": info.loss, "train/learning_rate": info.learning_rate,
+                        "train/grad_norm": info.grad_norm, "train/tokens_per_second": info.tokens_per_second},
+                       step=info.step)  # fmt: skip
+
+    def _on_epoch_end(self, epoch: int, loss: float | None) -> None:
+        assert self.model is not None
+        held = None
+        if self.held_out:
+            held = eval_loss(self.model, self.held_out, batch_size=self.config.batch_size, device=self.device)
+        data: dict[str, Any] = {"epoch": epoch, "step": self._last_step, "loss": loss}
+        message = f"epoch {epoch}/{self.config.epochs} done"
+        if held is not None:
+            self.eval_losses.append((epoch, held))
+            data["eval_loss"] = held
+            message += f", eval loss {held:.4f}"
+            self.wandb.log({"eval/loss": held}, step=self._last_step)
+        self.emit("epoch", message, data)
+        self.checkpoints.save(self.model, step=self._last_step, epoch=epoch, loss=loss, eval_loss=held)
+
+    # ----------------------------------------------------------------- save
+
+    def save(self, result: TrainResult) -> None:
+        """Write the adapter, tokenizer and summary into a staged folder, then swap it into place."""
+        assert self.model is not None
+        result.output_dir = self.output_dir
+        summary = {**result.summary(), "config": self.config.model_dump(), "output_dir": str(self.output_dir)}
+        with staged_dir(self.output_dir) as staging:
+            self.model.save_pretrained(str(staging))
+            if self.config.tokenizer_padding_side is not None:
+                self.tokenizer.padding_side = self.config.tokenizer_padding_side
+            self.tokenizer.save_pretrained(str(staging))
+            (staging / "training_summary.json").write_text(json.dumps(summary, indent=2))
