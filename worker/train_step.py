@@ -139,7 +139,9 @@ class StaticTrainStep:
 
     def _body(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """What is captured: zero the gradients in place, forward + backward, clip, AdamW."""
-        torch._foreach_zero_([p.grad for p in self.params if p.grad is not None])
+        grads = [p.grad for p in self.params if p.grad is not None]  # none before the first step
+        if grads:
+            torch._foreach_zero_(grads)
         loss = self.fast.forward_backward(inputs)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
         self.optimizer.step()

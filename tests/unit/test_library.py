@@ -65,29 +65,3 @@ def test_stop_requested_before_training_ends_the_run_during_tokenization(tiny_mo
     assert result.stopped and result.steps == 0 and result.output_dir is None
     assert not (tmp_path / "adapter").exists()
 
-
-def test_trained_parameters_are_fp32_on_a_half_precision_base(tiny_model_dir: Path) -> None:
-    """The seed's modules_to_save (lm_head, embed_tokens) must not be optimised in bf16."""
-    from transformers import AutoModelForCausalLM
-
-    from worker.training import TrainConfig, apply_lora, upcast_trainable
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
-    model = apply_lora(base, TrainConfig(), None)
-    assert any(p.requires_grad and p.dtype == torch.bfloat16 for p in model.parameters())  # what PEFT leaves
-    upcast_trainable(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    assert trainable and all(p.dtype == torch.float32 for p in trainable)
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    assert all(p.dtype == torch.bfloat16 for p in frozen)
-
-
-def test_models_whose_loss_the_fast_engine_cannot_reproduce_use_the_reference_one(tiny_model_dir: Path) -> None:
-    from transformers import AutoConfig, Gemma2Config, Qwen2Config
-
-    from worker.training import fast_engine_unsupported
-
-    assert fast_engine_unsupported(AutoConfig.from_pretrained(tiny_model_dir)) is None
-    assert fast_engine_unsupported(Qwen2Config()) is None  # Qwen2.5's own shape: full attention everywhere
-    assert "softcapping" in str(fast_engine_unsupported(Gemma2Config()))
-    assert fast_engine_unsupported(Qwen2Config(use_sliding_window=True)) == "sliding-window attention layers"
