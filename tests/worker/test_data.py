@@ -142,10 +142,6 @@ def test_tokenizer_without_chat_template_is_an_error(tokenizer: Any) -> None:
         tokenize(tokenizer, TWO_TURNS, response_template=CHATML_HEADER)
 
 
-def test_dataset_tokenization_error_is_a_value_error() -> None:
-    assert issubclass(DatasetTokenizationError, ValueError)
-
-
 def test_truncation_keeps_the_first_max_length_tokens(tokenizer: Any) -> None:
     full = tokenize(tokenizer, TWO_TURNS)
     assert full is not None
