@@ -15,9 +15,14 @@ _MODULE_ALIASES = {"embed_token": "embed_tokens"}
 
 
 class TrainConfig(BaseModel):
-    """One fine-tuning job's configuration. Unknown fields and wrong types are refused."""
+    """One fine-tuning job's configuration. Unknown fields and wrong types are refused.
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    As in the seed, it can be built and then changed field by field (``cfg.epochs = 10``); every
+    assignment is validated. Numbers may come as ``3``, ``3.0`` or ``"3"``; booleans, NaN and
+    infinities are not numbers here.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     model_name: str = Field(
         default="Qwen/Qwen2.5-0.5B",
@@ -33,15 +38,15 @@ class TrainConfig(BaseModel):
     learning_rate: float = Field(default=3e-4, gt=0.0, le=1.0, description="Peak learning rate (linear decay).")
     max_length: int | None = Field(default=None, ge=8, description="Truncate sequences to this many tokens.")
     model_save_path: str | None = Field(default=None, description="Output folder under base_path (default: job id).")
-    response_template: str = Field(
+    response_template: str | None = Field(
         default="<|im_start|>assistant\n",
         min_length=1,
-        description="Fallback marker of assistant turns.",
+        description="Fallback marker of assistant turns (null: derived from the chat template).",
     )
     lora_target_modules: list[str] | str = Field(default="all-linear", description="'all-linear' or module names.")
     lora_modules_to_save: list[str] = Field(
         default_factory=lambda: ["lm_head", "embed_tokens"],
-        description="Modules trained in full.",
+        description="Modules trained in full (null or []: none).",
     )
     tokenizer_padding_side: Literal["left", "right"] | None = Field(
         default="left", description="Saved tokenizer's side."
@@ -70,6 +75,23 @@ class TrainConfig(BaseModel):
         default=None, gt=0.0, lt=0.5, description="Hold out this fraction of records; eval loss per epoch."
     )
     keep_checkpoints: int = Field(default=2, ge=0, le=100, description="Adapter checkpoints kept (one per epoch).")
+
+    train_round: int = Field(default=0, ge=0, description="The seed's run counter; names the W&B run.")
+
+    @field_validator(
+        "lora_rank", "lora_alpha", "lora_dropout", "epochs", "batch_size", "learning_rate", "max_length", "seed",
+        "log_every", "validation_split", "keep_checkpoints", "train_round", mode="before",
+    )  # fmt: skip
+    @classmethod
+    def _no_booleans_as_numbers(cls, value: object) -> object:
+        if isinstance(value, bool):  # lax validation would take True for 1
+            raise ValueError("expected a number, not a boolean")
+        return value
+
+    @field_validator("lora_modules_to_save", mode="before")
+    @classmethod
+    def _none_means_no_module(cls, value: object) -> object:
+        return [] if value is None else value
 
     @field_validator("lora_modules_to_save")
     @classmethod

@@ -12,6 +12,8 @@ from typing import Any
 
 from peft import PeftModel
 
+from shared.outputs import check_destination, write_marker
+
 
 class Checkpoints:
     """Writes each checkpoint into a temporary sibling and renames it into place (never half-written)."""
@@ -26,8 +28,10 @@ class Checkpoints:
         meta = {"step": step, "epoch": epoch, "loss": loss, "eval_loss": eval_loss, "created_at": time.time()}
         dest = self.root / f"step-{step:06d}"
         staging = self.root / f".step-{step:06d}.{uuid.uuid4().hex[:8]}.tmp"
+        check_destination(dest)
         model.save_pretrained(str(staging))
         (staging / "checkpoint.json").write_text(json.dumps(meta))
+        write_marker(staging, "checkpoint", step=step)
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(staging, dest)
         self.saved.append({**meta, "path": str(dest)})

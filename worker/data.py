@@ -121,11 +121,13 @@ def tokenize_conversation(
 
     spans = _prefix_spans(tokenizer, messages, text, turn_end)
     if spans is None:
+        response_template = response_template or derive_response_template(tokenizer)
         if not response_template:
             raise DatasetTokenizationError(
                 "the chat template does not preserve prefixes (rendering the first messages is "
-                "not a prefix of rendering them all), so assistant turns cannot be located; "
-                "set `response_template` to the text that starts each assistant turn"
+                "not a prefix of rendering them all), so assistant turns cannot be located, and its "
+                "generation prompt gives no assistant header; set `response_template` to the text "
+                "that starts each assistant turn"
             )
         spans = _response_template_spans(text, response_template, turn_end.marker)
         if not spans:
@@ -149,6 +151,27 @@ def tokenize_conversation(
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     example = Example(input_ids=input_ids, labels=labels)
     return example if example.num_loss_tokens else None
+
+
+def derive_response_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The text that starts an assistant turn, read from the template's generation prompt: what the
+    render with the prompt adds after the user's turn (some templates end a finished conversation with
+    eos instead, so the two renders are compared after their common tokens). None when there is none."""
+    content = "Hi there"
+    probe: Messages = [{"role": "user", "content": content}]
+    try:
+        without = _render(tokenizer, probe)
+        with_prompt = _render(tokenizer, probe, add_generation_prompt=True)
+    except Exception:  # a template may refuse the probe
+        return None
+    try:
+        common = len(_common_token_prefix(tokenizer, [without, with_prompt]))
+    except DatasetTokenizationError:
+        return None
+    header = with_prompt[common:]
+    if with_prompt.find(content) + len(content) > common or not header.strip():
+        return None
+    return header
 
 
 def tokenize_dataset(

@@ -45,7 +45,7 @@ def _train(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome
     result = train_model(
         cfg,
         Path(record.dataset_path),
-        Path(record.output_dir),
+        output_dir=Path(record.output_dir),
         lora_path=resolve_inside(settings.base_path, cfg.lora_path) if cfg.lora_path else None,
         validation=Path(record.validation_path) if record.validation_path else None,
         checkpoint_dir=settings.base_path / "checkpoints" / record.id,
@@ -67,11 +67,11 @@ def _train(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome
 
 
 def _merge(record: JobRecord, lease: LeaseKeeper) -> Outcome:
-    from worker.merge import merge_model
+    from worker.merge import merge_adapter
 
     assert record.source_job is not None
     lease.event("info", f"merging the adapter of {record.source_job} into {record.config.model_name}", {})
-    path = merge_model(record.dataset_path, record.output_dir)
+    path = merge_adapter(record.dataset_path, record.output_dir)[0]
     return Outcome(JobStatus.succeeded, "Merge completed", model_path=str(path))
 
 

@@ -22,6 +22,7 @@ from peft import PeftModel
 from shared.config import TrainConfig
 from shared.dataset import check_record
 from shared.jobs import Progress
+from shared.outputs import check_destination
 from worker.checkpoints import Checkpoints
 from worker.data import read_records, tokenize_dataset
 from worker.evaluation import eval_loss
@@ -126,6 +127,7 @@ class TrainingRun:
     def setup(self) -> None:
         """Load the base, tokenize the data, put the adapter on. Raises `StoppedEarly` on a stop request."""
         cfg = self.config
+        check_destination(self.output_dir)  # refuse before any work, not after hours of training
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         base, self.tokenizer, self.engine = load_base_model(cfg, self.device, self.emit)
@@ -271,7 +273,7 @@ class TrainingRun:
         assert self.model is not None
         result.output_dir = self.output_dir
         summary = {**result.summary(), "config": self.config.model_dump(), "output_dir": str(self.output_dir)}
-        with staged_dir(self.output_dir) as staging:
+        with staged_dir(self.output_dir, "adapter", base_model=self.config.model_name) as staging:
             self.model.save_pretrained(str(staging))
             if self.config.tokenizer_padding_side is not None:
                 self.tokenizer.padding_side = self.config.tokenizer_padding_side

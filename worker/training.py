@@ -27,11 +27,25 @@ __all__ = [
 ]
 
 
+SEED_DEFAULT_FOLDER = "lora_finetuned"  # where the seed put an adapter when model_save_path was unset
+
+
+def adapter_destination(config: TrainConfig, base_path: str | Path | None) -> Path:
+    """The seed's rule: an absolute `model_save_path` as is, a relative one under `base_path`
+    (default: the working directory), and `base_path/lora_finetuned` when it is unset."""
+    base = Path(base_path) if base_path is not None else Path(".")
+    if config.model_save_path is None:
+        return base / SEED_DEFAULT_FOLDER
+    path = Path(config.model_save_path)
+    return path if path.is_absolute() else base / path
+
+
 def train_model(
     config: TrainConfig | dict[str, Any] | None = None,
     dataset: Dataset = "",
-    output_dir: str | Path | None = None,
+    base_path: str | Path | None = None,
     *,
+    output_dir: str | Path | None = None,
     lora_path: str | Path | None = None,
     validation: Dataset | None = None,
     checkpoint_dir: str | Path | None = None,
@@ -40,19 +54,21 @@ def train_model(
     on_event: EventCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """Fine-tune a LoRA adapter in this process and save it under `output_dir`.
+    """Fine-tune a LoRA adapter in this process and save it.
 
     `dataset` (and `validation`) is a JSON Lines path of `{"messages": [...]}` records or an
-    iterable of such records. `output_dir` defaults to `config.model_save_path`, else
-    `./lora_model`. `on_progress` is called on every step; `should_stop` is polled every step (the
-    run then ends without saving). Checkpoints go to `checkpoint_dir` at each epoch end.
+    iterable of such records. The adapter goes to `output_dir` when given, else where the seed put
+    it (`adapter_destination`). A destination holding anything this service did not write is
+    refused before training (`shared.outputs.DestinationInUse`). `on_progress` is called on every
+    step; `should_stop` is polled every step (the run then ends without saving). Checkpoints go to
+    `checkpoint_dir` at each epoch end.
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.model_validate(config or {})
     adapter = Path(lora_path) if lora_path is not None else (Path(cfg.lora_path) if cfg.lora_path else None)
     run = TrainingRun(
         cfg,
         dataset,
-        Path(output_dir or cfg.model_save_path or "lora_model"),
+        Path(output_dir) if output_dir is not None else adapter_destination(cfg, base_path),
         lora_path=adapter,
         validation=validation,
         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,

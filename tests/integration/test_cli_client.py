@@ -224,7 +224,7 @@ def test_merge_command_writes_a_loadable_full_model(tiny_model_dir: Path, tmp_pa
     from tests.data import easy_records
     from worker.training import TrainConfig, train_model
 
-    train_model(TrainConfig(model_name=str(tiny_model_dir), epochs=1), easy_records(4), tmp_path / "adapter")
+    train_model(TrainConfig(model_name=str(tiny_model_dir), epochs=1), easy_records(4), output_dir=tmp_path / "adapter")
     out = subprocess.run(
         [sys.executable, "-m", "api.cli", "merge", str(tmp_path / "adapter"), str(tmp_path / "merged")],
         capture_output=True, text=True, timeout=300,

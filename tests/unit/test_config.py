@@ -29,7 +29,7 @@ def test_seed_embed_token_means_embed_tokens() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("epochs", "3"), ("epochs", 0), ("batch_size", 1.5), ("learning_rate", "fast"), ("lora_dropout", 1.0),
+    [("epochs", "three"), ("epochs", True), ("epochs", 0), ("batch_size", 1.5), ("learning_rate", "fast"), ("lora_dropout", 1.0),
      ("attn_implementation", "magic"), ("lora_target_modules", []), ("tokenizer_padding_side", "middle")],
 )  # fmt: skip
 def test_wrong_values_name_the_field(field: str, value: object) -> None:

@@ -18,7 +18,7 @@ def test_train_model_in_process_with_progress_and_merge(tiny_model_dir: Path, tm
     result = train_model(
         TrainConfig(model_name=str(tiny_model_dir), epochs=3, batch_size=4, learning_rate=1e-2),
         easy_records(8),
-        tmp_path / "adapter",
+        output_dir=tmp_path / "adapter",
         on_progress=seen.append,
     )
     assert [p.current_step for p in seen] == [1, 2, 3, 4, 5, 6]
@@ -42,7 +42,7 @@ def test_should_stop_ends_the_run_without_saving(tiny_model_dir: Path, tmp_path:
     result = train_model(
         TrainConfig(model_name=str(tiny_model_dir), epochs=50),
         easy_records(8),
-        tmp_path / "adapter",
+        output_dir=tmp_path / "adapter",
         on_progress=lambda p: steps.append(p.current_step),
         should_stop=lambda: len(steps) >= 3,
     )
@@ -60,8 +60,10 @@ def test_stop_requested_before_training_ends_the_run_during_tokenization(tiny_mo
         return len(polls) > 2  # after two polls: while the 2,000 records are being tokenized
 
     result = train_model(
-        TrainConfig(model_name=str(tiny_model_dir)), easy_records(2000), tmp_path / "adapter", should_stop=should_stop
+        TrainConfig(model_name=str(tiny_model_dir)),
+        easy_records(2000),
+        output_dir=tmp_path / "adapter",
+        should_stop=should_stop,
     )
     assert result.stopped and result.steps == 0 and result.output_dir is None
     assert not (tmp_path / "adapter").exists()
-

@@ -122,12 +122,20 @@ def test_non_prefix_preserving_template_falls_back_to_response_template(tokenize
     assert loss_runs(tokenizer, example) == ["answer1<|im_end|>", "answer2<|im_end|>"]
 
 
-def test_non_prefix_preserving_template_without_response_template_is_an_error(
+def test_non_prefix_preserving_template_without_any_assistant_header_is_an_error(
     tokenizer: Any,
 ) -> None:
-    tokenizer.chat_template = NOT_PREFIX_PRESERVING
-    with pytest.raises(DatasetTokenizationError, match="response_template"):
+    tokenizer.chat_template = NOT_PREFIX_PRESERVING.replace("{% if add_generation_prompt %}", "{% if false %}")
+    with pytest.raises(DatasetTokenizationError, match="set `response_template`"):
         tokenize(tokenizer, TWO_TURNS)
+
+
+def test_without_response_template_the_header_comes_from_the_generation_prompt(tokenizer: Any) -> None:
+    tokenizer.chat_template = NOT_PREFIX_PRESERVING
+    derived = tokenize(tokenizer, TWO_TURNS)
+    explicit = tokenize(tokenizer, TWO_TURNS, response_template=CHATML_HEADER)
+    assert derived is not None and explicit is not None and derived.num_loss_tokens > 0
+    assert derived.labels == explicit.labels
 
 
 def test_response_template_that_never_occurs_is_an_error(tokenizer: Any) -> None:

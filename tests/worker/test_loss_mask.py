@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerFast
 from worker.data import (
     DatasetTokenizationError,
     TurnEnd,
+    derive_response_template,
     find_turn_end,
     tokenize_conversation,
     tokenize_dataset,
@@ -346,10 +347,16 @@ def test_no_user_turn_system_text_or_header_is_trained(family: Family) -> None:
 def test_response_template_fallback_gives_the_same_exact_spans(family: Family, turns: str) -> None:
     tokenizer = build_tokenizer(family, template=COUNT_HEADER + family.template)
     messages, expected = conversation_and_expected(family, turns)
-    with pytest.raises(DatasetTokenizationError, match="does not preserve prefixes"):
-        tokenize(tokenizer, messages, None)
     example = tokenize(tokenizer, messages, family.response_template)
     assert loss_runs(tokenizer, example) == expected
+    derived = derive_response_template(tokenizer)  # what response_template=None uses
+    if family.name == "mistral":  # no generation prompt to read a header from
+        assert derived is None
+        with pytest.raises(DatasetTokenizationError, match="does not preserve prefixes"):
+            tokenize(tokenizer, messages, None)
+    else:
+        assert derived == family.response_template
+        assert loss_runs(tokenizer, tokenize(tokenizer, messages, None)) == expected
 
 
 def test_qwen3_strips_earlier_reasoning_and_the_fallback_trains_what_is_rendered() -> None:
@@ -362,9 +369,7 @@ def test_qwen3_strips_earlier_reasoning_and_the_fallback_trains_what_is_rendered
         {"role": "user", "content": QUESTION_2},
         {"role": "assistant", "content": f"<think>\nTwo and two.\n</think>\n\n{ANSWER_2}"},
     ]
-    with pytest.raises(DatasetTokenizationError, match="does not preserve prefixes"):
-        tokenize(tokenizer, messages, None)
-    example = tokenize(tokenizer, messages, family.response_template)
+    example = tokenize(tokenizer, messages, None)  # the header comes from the generation prompt
     assert loss_runs(tokenizer, example) == [
         f"{ANSWER_1}<|im_end|>",
         f"<think>\nTwo and two.\n</think>\n\n{ANSWER_2}<|im_end|>",

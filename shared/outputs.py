@@ -1,0 +1,53 @@
+"""Which folders the service may replace: empty ones and the outputs it wrote itself, never a user's.
+
+Every adapter, merged model and checkpoint the service writes carries `OUTPUT_MARKER`, a small JSON
+file naming what wrote it. A destination that exists and is neither empty nor marked (a base model
+kept under the base path, a folder of the user's own files, a project directory) is refused before
+a job starts, and again at the moment of writing, so nothing the user owns is ever deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+OUTPUT_MARKER = ".lora-server-output.json"
+OutputKind = Literal["adapter", "merged_model", "checkpoint"]
+
+
+class DestinationInUse(FileExistsError):
+    """The destination holds something the service did not write; it will not be replaced."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}; refusing to replace it (choose another path, or empty it first)")
+        self.path, self.reason = path, reason
+
+
+def destination_problem(path: Path) -> str | None:
+    """Why `path` may not be (re)written by the service, or None when it may."""
+    if path.is_symlink():
+        return "is a symbolic link"
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        return "is a file, not a folder"
+    if (path / OUTPUT_MARKER).is_file():
+        return None
+    if next(path.iterdir(), None) is None:
+        return None
+    return "holds files this service did not write"
+
+
+def check_destination(path: Path) -> None:
+    """Raise `DestinationInUse` unless `path` may be written."""
+    reason = destination_problem(path)
+    if reason is not None:
+        raise DestinationInUse(path, reason)
+
+
+def write_marker(folder: Path, kind: OutputKind, **details: str | int | float | None) -> None:
+    """Mark `folder` as an output of this service (written into the staged folder before the swap)."""
+    (folder / OUTPUT_MARKER).write_text(json.dumps({"written_by": "lora-server", "kind": kind,
+                                                    "written_at": time.time(), **details}))  # fmt: skip
