@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BASE_PATH ?= ./models
 PORT ?= 8000
 
-.PHONY: install run test lint bench audit clean
+.PHONY: install run test lint bench gpu-wheels gpu-check audit clean
 
 $(VENV)/.installed: pyproject.toml
 	@# The dashboard test drives headless Chromium (Debian's package; needs root or an existing install).
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[worker,flower,wandb,dev]"
+	$(PY) -m pip install -q -e ".[worker,bench,flower,wandb,dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -37,8 +37,19 @@ lint: install
 audit: install
 	PY=$(PY) bash scripts/audit.sh
 
+# The seed defaults (LoRA r=8 all-linear, lm_head + embed_tokens trained in full) on a tiny shape: fast vs
+# reference vs plain TRL. On a GPU: `python -m bench.train --shape qwen2.5-0.5b --batch-size 16`.
 bench: install
 	$(PY) -m bench.train --shape tiny
+
+# Wheels a bare GPU machine lacks (no package index there), into .whl/; run here, then carry .whl there.
+gpu-wheels: install
+	PY=$(PY) bash scripts/gpu_wheels.sh
+
+# On a fresh GPU machine, from the repository root with .whl/ beside it: parity, a service job, the benchmark.
+# Uses the machine's own python3 (no venv, no install step): the project is found through PYTHONPATH.
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -152,7 +152,7 @@ def running_stack(upload_mb: float) -> Iterator[Stack]:
         service.log_dir.mkdir(parents=True)
         service.start_api()
         model_dir = tmp / "tiny_model"
-        build = [sys.executable, "-m", "worker.tiny_model", str(model_dir)]
+        build = [sys.executable, "-m", "tests.fixtures.tiny_model", str(model_dir)]
         subprocess.run(build, check=True, capture_output=True, env=service.env())  # torch stays out of this process
         yield Stack(tmp, redis_server, service, model_dir)
     except Exception:

@@ -1,21 +1,40 @@
-"""Training throughput: our engines against plain TRL on the same data, model and seed.
+"""Training throughput at the seed's defaults: our engines against plain TRL on the same data, model and seed.
 
-    python -m bench.train --shape tiny|tiny-deep|qwen2.5-0.5b --batch-size 4 --steps 10 \\
-        --mean-len 386 --max-len 2048 --seed 0 --engines fast,reference,trl [--json OUT]
+    python -m bench.train --shape tiny|tiny-deep|qwen2.5-0.5b --batch-size 4 --batches 10 \\
+        --warmup-epochs 2 --timed-epochs 2 --engines fast,reference,trl [--no-modules-to-save] \\
+        [--no-compile] [--no-cuda-graphs] [--json OUT]
 
-Random weights (throughput depends on shape, not values), synthetic pre-tokenized chat data
-(log-normal lengths, loss on the latter part), LoRA r=8 alpha 32 dropout 0.05 all-linear. Each
-engine runs in its own process (clean peak-memory numbers) on a fresh model with the same
-seed, over the same batches in the same order: `--warmup` steps untimed, then `--steps` timed.
-The fast and reference engines run through `worker.loop.train_loop`, the real worker loop.
+What runs is what a job runs: a random-weight model of the shape (throughput depends on shape, not
+values), the LoRA of a default `TrainConfig` applied by `worker.model_loading.prepare_model` (r=8,
+alpha 32, dropout 0.05, all-linear, lm_head + embed_tokens trained in full; `--no-modules-to-save`
+drops the latter), bf16 on a GPU, and `worker.loop.train_loop` with its defaults (on CUDA the fast
+engine compiles and captures whole steps; `--no-compile` / `--no-cuda-graphs` turn those off for
+every fast row, and an engine written ``fast:no-compile`` or ``fast:no-graphs`` or ``fast:eager``
+turns them off for that row alone, so one table shows what each piece pays). TRL is plain
+`SFTTrainer` on padded batches over the same LoRA configuration (modules_to_save included),
+without our dtype handling.
+
+Data: `--batches` x `--batch-size` synthetic pre-tokenized chat examples (log-normal lengths, loss on
+the latter part), taken in order. Every engine runs `--warmup-epochs` untimed passes over them
+(the fast engine's static path compiles a shape the first time it sees it and captures it the
+second), then `--timed-epochs` timed ones. Each engine runs in its own process (clean peak memory).
+
+FLOPs are counted from what each engine computes (`step_work`, `step_flops`; printed with the
+table): the fast engine runs the LM head only on positions with a label (and, on its static path,
+on bucket filler rows too), the reference engine and TRL run the whole padded batch through every
+layer and the head. "MFU" is from the engine's own FLOPs; "useful MFU" counts the same useful work
+for every engine (real tokens, head on loss positions only), so it compares engines fairly.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,8 +44,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from tests.fixtures.tiny_model import SHAPES as MODEL_SHAPES
+
+ROOT = Path(__file__).resolve().parents[1]  # the children import bench, tests and worker from here
 ENGINES = ("fast", "reference", "trl")
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16, no sparsity
+FAST_OPTIONS = {"no-compile": ("compile",), "no-graphs": ("cuda_graphs",), "eager": ("compile", "cuda_graphs")}
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 spec, no sparsity
+CHILD_RESERVE_S = 25.0  # with --time-budget: kept back for each engine still to run
 
 
 @dataclass(frozen=True)
@@ -38,24 +62,94 @@ class Shape:
     mlp: int
     vocab: int
 
-    def matmul_params(self) -> int:
-        """Weights of every matmul a token goes through: the layers' linears and the LM head."""
-        head_dim = self.hidden // self.heads
-        attention = self.hidden * head_dim * (2 * self.heads + 2 * self.kv_heads)  # q, o, k, v
-        return self.layers * (attention + 3 * self.hidden * self.mlp) + self.vocab * self.hidden
+    @classmethod
+    def of(cls, dims: dict[str, Any]) -> Shape:
+        return cls(
+            hidden=dims["hidden_size"],
+            layers=dims["num_hidden_layers"],
+            heads=dims["num_attention_heads"],
+            kv_heads=dims["num_key_value_heads"],
+            mlp=dims["intermediate_size"],
+            vocab=dims["vocab_size"],
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def linears(self) -> list[tuple[int, int]]:
+        """(in, out) of one decoder layer's linears: q, k, v, o, gate, up, down."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        h, m = self.hidden, self.mlp
+        return [(h, q), (h, kv), (h, kv), (q, h), (h, m), (h, m), (m, h)]
+
+    def decoder_params(self) -> int:
+        """Frozen matmul weights a token goes through in the decoder (the LM head apart)."""
+        return self.layers * sum(i * o for i, o in self.linears())
+
+    def lora_params(self, rank: int) -> int:
+        """LoRA A and B weights on every decoder linear (PEFT's all-linear leaves the LM head out)."""
+        return self.layers * sum(rank * (i + o) for i, o in self.linears())
 
 
 SHAPES = {
     "tiny": Shape(hidden=128, layers=4, heads=4, kv_heads=2, mlp=256, vocab=2048),
     # 0.5B's depth and module count with tiny widths: shows per-step framework overhead on a CPU
     "tiny-deep": Shape(hidden=64, layers=24, heads=4, kv_heads=2, mlp=128, vocab=2048),
-    "qwen2.5-0.5b": Shape(hidden=896, layers=24, heads=14, kv_heads=2, mlp=4864, vocab=151_936),
+    "qwen2.5-0.5b": Shape.of(MODEL_SHAPES["qwen2.5-0.5b"]),
 }
 
-FLOP_FORMULA = (
-    "FLOPs/step = 4*N_matmul*tokens + 3*4*layers*hidden*sum_seq(n*(n+1)/2)  "
-    "(frozen base: forward 2N + input-gradient 2N per token; causal attention fwd x3)"
+
+@dataclass(frozen=True)
+class StepWork:
+    """What one optimizer step pushes through the model."""
+
+    positions: int  # token positions through every decoder layer (padding and filler included)
+    attention_pairs: int  # causal (query, key) pairs, summed over the sequences attention sees
+    head_rows: int  # rows through the LM head
+
+
+FLOP_FORMULAS = (
+    "FLOPs per step from its work (P positions, A causal attention pairs, R LM-head rows):",
+    "  4*N_dec*P       decoder: frozen weights, forward 2N + input gradient 2N per position",
+    "  + 6*N_lora*P    LoRA: forward, input and weight gradients",
+    "  + 12*L*H*A      attention: QK^T and AV forward 4*H per pair and layer, backward twice that",
+    "  + 6*V*H*R       LM head trained in full (modules_to_save; 4*V*H*R when it is frozen)",
+    "  fast:  P = real tokens, A = sum n(n+1)/2, R = loss tokens; on the static path P and R are rounded",
+    "         up to their buckets and the filler segment attends to itself",
+    "  reference, trl: the padded batch, P = R = batch*W, A = batch*W(W+1)/2 (W: longest in the batch)",
+    "  useful (same for every engine): P = real tokens, A = sum n(n+1)/2, R = loss tokens",
+    "  MFU = FLOPs / time / peak dense bf16 (989 TFLOP/s on H100 and H200)",
 )
+
+
+def step_work(lengths: Sequence[int], loss_tokens: int, *, engine: str, static: bool = False) -> StepWork:
+    """The work one step does for sequences of `lengths` with `loss_tokens` labels to predict.
+
+    `engine`: "fast", "reference", "trl" or "useful" (the work every engine needs; see FLOP_FORMULAS).
+    """
+    if engine in ("reference", "trl"):
+        width = max(lengths)
+        return StepWork(len(lengths) * width, len(lengths) * width * (width + 1) // 2, len(lengths) * width)
+    pairs = sum(n * (n + 1) // 2 for n in lengths)
+    tokens = sum(lengths)
+    if engine == "useful" or (engine == "fast" and not static):
+        return StepWork(tokens, pairs, loss_tokens)
+    if engine != "fast":
+        raise ValueError(f"unknown engine {engine!r}")
+    from worker.packing import bucket_size
+
+    positions = bucket_size(tokens)
+    filler = positions - tokens
+    return StepWork(positions, pairs + filler * (filler + 1) // 2, bucket_size(loss_tokens))
+
+
+def step_flops(shape: Shape, work: StepWork, *, lora_rank: int, head_trained: bool) -> float:
+    decoder = 4 * shape.decoder_params() * work.positions
+    lora = 6 * shape.lora_params(lora_rank) * work.positions
+    attention = 12 * shape.layers * shape.heads * shape.head_dim * work.attention_pairs
+    head = (6 if head_trained else 4) * shape.vocab * shape.hidden * work.head_rows
+    return float(decoder + lora + attention + head)
 
 
 def synthetic_examples(n: int, *, vocab: int, mean_len: int, max_len: int, seed: int) -> list[Any]:
@@ -74,22 +168,58 @@ def synthetic_examples(n: int, *, vocab: int, mean_len: int, max_len: int, seed:
     return examples
 
 
-def step_flops(shape: Shape, lengths: Sequence[int]) -> float:
-    attention_pairs = sum(n * (n + 1) / 2 for n in lengths)
-    return 4 * shape.matmul_params() * sum(lengths) + 3 * 4 * shape.layers * shape.hidden * attention_pairs
-
-
 # --------------------------------------------------------------------------- one engine (child)
 
 
-def _build_model(shape: Shape, engine: str, device: Any, dtype: Any, seed: int) -> Any:
+@dataclass(frozen=True)
+class EngineSpec:
+    """A table row: an engine, and for the fast one which speed pieces are forced off."""
+
+    label: str
+    engine: Literal["fast", "reference", "trl"]
+    compile: bool | None  # None: the loop's default (on for CUDA)
+    cuda_graphs: bool | None
+
+    @classmethod
+    def parse(cls, text: str, *, no_compile: bool = False, no_graphs: bool = False) -> EngineSpec:
+        name, *options = text.strip().split(":")
+        if name not in ENGINES:
+            raise ValueError(f"unknown engine {name!r} (choose from {', '.join(ENGINES)})")
+        off = {"compile": no_compile, "cuda_graphs": no_graphs}
+        for option in options:
+            if name != "fast" or option not in FAST_OPTIONS:
+                raise ValueError(f"{text!r}: only fast takes options, one of {', '.join(FAST_OPTIONS)}")
+            off.update(dict.fromkeys(FAST_OPTIONS[option], True))
+        return cls(
+            label=text.strip(),
+            engine=name,  # type: ignore[arg-type]
+            compile=False if off["compile"] else None,
+            cuda_graphs=False if off["cuda_graphs"] else None,
+        )
+
+
+def train_config(args: argparse.Namespace) -> Any:
+    """The seed's defaults, as every job gets them (modules_to_save dropped on request)."""
+    from shared.config import TrainConfig
+
+    return TrainConfig(lora_modules_to_save=[]) if args.no_modules_to_save else TrainConfig()
+
+
+def build_model(shape: Shape, engine: str, device: Any, cfg: Any, seed: int) -> Any:
+    """A random-weight Qwen2 of `shape` with LoRA applied as a job applies it.
+
+    Our engines get `prepare_model` (LoRA, fp32 trained parameters, the embedding-output cast);
+    TRL gets the same LoRA configuration and nothing else, as the seed handed it to `SFTTrainer`.
+    """
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from worker.engine import engine_attn_implementation
+    from worker.attention import engine_attn_implementation
+    from worker.model_loading import apply_lora, prepare_model, resolve_dtype
 
-    implementation, _ = engine_attn_implementation("fast" if engine == "fast" else "reference", "sdpa", device)
+    implementation, _ = engine_attn_implementation(
+        "fast" if engine == "fast" else "reference", cfg.attn_implementation, device
+    )
     config = Qwen2Config(
         vocab_size=shape.vocab,
         hidden_size=shape.hidden,
@@ -104,181 +234,298 @@ def _build_model(shape: Shape, engine: str, device: Any, dtype: Any, seed: int) 
     )
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Qwen2ForCausalLM._from_config(config, attn_implementation=implementation, dtype=dtype)
-    lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+        model = Qwen2ForCausalLM._from_config(
+            config, attn_implementation=implementation, dtype=resolve_dtype(cfg, device)
+        )
+    if engine == "trl":
+        return apply_lora(model, cfg, None)
+    return prepare_model(model, cfg)
 
 
-def run_engine(args: argparse.Namespace, engine: Literal["fast", "reference", "trl"]) -> dict[str, Any]:
+def run_engine(args: argparse.Namespace, spec: EngineSpec) -> dict[str, Any]:
     import torch
 
+    from bench.trl_baseline import peak_memory_bytes, run_trl_baseline
     from worker.loop import StepInfo, train_loop
-    from worker.trl_baseline import peak_memory_bytes, run_trl_baseline
 
     shape = SHAPES[args.shape]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     use_cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float32
-    examples = _bench_examples(args)
-    model = _build_model(shape, engine, device, dtype, args.seed)
-    if engine == "trl":
+    cfg = train_config(args)
+    examples = bench_examples(args)
+    epochs = args.warmup_epochs + args.timed_epochs
+    warmup_steps = args.warmup_epochs * args.batches
+    model = build_model(shape, spec.engine, device, cfg, args.seed)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    events: list[str] = []
+    static = False
+    if spec.engine == "trl":
         result = run_trl_baseline(
             model,
             None,
             examples,
-            epochs=1,
+            epochs=epochs,
             batch_size=args.batch_size,
-            learning_rate=args.lr,
+            learning_rate=cfg.learning_rate,
             seed=args.seed,
-            warmup_steps=args.warmup,
+            warmup_steps=warmup_steps,
             shuffle=False,
         )
+        result["warmup_s"] = None
     else:
-        marks: dict[str, float] = {"start": time.perf_counter()}  # reset after the warm-up steps, if any
+        started = time.perf_counter()
+        marks: dict[str, float] = {"start": started}  # reset after the warm-up steps
         timed_tokens = 0
 
         def on_step(info: StepInfo) -> None:
             nonlocal timed_tokens
-            if info.step == args.warmup:
+            if info.step == warmup_steps:
                 if use_cuda:
                     torch.cuda.synchronize()
                 marks["start"] = time.perf_counter()
-            elif info.step > args.warmup:
+            elif info.step > warmup_steps:
                 timed_tokens += info.num_tokens
+
+        def on_event(kind: str, message: str, data: dict[str, Any]) -> None:
+            events.append(f"{kind}: {message}")
 
         if use_cuda:
             torch.cuda.reset_peak_memory_stats()
         loop = train_loop(
             model,
             examples,
-            epochs=1,
+            epochs=epochs,
             batch_size=args.batch_size,
-            learning_rate=args.lr,
+            learning_rate=cfg.learning_rate,
             device=device,
             seed=args.seed,
-            engine=engine,
+            engine=spec.engine,
             log_every=10**9,
             on_step=on_step,
             shuffle=False,
-            compile=args.compile and engine == "fast",
+            compile=spec.compile,
+            cuda_graphs=spec.cuda_graphs,
+            on_event=on_event,
         )
         elapsed = time.perf_counter() - marks["start"]  # train_loop synchronized before returning
+        # The loop's own rule: the fast engine takes the static (bucketed) path when either piece is on.
+        wants = [use_cuda if flag is None else flag for flag in (spec.compile, spec.cuda_graphs)]
+        static = spec.engine == "fast" and (wants[0] or (wants[1] and use_cuda))
         result = {
-            "engine": engine,
-            "steps": loop.steps_done - args.warmup,
+            "steps": loop.steps_done - warmup_steps,
             "tokens": timed_tokens,
             "elapsed_s": elapsed,
+            "warmup_s": marks["start"] - started,
             "tokens_per_second": timed_tokens / elapsed,
             "peak_memory_bytes": peak_memory_bytes(use_cuda),
             "final_loss": loop.final_loss,
         }
-    result["device"] = torch.cuda.get_device_name(device) if use_cuda else "cpu"
-    result["dtype"] = str(dtype).removeprefix("torch.")
+    engine_flops, useful_flops = timed_flops(args, cfg, spec.engine, static=static)
+    result.update(
+        engine=spec.label,
+        device=torch.cuda.get_device_name(device) if use_cuda else "cpu",
+        dtype=str(next(p for p in model.parameters() if not p.requires_grad).dtype).removeprefix("torch."),
+        trainable_params=trainable,
+        static_shapes=static,
+        engine_flops=engine_flops,
+        useful_flops=useful_flops,
+        events=events,
+    )
     return result
 
 
-def _bench_examples(args: argparse.Namespace) -> list[Any]:
-    count = (args.warmup + args.steps) * args.batch_size
+def bench_examples(args: argparse.Namespace) -> list[Any]:
+    count = args.batches * args.batch_size
     vocab = SHAPES[args.shape].vocab
     return synthetic_examples(count, vocab=vocab, mean_len=args.mean_len, max_len=args.max_len, seed=args.seed)
+
+
+def timed_flops(args: argparse.Namespace, cfg: Any, engine: str, *, static: bool) -> tuple[float, float]:
+    """FLOPs of the timed steps: what `engine` computes, and the useful work every engine shares."""
+    from worker.packing import count_loss_tokens
+
+    shape, examples = SHAPES[args.shape], bench_examples(args)
+    head_trained = "lm_head" in cfg.lora_modules_to_save
+    totals = [0.0, 0.0]
+    for start in range(0, len(examples), args.batch_size):
+        batch = examples[start : start + args.batch_size]
+        lengths = [len(e.input_ids) for e in batch]
+        loss_tokens = sum(count_loss_tokens(e) for e in batch)
+        for i, kind in enumerate((engine, "useful")):
+            work = step_work(lengths, loss_tokens, engine=kind, static=static)
+            totals[i] += step_flops(shape, work, lora_rank=cfg.lora_rank, head_trained=head_trained)
+    return totals[0] * args.timed_epochs, totals[1] * args.timed_epochs
 
 
 # --------------------------------------------------------------------------- driver (parent)
 
 
-def _run_child(argv: Sequence[str], engine: str) -> dict[str, Any]:
+def _run_child(argv: Sequence[str], spec: EngineSpec, timeout: float | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "bench.train", *argv, "--child", engine, "--child-out", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not out.exists():
-            tail = (proc.stdout + proc.stderr)[-3000:]
-            return {"engine": engine, "error": f"exit {proc.returncode}: {tail}"}
+        log = Path(tmp) / "log.txt"
+        cmd = [sys.executable, "-m", "bench.train", *argv, "--child", spec.label, "--child-out", str(out)]
+        with log.open("wb") as sink:
+            # Its own session, so a timeout ends the child's own children (compile workers) too.
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                code = proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                return {"engine": spec.label, "error": _failure(f"timed out after {timeout:.0f} s", log)}
+            except BaseException:  # Ctrl+C, or SIGTERM (see main): the child's session would outlive us
+                _kill_group(proc)
+                raise
+        if code != 0 or not out.exists():
+            return {"engine": spec.label, "error": _failure(f"exit {code}", log)}
         result: dict[str, Any] = json.loads(out.read_text())
         return result
 
 
-def _mfu(args: argparse.Namespace, result: dict[str, Any]) -> float | None:
-    device = result.get("device", "cpu")
-    peak = next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in device), None)
-    if peak is None or result.get("dtype") != "bfloat16":
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through _run_child, which stops the running engine
+
+
+def _failure(what: str, log: Path) -> str:
+    """`what`, the output's last line (usually the exception) on the first line, then the output's end."""
+    text = log.read_text(errors="replace")
+    last = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "no output")
+    return f"{what}: {last[:300]}\n{text[-3000:]}"
+
+
+def peak_flops(device: str, dtype: str) -> float | None:
+    if dtype != "bfloat16":
         return None
-    lengths = [len(e.input_ids) for e in _bench_examples(args)[args.warmup * args.batch_size :]]
-    return step_flops(SHAPES[args.shape], lengths) / result["elapsed_s"] / peak
+    return next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in device), None)
 
 
-def _print_table(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
+def add_rates(result: dict[str, Any]) -> None:
+    """TFLOP/s and MFU (engine's own FLOPs and useful FLOPs) of a finished row."""
+    elapsed = result["elapsed_s"]
+    result["tflops_per_s"] = result["engine_flops"] / elapsed / 1e12
+    peak = peak_flops(result["device"], result["dtype"])
+    result["mfu"] = None if peak is None else result["engine_flops"] / elapsed / peak
+    result["useful_mfu"] = None if peak is None else result["useful_flops"] / elapsed / peak
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def format_table(args: argparse.Namespace, results: list[dict[str, Any]]) -> str:
+    cfg = train_config(args)
     device = next((r["device"] for r in results if "device" in r), "?")
-    print(
-        f"shape={args.shape} batch={args.batch_size} steps={args.steps} (+{args.warmup} warm-up) "
-        f"mean_len={args.mean_len} max_len={args.max_len} seed={args.seed} device={device}"
+    dtype = next((r["dtype"] for r in results if "dtype" in r), "?")
+    saved = ", ".join(cfg.lora_modules_to_save) or "none"
+    lines = [
+        f"shape={args.shape} batch={args.batch_size} batches={args.batches} epochs={args.warmup_epochs} warm-up"
+        f" + {args.timed_epochs} timed, mean_len={args.mean_len} max_len={args.max_len} seed={args.seed}"
+        f" device={device} dtype={dtype}",
+        f"seed defaults: LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha} dropout={cfg.lora_dropout}"
+        f" {cfg.lora_target_modules}, modules_to_save=[{saved}], lr={cfg.learning_rate}",
+        *FLOP_FORMULAS,
+    ]
+    memory_kind = "peak GPU mem" if device not in ("cpu", "?") else "peak RSS"
+    lines.append(
+        f"{'engine':<26} {'tokens/s':>10} {memory_kind:>13} {'TFLOP/s':>8} {'MFU':>6} {'useful MFU':>10}"
+        f" {'warm-up s':>9} {'final loss':>10}"
     )
-    print(FLOP_FORMULA)
-    memory_kind = "peak GPU mem" if device != "cpu" else "peak RSS"
-    print(f"{'engine':<10} {'tokens/s':>11} {memory_kind:>13} {'MFU':>7} {'final loss':>11}")
     for r in results:
         if "error" in r:
-            print(f"{r['engine']:<10} ERROR {r['error']}")
+            lines.append(f"{r['engine']:<26} ERROR {r['error'].splitlines()[0]}")
             continue
-        mfu = r.get("mfu")
-        print(
-            f"{r['engine']:<10} {r['tokens_per_second']:>11,.0f} {r['peak_memory_bytes'] / 2**30:>9.2f} GiB "
-            f"{'n/a' if mfu is None else f'{mfu:.1%}':>7} {r['final_loss']:>11.4f}"
+        warmup = "n/a" if r.get("warmup_s") is None else f"{r['warmup_s']:.1f}"
+        loss = "n/a" if r.get("final_loss") is None else f"{r['final_loss']:.4f}"
+        lines.append(
+            f"{r['engine']:<26} {r['tokens_per_second']:>10,.0f} {r['peak_memory_bytes'] / 2**30:>9.2f} GiB"
+            f" {r['tflops_per_s']:>8.3f} {_pct(r['mfu']):>6} {_pct(r['useful_mfu']):>10} {warmup:>9} {loss:>10}"
         )
     base = next((r for r in results if r["engine"] == "trl" and "error" not in r), None)
-    if base is None:
-        return
     for r in results:
-        if r is base or "error" in r:
+        if base is None or r is base or "error" in r:
             continue
-        print(
+        lines.append(
             f"{r['engine']} vs trl: {r['tokens_per_second'] / base['tokens_per_second']:.2f}x tokens/s, "
             f"{r['peak_memory_bytes'] / base['peak_memory_bytes']:.2f}x peak memory"
         )
+    for r in results:
+        for event in r.get("events", []):
+            lines.append(f"{r['engine']}: {event}")
+    return "\n".join(lines)
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.train", description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per engine")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
+    parser.add_argument("--batches", type=int, default=10, help="distinct batches (one epoch)")
+    parser.add_argument("--warmup-epochs", type=int, default=2, help="untimed passes over the batches first")
+    parser.add_argument("--timed-epochs", type=int, default=2, help="timed passes after the warm-up")
     parser.add_argument("--mean-len", type=int, default=386)
     parser.add_argument("--max-len", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--engines", default=",".join(ENGINES))
-    parser.add_argument("--compile", action="store_true", help="fast engine: torch.compile layers (CUDA)")
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help="comma-separated rows: fast, reference, trl; fast:no-compile, fast:no-graphs, fast:eager")  # fmt: skip
+    parser.add_argument("--no-modules-to-save", action="store_true", help="train LoRA only (no lm_head/embed_tokens)")
+    parser.add_argument("--no-compile", action="store_true", help="fast engine: no torch.compile")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="fast engine: no whole-step CUDA graphs")
+    parser.add_argument("--child-timeout", type=float, default=None, help="seconds each engine may take")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help=f"seconds for all engines: each may use what is left less {CHILD_RESERVE_S:.0f} s "
+                        "for every row after it")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    parser.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if min(args.batch_size, args.batches, args.timed_epochs) < 1 or args.warmup_epochs < 0:
+        parser.error("--batch-size, --batches and --timed-epochs must be >= 1, --warmup-epochs >= 0")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
-    if args.child:
-        args.child_out.write_text(json.dumps(run_engine(args, args.child)))
-        return 0
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    unknown = set(engines) - set(ENGINES)
-    if unknown:
-        raise SystemExit(f"unknown engines: {sorted(unknown)}")
-    results = []
-    for engine in engines:
-        result = _run_child(argv, engine)
-        if "error" not in result:
-            result["mfu"] = _mfu(args, result)
-        results.append(result)
-    _print_table(args, results)
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {"args": {k: str(v) for k, v in vars(args).items()}, "flops": FLOP_FORMULA, "results": results},
-                indent=2,
-            )
+    try:
+        specs = [
+            EngineSpec.parse(e, no_compile=args.no_compile, no_graphs=args.no_cuda_graphs)
+            for e in args.engines.split(",")
+            if e.strip()
+        ]
+        child = (
+            EngineSpec.parse(args.child, no_compile=args.no_compile, no_graphs=args.no_cuda_graphs)
+            if args.child
+            else None
         )
+    except ValueError as exc:
+        raise SystemExit(f"--engines: {exc}") from exc
+    if child is not None:
+        args.child_out.write_text(json.dumps(run_engine(args, child)))
+        return 0
+    signal.signal(signal.SIGTERM, _terminated)
+    results = []
+    started = time.monotonic()
+    for i, spec in enumerate(specs):
+        timeout = args.child_timeout
+        if args.time_budget is not None:  # what is left, less a minimum kept for each row still to run
+            left = args.time_budget - (time.monotonic() - started) - CHILD_RESERVE_S * (len(specs) - i - 1)
+            timeout = left if timeout is None else min(timeout, left)
+        if timeout is not None and timeout <= 0:
+            results.append({"engine": spec.label, "error": "not run: --time-budget spent"})
+            continue
+        result = _run_child(argv, spec, timeout)
+        if "error" not in result:
+            add_rates(result)
+        results.append(result)
+    print(format_table(args, results), flush=True)
+    if args.json:
+        payload = {"args": {k: str(v) for k, v in vars(args).items()}, "flops": FLOP_FORMULAS, "results": results}
+        args.json.write_text(json.dumps(payload, indent=2))
     return 0 if all("error" not in r for r in results) else 1
 
 

