@@ -1,10 +1,10 @@
 """Streaming validation of chat datasets, by content rather than file extension.
 
 Accepts JSON Lines (one record per line) or one JSON array of records, UTF-8 with or without a
-byte-order mark, LF or CRLF line ends. Each record is `{"messages": [...]}`: an optional leading
-system message, then user/assistant turns alternating, ending with an assistant turn, every
-content a non-empty string. Valid input is rewritten as normalised JSON Lines; nothing is ever
-read whole into memory.
+byte-order mark, LF or CRLF line ends. Each record is one conversation in any shape
+`shared.chat_formats` accepts (OpenAI chat, prompt/completion, query/response, Alpaca, ShareGPT);
+valid input is rewritten as normalised chat JSON Lines (``{"messages": [...], "tools": [...]}``);
+nothing is ever read whole into memory.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from __future__ import annotations
 import codecs
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from shared.chat_formats import detect_shape, to_chat, unknown_shape_reason
 
 MAX_PROBLEMS = 20
 _CHUNK = 1 << 16
@@ -45,6 +47,7 @@ class DatasetSummary:
     num_records: int
     num_messages: int = 0
     format: str = "jsonl"
+    shapes: dict[str, int] = field(default_factory=dict)  # records per accepted shape (shared.chat_formats)
 
 
 def _size(n: int) -> str:
@@ -66,69 +69,10 @@ def _loads(text: str) -> Any:
 _TOO_DEEP = "nested too deeply"
 
 
-def _valid_text(value: str) -> bool:
-    """False for strings holding a lone surrogate ("\\ud800" in JSON): they cannot be written as UTF-8."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _short(value: str, limit: int = 40) -> str:
-    """A user value quoted in a message, cut so an 8 MB 'role' cannot bloat the error response."""
-    return repr(value) if len(value) <= limit else repr(value[:limit]) + "..."
-
-
-def check_record(obj: Any) -> tuple[list[dict[str, str]] | None, str | None]:
-    """The record's normalised messages, or the reason it is invalid."""
-    if not isinstance(obj, dict):
-        return (
-            None,
-            f"expected an object with a 'messages' list, got {type(obj).__name__}",
-        )
-    messages = obj.get("messages")
-    if messages is None:
-        return None, "missing 'messages'"
-    if not isinstance(messages, list) or not messages:
-        return None, "'messages' must be a non-empty list"
-    out: list[dict[str, str]] = []
-    expected = "user"
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            return None, f"messages[{i}] must be an object with 'role' and 'content'"
-        role, content = message.get("role"), message.get("content")
-        if not isinstance(role, str):
-            return None, f"messages[{i}].role must be a string"
-        if not isinstance(content, str):
-            return None, f"messages[{i}].content must be a string"
-        if not content.strip():
-            return None, f"messages[{i}].content is empty"
-        if not _valid_text(content):
-            return None, f"messages[{i}].content is not valid Unicode (a lone surrogate escape)"
-        if role == "system" and i == 0:
-            out.append({"role": role, "content": content})
-            continue
-        if role not in ("user", "assistant", "system"):
-            return (
-                None,
-                f"messages[{i}].role {_short(role)} is not one of system, user, assistant",
-            )
-        if role == "system":
-            return (
-                None,
-                f"messages[{i}].role is 'system': a system message may only come first",
-            )
-        if role != expected:
-            return (
-                None,
-                f"messages[{i}].role is {role!r}, expected {expected!r} (turns alternate user/assistant)",
-            )
-        out.append({"role": role, "content": content})
-        expected = "assistant" if role == "user" else "user"
-    if out[-1]["role"] != "assistant":
-        return None, "the conversation must end with an assistant message"
-    return out, None
+def check_record(obj: Any) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """The record's normalised messages (any accepted shape, `shared.chat_formats`), or why it is invalid."""
+    record, reason = to_chat(obj)
+    return (None, reason) if record is None else (record["messages"], None)
 
 
 class _Collector:
@@ -321,16 +265,17 @@ def validate_dataset(src: Path, dest: Path, *, max_record_bytes: int, max_record
                     ]
                 )
             for where, obj in records:
-                messages, reason = check_record(obj)
-                if reason is not None:
-                    bad.add(
-                        str(where) if isinstance(where, str) else f"line {where}",
-                        reason,
-                    )
+                place = where if isinstance(where, str) else f"line {where}"
+                if summary.num_records == 0 and not bad.problems and detect_shape(obj) is None:
+                    # A file in no known shape gets one clear answer, not the same complaint per record.
+                    raise DatasetError([Problem(place, unknown_shape_reason(obj))])
+                record, reason = to_chat(obj)
+                if record is None:
+                    bad.add(place, str(reason))
                     continue
-                assert messages is not None
                 summary.num_records += 1
-                summary.num_messages += len(messages)
+                summary.num_messages += len(record["messages"])
+                summary.shapes[str(detect_shape(obj))] = summary.shapes.get(str(detect_shape(obj)), 0) + 1
                 if summary.num_records > max_records:
                     bad.add(
                         f"record {summary.num_records}",
@@ -338,7 +283,7 @@ def validate_dataset(src: Path, dest: Path, *, max_record_bytes: int, max_record
                     )
                     break
                 if not bad.problems:
-                    out.write(json.dumps({"messages": messages}, ensure_ascii=False))
+                    out.write(json.dumps(record, ensure_ascii=False))
                     out.write("\n")
         if not bad.problems and summary.num_records == 0:
             bad.add("line 1", "the dataset holds no records")

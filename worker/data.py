@@ -25,6 +25,9 @@ there has no turn end to learn, and one the probe cannot render is not guessed a
    end-of-turn marker; there must be exactly one occurrence per assistant message.
 
 Neither works -> `DatasetTokenizationError`.
+
+Records may carry a top-level ``tools`` list (rendered through the template's ``tools``) and
+assistant messages a ``weight``: 0 keeps that turn out of the loss (OpenAI's per-message weight).
 """
 
 from __future__ import annotations
@@ -33,14 +36,16 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from shared.chat_formats import to_chat
 from worker.example import IGNORE_INDEX, Example
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
+ChatRecord = dict[str, Any]  # {"messages": Messages, "tools": [...]?}, as shared.chat_formats writes it
 Span = tuple[int, int]  # [start, end) character offsets in the rendered conversation
 
 # Probe contents: plain words that templates pass through unchanged (no whitespace to trim).
@@ -66,18 +71,21 @@ class TurnEnd:
         return self.final_tail.index(self.marker) + len(self.marker)
 
 
-def read_records(path: Path) -> Iterator[Messages]:
-    """Yield each record's `messages` from a JSON Lines file, one line at a time."""
-    with Path(path).open(encoding="utf-8") as f:
+def read_records(path: Path) -> Iterator[ChatRecord]:
+    """Yield each record of a JSON Lines file as chat (messages, and tools where given), one line at a
+    time; records may be in any shape `shared.chat_formats` accepts."""
+    with Path(path).open(encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-                messages = record["messages"]
-            except (json.JSONDecodeError, TypeError, KeyError) as exc:
-                raise ValueError(f"{path}:{lineno}: not a {{'messages': [...]}} record") from exc
-            yield messages
+                raw = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc})") from exc
+            record, reason = to_chat(raw)
+            if record is None:
+                raise ValueError(f"{path}:{lineno}: {reason}")
+            yield record
 
 
 def find_turn_end(tokenizer: PreTrainedTokenizerBase) -> TurnEnd:
@@ -102,6 +110,7 @@ def tokenize_conversation(
     max_length: int | None,
     response_template: str | None,
     turn_end: TurnEnd | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> Example | None:
     """Tokenize one conversation; labels are IGNORE_INDEX outside the assistant turns.
 
@@ -110,8 +119,10 @@ def tokenize_conversation(
     Returns None when no loss token is left after truncation to `max_length`.
     """
     _check_tokenizer(tokenizer)
+    trained = [m.get("weight", 1) != 0 for m in messages if m.get("role") == "assistant"]
+    messages = [{k: v for k, v in m.items() if k != "weight"} for m in messages]  # not the template's business
     try:
-        text = _render(tokenizer, messages)
+        text = _render(tokenizer, messages, tools=tools)
     except DatasetTokenizationError:
         raise
     except Exception as exc:  # jinja errors, raise_exception() in templates
@@ -119,7 +130,7 @@ def tokenize_conversation(
     if turn_end is None:
         turn_end = find_turn_end(tokenizer)
 
-    spans = _prefix_spans(tokenizer, messages, text, turn_end)
+    spans = _prefix_spans(tokenizer, messages, text, turn_end, tools)
     if spans is None:
         response_template = response_template or derive_response_template(tokenizer)
         if not response_template:
@@ -143,6 +154,7 @@ def tokenize_conversation(
                 f"starts each assistant turn and occurs nowhere else: {text[:200]!r}"
             )
 
+    spans = [span for span, keep in zip(spans, trained, strict=True) if keep]  # one span per assistant message
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids: list[int] = list(encoding["input_ids"])
     offsets: list[tuple[int, int]] = list(encoding["offset_mapping"])
@@ -176,7 +188,7 @@ def derive_response_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
 
 def tokenize_dataset(
     tokenizer: PreTrainedTokenizerBase,
-    records: Iterable[Messages],
+    records: Iterable[ChatRecord | Messages],
     *,
     max_length: int | None,
     response_template: str | None,
@@ -185,12 +197,14 @@ def tokenize_dataset(
     examples: list[Example] = []
     skipped = 0
     turn_end: TurnEnd | None = None
-    for messages in records:
+    for record in records:
         if turn_end is None:  # probed once, when the first record arrives
             turn_end = find_turn_end(tokenizer)
+        messages, tools = (record, None) if isinstance(record, list) else (record["messages"], record.get("tools"))
         example = tokenize_conversation(
-            tokenizer, messages, max_length=max_length, response_template=response_template, turn_end=turn_end
-        )
+            tokenizer, messages, max_length=max_length, response_template=response_template, turn_end=turn_end,
+            tools=tools,
+        )  # fmt: skip
         if example is None:
             skipped += 1
         else:
@@ -210,8 +224,19 @@ def _check_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
         )
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: Messages, *, add_generation_prompt: bool = False) -> str:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _render(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Messages,
+    *,
+    add_generation_prompt: bool = False,
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
+    text = tokenizer.apply_chat_template(
+        messages,
+        tools=tools or None,  # type: ignore[arg-type]  # JSON tool schemas, as transformers documents them
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+    )
     if not isinstance(text, str):  # tokenize=False always gives a str; keep mypy honest
         raise DatasetTokenizationError(f"chat template rendered {type(text).__name__}, not str")
     return text
@@ -287,7 +312,11 @@ def _common_token_prefix(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -
 
 
 def _prefix_spans(
-    tokenizer: PreTrainedTokenizerBase, messages: Messages, text: str, turn_end: TurnEnd
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Messages,
+    text: str,
+    turn_end: TurnEnd,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[Span] | None:
     """Assistant spans by rendering prefixes; None when the template is not prefix preserving."""
     tail = turn_end.final_tail
@@ -298,8 +327,8 @@ def _prefix_spans(
         if i == 0:  # no prefix to render: the header cannot be told from the content
             return None
         try:
-            before = _render(tokenizer, messages[:i], add_generation_prompt=True)
-            through = _render(tokenizer, messages[: i + 1])
+            before = _render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+            through = _render(tokenizer, messages[: i + 1], tools=tools)
         except Exception:  # a template may refuse a partial conversation
             return None
         if not through.endswith(tail):  # this turn does not close as the probe's did

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from peft import PeftModel
 
+from shared.chat_formats import to_chat
 from shared.config import TrainConfig
-from shared.dataset import check_record
 from shared.jobs import Progress
 from shared.outputs import check_destination
 from worker.checkpoints import Checkpoints
@@ -75,16 +75,16 @@ def split_validation(examples: list[Example], fraction: float, seed: int) -> tup
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in order[:n_eval]]
 
 
-def _records(dataset: Dataset) -> Iterable[list[dict[str, str]]]:
+def _records(dataset: Dataset) -> Iterable[dict[str, Any]]:
+    """Chat records from a normalised JSON Lines file, or from records in any accepted shape."""
     if isinstance(dataset, str | Path):
         yield from read_records(Path(dataset))
         return
-    for i, record in enumerate(dataset):
-        messages, reason = check_record(record)
-        if reason is not None:
+    for i, raw in enumerate(dataset):
+        record, reason = to_chat(raw)
+        if record is None:
             raise ValueError(f"dataset record {i + 1}: {reason}")
-        assert messages is not None
-        yield messages
+        yield record
 
 
 class TrainingRun:
@@ -160,7 +160,7 @@ class TrainingRun:
             self.emit("warning", message, {"skipped": skipped})
         return examples, skipped
 
-    def _watch(self, records: Iterable[list[dict[str, str]]]) -> Iterator[list[dict[str, str]]]:
+    def _watch(self, records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """Pass records through, checking for a stop request every 256 (100k records take a while)."""
         for i, record in enumerate(records):
             if i % 256 == 0:

@@ -381,7 +381,7 @@ DATASETS = [
          _train(_file(b"[" + _record(("user", "x" * 70_000), ("assistant", "y")) + b"]")), 422,
          "record 1 (line 1): longer than the 64 KiB per-record limit"),
     case("dataset-wrong-role", _train(_file(_record(("human", "hi"), ("assistant", "yo")))), 422,
-         "line 1: messages[0].role 'human' is not one of system, user, assistant"),
+         "line 1: messages[0].role 'human' is not one of system, developer, user, assistant, tool"),
     case("dataset-huge-role", _train(_file(_record(("r" * 60_000, "hi"), ("assistant", "yo")))), 422,
          "line 1: messages[0].role 'rrrr"),
     case("dataset-system-not-first", _train(_file(_record(("user", "a"), ("system", "b"), ("assistant", "c")))),
@@ -390,7 +390,7 @@ DATASETS = [
          422, "messages[1].role is 'user', expected 'assistant'"),
     case("dataset-empty-content", _train(_file(_record(("user", "   "), ("assistant", "yo")))), 422,
          "line 1: messages[0].content is empty"),
-    case("dataset-content-not-string", _train(_file(b'{"messages": [{"role": "user", "content": ["x"]}]}\n')),
+    case("dataset-content-not-string", _train(_file(b'{"messages": [{"role": "user", "content": 7}]}\n')),
          422, "messages[0].content must be a string"),
     case("dataset-no-assistant-turn", _train(_file(GOOD + _record(("user", "hi")))), 422,
          "line 3: the conversation must end with an assistant message"),
@@ -410,7 +410,10 @@ DATASETS = [
          "unexpected data after the JSON array"),
     case("dataset-1001-records", _train(_file(jsonl(easy_records(1001)))), 422,
          "record 1001: more than the 1000 records allowed"),
-    case("dataset-many-bad-lines", _train(_file(b'{"x": 1}\n' * 500)), 422, "line 20: missing 'messages'"),
+    case("dataset-many-bad-lines", _train(_file(_record(("user", "hi")) * 500)), 422,
+         "line 20: the conversation must end with an assistant message"),
+    case("dataset-unknown-shape", _train(_file(b'{"x": 1}\n' * 500)), 422,
+         "line 1: no known record shape: keys 'x'; accepted shapes: chat"),
 ]  # fmt: skip
 
 CASES = UPLOADS + PATHS + MULTIPART_CASES + CONFIGS + DATASETS

@@ -50,7 +50,7 @@ def test_system_message_first_is_allowed(tmp_path: Path) -> None:
         (b"hello", "line 1: expected JSON Lines"),
         (b'{"messages": [{"role": "user", "content": "hi"}]}\n', "line 1: the conversation must end with an assistant"),
         (b'{"messages": []}\n', "line 1: 'messages' must be a non-empty list"),
-        (b'{"text": "x"}\n', "line 1: missing 'messages'"),
+        (b'{"text": "x"}\n', "line 1: no known record shape: keys 'text'; accepted shapes: chat"),
         (b'{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]}',
          "line 1: messages[0].content is empty"),
         (b'{"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "a"}]}',
@@ -76,10 +76,17 @@ def test_invalid_utf8_names_the_line(tmp_path: Path) -> None:
 
 
 def test_problem_list_is_capped_and_keeps_line_numbers(tmp_path: Path) -> None:
-    data = b'{"x": 1}\n' * 50
+    data = b'{"messages": [{"role": "user", "content": "hi"}]}\n' * 50
     problems = _problems(tmp_path, data)
     assert len(problems) == MAX_PROBLEMS
     assert problems[0].startswith("line 1:") and problems[-1].startswith(f"line {MAX_PROBLEMS}:")
+
+
+def test_a_file_in_no_known_shape_gets_one_answer(tmp_path: Path) -> None:
+    problems = _problems(tmp_path, b'{"text": "a", "label": 1}\n' * 50)
+    assert len(problems) == 1
+    assert problems[0].startswith("line 1: no known record shape: keys 'text', 'label'; accepted shapes: chat")
+    assert "Alpaca" in problems[0] and "ShareGPT" in problems[0] and "query/response" in problems[0]
 
 
 def test_over_long_record_is_refused_without_reading_it_whole(tmp_path: Path) -> None:

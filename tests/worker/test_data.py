@@ -185,7 +185,7 @@ def test_tokenize_dataset_counts_skipped_examples(tokenizer: Any) -> None:
     assert all(loss_runs(tokenizer, e) == ["hello<|im_end|>"] for e in examples)
 
 
-def test_read_records_yields_messages_line_by_line(tmp_path: Path) -> None:
+def test_read_records_yields_records_line_by_line(tmp_path: Path) -> None:
     path = tmp_path / "data.jsonl"
     records = [
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
@@ -194,12 +194,56 @@ def test_read_records_yields_messages_line_by_line(tmp_path: Path) -> None:
     lines = [json.dumps(r, ensure_ascii=False) for r in records]
     path.write_text(lines[0] + "\n\n" + lines[1] + "\n", encoding="utf-8")
     reader = read_records(path)
-    assert next(reader) == records[0]["messages"]
-    assert list(reader) == [records[1]["messages"]]
+    assert next(reader) == records[0]
+    assert list(reader) == [records[1]]
 
 
 def test_read_records_names_the_bad_line(tmp_path: Path) -> None:
     path = tmp_path / "data.jsonl"
-    path.write_text('{"messages": []}\n{"oops": 1}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=":2:"):
+    good = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}'
+    path.write_text(good + '\n{"oops": 1}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=":2: no known record shape: keys 'oops'"):
         list(read_records(path))
+
+
+# ChatML with tools and tool calls, in the style of Qwen2.5's template.
+TOOLS_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\\nTools:' }}{% for tool in tools %}{{ ' ' + tool['function']['name'] }}"
+    "{% endfor %}{{ '<|im_end|>\\n' }}{% endif %}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
+    "{% if message.tool_calls %}{% for call in message.tool_calls %}"
+    "{{ '<tool_call>' + call['function']['name'] + ' ' + call['function']['arguments'] | tojson + '</tool_call>' }}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_weight_zero_turns_are_rendered_but_not_trained(tokenizer: Any) -> None:
+    messages = [dict(m) for m in TWO_TURNS]
+    messages[2]["weight"] = 0
+    example = tokenize(tokenizer, messages)
+    assert example is not None
+    assert loss_runs(tokenizer, example) == ["answer2<|im_end|>"]
+    assert "answer1" in tokenizer.decode(example.input_ids)
+
+
+def test_tools_and_tool_calls_go_through_the_template(tokenizer: Any, tmp_path: Path) -> None:
+    from shared.chat_formats import to_chat
+
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    raw = {
+        "messages": [
+            {"role": "user", "content": "add"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "plus", "arguments": '{"a": 2}'}}]},
+            {"role": "tool", "content": "4", "tool_call_id": "c1"},
+            {"role": "assistant", "content": "four"},
+        ],
+        "tools": [{"type": "function", "function": {"name": "plus"}}],
+    }  # fmt: skip
+    record, reason = to_chat(raw)
+    assert reason is None and record is not None
+    (example,), skipped = tokenize_dataset(tokenizer, [record], max_length=None, response_template=None)
+    text = tokenizer.decode(example.input_ids)
+    assert skipped == 0 and text.startswith("<|im_start|>system\nTools: plus<|im_end|>")
+    assert loss_runs(tokenizer, example) == ['<tool_call>plus {"a": 2}</tool_call><|im_end|>', "four<|im_end|>"]
