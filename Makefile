@@ -7,11 +7,9 @@ TORCH_SPEC ?= torch==2.13.0
 BASE_PATH ?= ./models
 PORT ?= 8000
 
-.PHONY: install run test lint bench gpu-wheels gpu-check audit clean
+.PHONY: install run test test-browser lint bench gpu-wheels gpu-check audit clean
 
 $(VENV)/.installed: pyproject.toml
-	@# The dashboard test drives headless Chromium (Debian's package; needs root or an existing install).
-	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
@@ -23,7 +21,13 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/lora-server --base_path $(BASE_PATH) --port $(PORT)
 
-test: install
+# Test set-up only: the dashboard tests drive headless Chromium (Debian's package). Installing it needs root;
+# `make run` never does this.
+test-browser:
+	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" = 0 ] || { echo "the dashboard tests need Chromium: run 'sudo apt-get install chromium' first" >&2; exit 1; }
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test: install test-browser
 	$(PY) -m ruff check .
 	$(PY) -m mypy api shared worker
 	$(PY) -m pytest -q
