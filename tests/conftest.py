@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared.embedded_redis import EmbeddedRedis
+from launcher.embedded_redis import EmbeddedRedis
 from tests.service import Service
 
 

@@ -28,7 +28,7 @@ import pytest
 import redis
 
 from tests.data import easy_records, jsonl
-from tests.service import Service
+from tests.service import Service, wait_running, wait_until
 
 MB = 1 << 20
 # A small service: 1 MB uploads, 64 KiB records, 1000 records, two slots (so that hostile requests
@@ -128,9 +128,12 @@ def _state(svc: Service, *, files_under: Path | None = None) -> State:
 def _settle(svc: Service) -> None:
     """Wait until the incoming folder is empty: an abandoned upload is removed once the server notices."""
     incoming = svc.base_path / "datasets" / ".incoming"
-    deadline = time.monotonic() + 10
-    while incoming.exists() and any(incoming.iterdir()) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(
+        lambda: not (incoming.exists() and any(incoming.iterdir())),
+        timeout=10,
+        every=0.05,
+        what=lambda: f"the incoming folder to empty: {sorted(p.name for p in incoming.iterdir())}",
+    )
 
 
 # --- sending --------------------------------------------------------------------------------------
@@ -277,6 +280,7 @@ class Case:
 
 
 def case(id: str, send: Callable[[Service], Reply], status: int | tuple[int | None, ...], *needles: str) -> Case:
+    assert needles and all(needles), f"{id}: name at least one non-empty text the message must contain"
     return Case(id, send, status, needles)
 
 
@@ -297,9 +301,8 @@ UPLOADS = [
     case("content-length-fits-file-part-does-not", _length_fits_but_file_does_not, 413, LIMIT_MSG),
     case("content-length-shorter-than-body", _length_shorter_than_body, 400,
          "ended inside the 'file' part", "Invalid HTTP request"),
-    case("content-length-longer-than-body-then-eof", _length_longer_than_body, (None, 400),
-         "", "client disconnected"),
-    case("connection-dropped-mid-file", _abandoned_mid_file, (None, 400), "", "client disconnected"),
+    case("content-length-longer-than-body-then-eof", _length_longer_than_body, (None, 400), "client disconnected"),
+    case("connection-dropped-mid-file", _abandoned_mid_file, (None, 400), "client disconnected"),
 ]  # fmt: skip
 
 PATHS = [
@@ -497,10 +500,7 @@ def test_a_running_job_trains_on_undisturbed_through_the_battery(
     reply = _post(limited, _multipart(_config(config), _file(jsonl(easy_records(8)))))
     assert reply.status == 202, reply.text
     job_id = json.loads(reply.text)["job_id"]
-    job = limited.wait_for(job_id, {"running"}, timeout=120)
-    while job["progress"]["current_step"] < 1 and job["status"] == "running":
-        job = limited.get(f"/jobs/{job_id}").json()
-        time.sleep(0.1)
+    wait_running(limited, job_id, min_step=1)
     datasets = limited.base_path / "datasets"
     battery = [c for c in CASES if c.id in BATTERY_IDS]
     assert len(battery) == len(BATTERY_IDS)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import httpx
 
-from tests.integration.faults import submit, wait_running
-from tests.service import Service
+from tests.service import Service, submit, wait_running, wait_until
 
 
 def _run_jobs(service: Service, model_dir: Path, n: int) -> list[str]:
@@ -100,12 +98,11 @@ def test_live_event_stream_follows_a_job_and_resumes_with_last_event_id(service:
 
 def test_health_readiness_and_metrics(service: Service, tiny_model_dir: Path) -> None:
     assert service.get("/healthz").json() == {"status": "ok"}
-    deadline = time.monotonic() + 30
-    while (ready := service.get("/readyz")).status_code != 200:
-        assert time.monotonic() < deadline, ready.text
-        time.sleep(0.3)
-    assert ready.json()["workers"]
-    job_id = r.json()["job_id"] if (r := submit(service, tiny_model_dir, epochs=200, batch_size=2)) else ""
+    ready = wait_until(lambda: service.get("/readyz").json().get("workers"), timeout=30, every=0.3, what="a worker")
+    assert len(ready) == 1
+    r = submit(service, tiny_model_dir, epochs=200, batch_size=2)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
     wait_running(service, job_id, min_step=3)
     text = service.get("/metrics").text
     assert 'lora_jobs{status="running"} 1' in text
@@ -116,8 +113,5 @@ def test_health_readiness_and_metrics(service: Service, tiny_model_dir: Path) ->
     service.post(f"/jobs/{job_id}/cancel")
     service.wait_for(job_id, {"cancelled"})
     service.stop_worker()
-    deadline = time.monotonic() + 60
-    while (ready := service.get("/readyz")).status_code != 503:
-        assert time.monotonic() < deadline, ready.text
-        time.sleep(1)
-    assert "no worker" in ready.json()["reason"]
+    gone = wait_until(lambda: (reply := service.get("/readyz")).status_code == 503 and reply, timeout=60, every=1)
+    assert "no worker" in gone.json()["reason"]

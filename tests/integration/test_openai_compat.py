@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from openai import OpenAI
 from openai.types.fine_tuning import FineTuningJob
 
 from tests.data import easy_records, jsonl
-from tests.service import Service
+from tests.service import Service, wait_until
 
 
 @pytest.fixture
@@ -26,14 +25,11 @@ def _upload(client: OpenAI, n: int = 8) -> str:
 
 
 def _wait(client: OpenAI, service: Service, job_id: str, statuses: set[str], timeout: float = 180) -> FineTuningJob:
-    deadline = time.monotonic() + timeout
-    job = client.fine_tuning.jobs.retrieve(job_id)
-    while job.status not in statuses:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{job_id} never reached {statuses}: {job}\n{service.logs('worker')}")
-        time.sleep(0.25)
+    def reached() -> FineTuningJob | None:
         job = client.fine_tuning.jobs.retrieve(job_id)
-    return job
+        return job if job.status in statuses else None
+
+    return wait_until(reached, timeout=timeout, what=lambda: f"{job_id} to reach {statuses}\n{service.logs('worker')}")
 
 
 def test_upload_train_follow_and_list_a_job(client: OpenAI, service: Service, tiny_model_dir: Path) -> None:
@@ -131,8 +127,11 @@ def test_cancel_a_running_job_and_busy_slots_are_a_409(client: OpenAI, service: 
     assert busy.value.code == "training_slots_full" and long.id in busy.value.message
     assert busy.value.response.headers["x-should-retry"] == "false"
 
-    while not [e for e in client.fine_tuning.jobs.list_events(long.id, limit=5).data if e.type == "metrics"]:
-        time.sleep(0.2)
+    wait_until(
+        lambda: [e for e in client.fine_tuning.jobs.list_events(long.id, limit=5).data if e.type == "metrics"],
+        timeout=60,
+        what="a metrics event",
+    )
     cancelling = client.fine_tuning.jobs.cancel(long.id)
     assert cancelling.id == long.id and cancelling.status in ("running", "cancelled")
     job = _wait(client, service, long.id, {"succeeded", "failed", "cancelled"}, timeout=60)

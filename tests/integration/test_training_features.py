@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from tests.data import easy_records, jsonl
-from tests.integration.faults import submit
-from tests.service import Service
+from tests.service import Service, submit
 
 
 def test_validation_split_reports_eval_loss_and_keeps_last_checkpoints(service: Service, tiny_model_dir: Path) -> None:

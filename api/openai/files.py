@@ -1,0 +1,128 @@
+"""OpenAI-compatible files: `/v1/files` (upload, list, read, delete, content) for training data."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Final, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.datasets import check_disk, store_dataset
+from api.deps import SettingsDep
+from api.errors import FileNotFound, InvalidInput, MalformedRequest, field_error
+from api.openai.convert import file_public
+from api.openai.errors import OpenAIRoute
+from api.openai.records import FileRecord
+from api.openai.schemas import FileDeletedPublic, FilePublic, ListPage
+from api.openai.store import OpenAIStore, OpenAIStoreDep, UnknownCursorError
+from api.openai.uploads import receive_file_upload
+
+router = APIRouter(prefix="/v1/files", tags=["openai"], route_class=OpenAIRoute)
+
+PURPOSE: Final = "fine-tune"
+
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "chat dataset (JSONL)"},
+                        "purpose": {"type": "string", "enum": [PURPOSE]},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def new_file_id() -> str:
+    return f"file-{uuid.uuid4().hex[:24]}"
+
+
+def get_file_record(store: OpenAIStore, file_id: str) -> FileRecord:
+    record = store.get_file(file_id)
+    if record is None:
+        raise FileNotFound(file_id)
+    return record
+
+
+@router.post("", openapi_extra=_BODY, responses={400: {}, 413: {}, 415: {}, 507: {}})
+async def create_file(request: Request, settings: SettingsDep, store: OpenAIStoreDep) -> FilePublic:
+    """Upload a chat dataset (`purpose=fine-tune`); it is validated and stored normalised as JSON Lines."""
+    await run_in_threadpool(check_disk, settings)
+    upload = await receive_file_upload(request, settings)
+    try:
+        purpose = upload.fields.get("purpose")
+        if purpose != PURPOSE:
+            got = "missing" if purpose is None else f"{purpose!r}"
+            msg = f"only {PURPOSE!r} is accepted"
+            raise InvalidInput(f"purpose is {got}: {msg}", problems=[field_error(["purpose"], msg)])
+        file_id = new_file_id()
+        path, summary = await run_in_threadpool(store_dataset, upload.dataset, settings, file_id)
+    finally:
+        upload.discard()
+    record = FileRecord(
+        id=file_id,
+        bytes=path.stat().st_size,
+        created_at=int(time.time()),
+        filename=upload.filename,
+        purpose=PURPOSE,
+        path=str(path),
+        num_records=summary.num_records,
+    )
+    try:
+        await run_in_threadpool(store.add_file, record)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return file_public(record)
+
+
+@router.get("")
+def list_files(
+    store: OpenAIStoreDep,
+    after: Annotated[str | None, Query(description="id of the last file of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    order: Annotated[Literal["asc", "desc"], Query(description="by upload time")] = "desc",
+    purpose: Annotated[str | None, Query()] = None,
+) -> ListPage[FilePublic]:
+    if purpose is not None and purpose != PURPOSE:
+        return ListPage.of([], False)
+    try:
+        records, has_more = store.list_files(after=after, limit=limit, order=order)
+    except UnknownCursorError as exc:
+        raise MalformedRequest(f"after: no file {after!r}", problems=[field_error(["after"], "no such file")]) from exc
+    return ListPage.of([file_public(r) for r in records], has_more)
+
+
+@router.get("/{file_id}", responses={404: {}})
+def retrieve_file(file_id: str, store: OpenAIStoreDep) -> FilePublic:
+    return file_public(get_file_record(store, file_id))
+
+
+@router.delete("/{file_id}", responses={404: {}})
+def delete_file(file_id: str, store: OpenAIStoreDep) -> FileDeletedPublic:
+    """Forget the file. Jobs created from it keep their own copy of the data."""
+    record = get_file_record(store, file_id)
+    deleted = store.remove_file(file_id)
+    Path(record.path).unlink(missing_ok=True)
+    return FileDeletedPublic(id=file_id, deleted=deleted)
+
+
+@router.get("/{file_id}/content", response_class=FileResponse, responses={404: {}})
+def file_content(file_id: str, store: OpenAIStoreDep) -> FileResponse:
+    """The stored (normalised JSON Lines) content."""
+    record = get_file_record(store, file_id)
+    path = Path(record.path)
+    if not path.is_file():
+        raise FileNotFound(file_id, f"the content of {file_id} is no longer on the volume")
+    return FileResponse(path, media_type="application/octet-stream", filename=f"{file_id}.jsonl")

@@ -1,0 +1,156 @@
+"""The job store's transitions against a real Redis-compatible server."""
+
+import threading
+import time
+
+import redis
+
+from shared import keys
+from shared.config import TrainConfig
+from shared.events import StatusChanged
+from shared.jobs import JobRecord, JobStatus, Progress
+from shared.store import JobStore
+
+
+def _record(job_id: str) -> JobRecord:
+    return JobRecord(
+        id=job_id, status=JobStatus.queued, created_at=0, config=TrainConfig(epochs=1),
+        dataset_path="/d.jsonl", output_dir="/o", max_attempts=1,
+    )  # fmt: skip
+
+
+def _admitted(store: JobStore, job_id: str, slots: int = 1) -> bool:
+    return store.admit(_record(job_id), max_slots=slots, queue_timeout_s=60).admitted
+
+
+def test_admission_is_atomic_under_concurrency(redis_client: redis.Redis, redis_url: str) -> None:
+    results: list[bool] = []
+    barrier = threading.Barrier(30)
+
+    def submit(i: int) -> None:
+        store = JobStore(redis.Redis.from_url(redis_url, decode_responses=True))
+        barrier.wait()
+        results.append(_admitted(store, f"j{i}", slots=2))
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(True) == 2
+    assert redis_client.zcard(keys.ACTIVE) == 2
+
+
+def test_refused_admission_names_the_running_job(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    assert _admitted(store, "a")
+    result = store.admit(_record("b"), max_slots=1, queue_timeout_s=60)
+    assert not result.admitted and result.running == ["a"]
+    assert store.get("b") is None
+
+
+def test_claim_renew_finish_and_fencing(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    assert _admitted(store, "a")
+    assert store.claim("a", token="t1", lease_s=30, worker="w1") == "ok"
+    # A redelivered message finds the job running and is refused.
+    assert store.claim("a", token="t2", lease_s=30, worker="w2") == "running"
+    assert store.renew("a", token="t1", lease_s=30, progress=Progress(current_step=3, total_steps=9)) == 0
+    assert store.renew("a", token="t2", lease_s=30, progress=None) == -1
+    rec = store.get("a")
+    assert rec is not None and rec.status is JobStatus.running and rec.progress.current_step == 3
+    assert rec.attempts == 1
+    assert not store.finish("a", token="t2", status=JobStatus.succeeded, message="x")
+    assert store.finish("a", token="t1", status=JobStatus.succeeded, message="done", model_path="/o")
+    rec = store.get("a")
+    assert rec is not None and rec.status is JobStatus.succeeded and rec.model_path == "/o"
+    assert store.active_ids() == []
+    assert store.claim("a", token="t3", lease_s=30, worker="w3") == "succeeded"
+    changes = [e.data for e in store.events("a") if e.type == "status"]
+    assert changes == [StatusChanged(status=s) for s in (JobStatus.queued, JobStatus.running, JobStatus.succeeded)]
+
+
+def test_cancel_queued_and_running(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    assert _admitted(store, "q")
+    assert store.cancel("q") == "removed"
+    assert store.cancel("q") == "cancelled"
+    assert store.active_ids() == []
+    assert store.claim("q", token="t", lease_s=30, worker="w") == "cancelled"
+    assert _admitted(store, "r")
+    store.claim("r", token="t", lease_s=30, worker="w")
+    assert store.cancel("r") == "requested"
+    assert store.renew("r", token="t", lease_s=30, progress=None) == 1
+    assert store.cancel("missing") == "missing"
+
+
+def test_lapsed_lease_fails_the_job_and_frees_the_slot(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    assert _admitted(store, "a")
+    store.claim("a", token="t", lease_s=0.2, worker="w1")
+    assert store.reap(queue_timeout_s=60) == []
+    assert store.get("a").status is JobStatus.running  # type: ignore[union-attr]
+    time.sleep(0.3)
+    assert store.reap(queue_timeout_s=60) == []
+    rec = store.get("a")
+    assert rec is not None and rec.status is JobStatus.failed and rec.error and "worker lost" in rec.error
+    assert store.active_ids() == []
+    assert store.renew("a", token="t", lease_s=30, progress=None) == -1
+
+
+def test_lapsed_lease_requeues_while_attempts_remain(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    rec = _record("a").model_copy(update={"max_attempts": 2})
+    assert store.admit(rec, max_slots=1, queue_timeout_s=60).admitted
+    store.claim("a", token="t", lease_s=0.1, worker="w1")
+    time.sleep(0.2)
+    assert store.reap(queue_timeout_s=60) == ["a"]
+    assert store.get("a").status is JobStatus.queued  # type: ignore[union-attr]
+    assert store.active_ids() == ["a"]
+    assert store.claim("a", token="t2", lease_s=0.1, worker="w2") == "ok"
+    time.sleep(0.2)
+    assert store.reap(queue_timeout_s=60) == []
+    final = store.get("a")
+    assert final is not None and final.status is JobStatus.failed and final.attempts == 2
+
+
+def test_queued_job_nobody_claims_fails_after_queue_timeout(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    assert store.admit(_record("a"), max_slots=1, queue_timeout_s=0.1).admitted
+    time.sleep(0.2)
+    store.reap(queue_timeout_s=60)
+    rec = store.get("a")
+    assert rec is not None and rec.status is JobStatus.failed and "no worker" in (rec.error or "")
+    assert _admitted(store, "b")
+
+
+def test_current_prefers_active_then_newest(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    assert store.current() is None
+    assert _admitted(store, "a")
+    store.claim("a", token="t", lease_s=30, worker="w")
+    store.finish("a", token="t", status=JobStatus.failed, message="m", error="boom")
+    assert store.current().id == "a"  # type: ignore[union-attr]
+    assert _admitted(store, "b")
+    assert store.current().id == "b"  # type: ignore[union-attr]
+
+
+def test_prune_drops_only_ended_jobs_past_retention(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    assert _admitted(store, "old", slots=5) and _admitted(store, "running", slots=5)
+    store.claim("old", token="t", lease_s=30, worker="w")
+    store.finish("old", token="t", status=JobStatus.succeeded, message="done")
+    store.claim("running", token="t", lease_s=30, worker="w")
+    time.sleep(0.05)
+    assert store.prune(older_than_s=3600) == []
+    assert store.prune(older_than_s=0.01) == ["old"]
+    assert store.get("old") is None and store.events("old") == []
+    assert store.get("running") is not None
+    assert [job_id for job_id, _ in store.list_ids()] == ["running"]
+
+
+def test_foreign_ids_never_reach_redis_keys(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    assert _admitted(store, "a")
+    assert store.get("a:events") is None and store.cancel("a:events") == "missing"
+    assert store.events("a:events") == [] and store.get("../a") is None
