@@ -23,6 +23,11 @@ class TrainAccepted(BaseModel):
     status_url: str
     job_url: str
 
+    @classmethod
+    def of(cls, record: JobRecord, message: str, base_url: str) -> TrainAccepted:
+        base = base_url.rstrip("/")
+        return cls(job_id=record.id, message=message, status_url=f"{base}/status", job_url=f"{base}/jobs/{record.id}")
+
 
 class SeedStatusPublic(BaseModel):
     """The seed's `/status` shape, plus extra fields; `model_path` only when completed, `error` only on error."""

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from fastapi import Request
 from python_multipart.exceptions import FormParserError
@@ -39,6 +39,12 @@ _FIELD_LIMIT = 4096  # bytes in a form field other than `config`
 
 def _too_large(settings: Settings) -> PayloadTooLarge:
     return PayloadTooLarge(f"upload exceeds the {settings.max_upload_mb:g} MB limit (LORA_MAX_UPLOAD_MB)")
+
+
+def multipart_openapi(required: list[str], properties: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads its multipart body itself (FastAPI cannot see its parts)."""
+    schema = {"type": "object", "required": required, "properties": properties}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
 @dataclass

@@ -20,28 +20,19 @@ from api.openai.records import FileRecord
 from api.openai.schemas import FileDeletedPublic, FilePublic, ListPage
 from api.openai.store import OpenAIStore, OpenAIStoreDep, UnknownCursorError
 from api.openai.uploads import receive_file_upload
+from api.uploads import multipart_openapi
 
 router = APIRouter(prefix="/v1/files", tags=["openai"], route_class=OpenAIRoute)
 
 PURPOSE: Final = "fine-tune"
 
-_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file", "purpose"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary", "description": "chat dataset (JSONL)"},
-                        "purpose": {"type": "string", "enum": [PURPOSE]},
-                    },
-                }
-            }
-        },
-    }
-}
+_BODY = multipart_openapi(
+    ["file", "purpose"],
+    {
+        "file": {"type": "string", "format": "binary", "description": "chat dataset (JSONL)"},
+        "purpose": {"type": "string", "enum": [PURPOSE]},
+    },
+)
 
 
 def new_file_id() -> str:

@@ -37,10 +37,4 @@ def merge(
         )
     job = JobRequest(config=source.config, merge_of=source, merge_output=spec.output_path if spec else None)
     record = submit_job(store, celery, settings, job)
-    base = str(request.base_url).rstrip("/")
-    return TrainAccepted(
-        job_id=record.id,
-        message=f"Merge of {source.id} queued",
-        status_url=f"{base}/status",
-        job_url=f"{base}/jobs/{record.id}",
-    )
+    return TrainAccepted.of(record, f"Merge of {source.id} queued", str(request.base_url))

@@ -9,36 +9,22 @@ from api.datasets import UploadedData, check_disk
 from api.deps import CeleryDep, SettingsDep, StoreDep
 from api.schemas import TrainAccepted
 from api.submission import JobRequest, ensure_free_slot, parse_config, submit_job
-from api.uploads import receive_upload
+from api.uploads import multipart_openapi, receive_upload
 
 router = APIRouter(tags=["training"])
 
-_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "config": {"type": "string", "description": "TrainConfig as a JSON object"},
-                        "file": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "chat dataset (JSONL or JSON array)",
-                        },
-                        "validation_file": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "optional held-out chat dataset: eval loss per epoch",
-                        },
-                    },
-                }
-            }
+_BODY = multipart_openapi(
+    ["file"],
+    {
+        "config": {"type": "string", "description": "TrainConfig as a JSON object"},
+        "file": {"type": "string", "format": "binary", "description": "chat dataset (JSONL or JSON array)"},
+        "validation_file": {
+            "type": "string",
+            "format": "binary",
+            "description": "optional held-out chat dataset: eval loss per epoch",
         },
-    }
-}
+    },
+)
 
 
 @router.post(
@@ -58,10 +44,5 @@ async def train(request: Request, store: StoreDep, celery: CeleryDep, settings: 
         record = await run_in_threadpool(submit_job, store, celery, settings, job)
     finally:
         upload.discard()
-    base = str(request.base_url).rstrip("/")
-    return TrainAccepted(
-        job_id=record.id,
-        message=f"Training job accepted: {record.num_records} records, {config.epochs} epochs",
-        status_url=f"{base}/status",
-        job_url=f"{base}/jobs/{record.id}",
-    )
+    message = f"Training job accepted: {record.num_records} records, {config.epochs} epochs"
+    return TrainAccepted.of(record, message, str(request.base_url))
