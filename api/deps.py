@@ -7,7 +7,7 @@ from typing import Annotated
 from celery import Celery
 from fastapi import Depends, Request
 
-from api.errors import JobNotFound
+from api.job_actions import get_job
 from shared.jobs import JobRecord
 from shared.settings import Settings
 from shared.store import JobStore
@@ -31,14 +31,6 @@ def _celery(request: Request) -> Celery:
 SettingsDep = Annotated[Settings, Depends(_settings)]
 StoreDep = Annotated[JobStore, Depends(_store)]
 CeleryDep = Annotated[Celery, Depends(_celery)]
-
-
-def get_job(store: JobStore, job_id: str) -> JobRecord:
-    """The job named in a request, or JobNotFound (also for a string that is not a job id)."""
-    record = store.get(job_id)
-    if record is None:
-        raise JobNotFound(job_id)
-    return record
 
 
 def _job(job_id: str, store: StoreDep) -> JobRecord:

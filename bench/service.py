@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-from shared.embedded_redis import EmbeddedRedis
 
+from launcher.embedded_redis import EmbeddedRedis
 from tests.data import easy_records, write_jsonl
 from tests.service import Service
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import redis
 from tenacity import (
     RetryCallState,
     RetryError,
@@ -92,6 +93,12 @@ def wait_until_up(url: str, proc: subprocess.Popen[Any], *, timeout: float = 60)
 # --------------------------------------------------------------------------- the service
 
 
+def flush(redis_url: str) -> None:
+    """Empty the Redis database a service is about to use."""
+    with redis.Redis.from_url(redis_url) as client:
+        client.flushdb()
+
+
 def _stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -147,24 +154,25 @@ class Service:
         self.start_api()
 
     def start_api(self) -> None:
-        log = (self.log_dir / "api.log").open("ab")
         cmd = [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1",
                "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
-        self.api = subprocess.Popen(
-            cmd, cwd=ROOT, env=self.env(), stdout=log, stderr=log, preexec_fn=own_group_dies_with_parent
-        )
+        self.api = self._spawn(cmd, "api", self.env())
         if wait_until_up(self.url + "/healthz", self.api, timeout=30):
             return
         raise RuntimeError("API did not start:\n" + self.logs("api"))
 
     def start_worker(self, **env: str) -> None:
-        log = (self.log_dir / "worker.log").open("ab")
         cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO",
                "--concurrency", "1", "-Q", QUEUE, "-n", f"test{len(self.workers) + 1}@%h"]  # fmt: skip
-        self.worker = subprocess.Popen(
-            cmd, cwd=ROOT, env={**self.env(), **env}, stdout=log, stderr=log, preexec_fn=own_group_dies_with_parent
-        )
+        self.worker = self._spawn(cmd, "worker", {**self.env(), **env})
         self.workers.append(self.worker)
+
+    def _spawn(self, cmd: list[str], log_name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """A child in a process group of its own, writing to `<log_name>.log` (the child keeps its own handle)."""
+        with (self.log_dir / f"{log_name}.log").open("ab") as log:
+            return subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=log, stderr=log, preexec_fn=own_group_dies_with_parent
+            )
 
     def stop_api(self) -> None:
         _stop(self.api)

@@ -12,10 +12,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
 
+from api import job_actions
 from api.artifacts import list_checkpoints as saved_checkpoints
 from api.datasets import StoredData
-from api.deps import CeleryDep, SettingsDep, StoreDep, get_job
-from api.errors import JobAlreadyEnded, JobNotFound, MalformedRequest, UnknownFile, field_error
+from api.deps import CeleryDep, SettingsDep, StoreDep
+from api.errors import MalformedRequest, UnknownFile, field_error
 from api.openai import convert
 from api.openai.errors import OpenAIRoute
 from api.openai.records import FileRecord, OpenAIJobRecord
@@ -28,7 +29,7 @@ from api.openai.schemas import (
 )
 from api.openai.store import JobFields, OpenAIStore, OpenAIStoreDep, UnknownCursorError
 from api.submission import JobRequest, ensure_free_slot, submit_job
-from shared.job_ids import is_job_id, new_job_id
+from shared.job_ids import new_job_id
 from shared.jobs import JobRecord
 from shared.store import JobStore
 
@@ -36,14 +37,14 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["openai"], route_class=O
 
 
 def _job(fine_tuning_job_id: str, store: StoreDep) -> JobRecord:
-    return get_job(store, fine_tuning_job_id)
+    return job_actions.get_job(store, fine_tuning_job_id)
 
 
 FineTuningJobDep = Annotated[JobRecord, Depends(_job)]
 
 
 def _view(store: JobStore, ostore: OpenAIStore, job_id: str) -> FineTuningJobPublic:
-    return convert.job_public(get_job(store, job_id), ostore.get_job(job_id))
+    return convert.job_public(job_actions.get_job(store, job_id), ostore.get_job(job_id))
 
 
 # --------------------------------------------------------------------------- create
@@ -145,13 +146,8 @@ def retrieve_job(job: FineTuningJobDep, ostore: OpenAIStoreDep) -> FineTuningJob
 @router.post("/{fine_tuning_job_id}/cancel", responses={400: {"description": "already ended"}, 404: {}})
 def cancel_job(fine_tuning_job_id: str, store: StoreDep, ostore: OpenAIStoreDep) -> FineTuningJobPublic:
     """A queued job is cancelled at once; a running one stays `running` until its worker stops (a few steps)."""
-    job_id = fine_tuning_job_id
-    outcome = store.cancel(job_id) if is_job_id(job_id) else "missing"
-    if outcome == "missing":
-        raise JobNotFound(job_id)
-    if outcome not in ("removed", "requested"):  # else the job had ended: its final status
-        raise JobAlreadyEnded(job_id, outcome)
-    return _view(store, ostore, job_id)
+    job_actions.cancel_job(store, fine_tuning_job_id)
+    return _view(store, ostore, fine_tuning_job_id)
 
 
 @router.get("/{fine_tuning_job_id}/events", responses={404: {}})

@@ -13,7 +13,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import JobDep, StoreDep
-from api.errors import InvalidInput, JobAlreadyEnded, JobNotFound
+from api.errors import InvalidInput
+from api.job_actions import cancel_job
 from api.schemas import CancelPublic, EventPage, JobPage, JobPublic
 from shared.jobs import JobStatus
 from shared.store import JobStore
@@ -117,17 +118,12 @@ async def stream_events(
     return StreamingResponse(generate(), media_type="text/event-stream", headers=headers)
 
 
-def cancel_job(store: JobStore, job_id: str) -> JSONResponse:
-    outcome = store.cancel(job_id)
-    if outcome == "missing":
-        raise JobNotFound(job_id)
-    if outcome == "removed":
+def cancel_response(store: JobStore, job_id: str) -> JSONResponse:
+    if cancel_job(store, job_id) == "removed":
         body = CancelPublic(job_id=job_id, status="cancelled", message="Job cancelled before it started")
         return JSONResponse(status_code=200, content=body.model_dump())
-    if outcome == "requested":
-        body = CancelPublic(job_id=job_id, status="cancelling", message="The worker stops within a few steps")
-        return JSONResponse(status_code=202, content=body.model_dump())
-    raise JobAlreadyEnded(job_id, outcome)
+    body = CancelPublic(job_id=job_id, status="cancelling", message="The worker stops within a few steps")
+    return JSONResponse(status_code=202, content=body.model_dump())
 
 
 @router.post(
@@ -137,4 +133,4 @@ def cancel_job(store: JobStore, job_id: str) -> JSONResponse:
 )
 def cancel(job_id: str, store: StoreDep) -> JSONResponse:
     """Cancel a job: a queued job is removed at once, a running one stops within a few steps."""
-    return cancel_job(store, job_id)
+    return cancel_response(store, job_id)

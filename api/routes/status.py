@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 
 from api.deps import StoreDep
 from api.errors import NotFound
-from api.routes.jobs import cancel_job
+from api.routes.jobs import cancel_response
 from api.schemas import SeedStatusPublic
 
 router = APIRouter(tags=["training"])
@@ -25,4 +25,4 @@ def cancel_current(store: StoreDep) -> JSONResponse:
     active = store.active_ids()
     if not active:
         raise NotFound("no job is queued or training")
-    return cancel_job(store, active[0])
+    return cancel_response(store, active[0])

@@ -153,9 +153,11 @@ def test_redis_down_is_a_503_in_each_surfaces_shape(tmp_path: Path) -> None:
     with TestClient(create_app(unreachable)) as api:
         native = api.get("/status")
         openai = api.get("/v1/fine_tuning/jobs/job-1")
-    assert native.status_code == openai.status_code == 503
+        ready = api.get("/readyz")
+    assert native.status_code == openai.status_code == ready.status_code == 503
     message = native.json()["detail"]
     assert message.startswith("the broker/job store (Redis at redis://***@127.0.0.1:") and "pw" not in message
+    assert ready.json() == {"status": "unavailable", "reason": message}
     assert openai.json()["error"] == {
         "message": message,
         "type": "server_error",

@@ -9,17 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import redis
-
 from cli.main import build_parser
 from launcher.embedded_redis import free_port
 from tests.data import easy_records, write_jsonl
-from tests.service import Service, wait_running, wait_until_up
+from tests.service import Service, flush, wait_running, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def cli(service: Service, *args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+def cli(service: Service, *args: str, timeout: float = 180, **env: str) -> subprocess.CompletedProcess[str]:
     base_env = {k: v for k, v in os.environ.items() if k not in ("LORA_API_KEY", "LORA_URL")}
     run_env = {**base_env, "LORA_URL": service.url, "PYTHONPATH": str(ROOT), **env}
     return subprocess.run(
@@ -110,9 +108,7 @@ def test_cancel_stops_a_followed_job_which_then_exits_non_zero(
 
 
 def test_bad_input_and_missing_key_are_clear_errors(tmp_path: Path, redis_url: str, tiny_model_dir: Path) -> None:
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    client.close()
+    flush(redis_url)
     svc = Service(base_path=tmp_path / "base", redis_url=redis_url, log_dir=tmp_path / "logs",
                   env_extra={"LORA_API_KEY": "k3y"})  # fmt: skip
     svc.start()
@@ -173,7 +169,7 @@ def test_merge_command_writes_a_loadable_full_model(tiny_model_dir: Path, tmp_pa
     train_model(TrainConfig(model_name=str(tiny_model_dir), epochs=1), easy_records(4), tmp_path / "adapter")
     out = subprocess.run(
         [sys.executable, "-m", "cli", "merge", str(tmp_path / "adapter"), str(tmp_path / "merged")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")

@@ -16,11 +16,10 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 from websockets.sync.client import ClientConnection, connect
 
 from tests.data import easy_records, jsonl
-from tests.service import Service, wait_running, wait_until
+from tests.service import Service, flush, wait_running, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -174,9 +173,7 @@ def test_dashboard_shows_live_progress_and_loss_and_cancels(
 def test_dashboard_asks_for_the_api_key_once_and_keeps_it(
     tmp_path: Path, redis_url: str, tiny_model_dir: Path, browser: Page
 ) -> None:
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    client.close()
+    flush(redis_url)
     svc = Service(base_path=tmp_path / "base", redis_url=redis_url, log_dir=tmp_path / "logs",
                   env_extra={"LORA_API_KEY": "s3cret"})  # fmt: skip
     svc.start()

@@ -31,7 +31,7 @@ def _curl_train(service: Service, config: dict[str, object], data: Path) -> dict
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
-def _wait_status(service: Service, wanted: set[str], timeout: float = 240) -> dict[str, Any]:
+def _wait_status(service: Service, wanted: set[str], timeout: float = 180) -> dict[str, Any]:
     def reached() -> dict[str, Any] | None:
         body: dict[str, Any] = service.get("/status").json()
         return body if body["status"] in wanted else None

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 
 from launcher.embedded_redis import EmbeddedRedis
 from tests.data import easy_records, jsonl
 from tests.integration.process_tree import alive, children
-from tests.service import Service, running_events, submit, submit_long, wait_running, wait_until
+from tests.service import Service, flush, running_events, submit, submit_long, wait_running, wait_until
 
 
 @pytest.fixture
@@ -25,9 +24,7 @@ def make_service(tmp_path: Path, redis_url: str, tiny_model_dir: Path) -> Iterat
     started: list[Service] = []
 
     def factory(redis_url: str = redis_url, **env: str) -> Service:
-        client = redis.Redis.from_url(redis_url)
-        client.flushdb()
-        client.close()
+        flush(redis_url)
         svc = Service(base_path=tmp_path / "base", redis_url=redis_url, log_dir=tmp_path / "logs", env_extra=env)
         svc.start()
         started.append(svc)
@@ -145,7 +142,7 @@ def test_redis_restart_mid_job_never_runs_it_twice(
         assert r.status_code == 503 and "Redis" in r.json()["detail"]
         time.sleep(outage_s)
         server.start()
-        job = svc.wait_for(job_id, {"failed", "succeeded", "cancelled"}, timeout=240)
+        job = svc.wait_for(job_id, {"failed", "succeeded", "cancelled"}, timeout=180)
         assert len(running_events(svc, job_id)) == 1
         if outage_s < 4:
             assert job["status"] == "succeeded", job

@@ -25,10 +25,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
-import redis
 
 from tests.data import easy_records, jsonl
-from tests.service import Service, wait_running, wait_until
+from tests.service import Service, flush, wait_running, wait_until
 
 MB = 1 << 20
 # A small service: 1 MB uploads, 64 KiB records, 1000 records, two slots (so that hostile requests
@@ -51,9 +50,7 @@ def _on_db(url: str, db: int) -> str:
 
 
 def _start(root: Path, redis_url: str, env: dict[str, str]) -> Service:
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    client.close()
+    flush(redis_url)
     svc = Service(base_path=root / "base", redis_url=redis_url, log_dir=root / "logs", env_extra=env)
     svc.start()
     return svc
@@ -521,7 +518,7 @@ def test_a_running_job_trains_on_undisturbed_through_the_battery(
         rounds_while_running += 1
     assert rounds_while_running >= 1, "the job ended before one round of hostile requests did"
 
-    final = limited.wait_for(job_id, {"succeeded", "failed", "cancelled"}, timeout=400)
+    final = limited.wait_for(job_id, {"succeeded", "failed", "cancelled"}, timeout=180)
     assert final["status"] == "succeeded", final
     assert final["progress"]["current_step"] == final["progress"]["total_steps"] == 200
     assert final["attempts"] == 1
@@ -637,7 +634,7 @@ def test_a_100k_record_dataset_streams_through_in_bounded_memory(service: Servic
     config = b"--" + BOUNDARY + b"\r\n" + _config({"model_name": str(tiny_model_dir), "epochs": 1}) + b"\r\n"
     with Watch(service) as watch:
         r = httpx.post(service.url + "/train", content=_streamed(config, data), headers={"content-type": MULTIPART},
-                       timeout=300)  # fmt: skip
+                       timeout=180)  # fmt: skip
     assert r.status_code == 202, r.text
     assert "100000 records" in r.json()["message"]
     job_id = r.json()["job_id"]
@@ -660,7 +657,7 @@ def test_a_50mb_single_line_is_refused_at_the_record_limit_without_being_read_wh
     before = _state(service)
     with Watch(service) as watch:
         r = httpx.post(service.url + "/train", content=_streamed(b"", data), headers={"content-type": MULTIPART},
-                       timeout=300)  # fmt: skip
+                       timeout=180)  # fmt: skip
     assert r.status_code == 422, r.text
     where = "line 1" if layout == "jsonl" else "record 1 (line 1)"
     assert r.json()["errors"] == [{"loc": ["file", where], "msg": "longer than the 8 MiB per-record limit"}]

@@ -43,7 +43,8 @@ def test_one_command_runs_the_service_and_a_signal_leaves_nothing_behind(
     env = {k: v for k, v in os.environ.items() if k != "LORA_REDIS_URL"}
     env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "LORA_MIN_FREE_DISK_MB": "1"})
     cmd = [sys.executable, "-m", "cli", "--base_path", str(tmp_path / "models"), "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with (tmp_path / "lora-server.log").open("wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_until_up(url + "/readyz", proc, timeout=60), "service did not become ready"

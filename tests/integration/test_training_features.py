@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-import redis
 import torch
 from openai import OpenAI
 
 from tests.data import easy_records, jsonl
-from tests.service import Service, submit
+from tests.service import Service, flush, submit
 
 
 def test_validation_split_reports_eval_loss_and_keeps_last_checkpoints(service: Service, tiny_model_dir: Path) -> None:
@@ -64,7 +63,7 @@ def test_merge_job_writes_a_model_that_matches_base_plus_adapter(service: Servic
 def wandb_dir(tmp_path: Path, redis_url: str) -> Path:
     folder = tmp_path / "wandb"
     folder.mkdir()
-    redis.Redis.from_url(redis_url).flushdb()
+    flush(redis_url)
     return folder
 
 
@@ -76,7 +75,7 @@ def _service(tmp_path: Path, redis_url: str, wandb_dir: Path, **env: str) -> Ser
 
 
 def _messages(svc: Service, job_id: str) -> str:
-    job = svc.wait_for(job_id, {"succeeded", "failed"}, timeout=240)
+    job = svc.wait_for(job_id, {"succeeded", "failed"}, timeout=180)
     assert job["status"] == "succeeded", job
     return " ".join(e["message"] for e in svc.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["data"])
 
