@@ -39,7 +39,7 @@ class Outcome:
     metrics: TrainingSummary | None = None
 
 
-def _use_wandb(spec: WandbSpec, lease: LeaseKeeper) -> None:
+def use_wandb(spec: WandbSpec, lease: LeaseKeeper) -> None:
     """Point this job's W&B run at the project (entity, tags) the job asked for.
 
     The W&B run reads these from the environment; each job runs in a child process of its own
@@ -62,7 +62,7 @@ def _train(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome
 
     cfg = record.config
     if record.wandb is not None:
-        _use_wandb(record.wandb, lease)
+        use_wandb(record.wandb, lease)
     result = train_model(
         cfg,
         Path(record.dataset_path),

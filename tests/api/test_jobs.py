@@ -18,14 +18,19 @@ from shared.store import JobStore
 from shared.volume import CHECKPOINT_META, CheckpointMeta
 
 
+def _queued(store: JobStore, job_id: str) -> None:
+    record = JobRecord(id=job_id, status=JobStatus.queued, created_at=0, config=TrainConfig(epochs=1),
+                       dataset_path="d", output_dir="o")  # fmt: skip
+    assert store.admit(record, max_slots=1, queue_timeout_s=60).admitted
+    time.sleep(0.002)  # creation times are milliseconds: keep each job's its own
+
+
 def _finished(store: JobStore, settings: Settings, job_id: str = "job-done", *, status: JobStatus) -> Path:
     """A training job that ran and ended with `status` (its adapter folder exists when it succeeded)."""
-    adapter = settings.base_path / "my_adapter"
+    adapter = settings.base_path / f"adapter-{job_id}"
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text("{}")
-    record = JobRecord(id=job_id, status=JobStatus.queued, created_at=0, config=TrainConfig(epochs=1),
-                       dataset_path="d", output_dir=str(adapter))  # fmt: skip
-    assert store.admit(record, max_slots=1, queue_timeout_s=60).admitted
+    _queued(store, job_id)
     assert store.claim(job_id, token="t", lease_s=30, worker="w") == "ok"
     assert store.finish(job_id, token="t", status=status, message="done", model_path=str(adapter.resolve()))
     return adapter.resolve()
@@ -53,12 +58,12 @@ def test_a_merge_is_a_job_of_its_own_on_the_finished_adapter(
     merge = store.get(r.json()["job_id"])
     assert merge is not None and merge.kind == "merge" and merge.source_job == "job-done"
     assert merge.dataset_path == str(adapter) and merge.num_records == 0
-    assert merge.output_dir == str(adapter.parent / "my_adapter-merged")
+    assert merge.output_dir == str(adapter.parent / "adapter-job-done-merged")
 
 
 @pytest.mark.parametrize(
     ("output_path", "needle"),
-    [("../../escape", "resolves outside base_path"), ("my_adapter", "would replace the adapter being merged"),
+    [("../../escape", "resolves outside base_path"), ("adapter-job-done", "would replace the adapter being merged"),
      (".redis", "reserved for the service's own files")],
 )  # fmt: skip
 def test_a_merge_output_that_is_not_ours_to_write_is_a_422(
@@ -82,10 +87,32 @@ def test_a_job_without_an_adapter_cannot_be_merged_or_downloaded(
     assert archive.json() == {"detail": "job 'job-done' has no adapter: it is failed", "status": "failed"}
 
 
+def test_the_list_is_newest_first_paginated_and_filtered(api: TestClient, store: JobStore, settings: Settings) -> None:
+    ids = [f"job-{i}" for i in range(3)]
+    for job_id in ids:
+        _finished(store, settings, job_id, status=JobStatus.succeeded)
+    _queued(store, "job-q")
+    assert api.post("/jobs/job-q/cancel").json()["status"] == "cancelled"
+    first = api.get("/jobs", params={"limit": 2}).json()
+    assert [j["id"] for j in first["data"]] == ["job-q", ids[2]]
+    assert first["has_more"] and first["next_cursor"]
+    second = api.get("/jobs", params={"limit": 2, "cursor": first["next_cursor"]}).json()
+    assert [j["id"] for j in second["data"]] == [ids[1], ids[0]] and not second["has_more"]
+    done = api.get("/jobs", params={"status": "succeeded"}).json()["data"]
+    assert [j["id"] for j in done] == ids[::-1]
+    cancelled = api.get("/jobs", params={"status": "cancelled"}).json()["data"]
+    assert [j["id"] for j in cancelled] == ["job-q"]
+    assert api.get("/jobs", params={"status": "bogus"}).status_code == 422
+    assert api.get("/jobs", params={"cursor": "x"}).json() == {"detail": "cursor: not a cursor this API returned"}
+    job = api.get(f"/jobs/{ids[0]}").json()
+    assert {"config", "status", "created_at", "started_at", "finished_at", "progress", "metrics", "model_path"} <= set(
+        job
+    )
+    assert job["created_at"] <= job["started_at"] <= job["finished_at"]
+
+
 def test_cancel_removes_a_queued_job_and_refuses_an_ended_one(api: TestClient, store: JobStore) -> None:
-    record = JobRecord(id="job-q", status=JobStatus.queued, created_at=0, config=TrainConfig(), dataset_path="d",
-                       output_dir="o")  # fmt: skip
-    assert store.admit(record, max_slots=1, queue_timeout_s=60).admitted
+    _queued(store, "job-q")
     assert api.post("/jobs/job-q/cancel").json()["status"] == "cancelled"
     again = api.post("/jobs/job-q/cancel")
     assert again.status_code == 409

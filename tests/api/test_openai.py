@@ -114,30 +114,48 @@ def test_a_job_submitted_natively_is_listed_here_too(api: TestClient, client: Op
     assert cancelled.status == "cancelled"
 
 
-def test_refusals_come_in_openais_envelope(client: OpenAI, settings: Settings) -> None:
+def test_refusals_come_in_openais_envelope_and_leave_nothing(
+    client: OpenAI, settings: Settings, store: JobStore
+) -> None:
+    bad = jsonl(easy_records(1)) + b'{"oops": 1}\n'
     with pytest.raises(openai.BadRequestError) as bad_file:
-        client.files.create(file=("bad.jsonl", b'{"oops": 1}\n'), purpose="fine-tune")
+        client.files.create(file=("bad.jsonl", bad), purpose="fine-tune")
     assert (bad_file.value.param, bad_file.value.code) == ("file", "invalid_file_format")
-    assert "line 1: missing 'messages'" in bad_file.value.message
+    assert "line 2: missing 'messages'" in bad_file.value.message
+    assert isinstance(bad_file.value.body, dict) and bad_file.value.body["type"] == "invalid_request_error"
     with pytest.raises(openai.BadRequestError) as purpose:
         client.files.create(file=("d.jsonl", jsonl(easy_records(1))), purpose="assistants")  # type: ignore[arg-type]
     assert purpose.value.param == "purpose"
+    assert client.files.list().data == [] and not [p for p in settings.volume.datasets.rglob("*") if p.is_file()]
+
     with pytest.raises(openai.NotFoundError) as no_job:
         client.fine_tuning.jobs.retrieve("job-nope")
     assert (no_job.value.code, no_job.value.param) == ("fine_tuning_job_not_found", "fine_tuning_job_id")
+    assert "job-nope" in no_job.value.message
+    for call in (client.fine_tuning.jobs.cancel, client.fine_tuning.jobs.list_events,
+                 client.fine_tuning.jobs.checkpoints.list):  # fmt: skip
+        with pytest.raises(openai.NotFoundError):
+            call("job-nope")
     with pytest.raises(openai.NotFoundError) as no_file:
         client.files.retrieve("file-nope")
     assert no_file.value.code == "file_not_found"
     with pytest.raises(openai.BadRequestError) as unknown:
         _create(client, "file-nope")
     assert (unknown.value.param, unknown.value.code) == ("training_file", "invalid_file")
+
     file_id = _upload(client)
     with pytest.raises(openai.BadRequestError) as dpo:
         _create(client, file_id, method={"type": "dpo"})
     assert (dpo.value.param, dpo.value.code) == ("method.type", "unsupported_method")
-    with pytest.raises(openai.BadRequestError) as epochs:
-        _create(client, file_id, hyperparameters={"n_epochs": 100_000})
-    assert epochs.value.param == "hyperparameters.n_epochs"
+    for hyperparameters, param in [({"n_epochs": 0}, "hyperparameters.n_epochs"),
+                                   ({"n_epochs": 100_000}, "hyperparameters.n_epochs"),
+                                   ({"learning_rate_multiplier": 10_000}, "hyperparameters.learning_rate_multiplier")]:  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as refused:
+            _create(client, file_id, hyperparameters=hyperparameters)
+        assert refused.value.param == param
+    # Nothing was admitted, linked or recorded for the refused jobs.
+    assert client.fine_tuning.jobs.list().data == [] and store.current() is None
+    assert [p.name for p in settings.volume.datasets.glob("*.jsonl")] == [f"{file_id}.jsonl"]
 
     running = _create(client, file_id)
     with pytest.raises(openai.BadRequestError) as cursor:

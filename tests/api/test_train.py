@@ -88,6 +88,7 @@ def test_every_slot_taken_is_a_409_naming_the_job_and_nothing_is_stored(api: Tes
         ({"model_save_path": "../../etc"}, ["config", "model_save_path"], "resolves outside base_path"),
         ({"model_save_path": "checkpoints"}, ["config", "model_save_path"], "reserved for the service's own files"),
         ({"lora_path": "nothing-here"}, ["config", "lora_path"], "no adapter (adapter_config.json)"),
+        ({"lora_path": "/etc"}, ["config", "lora_path"], "resolves outside base_path"),
     ],
 )
 def test_an_invalid_config_is_a_422_naming_the_field_and_leaves_nothing(

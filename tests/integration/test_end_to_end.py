@@ -1,4 +1,7 @@
-"""The seed's flow over real HTTP, a real Celery worker and a real Redis-compatible server."""
+"""The seed's flow over real HTTP, a real Celery worker and a real Redis-compatible server.
+
+(How `POST /train` refuses bad configs and datasets is tests/api/test_train.py's, in process.)
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import torch
 
 from tests.data import easy_records, write_jsonl
@@ -133,32 +135,6 @@ def test_twenty_simultaneous_submissions_admit_exactly_one(
     busy = service.post("/train", files={"config": (None, config), "file": ("d.jsonl", data)})
     assert busy.status_code == 409, busy.text
     assert busy.json()["running_jobs"] == [job["id"]] and "in progress" in busy.json()["detail"]
-
-
-@pytest.mark.parametrize(
-    ("config", "field"),
-    [({"epochs": "three"}, "epochs"), ({"epoch": 3}, "epoch"), ({"model_save_path": "../../etc"}, "model_save_path"),
-     ({"lora_path": "/etc"}, "lora_path"), ({"lora_path": "nothing-here"}, "lora_path")],
-)  # fmt: skip
-def test_invalid_config_is_a_422_naming_the_field(
-    service: Service, tmp_path: Path, config: dict[str, object], field: str
-) -> None:
-    data = write_jsonl(tmp_path / "d.jsonl", easy_records(2)).read_bytes()
-    r = service.post("/train", files={"config": (None, json.dumps(config)), "file": ("d.jsonl", data)})
-    assert r.status_code == 422, r.text
-    assert field in r.json()["detail"]
-    assert service.get("/status").json()["status"] == "idle"
-    assert not list((service.base_path / "datasets").glob("*.jsonl"))
-
-
-def test_invalid_dataset_is_a_422_with_line_numbers(service: Service) -> None:
-    data = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"oops": 1}\n'
-    r = service.post("/train", files={"file": ("d.jsonl", data)})
-    assert r.status_code == 422
-    assert r.json()["errors"] == [{"loc": ["file", "line 2"], "msg": "missing 'messages'"}]
-    assert service.get("/status").json()["status"] == "idle"
-    assert not list((service.base_path / "datasets").glob("*.jsonl"))
-    assert not list((service.base_path / "datasets" / ".incoming").iterdir())
 
 
 def test_unknown_module_to_save_fails_the_job_with_its_name(

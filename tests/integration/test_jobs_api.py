@@ -20,30 +20,6 @@ def _run_jobs(service: Service, model_dir: Path, n: int) -> list[str]:
     return ids
 
 
-def test_jobs_list_is_newest_first_paginated_and_filtered(service: Service, tiny_model_dir: Path) -> None:
-    ids = _run_jobs(service, tiny_model_dir, 3)
-    service.stop_worker()
-    queued = submit(service, tiny_model_dir).json()["job_id"]
-    service.post(f"/jobs/{queued}/cancel")
-    first = service.get("/jobs", params={"limit": 2}).json()
-    assert [j["id"] for j in first["data"]] == [queued, ids[2]]
-    assert first["has_more"] and first["next_cursor"]
-    second = service.get("/jobs", params={"limit": 2, "cursor": first["next_cursor"]}).json()
-    assert [j["id"] for j in second["data"]] == [ids[1], ids[0]] and not second["has_more"]
-    done = service.get("/jobs", params={"status": "succeeded"}).json()["data"]
-    assert [j["id"] for j in done] == ids[::-1]
-    cancelled = service.get("/jobs", params={"status": "cancelled"}).json()["data"]
-    assert [j["id"] for j in cancelled] == [queued]
-    assert service.get("/jobs", params={"status": "bogus"}).status_code == 422
-    assert service.get("/jobs", params={"cursor": "x"}).status_code == 422
-    job = service.get(f"/jobs/{ids[0]}").json()
-    assert {"config", "status", "created_at", "started_at", "finished_at", "progress", "metrics", "model_path"} <= set(
-        job
-    )
-    assert job["created_at"] <= job["started_at"] <= job["finished_at"]
-    assert service.get("/jobs/job-missing").status_code == 404
-
-
 def test_events_are_ordered_and_resumable_by_cursor(service: Service, tiny_model_dir: Path) -> None:
     (job_id,) = _run_jobs(service, tiny_model_dir, 1)
     everything = service.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
@@ -82,7 +58,7 @@ def _read_sse(url: str, headers: dict[str, str], stop_after: int | None = None) 
 
 
 def test_live_event_stream_follows_a_job_and_resumes_with_last_event_id(service: Service, tiny_model_dir: Path) -> None:
-    r = submit(service, tiny_model_dir, epochs=20, batch_size=2)
+    r = submit(service, tiny_model_dir, epochs=4, batch_size=2)
     job_id = r.json()["job_id"]
     url = f"{service.url}/jobs/{job_id}/events/stream"
     head = _read_sse(url, {}, stop_after=4)

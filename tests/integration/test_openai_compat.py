@@ -1,4 +1,7 @@
-"""The OpenAI-compatible surface, driven by the official `openai` client against the real service."""
+"""The OpenAI-compatible surface, driven by the official `openai` client against the real service.
+
+(Its refusals and its conversion of our objects are tests/api/test_openai.py's, in process.)
+"""
 
 from __future__ import annotations
 
@@ -145,50 +148,3 @@ def test_cancel_a_running_job_and_busy_slots_are_a_409(client: OpenAI, service: 
     again = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=file_id)
     client.fine_tuning.jobs.cancel(again.id)
     assert _wait(client, service, again.id, {"cancelled", "succeeded", "failed"}, timeout=60).status == "cancelled"
-
-
-def test_invalid_requests_raise_the_clients_errors(client: OpenAI, service: Service, tiny_model_dir: Path) -> None:
-    bad = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"oops": 1}\n'
-    with pytest.raises(openai.BadRequestError) as invalid:
-        client.files.create(file=("bad.jsonl", bad), purpose="fine-tune")
-    assert invalid.value.param == "file" and invalid.value.code == "invalid_file_format"
-    assert "line 2" in invalid.value.message and "missing 'messages'" in invalid.value.message
-    assert isinstance(invalid.value.body, dict) and invalid.value.body["type"] == "invalid_request_error"
-
-    with pytest.raises(openai.BadRequestError) as purpose:
-        client.files.create(file=("d.jsonl", jsonl(easy_records(2))), purpose="assistants")
-    assert purpose.value.param == "purpose"
-    assert client.files.list().data == []
-    datasets = service.base_path / "datasets"
-    assert not list(datasets.glob("*.jsonl")) and not list((datasets / ".incoming").iterdir())
-
-    with pytest.raises(openai.NotFoundError) as missing:
-        client.fine_tuning.jobs.retrieve("job-doesnotexist")
-    assert "job-doesnotexist" in missing.value.message
-    for call in (client.fine_tuning.jobs.cancel, client.fine_tuning.jobs.list_events):
-        with pytest.raises(openai.NotFoundError):
-            call("job-doesnotexist")
-    with pytest.raises(openai.NotFoundError):
-        client.fine_tuning.jobs.checkpoints.list("job-doesnotexist")
-    with pytest.raises(openai.NotFoundError):
-        client.files.retrieve("file-nope")
-
-    with pytest.raises(openai.BadRequestError) as no_file:
-        client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file="file-nope")
-    assert no_file.value.param == "training_file"
-    file_id = _upload(client, 2)
-    with pytest.raises(openai.BadRequestError) as epochs:
-        client.fine_tuning.jobs.create(model="m", training_file=file_id, hyperparameters={"n_epochs": 0})
-    assert epochs.value.param == "hyperparameters.n_epochs"
-    with pytest.raises(openai.BadRequestError) as lr:
-        client.fine_tuning.jobs.create(
-            model="m", training_file=file_id, hyperparameters={"learning_rate_multiplier": 10_000}
-        )
-    assert lr.value.param == "hyperparameters.learning_rate_multiplier"
-    with pytest.raises(openai.BadRequestError) as dpo:
-        client.fine_tuning.jobs.create(model="m", training_file=file_id, method={"type": "dpo"})
-    assert dpo.value.param == "method.type"
-    # Nothing was admitted, linked or recorded for the refused jobs.
-    assert client.fine_tuning.jobs.list().data == []
-    assert service.get("/status").json()["status"] == "idle"
-    assert [p.name for p in datasets.glob("*.jsonl")] == [f"{file_id}.jsonl"]

@@ -13,7 +13,7 @@ from shared.events import WarningNotice
 from shared.jobs import JobRecord, JobStatus, WandbSpec
 from shared.store import JobStore
 from tests.service import wait_until
-from worker.job_runner import _use_wandb
+from worker.job_runner import use_wandb
 from worker.lease import LeaseKeeper
 
 SPEC = WandbSpec(project="lora-tests", entity="team", name="run-1", tags=["ci", "nightly"])
@@ -36,7 +36,7 @@ def lease(redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> Iterato
 
 def test_the_jobs_project_entity_and_tags_reach_the_run(lease: LeaseKeeper) -> None:
     os.environ["WANDB_MODE"] = "offline"
-    _use_wandb(SPEC, lease)
+    use_wandb(SPEC, lease)
     assert (os.environ["WANDB_PROJECT"], os.environ["WANDB_ENTITY"], os.environ["WANDB_TAGS"]) == (
         "lora-tests",
         "team",
@@ -45,7 +45,7 @@ def test_the_jobs_project_entity_and_tags_reach_the_run(lease: LeaseKeeper) -> N
 
 
 def test_without_wandb_on_the_worker_the_job_is_told(lease: LeaseKeeper, redis_client: redis.Redis) -> None:
-    _use_wandb(SPEC, lease)
+    use_wandb(SPEC, lease)
     assert "WANDB_PROJECT" not in os.environ
     store = JobStore(redis_client)
     (warning,) = wait_until(
