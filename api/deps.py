@@ -7,6 +7,8 @@ from typing import Annotated
 from celery import Celery
 from fastapi import Depends, Request
 
+from api.job_actions import get_job
+from shared.jobs import JobRecord
 from shared.settings import Settings
 from shared.store import JobStore
 
@@ -29,3 +31,11 @@ def _celery(request: Request) -> Celery:
 SettingsDep = Annotated[Settings, Depends(_settings)]
 StoreDep = Annotated[JobStore, Depends(_store)]
 CeleryDep = Annotated[Celery, Depends(_celery)]
+
+
+def _job(job_id: str, store: StoreDep) -> JobRecord:
+    return get_job(store, job_id)
+
+
+# The job of a `/jobs/{job_id}/...` route: routes that take it answer 404 for an unknown id before running.
+JobDep = Annotated[JobRecord, Depends(_job)]

@@ -1,24 +1,175 @@
-"""Error responses: a human-readable `detail` plus, where useful, a list of precise `errors`."""
+"""What can go wrong below the routes, as domain exceptions: no status codes here.
+
+Submission, uploads, storage and lookups raise these; `api.error_responses` maps each class to the
+native error body and `api.openai.errors` to OpenAI's, one table each.
+"""
 
 from __future__ import annotations
 
-import logging
+import errno
+from collections.abc import Sequence
 from typing import Any
 
 import redis
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 
-log = logging.getLogger(__name__)
+from shared.dataset import Problem
 
 
-class ApiError(Exception):
-    def __init__(self, status_code: int, detail: str, errors: list[dict[str, Any]] | None = None, **extra: Any) -> None:
-        super().__init__(detail)
-        self.status_code = status_code
-        self.detail = detail
-        self.errors = errors
-        self.extra = extra
+class ServiceError(Exception):
+    """A request the service refuses or could not serve.
+
+    `problems`: precise places and reasons (`loc` is the request part and field or line, as in
+    FastAPI's validation errors).
+    """
+
+    def __init__(self, message: str, *, problems: Sequence[dict[str, Any]] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.problems = list(problems)
+
+    @property
+    def param(self) -> str | None:
+        """The request field the error is about: the first place named."""
+        loc = self.problems[0].get("loc") if self.problems else None
+        return str(loc[0]) if loc else None
+
+    def details(self) -> dict[str, Any]:
+        """Extra fields for the native error body."""
+        return {}
+
+
+def field_error(loc: Sequence[str], msg: str, **kw: Any) -> dict[str, Any]:
+    """One entry of `problems`."""
+    return {"loc": list(loc), "msg": msg, **kw}
+
+
+# --- the request itself ----------------------------------------------------------------------------
+
+
+class MalformedRequest(ServiceError):
+    """The body cannot be read as what the endpoint takes (broken multipart, a cursor we never issued)."""
+
+
+class UnsupportedOption(ServiceError):
+    """A well-formed request for something this server does not do."""
+
+
+class UnsupportedMediaType(ServiceError):
+    """The body is not in a media type the endpoint reads."""
+
+
+class PayloadTooLarge(ServiceError):
+    """An upload or form field over its limit."""
+
+
+class UploadStalled(ServiceError):
+    """The client stopped sending in the middle of an upload."""
+
+
+class InvalidInput(ServiceError):
+    """A config, path or other field that fails validation (the problems name each field)."""
+
+
+class InvalidDataset(InvalidInput):
+    """A dataset that fails validation (the problems name each line or record)."""
+
+    def __init__(self, part: str, problems: Sequence[Problem], truncated: bool, summary: str) -> None:
+        message = summary if part == "file" else f"{part}: {summary}"
+        super().__init__(message, problems=[field_error([part, p.where], p.reason) for p in problems])
+        self.truncated = truncated
+
+    def details(self) -> dict[str, Any]:
+        return {"truncated": self.truncated}
+
+
+class UnknownFile(InvalidInput):
+    """A request names an uploaded file that does not exist (any more)."""
+
+
+# --- what the request names --------------------------------------------------------------------------
+
+
+class NotFound(ServiceError):
+    """A job, file or checkpoint that does not exist."""
+
+
+class JobNotFound(NotFound):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job {job_id!r}")
+
+
+class FileNotFound(NotFound):
+    def __init__(self, file_id: str, message: str | None = None) -> None:
+        super().__init__(message or f"no file {file_id!r}")
+
+
+# --- the state of the service --------------------------------------------------------------------------
+
+
+class SlotsBusy(ServiceError):
+    """Every training slot is taken."""
+
+    def __init__(self, running: list[str]) -> None:
+        names = ", ".join(running)
+        super().__init__(f"Training already in progress (job {names}); every training slot is taken")
+        self.running = running
+
+    def details(self) -> dict[str, Any]:
+        return {"running_jobs": self.running}
+
+
+class WrongJobState(ServiceError):
+    """The job is not in a state that allows this (no adapter yet, say)."""
+
+    def __init__(self, message: str, status: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+    def details(self) -> dict[str, Any]:
+        return {"status": self.status}
+
+
+class JobAlreadyEnded(WrongJobState):
+    """Cancelling a job that has already ended."""
+
+    def __init__(self, job_id: str, status: str) -> None:
+        super().__init__(f"job {job_id!r} has already ended ({status}); nothing to cancel", status)
+
+
+class VolumeFull(ServiceError):
+    """The volume (or the quota on it) has no room left."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"not enough disk space on the volume to store the {what}")
+
+
+class StorageFailed(ServiceError):
+    """Writing to the volume failed for another reason (the message says which, never the path)."""
+
+
+def storage_failure(exc: OSError, what: str) -> VolumeFull | StorageFailed:
+    """VolumeFull when the volume (or the quota on it) is full, else StorageFailed saying what failed."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return VolumeFull(what)
+    return StorageFailed(f"could not store the {what} on the volume: {exc.strerror or exc.__class__.__name__}")
+
+
+class BrokerUnavailable(ServiceError):
+    """The broker did not accept the job's task."""
+
+
+class StoreUnavailable(ServiceError):
+    """Redis (job store and broker) is unreachable."""
+
+
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+
+
+def store_unavailable(exc: Exception, redis_url: str) -> StoreUnavailable:
+    """The one way "Redis is down" is told, whichever surface the request came through."""
+    return StoreUnavailable(
+        f"the broker/job store (Redis at {redact_url(redis_url)}) is unreachable: {exc}; try again shortly"
+    )
 
 
 def redact_url(url: str) -> str:
@@ -27,22 +178,3 @@ def redact_url(url: str) -> str:
         return url
     scheme, _, rest = url.partition("://")
     return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-
-
-def install_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        body: dict[str, Any] = {"detail": exc.detail, **exc.extra}
-        if exc.errors is not None:
-            body["errors"] = exc.errors
-        return JSONResponse(status_code=exc.status_code, content=body)
-
-    @app.exception_handler(redis.ConnectionError)
-    @app.exception_handler(redis.TimeoutError)
-    async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
-        url = redact_url(request.app.state.settings.redis_url)
-        log.warning("job store unreachable: %s", exc)
-        return JSONResponse(
-            status_code=503,
-            content={"detail": f"the broker/job store (Redis at {url}) is unreachable: {exc}; try again shortly"},
-        )

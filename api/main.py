@@ -15,9 +15,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
 from api.auth import ApiKeyMiddleware, is_loopback, listening_host
-from api.errors import install_handlers
-from api.routes import artifacts, dashboard, health, jobs, merge, openai_files, openai_jobs, status, train
-from shared.celery_config import make_celery
+from api.error_responses import install_handlers
+from api.openai import files as openai_files
+from api.openai import jobs as openai_jobs
+from api.routes import artifacts, dashboard, health, jobs, merge, status, train
+from shared.celery_factory import make_celery
 from shared.reaper import reap_once
 from shared.settings import Settings, get_settings
 from shared.store import JobStore, connect

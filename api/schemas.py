@@ -1,14 +1,19 @@
-"""What the API sends back: response models, one per shape."""
+"""What the native API sends back: response models, one per shape.
+
+Plain pydantic (no web framework), so the HTTP client parses the same models the API writes.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel
 
+from api.artifacts import Checkpoint, FileEntry
 from shared.config import TrainConfig
+from shared.events import JobEvent
 from shared.jobs import SEED_STATUS, JobRecord, JobStatus, Progress
-from shared.store import Event
+from shared.metrics import TrainingSummary
 
 
 class TrainAccepted(BaseModel):
@@ -17,6 +22,11 @@ class TrainAccepted(BaseModel):
     message: str
     status_url: str
     job_url: str
+
+    @classmethod
+    def of(cls, record: JobRecord, message: str, base_url: str) -> TrainAccepted:
+        base = base_url.rstrip("/")
+        return cls(job_id=record.id, message=message, status_url=f"{base}/status", job_url=f"{base}/jobs/{record.id}")
 
 
 class SeedStatusPublic(BaseModel):
@@ -78,7 +88,7 @@ class JobPublic(BaseModel):
     config: TrainConfig
     num_records: int
     progress: Progress
-    metrics: dict[str, Any]
+    metrics: TrainingSummary | None
     model_path: str | None
     message: str
     error: str | None
@@ -101,20 +111,8 @@ class JobPage(BaseModel):
     next_cursor: str | None = None
 
 
-class EventPublic(BaseModel):
-    id: str
-    type: str
-    created_at: float
-    message: str
-    data: dict[str, Any]
-
-    @classmethod
-    def from_event(cls, event: Event) -> EventPublic:
-        return cls(id=event.id, type=event.type, created_at=event.ts, message=event.message, data=event.data)
-
-
 class EventPage(BaseModel):
-    data: list[EventPublic]
+    data: list[JobEvent]
     has_more: bool
     last_id: str | None = None
 
@@ -123,3 +121,38 @@ class CancelPublic(BaseModel):
     job_id: str
     status: Literal["cancelled", "cancelling"]
     message: str
+
+
+class CheckpointPublic(BaseModel):
+    name: str
+    step: int
+    epoch: int
+    loss: float | None
+    eval_loss: float | None
+    created_at: float
+    files: list[FileEntry]
+    total_bytes: int
+    archive_url: str
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, base_url: str, job_id: str) -> CheckpointPublic:
+        return cls(
+            **checkpoint.model_dump(exclude={"path"}),
+            total_bytes=checkpoint.total_bytes,
+            archive_url=f"{base_url}/jobs/{job_id}/artifacts/archive?checkpoint={checkpoint.step}",
+        )
+
+
+class CheckpointPage(BaseModel):
+    job_id: str
+    data: list[CheckpointPublic]
+
+
+class ArtifactsPublic(BaseModel):
+    job_id: str
+    status: JobStatus
+    model_path: str | None  # the adapter folder, once the job succeeded
+    files: list[FileEntry]  # relative to model_path
+    total_bytes: int
+    archive_url: str | None
+    checkpoints: list[CheckpointPublic]

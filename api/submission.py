@@ -1,202 +1,205 @@
-"""Turning a validated config and an uploaded dataset into an admitted, enqueued job."""
+"""One way to submit a job: `submit_job` validates its paths, stores its data, admits it to a slot and
+publishes its task, and undoes all of it on any failure. `POST /train`, `POST /v1/fine_tuning/jobs`
+and `POST /jobs/{id}/merge` all come through here.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
-import shutil
-import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Protocol
 
 import redis
 from celery import Celery
 from pydantic import ValidationError
 
-from api.errors import ApiError
-from api.uploads import disk_full, storage_error
+from api.datasets import JobData
+from api.errors import BrokerUnavailable, InvalidInput, SlotsBusy, field_error
 from shared.config import TrainConfig
-from shared.dataset import DatasetError, DatasetSummary, reject_json_constant, validate_dataset
-from shared.jobs import JobRecord, JobStatus
+from shared.dataset import reject_json_constant
+from shared.job_ids import new_job_id
+from shared.jobs import JobRecord, JobStatus, WandbSpec
 from shared.paths import UnsafePathError, resolve_inside
-from shared.reaper import publish_train
 from shared.settings import Settings
 from shared.store import JobStore
+from shared.tasks import publish_train
+from shared.volume import ADAPTER_CONFIG, RESERVED_HELP, merged_name
 
 log = logging.getLogger(__name__)
 
 
-def new_job_id() -> str:
-    return f"job-{uuid.uuid4().hex[:20]}"
+class DataSource(Protocol):
+    """Where a training job's datasets come from; `place` puts them under the job's own names."""
+
+    def place(self, settings: Settings, job_id: str) -> JobData: ...
 
 
-def parse_config(text: str | None) -> TrainConfig:
-    """The `config` part as a TrainConfig; a precise 422 naming each bad field otherwise."""
-    if text is None or not text.strip():
-        return TrainConfig()
-    try:
-        raw: Any = json.loads(text, parse_constant=reject_json_constant)
-    except RecursionError as exc:
-        raise _too_deep() from exc
-    except ValueError as exc:
-        raise ApiError(422, f"config is not valid JSON: {exc}", [{"loc": ["config"], "msg": str(exc)}]) from exc
-    if not isinstance(raw, dict):
-        raise ApiError(422, "config must be a JSON object", [{"loc": ["config"], "msg": "expected an object"}])
-    try:  # a lone surrogate escape ("\\ud800") decodes fine but can be neither stored nor echoed back
-        json.dumps(raw, ensure_ascii=False).encode("utf-8")
-    except RecursionError as exc:
-        raise _too_deep() from exc
-    except UnicodeEncodeError as exc:
-        msg = "contains a lone surrogate escape (\\ud800-\\udfff), which is not valid Unicode"
-        raise ApiError(422, f"config {msg}", [{"loc": ["config"], "msg": msg}]) from exc
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as exc:
-        errors = [
-            {"loc": ["config", *[str(p) for p in err["loc"]]], "msg": err["msg"], "type": err["type"]}
-            for err in exc.errors(include_url=False, include_input=False)
-        ]
-        summary = "; ".join(f"{'.'.join(e['loc'][1:]) or 'config'}: {e['msg']}" for e in errors)
-        raise ApiError(422, f"invalid config: {summary}", errors) from exc
+class Companion(Protocol):
+    """A record kept beside the job (the OpenAI-only fields): attached before admission, so the job
+    is never seen without it, and detached if the job is not created after all."""
+
+    def attach(self, job_id: str) -> None: ...
+
+    def detach(self, job_id: str) -> None: ...
 
 
-def _too_deep() -> ApiError:
-    return ApiError(422, "config is nested too deeply", [{"loc": ["config"], "msg": "nested too deeply"}])
+@dataclass(frozen=True)
+class JobRequest:
+    """A job to submit: training on `data`, or (with `merge_of`) merging a finished job's adapter."""
+
+    config: TrainConfig
+    data: DataSource | None = None
+    merge_of: JobRecord | None = None
+    merge_output: str | None = None  # a merge's output folder under base_path (default: <adapter>-merged)
+    wandb: WandbSpec | None = None  # the W&B run the job logs to, where the worker has W&B configured
+    companion: Companion | None = None
+    job_id: str = field(default_factory=new_job_id)
 
 
-def resolve_output(settings: Settings, user_path: str, field: str, loc: str = "config") -> Path:
-    """An output folder the worker may replace: inside base_path and not one of the service's own."""
-    base = settings.base_path
-    try:
-        output = resolve_inside(base, user_path)
-    except UnsafePathError as exc:
-        raise _path_error(field, str(exc), loc) from exc
-    reserved = _reserved_part(output, base)
-    if reserved is not None:
-        msg = f"{reserved!r} is reserved for the service's own files ({_RESERVED_HELP})"
-        raise _path_error(field, msg, loc)
-    return output
-
-
-def resolve_paths(config: TrainConfig, settings: Settings, job_id: str) -> tuple[Path, Path | None]:
-    """The job's output folder and its starting adapter, both required to stay inside base_path."""
-    base = settings.base_path
-    output = resolve_output(settings, config.model_save_path or job_id, "model_save_path")
-    lora: Path | None = None
-    if config.lora_path is not None:
-        try:
-            lora = resolve_inside(base, config.lora_path)
-        except UnsafePathError as exc:
-            raise _path_error("lora_path", str(exc)) from exc
-        if not (lora / "adapter_config.json").is_file():
-            raise _path_error("lora_path", f"no adapter (adapter_config.json) at {config.lora_path!r} under base_path")
-    return output, lora
-
-
-# Top-level folders the service writes itself; an adapter saved over one would replace (and delete) it.
-RESERVED_DIRS = frozenset({"datasets", "checkpoints"})
-_RESERVED_HELP = "datasets/, checkpoints/ and names starting with '.', such as the embedded Redis's .redis/"
-
-
-def _reserved_part(output: Path, base: Path) -> str | None:
-    """The part of `output` (resolved, inside base) that is the service's own, if any."""
-    parts = output.relative_to(base.resolve()).parts
-    if parts[0] in RESERVED_DIRS:
-        return parts[0]
-    # Hidden names: the embedded Redis's data folder and the worker's `.name.*.tmp` staging folders.
-    return next((part for part in parts if part.startswith(".")), None)
-
-
-def _path_error(field: str, msg: str, loc: str = "config") -> ApiError:
-    return ApiError(422, f"{field}: {msg}", [{"loc": [loc, field], "msg": msg}])
-
-
-def store_dataset(upload: Path, settings: Settings, name: str, *, part: str = "file") -> tuple[Path, DatasetSummary]:
-    """Validate the spooled upload and move its normalised form into the datasets folder.
-
-    422 for a bad dataset, 507 when the volume fills up, 500 for any other storage failure;
-    in every case nothing is left in the datasets folder.
-    """
-    staging = settings.incoming_dir / f"{name}.jsonl.part"
-    final = settings.datasets_dir / f"{name}.jsonl"
-    try:
-        settings.incoming_dir.mkdir(parents=True, exist_ok=True)
-        summary = validate_dataset(
-            upload, staging, max_record_bytes=settings.max_record_kb * 1024, max_records=settings.max_records
-        )
-        os.replace(staging, final)
-    except DatasetError as exc:
-        errors = [{"loc": [part, p.where], "msg": p.reason} for p in exc.problems]
-        detail = str(exc) if part == "file" else f"{part}: {exc}"
-        raise ApiError(422, detail, errors, truncated=exc.truncated) from exc
-    except OSError as exc:
-        staging.unlink(missing_ok=True)
-        raise storage_error(exc, "dataset") from exc
-    return final, summary
-
-
-def check_disk(settings: Settings) -> None:
-    settings.base_path.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(settings.base_path).free
-    if free < settings.min_free_disk_mb * 1024 * 1024:
-        raise disk_full("upload (LORA_MIN_FREE_DISK_MB)")
-
-
-def admit(
-    store: JobStore,
-    celery: Celery,
-    settings: Settings,
-    *,
-    job_id: str,
-    config: TrainConfig,
-    dataset: Path | str,
-    num_records: int,
-    output_dir: Path,
-    validation: Path | None = None,
-    kind: Literal["train", "merge"] = "train",
-    source_job: str | None = None,
-) -> JobRecord:
-    """Take a slot and enqueue; 409 when every slot is taken, 503 when the task cannot be published."""
+def submit_job(store: JobStore, celery: Celery, settings: Settings, request: JobRequest) -> JobRecord:
+    """Validate, store, admit, publish; on failure nothing of the job is left but, when its task could
+    not be published, its record (failed)."""
+    job_id, source = request.job_id, request.merge_of
+    data: JobData | None = None
+    if source is not None:
+        output = _merge_output(settings, source, request.merge_output)
+    else:
+        assert request.data is not None
+        output, _ = resolve_train_paths(request.config, settings, job_id)
+        data = request.data.place(settings, job_id)
     record = JobRecord(
         id=job_id,
+        kind="train" if source is None else "merge",
         status=JobStatus.queued,
         created_at=0.0,
-        config=config,
-        kind=kind,
-        dataset_path=str(dataset),
-        validation_path=str(validation) if validation else None,
-        source_job=source_job,
-        num_records=num_records,
-        output_dir=str(output_dir),
+        config=request.config,
+        # A merge job's input is the adapter it folds in.
+        dataset_path=str(data.dataset) if data is not None else str(source.model_path if source else ""),
+        validation_path=str(data.validation) if data is not None and data.validation else None,
+        source_job=source.id if source is not None else None,
+        num_records=data.num_records if data is not None else 0,
+        output_dir=str(output),
         message="Queued, waiting for a worker",
         max_attempts=settings.max_attempts,
+        wandb=request.wandb,
     )
+    try:
+        if request.companion is not None:
+            request.companion.attach(job_id)
+        return _admit(store, celery, settings, record)
+    except BaseException:
+        if data is not None:
+            data.remove()
+        if request.companion is not None:
+            with contextlib.suppress(redis.RedisError):
+                if store.get(job_id) is None:
+                    request.companion.detach(job_id)
+        raise
+
+
+def _admit(store: JobStore, celery: Celery, settings: Settings, record: JobRecord) -> JobRecord:
+    """Take a slot and enqueue: SlotsBusy when every slot is taken, BrokerUnavailable when the task
+    cannot be published (the job is then recorded as failed)."""
     result = store.admit(record, max_slots=settings.max_concurrent_jobs, queue_timeout_s=settings.queue_timeout_s)
     if not result.admitted:
-        raise busy(result.running)
+        raise SlotsBusy(result.running)
     try:
-        publish_train(celery, job_id)
+        publish_train(celery, record.id)
     except Exception as exc:
-        log.error("could not publish job %s: %s", job_id, exc)
-        store.abort(job_id, f"could not enqueue the job: {exc}")
-        raise ApiError(503, f"the broker did not accept the job: {exc}") from exc
+        log.error("could not publish job %s: %s", record.id, exc)
+        store.abort(record.id, f"could not enqueue the job: {exc}")
+        raise BrokerUnavailable(f"the broker did not accept the job: {exc}") from exc
     try:  # the job is queued now: a failed read-back must not make the caller undo it
-        stored = store.get(job_id)
+        stored = store.get(record.id)
     except redis.RedisError:
         stored = None
     return stored if stored is not None else record
 
 
 def ensure_free_slot(store: JobStore, settings: Settings) -> None:
-    """409 before reading a possibly large body when every slot is already taken (admission re-checks atomically)."""
+    """SlotsBusy before reading a possibly large body when every slot is already taken (admission
+    re-checks atomically)."""
     running = store.active_ids()
     if len(running) >= settings.max_concurrent_jobs:
-        raise busy(running)
+        raise SlotsBusy(running)
 
 
-def busy(running: list[str]) -> ApiError:
-    names = ", ".join(running)
-    return ApiError(
-        409, f"Training already in progress (job {names}); every training slot is taken", running_jobs=running
+# --- validation --------------------------------------------------------------------------------------
+
+
+def parse_config(text: str | None) -> TrainConfig:
+    """The `config` part of `POST /train` as a TrainConfig; InvalidInput naming each bad field otherwise."""
+    if text is None or not text.strip():
+        return TrainConfig()
+    try:
+        raw: Any = json.loads(text, parse_constant=reject_json_constant)
+    except RecursionError as exc:
+        raise _config_error("config is nested too deeply", "nested too deeply") from exc
+    except ValueError as exc:
+        raise _config_error(f"config is not valid JSON: {exc}", str(exc)) from exc
+    if not isinstance(raw, dict):
+        raise _config_error("config must be a JSON object", "expected an object")
+    try:  # a lone surrogate escape ("\\ud800") decodes fine but can be neither stored nor echoed back
+        json.dumps(raw, ensure_ascii=False).encode("utf-8")
+    except RecursionError as exc:
+        raise _config_error("config is nested too deeply", "nested too deeply") from exc
+    except UnicodeEncodeError as exc:
+        msg = "contains a lone surrogate escape (\\ud800-\\udfff), which is not valid Unicode"
+        raise _config_error(f"config {msg}", msg) from exc
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        errors = [
+            field_error(["config", *[str(p) for p in err["loc"]]], err["msg"], type=err["type"])
+            for err in exc.errors(include_url=False, include_input=False)
+        ]
+        summary = "; ".join(f"{'.'.join(e['loc'][1:]) or 'config'}: {e['msg']}" for e in errors)
+        raise InvalidInput(f"invalid config: {summary}", problems=errors) from exc
+
+
+def _config_error(message: str, msg: str) -> InvalidInput:
+    return InvalidInput(message, problems=[field_error(["config"], msg)])
+
+
+def resolve_output(settings: Settings, user_path: str, field: str, loc: str = "config") -> Path:
+    """An output folder the worker may replace: inside base_path and not one of the service's own."""
+    try:
+        output = resolve_inside(settings.base_path, user_path)
+    except UnsafePathError as exc:
+        raise _path_error(field, str(exc), loc) from exc
+    reserved = settings.volume.reserved_part(output)
+    if reserved is not None:
+        raise _path_error(field, f"{reserved!r} is reserved for the service's own files ({RESERVED_HELP})", loc)
+    return output
+
+
+def resolve_train_paths(config: TrainConfig, settings: Settings, job_id: str) -> tuple[Path, Path | None]:
+    """A training job's output folder and the adapter it continues (if any), both checked."""
+    output = resolve_output(
+        settings, config.model_save_path or settings.volume.default_output(job_id), "model_save_path"
     )
+    lora: Path | None = None
+    if config.lora_path is not None:
+        try:
+            lora = resolve_inside(settings.base_path, config.lora_path)
+        except UnsafePathError as exc:
+            raise _path_error("lora_path", str(exc)) from exc
+        if not (lora / ADAPTER_CONFIG).is_file():
+            raise _path_error("lora_path", f"no adapter ({ADAPTER_CONFIG}) at {config.lora_path!r} under base_path")
+    return output, lora
+
+
+def _merge_output(settings: Settings, source: JobRecord, output_path: str | None) -> Path:
+    assert source.model_path is not None
+    output = resolve_output(settings, output_path or merged_name(source.model_path), "output_path", loc="body")
+    adapter = Path(source.model_path).resolve()
+    if output == adapter or adapter.is_relative_to(output):
+        raise _path_error("output_path", "would replace the adapter being merged", "body")
+    return output
+
+
+def _path_error(field: str, msg: str, loc: str = "config") -> InvalidInput:
+    return InvalidInput(f"{field}: {msg}", problems=[field_error([loc, field], msg)])

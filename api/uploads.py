@@ -10,20 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from fastapi import Request
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
-from api.errors import ApiError
+from api.errors import (
+    InvalidInput,
+    MalformedRequest,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    UploadStalled,
+    field_error,
+    storage_failure,
+)
 from shared.settings import Settings
 
 _OVERHEAD = 1 << 20  # room for the config part and multipart framing beyond the dataset limit
@@ -31,19 +37,14 @@ _MAX_PARTS = 16  # `POST /train` needs two; a cap keeps a body of tiny parts fro
 _FIELD_LIMIT = 4096  # bytes in a form field other than `config`
 
 
-def _too_large(settings: Settings) -> ApiError:
-    return ApiError(413, f"upload exceeds the {settings.max_upload_mb:g} MB limit (LORA_MAX_UPLOAD_MB)")
+def _too_large(settings: Settings) -> PayloadTooLarge:
+    return PayloadTooLarge(f"upload exceeds the {settings.max_upload_mb:g} MB limit (LORA_MAX_UPLOAD_MB)")
 
 
-def disk_full(what: str) -> ApiError:
-    return ApiError(507, f"not enough disk space on the volume to store the {what}")
-
-
-def storage_error(exc: OSError, what: str) -> ApiError:
-    """507 when the volume (or the quota on it) is full, else 500 saying what failed; never the path."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return disk_full(what)
-    return ApiError(500, f"could not store the {what} on the volume: {exc.strerror or exc.__class__.__name__}")
+def multipart_openapi(required: list[str], properties: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads its multipart body itself (FastAPI cannot see its parts)."""
+    schema = {"type": "object", "required": required, "properties": properties}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
 @dataclass
@@ -51,8 +52,7 @@ class Upload:
     """What a `POST /train` body carried: the raw config text and the spooled dataset file."""
 
     config_text: str | None
-    dataset: Path | None
-    other_fields: list[str] = field(default_factory=list)
+    dataset: Path
     validation: Path | None = None  # an optional second dataset, held out for eval loss
 
     def discard(self) -> None:
@@ -69,7 +69,7 @@ class _Part:
     buffer: bytearray = field(default_factory=bytearray)
 
 
-class _Receiver:
+class Receiver:
     """The parser's callbacks: route each part's bytes to memory (config) or to disk (file)."""
 
     def __init__(self, settings: Settings, file_parts: tuple[str, ...] = ("file", "validation_file")) -> None:
@@ -83,7 +83,6 @@ class _Receiver:
         self.validation: Path | None = None
         self.file_bytes = 0
         self.sink: IO[bytes] | None = None
-        self.other_fields: list[str] = []
         self.parts = 0
         self.complete = False  # the closing boundary was seen
 
@@ -102,7 +101,7 @@ class _Receiver:
     def on_part_begin(self) -> None:
         self.parts += 1
         if self.parts > _MAX_PARTS:
-            raise ApiError(400, f"the multipart body has more than {_MAX_PARTS} parts")
+            raise MalformedRequest(f"the multipart body has more than {_MAX_PARTS} parts")
         self.part = _Part()
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
@@ -122,18 +121,19 @@ class _Receiver:
         if self.part.name in self.file_parts:
             name = self.part.name
             if (self.dataset if name == "file" else self.validation) is not None:
-                raise ApiError(422, f"more than one {name!r} part", [{"loc": [name], "msg": "send one dataset file"}])
-            # Our own name: the client's filename is never used as a path.
-            path = self.settings.incoming_dir / f"{uuid.uuid4().hex}.upload"
+                raise InvalidInput(
+                    f"more than one {name!r} part", problems=[field_error([name], "send one dataset file")]
+                )
+            path = self.settings.volume.new_upload()
             if name == "file":
                 self.dataset = path
             else:
                 self.validation = path
             try:
-                self.settings.incoming_dir.mkdir(parents=True, exist_ok=True)
+                path.parent.mkdir(parents=True, exist_ok=True)
                 self.sink = path.open("xb")
             except OSError as exc:
-                raise storage_error(exc, "upload") from exc
+                raise storage_failure(exc, "upload") from exc
             self.part.is_file = True
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
@@ -146,12 +146,12 @@ class _Receiver:
             try:
                 self.sink.write(chunk)
             except OSError as exc:
-                raise storage_error(exc, "upload") from exc
+                raise storage_failure(exc, "upload") from exc
             return
         self.part.buffer += chunk
         limit = self.config_limit if self.part.name == "config" else _FIELD_LIMIT
         if len(self.part.buffer) > limit:
-            raise ApiError(413, f"form field {self.part.name[:64]!r} exceeds {limit // 1024} KiB")
+            raise PayloadTooLarge(f"form field {self.part.name[:64]!r} exceeds {limit // 1024} KiB")
 
     def on_part_end(self) -> None:
         if self.part.is_file:
@@ -160,17 +160,15 @@ class _Receiver:
             try:
                 sink.close()  # flushes the last buffered bytes: the volume can fill up right here
             except OSError as exc:
-                raise storage_error(exc, "upload") from exc
+                raise storage_failure(exc, "upload") from exc
         elif self.part.name == "config":
             if self.config_text is not None:
-                raise ApiError(422, "more than one 'config' part", [{"loc": ["config"], "msg": "send one config"}])
+                raise InvalidInput("more than one 'config' part", problems=[field_error(["config"], "send one config")])
             try:
                 self.config_text = self.part.buffer.decode("utf-8")
             except UnicodeDecodeError as exc:
                 msg = f"not valid UTF-8 at byte {exc.start}"
-                raise ApiError(422, f"config is {msg}", [{"loc": ["config"], "msg": msg}]) from exc
-        else:
-            self.other_fields.append(self.part.name)
+                raise InvalidInput(f"config is {msg}", problems=[field_error(["config"], msg)]) from exc
 
     def on_end(self) -> None:
         self.complete = True
@@ -183,8 +181,8 @@ class _Receiver:
                 sink.close()
 
 
-async def stream_multipart(request: Request, settings: Settings, receiver: _Receiver, *, expects: str) -> None:
-    """Feed a multipart body to `receiver` as it arrives; raise ApiError (leaving no file) if it is unusable.
+async def stream_multipart(request: Request, settings: Settings, receiver: Receiver, *, expects: str) -> None:
+    """Feed a multipart body to `receiver` as it arrives; raise a ServiceError (leaving no file) if it is unusable.
 
     Bytes are counted as they arrive, whatever Content-Length claims (and with chunked transfer
     encoding, when there is none); the body must end with its closing boundary.
@@ -192,10 +190,10 @@ async def stream_multipart(request: Request, settings: Settings, receiver: _Rece
     """
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data":
-        raise ApiError(415, f"send multipart/form-data with {expects}")
+        raise UnsupportedMediaType(f"send multipart/form-data with {expects}")
     boundary = params.get(b"boundary")
     if not boundary:
-        raise ApiError(400, "multipart body without a boundary")
+        raise MalformedRequest("multipart body without a boundary")
     declared = request.headers.get("content-length")
     limit = settings.max_upload_bytes + _OVERHEAD
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -203,7 +201,7 @@ async def stream_multipart(request: Request, settings: Settings, receiver: _Rece
     try:
         parser = MultipartParser(boundary, receiver.callbacks())  # type: ignore[arg-type]
     except FormParserError as exc:
-        raise ApiError(400, f"unusable multipart boundary: {exc}") from exc
+        raise MalformedRequest(f"unusable multipart boundary: {exc}") from exc
     received = 0
     try:
         chunks = request.stream().__aiter__()
@@ -214,8 +212,8 @@ async def stream_multipart(request: Request, settings: Settings, receiver: _Rece
             except StopAsyncIteration:
                 break
             except TimeoutError as exc:
-                raise ApiError(
-                    408, f"no upload data for {settings.upload_idle_timeout_s:g} s; upload abandoned"
+                raise UploadStalled(
+                    f"no upload data for {settings.upload_idle_timeout_s:g} s; upload abandoned"
                 ) from exc
             received += len(chunk)
             if received > limit:
@@ -223,25 +221,25 @@ async def stream_multipart(request: Request, settings: Settings, receiver: _Rece
             parser.write(chunk)
         parser.finalize()
         if receiver.sink is not None:
-            raise ApiError(400, "the multipart body ended inside the 'file' part")
+            raise MalformedRequest("the multipart body ended inside the 'file' part")
         if not receiver.complete:
             what = "is empty" if received == 0 else "ended before its closing boundary"
-            raise ApiError(400, f"the multipart body {what}")
+            raise MalformedRequest(f"the multipart body {what}")
     except BaseException as exc:
         receiver.close()
         _remove(receiver.dataset)
         _remove(receiver.validation)
         if isinstance(exc, FormParserError):
-            raise ApiError(400, f"malformed multipart body: {exc}") from exc
+            raise MalformedRequest(f"malformed multipart body: {exc}") from exc
         if isinstance(exc, ClientDisconnect):
             # Nobody is left to read an answer; this only keeps a dropped upload out of the error log.
-            raise ApiError(400, "the client disconnected before the body was complete") from exc
+            raise MalformedRequest("the client disconnected before the body was complete") from exc
         raise
 
 
 async def receive_upload(request: Request, settings: Settings) -> Upload:
-    """Stream a multipart body into an Upload; raise ApiError (and leave no file) when it is unusable."""
-    receiver = _Receiver(settings)
+    """Stream a multipart body into an Upload; raise a ServiceError (and leave no file) when it is unusable."""
+    receiver = Receiver(settings)
     await stream_multipart(
         request,
         settings,
@@ -250,8 +248,8 @@ async def receive_upload(request: Request, settings: Settings) -> Upload:
     )
     if receiver.dataset is None:
         _remove(receiver.validation)
-        raise ApiError(422, "missing the 'file' part (the dataset)", [{"loc": ["file"], "msg": "field required"}])
-    return Upload(receiver.config_text, receiver.dataset, receiver.other_fields, receiver.validation)
+        raise InvalidInput("missing the 'file' part (the dataset)", problems=[field_error(["file"], "field required")])
+    return Upload(receiver.config_text, receiver.dataset, receiver.validation)
 
 
 def _remove(path: Path | None) -> None:

@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from shared.embedded_redis import EmbeddedRedis
+from launcher.embedded_redis import EmbeddedRedis
 from tests.data import easy_records, write_jsonl
 from tests.service import Service
 

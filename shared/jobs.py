@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.config import TrainConfig
+from shared.metrics import TrainingSummary
 
 
 class JobStatus(StrEnum):
@@ -49,6 +50,18 @@ class Progress(BaseModel):
     eta_seconds: float | None = None
 
 
+class WandbSpec(BaseModel):
+    """The Weights & Biases run a job asks to log to (OpenAI's `integrations`); used where the worker
+    has W&B configured (WANDB_API_KEY or WANDB_MODE)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: str = Field(min_length=1, max_length=128)
+    entity: str | None = Field(default=None, max_length=128)
+    name: str | None = Field(default=None, max_length=128, description="the run's name (default: the job id)")
+    tags: list[str] | None = Field(default=None, max_length=64)
+
+
 class JobRecord(BaseModel):
     """Everything known about one job; stored as a Redis hash (see shared.store)."""
 
@@ -74,12 +87,5 @@ class JobRecord(BaseModel):
     worker: str | None = None
     cancel_requested: bool = False
     progress: Progress = Field(default_factory=Progress)
-    metrics: dict[str, Any] = Field(default_factory=dict)
-
-
-class TrainTaskPayload(BaseModel):
-    """The Celery message body: just enough to find the job; the record holds the rest."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    job_id: str
+    metrics: TrainingSummary | None = None  # what the worker reports when a training run ends
+    wandb: WandbSpec | None = None  # the W&B run to log to, when the job asked for one

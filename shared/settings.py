@@ -11,6 +11,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.volume import Volume
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORA_", extra="ignore")
@@ -55,12 +57,9 @@ class Settings(BaseSettings):
         return int(self.max_upload_mb * 1024 * 1024)
 
     @property
-    def datasets_dir(self) -> Path:
-        return self.base_path / "datasets"
-
-    @property
-    def incoming_dir(self) -> Path:
-        return self.base_path / "datasets" / ".incoming"
+    def volume(self) -> Volume:
+        """The layout of everything the service writes under base_path."""
+        return Volume(self.base_path)
 
 
 @lru_cache(maxsize=1)

@@ -3,40 +3,24 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
 
-from shared import keys, scripts
+from shared import keys, lua_scripts
 from shared.config import TrainConfig
-from shared.jobs import JobRecord, JobStatus, Progress
+from shared.events import EventPayload, JobEvent, event_type
+from shared.job_ids import is_job_id
+from shared.jobs import JobRecord, JobStatus, Progress, WandbSpec
+from shared.metrics import TrainingSummary
 
 
 @dataclass(frozen=True)
 class AdmitResult:
     admitted: bool
     running: list[str]  # ids holding the slots when not admitted
-
-
-@dataclass(frozen=True)
-class Event:
-    id: str  # stream id, "ms-seq": ordered, usable as a cursor
-    type: str
-    ts: float
-    message: str
-    data: dict[str, Any]
-
-
-# Job ids are ours (`job-<hex>`); anything else in a URL must never become part of a Redis key
-# (`job-1:events` would name another key of the same job).
-_VALID_ID = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
-
-
-def valid_id(job_id: str) -> bool:
-    return bool(_VALID_ID.match(job_id))
 
 
 def connect(url: str, *, timeout: float = 5.0) -> redis.Redis:
@@ -66,7 +50,8 @@ def _record_to_fields(record: JobRecord) -> dict[str, str]:
         "max_attempts": str(record.max_attempts),
         "cancel_requested": "0",
         "progress": record.progress.model_dump_json(),
-        "metrics": json.dumps(record.metrics),
+        "metrics": record.metrics.model_dump_json() if record.metrics else "",
+        "wandb": record.wandb.model_dump_json() if record.wandb else "",
     }
 
 
@@ -96,18 +81,26 @@ def _record_from_fields(fields: dict[str, str]) -> JobRecord:
         worker=fields.get("worker") or None,
         cancel_requested=fields.get("cancel_requested") == "1",
         progress=Progress.model_validate_json(fields.get("progress") or "{}"),
-        metrics=json.loads(fields.get("metrics") or "{}"),
+        metrics=_summary(fields.get("metrics")),
+        wandb=WandbSpec.model_validate_json(fields["wandb"]) if fields.get("wandb") else None,
     )
 
 
-def _events(rows: Any) -> list[Event]:
+def _summary(text: str | None) -> TrainingSummary | None:
+    # "{}": what records written before the summary was typed hold for "none".
+    return TrainingSummary.model_validate_json(text) if text and text != "{}" else None
+
+
+def _events(rows: Any) -> list[JobEvent]:
     return [
-        Event(
-            id=str(event_id),
-            type=fields.get("type", ""),
-            ts=float(fields.get("ts") or 0.0),
-            message=fields.get("message", ""),
-            data=json.loads(fields.get("data") or "{}"),
+        JobEvent.model_validate(
+            {
+                "id": str(event_id),
+                "type": fields.get("type", ""),
+                "created_at": float(fields.get("ts") or 0.0),
+                "message": fields.get("message", ""),
+                "data": json.loads(fields.get("data") or "{}"),
+            }
         )
         for event_id, fields in cast(list[tuple[str, dict[str, str]]], rows)
     ]
@@ -118,17 +111,17 @@ def _flatten(fields: dict[str, str]) -> list[str]:
 
 
 class JobStore:
-    """Typed access to job state. Every transition is one Lua script (see shared.scripts)."""
+    """Typed access to job state. Every transition is one Lua script (see shared.lua_scripts)."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self._admit = client.register_script(scripts.ADMIT)
-        self._claim = client.register_script(scripts.CLAIM)
-        self._renew = client.register_script(scripts.RENEW)
-        self._finish = client.register_script(scripts.FINISH)
-        self._cancel = client.register_script(scripts.CANCEL)
-        self._reap = client.register_script(scripts.REAP)
-        self._abort = client.register_script(scripts.ABORT)
+        self._admit = client.register_script(lua_scripts.ADMIT)
+        self._claim = client.register_script(lua_scripts.CLAIM)
+        self._renew = client.register_script(lua_scripts.RENEW)
+        self._finish = client.register_script(lua_scripts.FINISH)
+        self._cancel = client.register_script(lua_scripts.CANCEL)
+        self._reap = client.register_script(lua_scripts.REAP)
+        self._abort = client.register_script(lua_scripts.ABORT)
 
     def ping(self) -> bool:
         return bool(self.client.ping())
@@ -153,7 +146,7 @@ class JobStore:
         return AdmitResult(admitted=bool(admitted), running=list(running))
 
     def get(self, job_id: str) -> JobRecord | None:
-        if not valid_id(job_id):
+        if not is_job_id(job_id):
             return None
         fields = cast(dict[str, str], self.client.hgetall(keys.job_key(job_id)))
         return _record_from_fields(fields) if fields.get("id") else None
@@ -213,7 +206,7 @@ class JobStore:
         message: str,
         error: str | None = None,
         model_path: str | None = None,
-        metrics: dict[str, Any] | None = None,
+        metrics: TrainingSummary | None = None,
         progress: Progress | None = None,
     ) -> bool:
         """Record the outcome and free the slot, if this runner still owns the job."""
@@ -223,7 +216,7 @@ class JobStore:
         if model_path is not None:
             fields["model_path"] = model_path
         if metrics is not None:
-            fields["metrics"] = json.dumps(metrics)
+            fields["metrics"] = metrics.model_dump_json()
         if progress is not None:
             fields["progress"] = progress.model_dump_json()
         event_message = error if error else message
@@ -236,7 +229,7 @@ class JobStore:
 
     def cancel(self, job_id: str) -> str:
         """'removed' (was queued), 'requested' (running; the worker stops soon), 'missing' or the final status."""
-        if not valid_id(job_id):
+        if not is_job_id(job_id):
             return "missing"
         return str(
             self._cancel(
@@ -259,31 +252,32 @@ class JobStore:
         )
         return [str(x) for x in cast(list[Any], result)]
 
-    def add_event(self, job_id: str, etype: str, message: str, data: dict[str, Any] | None = None) -> str:
+    def add_event(self, job_id: str, payload: EventPayload, message: str) -> str:
+        """Append an event; its type is the payload's (see shared.events)."""
         return str(
             self.client.xadd(
                 keys.events_key(job_id),
                 {
-                    "type": etype,
+                    "type": event_type(payload),
                     "ts": f"{time.time():.3f}",
                     "message": message,
-                    "data": json.dumps(data or {}),
+                    "data": payload.model_dump_json(),
                 },
                 maxlen=100_000,
                 approximate=True,
             )
         )
 
-    def events(self, job_id: str, *, after: str | None = None, limit: int = 100) -> list[Event]:
+    def events(self, job_id: str, *, after: str | None = None, limit: int = 100) -> list[JobEvent]:
         """Up to `limit` events, oldest first, after the stream id `after`."""
-        if not valid_id(job_id):
+        if not is_job_id(job_id):
             return []
         start = f"({after}" if after else "-"
         return _events(self.client.xrange(keys.events_key(job_id), min=start, max="+", count=limit))
 
-    def events_newest_first(self, job_id: str, *, before: str | None = None, limit: int = 100) -> list[Event]:
+    def events_newest_first(self, job_id: str, *, before: str | None = None, limit: int = 100) -> list[JobEvent]:
         """Up to `limit` events, newest first, older than the stream id `before`."""
-        if not valid_id(job_id):
+        if not is_job_id(job_id):
             return []
         top = f"({before}" if before else "+"
         return _events(self.client.xrevrange(keys.events_key(job_id), max=top, min="-", count=limit))

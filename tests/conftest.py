@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared.embedded_redis import EmbeddedRedis
-from tests.service import Service
+from launcher.embedded_redis import EmbeddedRedis
+from tests.service import Service, flush
 
 
 @pytest.fixture(scope="session")
@@ -51,9 +51,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def service(tmp_path: Path, redis_url: str, tiny_model_dir: Path) -> Iterator[Service]:
     """The API on a real port and one real Celery worker process, on a fresh Redis database."""
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    client.close()
+    flush(redis_url)
     svc = Service(base_path=tmp_path / "base", redis_url=redis_url, log_dir=tmp_path / "logs")
     svc.start()
     try:

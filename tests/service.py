@@ -1,24 +1,102 @@
-"""Running the real service for integration tests: uvicorn and a Celery worker as child processes."""
+"""The one helper module for services and waiting.
+
+`Service` runs the real service for process-level tests (uvicorn and Celery workers as child
+processes); `wait_until` is the only way tests wait for something (tenacity, no deadline loops);
+`submit`/`wait_running` are the steps most of those tests share.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+import redis
+from tenacity import (
+    RetryCallState,
+    RetryError,
+    Retrying,
+    retry_if_exception_type,
+    retry_if_result,
+    stop_after_delay,
+    wait_fixed,
+)
 
-from shared.embedded_redis import free_port
-from shared.process import own_group_dies_with_parent
+from launcher.embedded_redis import free_port
+from launcher.process import own_group_dies_with_parent
 from shared.tasks import QUEUE
+from tests.data import easy_records, jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- waiting
+
+
+def wait_until(
+    check: Callable[[], T],
+    *,
+    timeout: float,
+    every: float = 0.2,
+    ignoring: tuple[type[Exception], ...] = (),
+    gives_up: Callable[[], bool] | None = None,
+    what: str | Callable[[], str] = "the condition",
+) -> T:
+    """Call `check` until it returns something truthy, and return that.
+
+    Exceptions of the `ignoring` types count as "not yet"; any other (an AssertionError saying the
+    state went wrong, say) ends the wait at once. On timeout, or as soon as `gives_up()` is true,
+    AssertionError naming `what` (a callable is evaluated then, e.g. to attach a log) and the last result.
+    """
+
+    def stop(state: RetryCallState) -> bool:
+        return bool(stop_after_delay(timeout)(state) or (gives_up is not None and gives_up()))
+
+    retrying = Retrying(
+        stop=stop,
+        wait=wait_fixed(every),
+        retry=retry_if_result(lambda value: not value) | retry_if_exception_type(ignoring),
+    )
+    try:
+        return retrying(check)
+    except RetryError as exc:
+        last = exc.last_attempt
+        got = repr(last.exception()) if last.failed else repr(last.result())
+        described = what() if callable(what) else what
+        raise AssertionError(f"gave up waiting for {described} after {timeout:g} s; last: {got[:2000]}") from None
+
+
+def wait_until_up(url: str, proc: subprocess.Popen[Any], *, timeout: float = 60) -> bool:
+    """True once `url` answers 200; False if `proc` exits or time runs out first."""
+    try:
+        wait_until(
+            lambda: httpx.get(url, timeout=2).status_code == 200,
+            timeout=timeout,
+            ignoring=(httpx.HTTPError,),
+            gives_up=lambda: proc.poll() is not None,
+            what=url,
+        )
+    except AssertionError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- the service
+
+
+def flush(redis_url: str) -> None:
+    """Empty the Redis database a service is about to use."""
+    with redis.Redis.from_url(redis_url) as client:
+        client.flushdb()
 
 
 def _stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
@@ -34,19 +112,6 @@ def _stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeo
         pass
     with contextlib.suppress(ProcessLookupError):  # stray prefork children
         os.killpg(proc.pid, signal.SIGKILL)
-
-
-def wait_until_up(url: str, proc: subprocess.Popen[Any], *, timeout: float = 60) -> bool:
-    """Poll `url` until it answers 200; False if `proc` exits or time runs out first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    return False
 
 
 @dataclass
@@ -89,24 +154,25 @@ class Service:
         self.start_api()
 
     def start_api(self) -> None:
-        log = (self.log_dir / "api.log").open("ab")
         cmd = [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1",
                "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
-        self.api = subprocess.Popen(
-            cmd, cwd=ROOT, env=self.env(), stdout=log, stderr=log, preexec_fn=own_group_dies_with_parent
-        )
+        self.api = self._spawn(cmd, "api", self.env())
         if wait_until_up(self.url + "/healthz", self.api, timeout=30):
             return
         raise RuntimeError("API did not start:\n" + self.logs("api"))
 
     def start_worker(self, **env: str) -> None:
-        log = (self.log_dir / "worker.log").open("ab")
         cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO",
                "--concurrency", "1", "-Q", QUEUE, "-n", f"test{len(self.workers) + 1}@%h"]  # fmt: skip
-        self.worker = subprocess.Popen(
-            cmd, cwd=ROOT, env={**self.env(), **env}, stdout=log, stderr=log, preexec_fn=own_group_dies_with_parent
-        )
+        self.worker = self._spawn(cmd, "worker", {**self.env(), **env})
         self.workers.append(self.worker)
+
+    def _spawn(self, cmd: list[str], log_name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """A child in a process group of its own, writing to `<log_name>.log` (the child keeps its own handle)."""
+        with (self.log_dir / f"{log_name}.log").open("ab") as log:
+            return subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=log, stderr=log, preexec_fn=own_group_dies_with_parent
+            )
 
     def stop_api(self) -> None:
         _stop(self.api)
@@ -134,12 +200,55 @@ class Service:
     def post(self, path: str, **kw: Any) -> httpx.Response:
         return httpx.post(self.url + path, timeout=60, **kw)
 
+    def job(self, job_id: str) -> dict[str, Any]:
+        body: dict[str, Any] = self.get(f"/jobs/{job_id}").json()
+        return body
+
     def wait_for(self, job_id: str, statuses: set[str], timeout: float = 180) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        body: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            body = self.get(f"/jobs/{job_id}").json()
-            if body.get("status") in statuses:
-                return body
-            time.sleep(0.25)
-        raise AssertionError(f"job {job_id} never reached {statuses}; last {body}\nworker log:\n{self.logs('worker')}")
+        """The job, once its status is one of `statuses`."""
+
+        def reached() -> dict[str, Any] | None:
+            job = self.job(job_id)
+            return job if job["status"] in statuses else None
+
+        return wait_until(
+            reached,
+            timeout=timeout,
+            every=0.25,
+            what=lambda: f"job {job_id} to reach {statuses}: {self.job(job_id)}\nworker log:\n{self.logs('worker')}",
+        )
+
+    def wait_for_log(self, text: str, *, which: str = "worker", timeout: float = 30) -> None:
+        wait_until(lambda: text in self.logs(which), timeout=timeout, every=0.3, what=lambda: self.logs(which))
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def submit(service: Service, model_dir: Path, **config: Any) -> httpx.Response:
+    cfg = {"model_name": str(model_dir), "epochs": 1, **config}
+    files = {"config": (None, json.dumps(cfg)), "file": ("d.jsonl", jsonl(easy_records(8)))}
+    return service.post("/train", files=files)
+
+
+def submit_long(service: Service, model_dir: Path, epochs: int = 400) -> str:
+    """A job that trains for a while (tens of seconds on this CPU); returns its id."""
+    r = submit(service, model_dir, epochs=epochs, batch_size=2)
+    assert r.status_code == 202, r.text
+    return str(r.json()["job_id"])
+
+
+def wait_running(service: Service, job_id: str, min_step: int = 2, timeout: float = 120) -> dict[str, Any]:
+    """The job, once it is running and has done `min_step` steps; AssertionError at once if it ended."""
+
+    def trained() -> dict[str, Any] | None:
+        job = service.job(job_id)
+        assert job["status"] in ("queued", "running"), job
+        return job if job["status"] == "running" and job["progress"]["current_step"] >= min_step else None
+
+    return wait_until(trained, timeout=timeout, what=lambda: f"job {job_id} to train\n{service.logs('worker')}")
+
+
+def running_events(service: Service, job_id: str) -> list[dict[str, Any]]:
+    events = service.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
+    return [e for e in events if e["type"] == "status" and e["data"]["status"] == "running"]

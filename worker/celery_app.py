@@ -6,7 +6,7 @@ from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
 
-from shared.celery_config import make_celery
+from shared.celery_factory import make_celery
 from shared.settings import get_settings
 
 app = make_celery(get_settings(), include=["worker.tasks"])

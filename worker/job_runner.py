@@ -8,13 +8,14 @@ import socket
 import time
 import traceback
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import redis
 
-from shared.jobs import JobRecord, JobStatus, Progress
+from shared.events import InfoNotice, WarningNotice
+from shared.jobs import JobRecord, JobStatus, Progress, WandbSpec
+from shared.metrics import TrainingSummary
 from shared.paths import resolve_inside
 from shared.settings import Settings, get_settings
 from shared.store import JobStore, connect
@@ -35,27 +36,47 @@ class Outcome:
     message: str
     error: str | None = None
     model_path: str | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: TrainingSummary | None = None
+
+
+def use_wandb(spec: WandbSpec, lease: LeaseKeeper) -> None:
+    """Point this job's W&B run at the project (entity, tags) the job asked for.
+
+    The W&B run reads these from the environment; each job runs in a child process of its own
+    (one task per child), so they end with the job.
+    """
+    from worker.wandb_log import wandb_configured
+
+    if not wandb_configured():
+        lease.emit(WarningNotice(), "the job asks for a Weights & Biases run, but W&B is not configured on this worker")
+        return
+    os.environ["WANDB_PROJECT"] = spec.project
+    if spec.entity:
+        os.environ["WANDB_ENTITY"] = spec.entity
+    if spec.tags:
+        os.environ["WANDB_TAGS"] = ",".join(spec.tags)
 
 
 def _train(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome:
     from worker.training import train_model  # torch loads in the child only, under the lease
 
     cfg = record.config
+    if record.wandb is not None:
+        use_wandb(record.wandb, lease)
     result = train_model(
         cfg,
         Path(record.dataset_path),
         output_dir=Path(record.output_dir),
         lora_path=resolve_inside(settings.base_path, cfg.lora_path) if cfg.lora_path else None,
         validation=Path(record.validation_path) if record.validation_path else None,
-        checkpoint_dir=settings.base_path / "checkpoints" / record.id,
-        run_name=record.id,
+        checkpoint_dir=settings.volume.job_checkpoints(record.id),
+        run_name=(record.wandb.name if record.wandb else None) or record.id,
         on_progress=lease.publish,
         on_event=lease.event,
         should_stop=lease.should_stop,
     )
-    metrics = result.summary()
-    metrics["losses"] = metrics["losses"][-_LOSSES_KEPT:]  # the full curve is in training_summary.json
+    metrics = TrainingSummary.model_validate(result.summary())
+    metrics.losses = metrics.losses[-_LOSSES_KEPT:]  # the full curve is in training_summary.json
     if not result.stopped:
         message = "Training completed"
         return Outcome(JobStatus.succeeded, message, model_path=str(result.output_dir), metrics=metrics)
@@ -70,7 +91,7 @@ def _merge(record: JobRecord, lease: LeaseKeeper) -> Outcome:
     from worker.merge import merge_adapter
 
     assert record.source_job is not None
-    lease.event("info", f"merging the adapter of {record.source_job} into {record.config.model_name}", {})
+    lease.emit(InfoNotice(), f"merging the adapter of {record.source_job} into {record.config.model_name}")
     path = merge_adapter(record.dataset_path, record.output_dir)[0]
     return Outcome(JobStatus.succeeded, "Merge completed", model_path=str(path))
 
@@ -116,7 +137,7 @@ def _record_outcome(
                 message=outcome.message,
                 error=outcome.error,
                 model_path=outcome.model_path,
-                metrics=outcome.metrics or None,
+                metrics=outcome.metrics,
                 progress=progress,
             )
         except (redis.ConnectionError, redis.TimeoutError) as exc:

@@ -17,6 +17,7 @@ from typing import Any
 
 import redis
 
+from shared.events import EventPayload, payload
 from shared.jobs import Progress
 from shared.store import JobStore
 
@@ -32,7 +33,7 @@ class LeaseKeeper:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._progress: Progress | None = None
-        self._events: queue.Queue[tuple[str, str, dict[str, Any]]] = queue.Queue()
+        self._events: queue.Queue[tuple[EventPayload, str]] = queue.Queue()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
         self._interval = min(1.0, lease_s / 3)
@@ -52,9 +53,15 @@ class LeaseKeeper:
             self._progress = progress
         self._wake.set()
 
-    def event(self, etype: str, message: str, data: dict[str, Any] | None = None) -> None:
-        self._events.put((etype, message, data or {}))
+    def emit(self, event: EventPayload, message: str) -> None:
+        """Append an event to the job's stream (its type is the payload's: see shared.events)."""
+        self._events.put((event, message))
         self._wake.set()
+
+    def event(self, etype: str, message: str, data: dict[str, Any] | None = None) -> None:
+        """`emit` for callers that still hand over a type name and a plain dict: parsed into the
+        payload model here, so a payload that breaks the contract fails where it is made."""
+        self.emit(payload(etype, data or {}), message)
 
     def should_stop(self) -> bool:
         if self.cancelled.is_set() or self.fenced.is_set() or self.lost.is_set():
@@ -106,11 +113,11 @@ class LeaseKeeper:
     def _flush_events(self) -> None:
         while True:
             try:
-                etype, message, data = self._events.get_nowait()
+                event, message = self._events.get_nowait()
             except queue.Empty:
                 return
             try:
-                self.store.add_event(self.job_id, etype, message, data)
+                self.store.add_event(self.job_id, event, message)
             except redis.RedisError:
-                self._events.put((etype, message, data))  # keep it for the next round
+                self._events.put((event, message))  # keep it for the next round
                 raise

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.jobs import TrainTaskPayload
-from shared.tasks import TRAIN_TASK
+from shared.tasks import TRAIN_TASK, TrainTaskPayload
 from worker.celery_app import app
 
 

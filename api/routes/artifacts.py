@@ -9,31 +9,16 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from api.deps import SettingsDep, StoreDep
-from api.errors import ApiError
-from shared.artifacts import (
-    ArtifactsPublic,
-    CheckpointPage,
-    CheckpointPublic,
-    adapter_dir,
-    get_checkpoint,
-    iter_tar_gz,
-    list_checkpoints,
-    list_files,
-)
+from api.artifacts import adapter_dir, get_checkpoint, iter_tar_gz, list_checkpoints, list_files
+from api.deps import JobDep, SettingsDep
+from api.errors import NotFound, WrongJobState
+from api.schemas import ArtifactsPublic, CheckpointPage, CheckpointPublic
 from shared.jobs import JobRecord, JobStatus
-from shared.store import JobStore
+from shared.volume import Volume
 
 router = APIRouter(prefix="/jobs", tags=["artifacts"])
 
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such job (or checkpoint)"}}
-
-
-def _record(store: JobStore, job_id: str) -> JobRecord:
-    record = store.get(job_id)
-    if record is None:
-        raise ApiError(404, f"no job {job_id!r}")
-    return record
 
 
 def _adapter(record: JobRecord, base_path: Path) -> Path | None:
@@ -44,9 +29,9 @@ def _base_url(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
 
-def _checkpoints(base_path: Path, job_id: str, request: Request) -> list[CheckpointPublic]:
+def _checkpoints(volume: Volume, job_id: str, request: Request) -> list[CheckpointPublic]:
     base_url = _base_url(request)
-    return [CheckpointPublic.from_checkpoint(c, base_url, job_id) for c in list_checkpoints(base_path, job_id)]
+    return [CheckpointPublic.from_checkpoint(c, base_url, job_id) for c in list_checkpoints(volume, job_id)]
 
 
 def _download_name(name: str) -> str:
@@ -55,9 +40,9 @@ def _download_name(name: str) -> str:
 
 
 @router.get("/{job_id}/artifacts", responses=_NOT_FOUND)
-def artifacts(job_id: str, store: StoreDep, settings: SettingsDep, request: Request) -> ArtifactsPublic:
+def artifacts(record: JobDep, settings: SettingsDep, request: Request) -> ArtifactsPublic:
     """The adapter's files (once the job succeeded) with their sizes, and the job's checkpoints."""
-    record = _record(store, job_id)
+    job_id = record.id
     folder = _adapter(record, settings.base_path)
     files = list_files(folder) if folder is not None else []
     return ArtifactsPublic(
@@ -67,15 +52,14 @@ def artifacts(job_id: str, store: StoreDep, settings: SettingsDep, request: Requ
         files=files,
         total_bytes=sum(f.size for f in files),
         archive_url=f"{_base_url(request)}/jobs/{job_id}/artifacts/archive" if folder is not None else None,
-        checkpoints=_checkpoints(settings.base_path, job_id, request),
+        checkpoints=_checkpoints(settings.volume, job_id, request),
     )
 
 
 @router.get("/{job_id}/checkpoints", responses=_NOT_FOUND)
-def checkpoints(job_id: str, store: StoreDep, settings: SettingsDep, request: Request) -> CheckpointPage:
+def checkpoints(record: JobDep, settings: SettingsDep, request: Request) -> CheckpointPage:
     """Checkpoints saved so far, oldest first (listed while the job still trains, too)."""
-    _record(store, job_id)
-    return CheckpointPage(job_id=job_id, data=_checkpoints(settings.base_path, job_id, request))
+    return CheckpointPage(job_id=record.id, data=_checkpoints(settings.volume, record.id, request))
 
 
 @router.get(
@@ -88,26 +72,23 @@ def checkpoints(job_id: str, store: StoreDep, settings: SettingsDep, request: Re
     },
 )
 def archive(
-    job_id: str,
-    store: StoreDep,
+    record: JobDep,
     settings: SettingsDep,
     checkpoint: Annotated[int | None, Query(ge=0, description="a checkpoint's step instead of the adapter")] = None,
 ) -> StreamingResponse:
     """The adapter folder (or one checkpoint) as a tar.gz, streamed; members are paths relative to it."""
-    record = _record(store, job_id)
+    job_id = record.id
     if checkpoint is not None:
-        found = get_checkpoint(settings.base_path, job_id, checkpoint)
+        found = get_checkpoint(settings.volume, job_id, checkpoint)
         if found is None:
-            raise ApiError(404, f"job {job_id!r} has no checkpoint at step {checkpoint}")
+            raise NotFound(f"job {job_id!r} has no checkpoint at step {checkpoint}")
         folder, name = Path(found.path), f"{job_id}-{found.name}"
     else:
         if record.status is not JobStatus.succeeded:
-            raise ApiError(
-                409, f"job {job_id!r} has no adapter: it is {record.status.value}", status=record.status.value
-            )
+            raise WrongJobState(f"job {job_id!r} has no adapter: it is {record.status.value}", record.status.value)
         adapter = _adapter(record, settings.base_path)
         if adapter is None:
-            raise ApiError(404, f"the adapter folder of job {job_id!r} is no longer on the volume")
+            raise NotFound(f"the adapter folder of job {job_id!r} is no longer on the volume")
         folder, name = adapter, adapter.name
     headers = {"Content-Disposition": f'attachment; filename="{_download_name(name)}"'}
     return StreamingResponse(iter_tar_gz(folder, list_files(folder)), media_type="application/gzip", headers=headers)

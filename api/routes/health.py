@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SettingsDep, StoreDep
-from api.errors import redact_url
+from api.errors import REDIS_DOWN, store_unavailable
 from shared.jobs import JobStatus
 from shared.settings import Settings
 from shared.store import JobStore
@@ -32,8 +32,8 @@ async def readyz(store: StoreDep, settings: SettingsDep) -> JSONResponse:
     """Redis reachable and at least one worker alive."""
     try:
         workers = await run_in_threadpool(store.workers_alive, within_s=worker_fresh_s(settings))
-    except Exception as exc:
-        reason = f"Redis at {redact_url(settings.redis_url)} is unreachable: {exc}"
+    except REDIS_DOWN as exc:
+        reason = store_unavailable(exc, settings.redis_url).message
         return JSONResponse(status_code=503, content={"status": "unavailable", "reason": reason})
     if not workers:
         reason = f"no worker has reported in the last {worker_fresh_s(settings):.0f} s"

@@ -12,23 +12,17 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import StoreDep
-from api.errors import ApiError
-from api.schemas import CancelPublic, EventPage, EventPublic, JobPage, JobPublic
-from shared.jobs import JobRecord, JobStatus
+from api.deps import JobDep, StoreDep
+from api.errors import InvalidInput
+from api.job_actions import cancel_job
+from api.schemas import CancelPublic, EventPage, JobPage, JobPublic
+from shared.jobs import JobStatus
 from shared.store import JobStore
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 _STREAM_POLL_S = 0.5
 _KEEPALIVE_S = 15.0
-
-
-def _get(store: JobStore, job_id: str) -> JobRecord:
-    record = store.get(job_id)
-    if record is None:
-        raise ApiError(404, f"no job {job_id!r}")
-    return record
 
 
 @router.get("")
@@ -46,7 +40,7 @@ def list_jobs(
         except ValueError:
             before = math.nan
         if not math.isfinite(before):
-            raise ApiError(422, "cursor: not a cursor this API returned")
+            raise InvalidInput("cursor: not a cursor this API returned")
     data: list[JobPublic] = []
     next_cursor: str | None = None
     while len(data) < limit:
@@ -67,21 +61,20 @@ def list_jobs(
 
 
 @router.get("/{job_id}", responses={404: {"description": "no such job"}})
-def get_job(job_id: str, store: StoreDep) -> JobPublic:
-    return JobPublic.from_record(_get(store, job_id))
+def get_job(job: JobDep) -> JobPublic:
+    return JobPublic.from_record(job)
 
 
 @router.get("/{job_id}/events", responses={404: {"description": "no such job"}})
 def job_events(
-    job_id: str,
+    job: JobDep,
     store: StoreDep,
     after: Annotated[str | None, Query(pattern=r"^\d{1,20}-\d{1,20}$", description="last event id seen")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EventPage:
-    """Events in order: state changes, warnings, per-step metrics."""
-    _get(store, job_id)
-    events = store.events(job_id, after=after, limit=limit + 1)
-    page = [EventPublic.from_event(e) for e in events[:limit]]
+    """Events in order: state changes, warnings, per-step metrics (payloads: shared.events)."""
+    events = store.events(job.id, after=after, limit=limit + 1)
+    page = events[:limit]
     return EventPage(data=page, has_more=len(events) > limit, last_id=page[-1].id if page else after)
 
 
@@ -91,15 +84,14 @@ def job_events(
     responses={200: {"content": {"text/event-stream": {}}}, 404: {"description": "no such job"}},
 )
 async def stream_events(
-    job_id: str,
+    job: JobDep,
     store: StoreDep,
     request: Request,
     last_event_id: Annotated[str | None, Header(pattern=r"^\d{1,20}-\d{1,20}$")] = None,
     after: Annotated[str | None, Query(pattern=r"^\d{1,20}-\d{1,20}$")] = None,
 ) -> StreamingResponse:
     """Server-Sent Events; resume with the `Last-Event-ID` header. Ends when the job has ended."""
-    await run_in_threadpool(_get, store, job_id)
-    cursor = last_event_id or after
+    job_id, cursor = job.id, last_event_id or after
 
     async def generate() -> AsyncIterator[bytes]:
         nonlocal cursor
@@ -108,7 +100,7 @@ async def stream_events(
             events = await run_in_threadpool(store.events, job_id, after=cursor, limit=500)
             for event in events:
                 cursor = event.id
-                payload = EventPublic.from_event(event).model_dump_json()
+                payload = event.model_dump_json()
                 yield f"id: {event.id}\nevent: {event.type}\ndata: {payload}\n\n".encode()
             if events:
                 quiet_since = time.monotonic()
@@ -126,17 +118,12 @@ async def stream_events(
     return StreamingResponse(generate(), media_type="text/event-stream", headers=headers)
 
 
-def cancel_job(store: JobStore, job_id: str) -> JSONResponse:
-    outcome = store.cancel(job_id)
-    if outcome == "missing":
-        raise ApiError(404, f"no job {job_id!r}")
-    if outcome == "removed":
+def cancel_response(store: JobStore, job_id: str) -> JSONResponse:
+    if cancel_job(store, job_id) == "removed":
         body = CancelPublic(job_id=job_id, status="cancelled", message="Job cancelled before it started")
         return JSONResponse(status_code=200, content=body.model_dump())
-    if outcome == "requested":
-        body = CancelPublic(job_id=job_id, status="cancelling", message="The worker stops within a few steps")
-        return JSONResponse(status_code=202, content=body.model_dump())
-    raise ApiError(409, f"job {job_id!r} has already ended ({outcome}); nothing to cancel", status=outcome)
+    body = CancelPublic(job_id=job_id, status="cancelling", message="The worker stops within a few steps")
+    return JSONResponse(status_code=202, content=body.model_dump())
 
 
 @router.post(
@@ -146,4 +133,4 @@ def cancel_job(store: JobStore, job_id: str) -> JSONResponse:
 )
 def cancel(job_id: str, store: StoreDep) -> JSONResponse:
     """Cancel a job: a queued job is removed at once, a running one stops within a few steps."""
-    return cancel_job(store, job_id)
+    return cancel_response(store, job_id)

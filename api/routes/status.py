@@ -6,8 +6,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from api.deps import StoreDep
-from api.errors import ApiError
-from api.routes.jobs import cancel_job
+from api.errors import NotFound
+from api.routes.jobs import cancel_response
 from api.schemas import SeedStatusPublic
 
 router = APIRouter(tags=["training"])
@@ -24,5 +24,5 @@ def cancel_current(store: StoreDep) -> JSONResponse:
     """Cancel the current job (the seed-style counterpart of `POST /jobs/{id}/cancel`)."""
     active = store.active_ids()
     if not active:
-        raise ApiError(404, "no job is queued or training")
-    return cancel_job(store, active[0])
+        raise NotFound("no job is queued or training")
+    return cancel_response(store, active[0])

@@ -10,18 +10,16 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import redis
 from websockets.sync.client import ClientConnection, connect
 
 from tests.data import easy_records, jsonl
-from tests.service import Service
+from tests.service import Service, flush, wait_running, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -61,14 +59,9 @@ class Page:
         return result["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 30.0) -> Any:
-        deadline = time.monotonic() + timeout
-        value: Any = None
-        while time.monotonic() < deadline:
-            value = self.eval(expression)
-            if value:
-                return value
-            time.sleep(0.2)
-        raise AssertionError(f"never true: {expression} (last {value!r}); page errors: {self.errors}")
+        return wait_until(
+            lambda: self.eval(expression), timeout=timeout, what=lambda: f"{expression}; page errors: {self.errors}"
+        )
 
     def goto(self, url: str) -> None:
         self.call("Page.navigate", url=url)
@@ -90,11 +83,13 @@ def browser(tmp_path: Path) -> Iterator[Page]:
     proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
     try:
         port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 30
-        while not port_file.exists() or not port_file.read_text().strip():
-            assert proc.poll() is None, (tmp_path / "chromium.log").read_text()
-            assert time.monotonic() < deadline, "chromium did not open its DevTools port"
-            time.sleep(0.1)
+        wait_until(
+            lambda: port_file.exists() and port_file.read_text().strip(),
+            timeout=30,
+            every=0.1,
+            gives_up=lambda: proc.poll() is not None,
+            what=lambda: f"chromium's DevTools port: {(tmp_path / 'chromium.log').read_text()[-3000:]}",
+        )
         port = int(port_file.read_text().split()[0])
         targets = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
         page_target = next(t for t in targets if t["type"] == "page")
@@ -144,10 +139,7 @@ def test_dashboard_shows_live_progress_and_loss_and_cancels(
     browser.wait_for(f"document.getElementById('job-id').textContent === {job_id!r}")
 
     # The progress shown moves while the job trains.
-    deadline = time.monotonic() + 120
-    while (job := service.get(f"/jobs/{job_id}").json())["progress"]["current_step"] < 1:
-        assert job["status"] in ("queued", "running") and time.monotonic() < deadline, (job, service.logs("worker"))
-        time.sleep(0.2)
+    wait_running(service, job_id, min_step=1)
     browser.wait_for("Number(document.getElementById('progress').dataset.step || 0) >= 1", timeout=30)
     browser.wait_for("document.getElementById('step-text').textContent.endsWith('/ 1200')", timeout=10)
     first = browser.text("step-text")
@@ -181,9 +173,7 @@ def test_dashboard_shows_live_progress_and_loss_and_cancels(
 def test_dashboard_asks_for_the_api_key_once_and_keeps_it(
     tmp_path: Path, redis_url: str, tiny_model_dir: Path, browser: Page
 ) -> None:
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    client.close()
+    flush(redis_url)
     svc = Service(base_path=tmp_path / "base", redis_url=redis_url, log_dir=tmp_path / "logs",
                   env_extra={"LORA_API_KEY": "s3cret"})  # fmt: skip
     svc.start()
@@ -213,10 +203,12 @@ def test_dashboard_asks_for_the_api_key_once_and_keeps_it(
         browser.wait_for(f"!!document.querySelector('#jobs tr[data-id=\"{job_id}\"]')")
         browser.wait_for(f"document.getElementById('job-id').textContent === {job_id!r}")
         assert not browser.eval("document.getElementById('key-dialog').classList.contains('open')")
-        deadline = time.monotonic() + 120
-        while svc.get(f"/jobs/{job_id}", headers=auth).json()["status"] not in ("succeeded", "failed"):
-            assert time.monotonic() < deadline, svc.logs("worker")
-            time.sleep(0.3)
+        wait_until(
+            lambda: svc.get(f"/jobs/{job_id}", headers=auth).json()["status"] in ("succeeded", "failed"),
+            timeout=120,
+            every=0.3,
+            what=lambda: f"job {job_id} to end\n{svc.logs('worker')}",
+        )
         browser.wait_for("document.getElementById('job-status').textContent === 'succeeded'", timeout=30)
         assert int(browser.eval("Number(document.getElementById('loss-chart').dataset.points)")) >= 1
         assert not browser.errors, browser.errors

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 
-from shared.embedded_redis import EmbeddedRedis
+from launcher.embedded_redis import EmbeddedRedis
 from tests.data import easy_records, jsonl
-from tests.integration.faults import alive, children, running_events, submit, submit_long, wait_running
-from tests.service import Service
+from tests.integration.process_tree import alive, children
+from tests.service import Service, flush, running_events, submit, submit_long, wait_running, wait_until
 
 
 @pytest.fixture
@@ -25,9 +24,7 @@ def make_service(tmp_path: Path, redis_url: str, tiny_model_dir: Path) -> Iterat
     started: list[Service] = []
 
     def factory(redis_url: str = redis_url, **env: str) -> Service:
-        client = redis.Redis.from_url(redis_url)
-        client.flushdb()
-        client.close()
+        flush(redis_url)
         svc = Service(base_path=tmp_path / "base", redis_url=redis_url, log_dir=tmp_path / "logs", env_extra=env)
         svc.start()
         started.append(svc)
@@ -64,10 +61,7 @@ def test_killed_child_is_redelivered_and_the_duplicate_refused(service: Service,
     job = service.wait_for(job_id, {"failed", "succeeded"}, timeout=60)
     assert job["status"] == "failed" and "worker lost" in job["error"]
     assert len(running_events(service, job_id)) == 1  # never a second runner
-    deadline = time.monotonic() + 20
-    while f"not running job {job_id}: it is" not in service.logs("worker"):
-        assert time.monotonic() < deadline, service.logs("worker")
-        time.sleep(0.3)
+    service.wait_for_log(f"not running job {job_id}: it is", timeout=20)
 
 
 def test_attempt_budget_runs_a_lost_job_once_more(make_service: type[Service], tiny_model_dir: Path) -> None:
@@ -75,10 +69,7 @@ def test_attempt_budget_runs_a_lost_job_once_more(make_service: type[Service], t
     job_id = submit_long(svc, tiny_model_dir, epochs=10)
     wait_running(svc, job_id)
     svc.kill_worker_tree()
-    deadline = time.monotonic() + 30
-    while svc.get(f"/jobs/{job_id}").json()["status"] != "queued":
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    svc.wait_for(job_id, {"queued"}, timeout=30)
     svc.start_worker()
     job = svc.wait_for(job_id, {"succeeded", "failed"}, timeout=180)
     assert job["status"] == "succeeded" and job["attempts"] == 2
@@ -99,10 +90,8 @@ def test_cancel_running_job_stops_it_and_frees_the_slot(service: Service, tiny_m
     assert status["status"] == "error" and "cancel" in status["message"].lower()
     assert service.post(f"/jobs/{job_id}/cancel").status_code == 409
     assert service.post("/jobs/job-unknown/cancel").status_code == 404
-    deadline = time.monotonic() + 20
-    while alive(child):  # one task per child: the process that held the model is gone
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    # One task per child: the process that held the model is gone.
+    wait_until(lambda: not alive(child), timeout=20, what=f"the pool child {child} to exit")
     assert submit(service, tiny_model_dir).status_code == 202
 
 
@@ -114,10 +103,7 @@ def test_cancel_queued_job_removes_it_before_it_starts(service: Service, tiny_mo
     assert service.post("/cancel").status_code == 200
     assert service.get(f"/jobs/{job_id}").json()["status"] == "cancelled"
     service.start_worker()
-    deadline = time.monotonic() + 30
-    while f"not running job {job_id}: it is cancelled" not in service.logs("worker"):
-        assert time.monotonic() < deadline, service.logs("worker")
-        time.sleep(0.3)
+    service.wait_for_log(f"not running job {job_id}: it is cancelled", timeout=30)
     assert service.get(f"/jobs/{job_id}").json()["attempts"] == 0
 
 
@@ -156,17 +142,19 @@ def test_redis_restart_mid_job_never_runs_it_twice(
         assert r.status_code == 503 and "Redis" in r.json()["detail"]
         time.sleep(outage_s)
         server.start()
-        job = svc.wait_for(job_id, {"failed", "succeeded", "cancelled"}, timeout=240)
+        job = svc.wait_for(job_id, {"failed", "succeeded", "cancelled"}, timeout=180)
         assert len(running_events(svc, job_id)) == 1
         if outage_s < 4:
             assert job["status"] == "succeeded", job
         else:
             assert job["status"] == "failed" and "lost contact with Redis" in job["error"], job
         # Both sides reconnect by themselves: a new job runs to the end.
-        deadline = time.monotonic() + 60
-        while (r := submit(svc, tiny_model_dir)).status_code != 202:
-            assert time.monotonic() < deadline, r.text
-            time.sleep(1)
+        r = wait_until(
+            lambda: (reply := submit(svc, tiny_model_dir)).status_code == 202 and reply,
+            timeout=60,
+            every=1,
+            what="a submission to be accepted again",
+        )
         assert svc.wait_for(r.json()["job_id"], {"succeeded", "failed"}, timeout=120)["status"] == "succeeded"
     finally:
         server.stop()
@@ -177,10 +165,7 @@ def test_redelivery_after_visibility_timeout_is_refused(make_service: type[Servi
     svc.start_worker()  # a second, idle worker to receive the redelivered message
     job_id = submit_long(svc, tiny_model_dir, epochs=15)
     wait_running(svc, job_id)
-    deadline = time.monotonic() + 60
-    while f"not running job {job_id}: it is running" not in svc.logs("worker"):
-        assert time.monotonic() < deadline, svc.logs("worker")
-        time.sleep(0.3)
+    svc.wait_for_log(f"not running job {job_id}: it is running", timeout=60)
     job = svc.wait_for(job_id, {"succeeded", "failed"}, timeout=180)
     assert job["status"] == "succeeded" and job["attempts"] == 1
     assert len(running_events(svc, job_id)) == 1

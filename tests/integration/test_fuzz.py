@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import GenerationMode
@@ -21,7 +20,7 @@ from schemathesis.checks import not_a_server_error
 
 from api.main import create_app
 from shared.settings import Settings
-from tests.service import Service
+from tests.service import Service, flush
 
 MAX_EXAMPLES = 60  # per operation and generation mode; the whole run stays within a couple of minutes
 
@@ -33,9 +32,7 @@ schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.N
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory: pytest.TempPathFactory, redis_url: str, tiny_model_dir: Path) -> Iterator[Service]:
     url = redis_url.rsplit("/", 1)[0] + "/7"  # a database of its own: no other fixture flushes it
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
+    flush(url)
     root = tmp_path_factory.mktemp("fuzz")
     svc = Service(base_path=root / "base", redis_url=url, log_dir=root / "logs", env_extra={"LORA_MAX_UPLOAD_MB": "2"})
     svc.start()

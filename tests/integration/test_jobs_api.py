@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import httpx
 
-from tests.integration.faults import submit, wait_running
-from tests.service import Service
+from tests.service import Service, submit, wait_running, wait_until
 
 
 def _run_jobs(service: Service, model_dir: Path, n: int) -> list[str]:
@@ -20,30 +18,6 @@ def _run_jobs(service: Service, model_dir: Path, n: int) -> list[str]:
         ids.append(r.json()["job_id"])
         service.wait_for(ids[-1], {"succeeded", "failed"})
     return ids
-
-
-def test_jobs_list_is_newest_first_paginated_and_filtered(service: Service, tiny_model_dir: Path) -> None:
-    ids = _run_jobs(service, tiny_model_dir, 3)
-    service.stop_worker()
-    queued = submit(service, tiny_model_dir).json()["job_id"]
-    service.post(f"/jobs/{queued}/cancel")
-    first = service.get("/jobs", params={"limit": 2}).json()
-    assert [j["id"] for j in first["data"]] == [queued, ids[2]]
-    assert first["has_more"] and first["next_cursor"]
-    second = service.get("/jobs", params={"limit": 2, "cursor": first["next_cursor"]}).json()
-    assert [j["id"] for j in second["data"]] == [ids[1], ids[0]] and not second["has_more"]
-    done = service.get("/jobs", params={"status": "succeeded"}).json()["data"]
-    assert [j["id"] for j in done] == ids[::-1]
-    cancelled = service.get("/jobs", params={"status": "cancelled"}).json()["data"]
-    assert [j["id"] for j in cancelled] == [queued]
-    assert service.get("/jobs", params={"status": "bogus"}).status_code == 422
-    assert service.get("/jobs", params={"cursor": "x"}).status_code == 422
-    job = service.get(f"/jobs/{ids[0]}").json()
-    assert {"config", "status", "created_at", "started_at", "finished_at", "progress", "metrics", "model_path"} <= set(
-        job
-    )
-    assert job["created_at"] <= job["started_at"] <= job["finished_at"]
-    assert service.get("/jobs/job-missing").status_code == 404
 
 
 def test_events_are_ordered_and_resumable_by_cursor(service: Service, tiny_model_dir: Path) -> None:
@@ -84,7 +58,7 @@ def _read_sse(url: str, headers: dict[str, str], stop_after: int | None = None) 
 
 
 def test_live_event_stream_follows_a_job_and_resumes_with_last_event_id(service: Service, tiny_model_dir: Path) -> None:
-    r = submit(service, tiny_model_dir, epochs=20, batch_size=2)
+    r = submit(service, tiny_model_dir, epochs=4, batch_size=2)
     job_id = r.json()["job_id"]
     url = f"{service.url}/jobs/{job_id}/events/stream"
     head = _read_sse(url, {}, stop_after=4)
@@ -100,12 +74,11 @@ def test_live_event_stream_follows_a_job_and_resumes_with_last_event_id(service:
 
 def test_health_readiness_and_metrics(service: Service, tiny_model_dir: Path) -> None:
     assert service.get("/healthz").json() == {"status": "ok"}
-    deadline = time.monotonic() + 30
-    while (ready := service.get("/readyz")).status_code != 200:
-        assert time.monotonic() < deadline, ready.text
-        time.sleep(0.3)
-    assert ready.json()["workers"]
-    job_id = r.json()["job_id"] if (r := submit(service, tiny_model_dir, epochs=200, batch_size=2)) else ""
+    ready = wait_until(lambda: service.get("/readyz").json().get("workers"), timeout=30, every=0.3, what="a worker")
+    assert len(ready) == 1
+    r = submit(service, tiny_model_dir, epochs=200, batch_size=2)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
     wait_running(service, job_id, min_step=3)
     text = service.get("/metrics").text
     assert 'lora_jobs{status="running"} 1' in text
@@ -116,8 +89,5 @@ def test_health_readiness_and_metrics(service: Service, tiny_model_dir: Path) ->
     service.post(f"/jobs/{job_id}/cancel")
     service.wait_for(job_id, {"cancelled"})
     service.stop_worker()
-    deadline = time.monotonic() + 60
-    while (ready := service.get("/readyz")).status_code != 503:
-        assert time.monotonic() < deadline, ready.text
-        time.sleep(1)
-    assert "no worker" in ready.json()["reason"]
+    gone = wait_until(lambda: (reply := service.get("/readyz")).status_code == 503 and reply, timeout=60, every=1)
+    assert "no worker" in gone.json()["reason"]

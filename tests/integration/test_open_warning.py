@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.embedded_redis import free_port
+from launcher.embedded_redis import free_port
 from tests.service import ROOT, wait_until_up
 
 

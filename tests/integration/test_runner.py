@@ -6,16 +6,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from shared.embedded_redis import free_port
+from launcher.embedded_redis import free_port
 from tests.data import easy_records, jsonl
-from tests.integration.faults import alive
-from tests.service import ROOT, wait_until_up
+from tests.integration.process_tree import alive
+from tests.service import ROOT, wait_until, wait_until_up
 
 
 def _descendants(pid: int) -> set[int]:
@@ -43,8 +42,9 @@ def test_one_command_runs_the_service_and_a_signal_leaves_nothing_behind(
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "LORA_REDIS_URL"}
     env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "LORA_MIN_FREE_DISK_MB": "1"})
-    cmd = [sys.executable, "-m", "api.cli", "--base_path", str(tmp_path / "models"), "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    cmd = [sys.executable, "-m", "cli", "--base_path", str(tmp_path / "models"), "--port", str(port)]
+    with (tmp_path / "lora-server.log").open("wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_until_up(url + "/readyz", proc, timeout=60), "service did not become ready"
@@ -55,10 +55,12 @@ def test_one_command_runs_the_service_and_a_signal_leaves_nothing_behind(
             timeout=30,
         )  # fmt: skip
         assert r.status_code == 202, r.text
-        deadline = time.monotonic() + 120
-        while (status := httpx.get(url + "/status", timeout=5).json())["status"] == "training":
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
+        status = wait_until(
+            lambda: (body := httpx.get(url + "/status", timeout=5).json())["status"] != "training" and body,
+            timeout=120,
+            every=0.3,
+            what="the job to end",
+        )
         assert status["status"] == "completed", status
         assert Path(status["model_path"], "adapter_config.json").is_file()
         assert (tmp_path / "models" / ".redis" / "appendonlydir").is_dir()  # embedded Redis persists
@@ -68,10 +70,8 @@ def test_one_command_runs_the_service_and_a_signal_leaves_nothing_behind(
         proc.send_signal(sig)
         code = proc.wait(timeout=60)
         assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 0)
-        deadline = time.monotonic() + 10
-        while _alive(family):  # even a runner killed outright takes its children with it
-            assert time.monotonic() < deadline, f"left running: {_alive(family)}"
-            time.sleep(0.2)
+        # Even a runner killed outright takes its children with it.
+        wait_until(lambda: not _alive(family), timeout=10, what=lambda: f"no process left: {_alive(family)}")
     finally:
         if proc.poll() is None:
             proc.kill()

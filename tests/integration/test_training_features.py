@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from openai import OpenAI
 
 from tests.data import easy_records, jsonl
-from tests.integration.faults import submit
-from tests.service import Service
+from tests.service import Service, flush, submit
 
 
 def test_validation_split_reports_eval_loss_and_keeps_last_checkpoints(service: Service, tiny_model_dir: Path) -> None:
@@ -59,33 +59,57 @@ def test_merge_job_writes_a_model_that_matches_base_plus_adapter(service: Servic
     assert bad.status_code == 422
 
 
-@pytest.mark.parametrize("mode", ["offline", "online"])
-def test_wandb_logs_when_configured_and_never_breaks_a_job(
-    tmp_path: Path, redis_url: str, tiny_model_dir: Path, mode: str
-) -> None:
-    wandb_dir = tmp_path / "wandb"
-    wandb_dir.mkdir()
-    env = {"WANDB_MODE": mode, "WANDB_DIR": str(wandb_dir), "WANDB_INIT_TIMEOUT": "10", "WANDB_SILENT": "true"}
-    if mode == "online":
-        env["WANDB_API_KEY"] = "not-a-real-key-" + "x" * 30  # no network here: W&B cannot start
-    import redis
+@pytest.fixture
+def wandb_dir(tmp_path: Path, redis_url: str) -> Path:
+    folder = tmp_path / "wandb"
+    folder.mkdir()
+    flush(redis_url)
+    return folder
 
-    redis.Redis.from_url(redis_url).flushdb()
+
+def _service(tmp_path: Path, redis_url: str, wandb_dir: Path, **env: str) -> Service:
+    env |= {"WANDB_DIR": str(wandb_dir), "WANDB_INIT_TIMEOUT": "10", "WANDB_SILENT": "true"}
     svc = Service(base_path=tmp_path / "base", redis_url=redis_url, log_dir=tmp_path / "logs", env_extra=env)
     svc.start()
+    return svc
+
+
+def _messages(svc: Service, job_id: str) -> str:
+    job = svc.wait_for(job_id, {"succeeded", "failed"}, timeout=180)
+    assert job["status"] == "succeeded", job
+    return " ".join(e["message"] for e in svc.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["data"])
+
+
+def test_an_integrations_wandb_run_is_the_jobs_run(
+    tmp_path: Path, redis_url: str, tiny_model_dir: Path, wandb_dir: Path
+) -> None:
+    svc = _service(tmp_path, redis_url, wandb_dir, WANDB_MODE="offline")
     try:
-        r = svc.post("/train", files={"config": (None, json.dumps({"model_name": str(tiny_model_dir), "epochs": 2})),
-                                      "file": ("d.jsonl", jsonl(easy_records(4)))})  # fmt: skip
-        job = svc.wait_for(r.json()["job_id"], {"succeeded", "failed"}, timeout=240)
-        assert job["status"] == "succeeded", job
-        events = svc.get(f"/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
-        messages = " ".join(e["message"] for e in events)
-        if mode == "offline":
-            assert "Weights & Biases run" in messages
-            runs = list((wandb_dir / "wandb").glob("offline-run-*"))
-            assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
-        else:
-            assert "Weights & Biases logging is off" in messages
+        with OpenAI(base_url=svc.url + "/v1", api_key="k", max_retries=0) as client:
+            file_id = client.files.create(file=("d.jsonl", jsonl(easy_records(4))), purpose="fine-tune").id
+            wandb = {"project": "lora-tests", "name": "run-from-integration", "tags": ["ci"]}
+            job = client.fine_tuning.jobs.create(
+                model=str(tiny_model_dir),
+                training_file=file_id,
+                hyperparameters={"n_epochs": 2},
+                integrations=[{"type": "wandb", "wandb": wandb}],
+            )
+        assert "logging to Weights & Biases run run-from-integration" in _messages(svc, job.id)
+        (run,) = (wandb_dir / "wandb").glob("offline-run-*")
+        assert any(p.suffix == ".wandb" for p in run.iterdir())
+    finally:
+        svc.stop()
+
+
+def test_wandb_that_cannot_start_never_breaks_a_job(
+    tmp_path: Path, redis_url: str, tiny_model_dir: Path, wandb_dir: Path
+) -> None:
+    # No network here: W&B cannot start with a key it cannot check.
+    svc = _service(tmp_path, redis_url, wandb_dir, WANDB_MODE="online", WANDB_API_KEY="not-a-real-key-" + "x" * 30)
+    try:
+        r = submit(svc, tiny_model_dir, epochs=2)
+        assert r.status_code == 202, r.text
+        assert "Weights & Biases logging is off" in _messages(svc, r.json()["job_id"])
     finally:
         svc.stop()
 

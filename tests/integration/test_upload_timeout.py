@@ -8,14 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
-from tests.service import Service
+from tests.service import Service, flush
 
 
 @pytest.fixture
 def impatient(tmp_path: Path, redis_url: str) -> Iterator[Service]:
-    redis.Redis.from_url(redis_url).flushdb()
+    flush(redis_url)
     svc = Service(tmp_path / "base", redis_url, tmp_path / "logs", env_extra={"LORA_UPLOAD_IDLE_TIMEOUT_S": "1.5"})
     svc.start()
     yield svc

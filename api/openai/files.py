@@ -11,35 +11,28 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
+from api.datasets import check_disk, store_dataset
 from api.deps import SettingsDep
-from api.errors import ApiError
-from api.openai_errors import OpenAIError, OpenAIRoute
-from api.openai_schemas import FileDeletedPublic, FilePublic, FileRecord, ListPage
-from api.openai_store import OpenAIStore, OpenAIStoreDep, UnknownCursorError
-from api.openai_uploads import receive_file_upload
-from api.submission import check_disk, store_dataset
+from api.errors import FileNotFound, InvalidInput, MalformedRequest, field_error
+from api.openai.convert import file_public
+from api.openai.errors import OpenAIRoute
+from api.openai.records import FileRecord
+from api.openai.schemas import FileDeletedPublic, FilePublic, ListPage
+from api.openai.store import OpenAIStore, OpenAIStoreDep, UnknownCursorError
+from api.openai.uploads import receive_file_upload
+from api.uploads import multipart_openapi
 
 router = APIRouter(prefix="/v1/files", tags=["openai"], route_class=OpenAIRoute)
 
 PURPOSE: Final = "fine-tune"
 
-_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file", "purpose"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary", "description": "chat dataset (JSONL)"},
-                        "purpose": {"type": "string", "enum": [PURPOSE]},
-                    },
-                }
-            }
-        },
-    }
-}
+_BODY = multipart_openapi(
+    ["file", "purpose"],
+    {
+        "file": {"type": "string", "format": "binary", "description": "chat dataset (JSONL)"},
+        "purpose": {"type": "string", "enum": [PURPOSE]},
+    },
+)
 
 
 def new_file_id() -> str:
@@ -49,7 +42,7 @@ def new_file_id() -> str:
 def get_file_record(store: OpenAIStore, file_id: str) -> FileRecord:
     record = store.get_file(file_id)
     if record is None:
-        raise OpenAIError(404, f"No such File object: {file_id}", param="file_id", code="file_not_found")
+        raise FileNotFound(file_id)
     return record
 
 
@@ -62,15 +55,10 @@ async def create_file(request: Request, settings: SettingsDep, store: OpenAIStor
         purpose = upload.fields.get("purpose")
         if purpose != PURPOSE:
             got = "missing" if purpose is None else f"{purpose!r}"
-            raise OpenAIError(400, f"purpose is {got}: only {PURPOSE!r} is accepted", param="purpose")
+            msg = f"only {PURPOSE!r} is accepted"
+            raise InvalidInput(f"purpose is {got}: {msg}", problems=[field_error(["purpose"], msg)])
         file_id = new_file_id()
-        assert upload.dataset is not None
-        try:
-            path, summary = await run_in_threadpool(store_dataset, upload.dataset, settings, file_id)
-        except ApiError as exc:
-            if exc.status_code != 422:
-                raise
-            raise OpenAIError(400, exc.detail, param="file", code="invalid_file_format") from exc
+        path, summary = await run_in_threadpool(store_dataset, upload.dataset, settings, file_id)
     finally:
         upload.discard()
     record = FileRecord(
@@ -87,7 +75,7 @@ async def create_file(request: Request, settings: SettingsDep, store: OpenAIStor
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    return FilePublic.from_record(record)
+    return file_public(record)
 
 
 @router.get("")
@@ -103,13 +91,13 @@ def list_files(
     try:
         records, has_more = store.list_files(after=after, limit=limit, order=order)
     except UnknownCursorError as exc:
-        raise OpenAIError(400, f"after: no file {after!r}", param="after") from exc
-    return ListPage.of([FilePublic.from_record(r) for r in records], has_more)
+        raise MalformedRequest(f"after: no file {after!r}", problems=[field_error(["after"], "no such file")]) from exc
+    return ListPage.of([file_public(r) for r in records], has_more)
 
 
 @router.get("/{file_id}", responses={404: {}})
 def retrieve_file(file_id: str, store: OpenAIStoreDep) -> FilePublic:
-    return FilePublic.from_record(get_file_record(store, file_id))
+    return file_public(get_file_record(store, file_id))
 
 
 @router.delete("/{file_id}", responses={404: {}})
@@ -127,5 +115,5 @@ def file_content(file_id: str, store: OpenAIStoreDep) -> FileResponse:
     record = get_file_record(store, file_id)
     path = Path(record.path)
     if not path.is_file():
-        raise OpenAIError(404, f"the content of {file_id} is no longer on the volume", code="file_not_found")
+        raise FileNotFound(file_id, f"the content of {file_id} is no longer on the volume")
     return FileResponse(path, media_type="application/octet-stream", filename=f"{file_id}.jsonl")

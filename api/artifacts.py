@@ -1,33 +1,23 @@
-"""What a job leaves on the volume: its adapter folder and its checkpoints, listed and archived safely.
+"""Reading what a job left on the volume: its adapter folder and its checkpoints, listed and archived safely.
 
-Checkpoint layout (the worker writes it, the API reads it):
-
-    <base_path>/checkpoints/<job_id>/step-000120/   adapter files, then `checkpoint.json` last
-    checkpoint.json = {"step": int, "epoch": int, "loss": float | null, "created_at": float,
-                       "eval_loss": float | null (optional)}
-
-A folder whose name is not `step-N` (the worker's hidden staging folder) or that has no valid
-`checkpoint.json` yet is not listed.
-Nothing here follows a symlink or returns a path outside `base_path`.
+The layout is shared.volume's. A checkpoint folder whose name is not `step-N` (the worker's hidden
+staging folder) or that has no valid `checkpoint.json` yet is not listed. Nothing here follows a
+symlink or returns a path outside `base_path`.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import tarfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
-from shared.jobs import JobStatus
+from shared.job_ids import is_job_id
+from shared.volume import CHECKPOINT_META, CheckpointMeta, Volume, checkpoint_step
 
-CHECKPOINTS_DIR = "checkpoints"
-CHECKPOINT_META = "checkpoint.json"
-_CHECKPOINT_NAME = re.compile(r"^step-(\d{1,12})$")
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _BLOCK = tarfile.BLOCKSIZE  # 512
 _RECORD = tarfile.RECORDSIZE  # 20 blocks
 
@@ -37,69 +27,16 @@ class FileEntry(BaseModel):
     size: int = Field(ge=0, description="bytes")
 
 
-class CheckpointMeta(BaseModel):
-    """The content of `checkpoint.json`."""
+class Checkpoint(CheckpointMeta):
+    """A complete checkpoint found on the volume."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    step: int = Field(ge=0)
-    epoch: int = Field(ge=0)
-    loss: float | None = None
-    eval_loss: float | None = None  # on the validation split, when the job has one
-    created_at: float
-
-
-class Checkpoint(BaseModel):
     name: str  # the folder name, "step-000120"
-    step: int
-    epoch: int
-    loss: float | None
-    eval_loss: float | None
-    created_at: float
     path: str  # absolute folder on the volume
     files: list[FileEntry]
 
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
-
-
-# What the API answers about a job's files (here, so that clients need no web framework).
-
-
-class CheckpointPublic(BaseModel):
-    name: str
-    step: int
-    epoch: int
-    loss: float | None
-    eval_loss: float | None
-    created_at: float
-    files: list[FileEntry]
-    total_bytes: int
-    archive_url: str
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: Checkpoint, base_url: str, job_id: str) -> CheckpointPublic:
-        return cls(
-            **checkpoint.model_dump(exclude={"path"}),
-            total_bytes=checkpoint.total_bytes,
-            archive_url=f"{base_url}/jobs/{job_id}/artifacts/archive?checkpoint={checkpoint.step}",
-        )
-
-
-class CheckpointPage(BaseModel):
-    job_id: str
-    data: list[CheckpointPublic]
-
-
-class ArtifactsPublic(BaseModel):
-    job_id: str
-    status: JobStatus
-    model_path: str | None  # the adapter folder, once the job succeeded
-    files: list[FileEntry]  # relative to model_path
-    total_bytes: int
-    archive_url: str | None
-    checkpoints: list[CheckpointPublic]
 
 
 def _inside(base: Path, path: Path) -> Path | None:
@@ -109,19 +46,11 @@ def _inside(base: Path, path: Path) -> Path | None:
     return target if target != root and root in target.parents else None
 
 
-def checkpoints_root(base_path: Path, job_id: str) -> Path | None:
-    """The job's checkpoint folder (it may not exist yet); None for an id that is not a plain name."""
-    if not _SAFE_ID.match(job_id):
+def _checkpoints_root(volume: Volume, job_id: str) -> Path | None:
+    """The job's checkpoint folder (it may not exist yet); None for an id that is not a job id."""
+    if not is_job_id(job_id):
         return None
-    return _inside(base_path, base_path / CHECKPOINTS_DIR / job_id)
-
-
-def checkpoint_dir(base_path: Path, job_id: str, step: int) -> Path:
-    """Where the worker writes the checkpoint taken after `step`."""
-    root = checkpoints_root(base_path, job_id)
-    if root is None:
-        raise ValueError(f"{job_id!r} is not a job id")
-    return root / f"step-{step:06d}"
+    return _inside(volume.base, volume.job_checkpoints(job_id))
 
 
 def adapter_dir(base_path: Path, model_path: str | None) -> Path | None:
@@ -151,36 +80,26 @@ def list_files(folder: Path) -> list[FileEntry]:
 
 
 def _read_checkpoint(folder: Path) -> Checkpoint | None:
-    match = _CHECKPOINT_NAME.match(folder.name)
-    if match is None or folder.is_symlink() or not folder.is_dir():
+    if checkpoint_step(folder.name) is None or folder.is_symlink() or not folder.is_dir():
         return None
     try:
         meta = CheckpointMeta.model_validate_json((folder / CHECKPOINT_META).read_bytes())
     except (OSError, ValidationError):
         return None  # still being written, or not ours
-    return Checkpoint(
-        name=folder.name,
-        step=meta.step,
-        epoch=meta.epoch,
-        loss=meta.loss,
-        eval_loss=meta.eval_loss,
-        created_at=meta.created_at,
-        path=str(folder),
-        files=list_files(folder),
-    )
+    return Checkpoint(**meta.model_dump(), name=folder.name, path=str(folder), files=list_files(folder))
 
 
-def list_checkpoints(base_path: Path, job_id: str) -> list[Checkpoint]:
+def list_checkpoints(volume: Volume, job_id: str) -> list[Checkpoint]:
     """The job's complete checkpoints, oldest step first; [] when it has none."""
-    root = checkpoints_root(base_path, job_id)
+    root = _checkpoints_root(volume, job_id)
     if root is None or not root.is_dir():
         return []
     found = (_read_checkpoint(child) for child in root.iterdir())
     return sorted((c for c in found if c is not None), key=lambda c: c.step)
 
 
-def get_checkpoint(base_path: Path, job_id: str, step: int) -> Checkpoint | None:
-    return next((c for c in list_checkpoints(base_path, job_id) if c.step == step), None)
+def get_checkpoint(volume: Volume, job_id: str, step: int) -> Checkpoint | None:
+    return next((c for c in list_checkpoints(volume, job_id) if c.step == step), None)
 
 
 def iter_tar_gz(folder: Path, files: list[FileEntry], *, chunk_size: int = 1 << 20) -> Iterator[bytes]:

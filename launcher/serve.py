@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.embedded_redis import EmbeddedRedis
-from shared.process import own_group_dies_with_parent
+from launcher.embedded_redis import EmbeddedRedis
+from launcher.process import own_group_dies_with_parent
 from shared.tasks import QUEUE
 
 log = logging.getLogger("lora-server")

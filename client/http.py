@@ -1,4 +1,5 @@
-"""A small typed client for the lora-server HTTP API (httpx; no training stack needed).
+"""A small typed client for the lora-server HTTP API (httpx and the API's pydantic models; no web framework,
+no training stack).
 
 Usage:
 
@@ -12,20 +13,29 @@ client.download(job_id, Path("adapter"))
 from __future__ import annotations
 
 import json
-import os
-import tarfile
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, TypeVar, cast
 
 import httpx
 from pydantic import BaseModel
 
-from api.schemas import CancelPublic, EventPage, EventPublic, JobPage, JobPublic, SeedStatusPublic, TrainAccepted
-from shared.artifacts import ArtifactsPublic, CheckpointPage
+from api.schemas import (
+    ArtifactsPublic,
+    CancelPublic,
+    CheckpointPage,
+    EventPage,
+    JobPage,
+    JobPublic,
+    SeedStatusPublic,
+    TrainAccepted,
+)
+from client.archive import extract_tar_safely
+from client.sse import sse_blocks
+from shared.events import JobEvent
 from shared.jobs import JobStatus
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -40,10 +50,6 @@ class ApiClientError(Exception):
         self.status_code = status_code
         self.detail = detail
         self.body = body
-
-
-class UnsafeArchiveError(ValueError):
-    """An archive member would land outside the target folder, or is not a plain file or folder."""
 
 
 class LoraClient:
@@ -118,7 +124,7 @@ class LoraClient:
     def cancel(self, job_id: str) -> CancelPublic:
         return CancelPublic.model_validate_json(self._check(self.http.post(f"/jobs/{job_id}/cancel")).content)
 
-    def stream(self, job_id: str, after: str | None = None, *, reconnects: int = 5) -> Iterator[EventPublic]:
+    def stream(self, job_id: str, after: str | None = None, *, reconnects: int = 5) -> Iterator[JobEvent]:
         """The job's events as they happen (Server-Sent Events); ends when the job has ended.
 
         A dropped connection is resumed from the last event seen, up to `reconnects` times in a row.
@@ -133,11 +139,11 @@ class LoraClient:
                     if not response.is_success:
                         response.read()
                         self._check(response)
-                    for etype, data in _sse_blocks(response.iter_lines()):
+                    for etype, data in sse_blocks(response.iter_lines()):
                         failures = 0
                         if etype == "end":
                             return
-                        event = EventPublic.model_validate_json(data)
+                        event = JobEvent.model_validate_json(data)
                         cursor = event.id
                         yield event
             except (httpx.TransportError, httpx.RemoteProtocolError):
@@ -165,74 +171,3 @@ class LoraClient:
                     spool.write(chunk)
             spool.seek(0)
             return extract_tar_safely(cast(IO[bytes], spool), dest)
-
-
-def _sse_blocks(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
-    """(event type, data) for each event in a text/event-stream; comments and ids are skipped."""
-    etype = "message"
-    data: list[str] = []
-    for line in lines:
-        if line == "":
-            if data:
-                yield etype, "\n".join(data)
-            elif etype == "end":
-                yield etype, ""
-            etype, data = "message", []
-            continue
-        if line.startswith(":"):
-            continue
-        field, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if field == "event":
-            etype = value
-        elif field == "data":
-            data.append(value)
-
-
-def extract_tar_safely(fileobj: IO[bytes], dest: Path) -> list[Path]:
-    """Unpack a tar(.gz) into `dest`: plain files and folders only, every path strictly inside `dest`.
-
-    Links, devices, absolute names and `..` are refused before anything of that member is
-    written. Each file is written to a temporary name and renamed, so an existing symlink at the
-    target is replaced, never followed.
-    """
-    root = dest.resolve()
-
-    def inside(path: Path) -> bool:
-        return path == root or root in path.parents
-
-    written: list[Path] = []
-    with tarfile.open(fileobj=fileobj, mode="r:*") as tar:
-        for member in tar:
-            name = PurePosixPath(member.name)
-            if name.is_absolute() or ".." in name.parts or "\\" in member.name or not name.name:
-                raise UnsafeArchiveError(f"archive member {member.name!r} would leave the target folder")
-            if not (member.isdir() or member.isfile()):
-                raise UnsafeArchiveError(f"archive member {member.name!r} is not a plain file or folder")
-            # Existing links in the folders on the way are followed (and must stay inside);
-            # a link at the final name is replaced, never written through.
-            parent = (root / name.parent).resolve()
-            if not inside(parent):
-                raise UnsafeArchiveError(f"archive member {member.name!r} resolves outside {dest}")
-            target = parent / name.name
-            if member.isdir():
-                if target.is_symlink():
-                    raise UnsafeArchiveError(f"archive folder {member.name!r} is a link in {dest}")
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            parent.mkdir(parents=True, exist_ok=True)
-            if not inside(parent.resolve()):
-                raise UnsafeArchiveError(f"archive member {member.name!r} resolves outside {dest}")
-            source = tar.extractfile(member)
-            assert source is not None
-            fd, tmp = tempfile.mkstemp(dir=parent, prefix=".part-")
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    while chunk := source.read(1 << 20):
-                        out.write(chunk)
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            written.append(target)
-    return written

@@ -7,6 +7,7 @@ import redis
 
 from shared import keys
 from shared.config import TrainConfig
+from shared.events import StatusChanged
 from shared.jobs import JobRecord, JobStatus, Progress
 from shared.store import JobStore
 
@@ -65,8 +66,8 @@ def test_claim_renew_finish_and_fencing(redis_client: redis.Redis) -> None:
     assert rec is not None and rec.status is JobStatus.succeeded and rec.model_path == "/o"
     assert store.active_ids() == []
     assert store.claim("a", token="t3", lease_s=30, worker="w3") == "succeeded"
-    types = [e.data.get("status") for e in store.events("a") if e.type == "status"]
-    assert types == ["queued", "running", "succeeded"]
+    changes = [e.data for e in store.events("a") if e.type == "status"]
+    assert changes == [StatusChanged(status=s) for s in (JobStatus.queued, JobStatus.running, JobStatus.succeeded)]
 
 
 def test_cancel_queued_and_running(redis_client: redis.Redis) -> None:

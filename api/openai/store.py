@@ -15,7 +15,7 @@ from fastapi import Depends
 from pydantic import BaseModel
 
 from api.deps import StoreDep
-from api.openai_schemas import FileRecord, OpenAIJobRecord
+from api.openai.records import FileRecord, OpenAIJobRecord
 from shared import keys
 
 M = TypeVar("M", bound=BaseModel)
@@ -90,6 +90,19 @@ class OpenAIStore:
         rows = self.client.zrevrange(index, start, end) if order == "desc" else self.client.zrange(index, start, end)
         ids = [str(x) for x in cast(list[str], rows)]
         return ids[:limit], len(ids) > limit
+
+
+class JobFields:
+    """The OpenAI-only fields of a job being submitted, kept beside it (see api.submission.Companion)."""
+
+    def __init__(self, store: OpenAIStore, record: OpenAIJobRecord) -> None:
+        self.store, self.record = store, record
+
+    def attach(self, job_id: str) -> None:
+        self.store.put_job(job_id, self.record)
+
+    def detach(self, job_id: str) -> None:
+        self.store.remove_job(job_id)
 
 
 def _openai_store(store: StoreDep) -> OpenAIStore:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from python_multipart.multipart import parse_options_header
 
-from api.errors import ApiError
-from api.uploads import Upload, _Receiver, stream_multipart
+from api.errors import InvalidInput, field_error
+from api.uploads import Receiver, Upload, stream_multipart
 from shared.settings import Settings
 
 
@@ -31,7 +31,7 @@ def display_name(raw: str) -> str:
     return name[:255] or "upload.jsonl"
 
 
-class _FieldsReceiver(_Receiver):
+class _FieldsReceiver(Receiver):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, file_parts=("file",))
         self.fields: dict[str, str] = {}
@@ -50,15 +50,14 @@ class _FieldsReceiver(_Receiver):
 
 
 async def receive_file_upload(request: Request, settings: Settings) -> FileUpload:
-    """Stream a multipart body with a `file` part; raise ApiError (and leave no file) when unusable."""
+    """Stream a multipart body with a `file` part; raise a ServiceError (and leave no file) when unusable."""
     receiver = _FieldsReceiver(settings)
     await stream_multipart(request, settings, receiver, expects="a 'file' part and a 'purpose' field")
     if receiver.dataset is None:
-        raise ApiError(422, "missing the 'file' part", [{"loc": ["file"], "msg": "field required"}])
+        raise InvalidInput("missing the 'file' part", problems=[field_error(["file"], "field required")])
     return FileUpload(
         config_text=None,
         dataset=receiver.dataset,
-        other_fields=list(receiver.fields),
         fields=receiver.fields,
         filename=receiver.filename or "upload.jsonl",
     )

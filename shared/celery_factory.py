@@ -1,4 +1,5 @@
-"""The Celery application both sides build: the worker to consume, the API only to send by name."""
+"""The Celery app factory: the one configuration the worker builds its app from (to consume) and the API
+builds its own from (only to send tasks by name)."""
 
 from __future__ import annotations
 

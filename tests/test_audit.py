@@ -15,7 +15,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 # Releases fixing the multipart-parsing CVEs named in docs/reliability.md.
 SECURITY_FLOORS = {"python-multipart": "0.0.30", "starlette": "1.3.1"}

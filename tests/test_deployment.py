@@ -1,11 +1,13 @@
 """Docker cannot run here: parse the compose file and images and check what deployment relies on."""
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _compose() -> dict[str, Any]:
@@ -58,3 +60,14 @@ def test_api_image_has_no_torch_and_worker_image_starts_from_cuda_pytorch() -> N
     assert installs and not any("torch" in line or "[worker" in line for line in installs)
     assert "FROM python:" in api
     assert worker.splitlines()[1].startswith("FROM pytorch/pytorch:") and "cuda" in worker.splitlines()[1]
+
+
+def test_the_api_image_holds_every_package_its_programs_import() -> None:
+    """The API image ships `uvicorn api.main:create_app` and the `lora-server` command."""
+    code = "import sys, api.main, cli.main; print('\\n'.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    ours = {m.split(".")[0] for m in out.split()} & {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    copied = {line.split()[1].split("/")[0] for line in (ROOT / "Dockerfile.api").read_text().splitlines()
+              if line.startswith("COPY ") and "/__init__.py" not in line}  # fmt: skip
+    assert ours >= {"api", "shared", "cli", "client", "launcher"}
+    assert ours <= copied, ours - copied

@@ -14,7 +14,7 @@ from types import TracebackType
 
 import redis
 
-from shared.process import own_group_dies_with_parent
+from launcher.process import own_group_dies_with_parent
 
 
 def free_port() -> int:

@@ -1,11 +1,12 @@
-"""The API never loads the training stack; the worker never loads the web stack."""
+"""The API never loads the training stack; the worker never loads the web stack; the command-line
+tool and the HTTP client load neither."""
 
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _modules_after(import_line: str) -> set[str]:
@@ -25,6 +26,11 @@ def test_celery_app_does_not_load_fastapi() -> None:
     assert "torch" not in loaded  # CUDA is initialised only inside the task's child process
 
 
+def test_the_cli_and_client_load_neither_stack() -> None:
+    loaded = _modules_after("import cli.main, client; cli.main.build_parser()")
+    assert not loaded & {"fastapi", "starlette", "uvicorn", "torch", "transformers", "peft", "celery"}
+
+
 def test_no_source_file_crosses_the_boundary() -> None:
     heavy = re.compile(r"^\s*(import|from)\s+(torch|transformers|peft|trl|datasets|accelerate)\b", re.M)
     web = re.compile(r"^\s*(import|from)\s+(fastapi|starlette|uvicorn)\b", re.M)
@@ -32,6 +38,7 @@ def test_no_source_file_crosses_the_boundary() -> None:
         assert not heavy.search(path.read_text()), path
     for path in (ROOT / "worker").rglob("*.py"):
         assert not web.search(path.read_text()), path
-    for path in (ROOT / "shared").rglob("*.py"):
-        text = path.read_text()
-        assert not heavy.search(text) and not web.search(text), path
+    for package in ("shared", "cli", "client", "launcher"):
+        for path in (ROOT / package).rglob("*.py"):
+            text = path.read_text()
+            assert not heavy.search(text) and not web.search(text), path

@@ -1,0 +1,201 @@
+"""The OpenAI surface's conversion to and from our jobs: requests into a TrainConfig, our records,
+events and checkpoints into OpenAI's objects."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from api.artifacts import Checkpoint
+from api.errors import InvalidInput, MalformedRequest, UnsupportedOption, field_error
+from api.openai.records import FileRecord, OpenAIJobRecord
+from api.openai.schemas import (
+    BASE_LEARNING_RATE,
+    CheckpointMetricsPublic,
+    FilePublic,
+    FineTuningJobCheckpointPublic,
+    FineTuningJobCreate,
+    FineTuningJobEventPublic,
+    FineTuningJobPublic,
+    HyperparametersPublic,
+    HyperparametersSpec,
+    IntegrationSpec,
+    JobErrorPublic,
+    MethodPublic,
+    OpenAIJobStatus,
+    SupervisedPublic,
+)
+from shared.config import TrainConfig
+from shared.events import JobEvent, StatusChanged, StepMetrics, WarningNotice
+from shared.jobs import JobRecord, JobStatus
+
+EVENT_ID_PREFIX = "ftevent-"
+_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+
+# Our statuses are a subset of OpenAI's (we validate files at upload, so never `validating_files`).
+_STATUS: dict[JobStatus, OpenAIJobStatus] = {
+    JobStatus.queued: "queued",
+    JobStatus.running: "running",
+    JobStatus.succeeded: "succeeded",
+    JobStatus.failed: "failed",
+    JobStatus.cancelled: "cancelled",
+}
+# Where a TrainConfig field came from in the request, to name it in errors.
+_PARAMS = {
+    "model_name": "model",
+    "epochs": "hyperparameters.n_epochs",
+    "batch_size": "hyperparameters.batch_size",
+    "learning_rate": "hyperparameters.learning_rate_multiplier",
+    "seed": "seed",
+    "model_save_path": "suffix",
+}
+
+
+# --------------------------------------------------------------------------- requests in
+
+
+def hyperparameters(body: FineTuningJobCreate) -> HyperparametersSpec:
+    """The hyperparameters from `method.supervised` (preferred) or the deprecated top-level field."""
+    top = body.hyperparameters
+    if body.method is None:
+        return top or HyperparametersSpec()
+    if body.method.type != "supervised":
+        msg = f"method.type {body.method.type!r} is not supported: this server trains supervised LoRA adapters"
+        raise UnsupportedOption(msg, problems=[field_error(["method.type"], "only 'supervised'")])
+    nested = body.method.supervised.hyperparameters if body.method.supervised else None
+    if nested is None:
+        return top or HyperparametersSpec()
+    if top is not None and top != nested:
+        msg = "hyperparameters differ between the top level and method.supervised; send them under method only"
+        raise InvalidInput(msg, problems=[field_error(["hyperparameters"], "differs from method.supervised")])
+    return nested
+
+
+def resolved(spec: HyperparametersSpec) -> HyperparametersPublic:
+    return HyperparametersPublic(n_epochs=spec.epochs, batch_size=spec.batch, learning_rate_multiplier=spec.multiplier)
+
+
+def _save_path(suffix: str | None, job_id: str) -> str | None:
+    if suffix is None:
+        return None
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", suffix).strip(".-") or "model"
+    return f"ft-{slug}-{job_id.removeprefix('job-')[:8]}"
+
+
+def train_config(body: FineTuningJobCreate, spec: HyperparametersSpec, job_id: str) -> TrainConfig:
+    """Our training config for the request; InvalidInput naming the request's own field otherwise."""
+    fields: dict[str, object] = {
+        "model_name": body.model,
+        "epochs": spec.epochs,
+        "batch_size": spec.batch,
+        "learning_rate": BASE_LEARNING_RATE * spec.multiplier,
+        "model_save_path": _save_path(body.suffix, job_id),
+    }
+    if body.seed is not None:
+        fields["seed"] = body.seed
+    try:
+        return TrainConfig.model_validate(fields)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False, include_input=False)[0]
+        name = str(err["loc"][0]) if err["loc"] else ""
+        param = _PARAMS.get(name, name)
+        problems = [field_error([param], err["msg"])] if param else []
+        raise InvalidInput(f"{param or 'body'}: {err['msg']}", problems=problems) from exc
+
+
+def stream_cursor(after: str | None) -> str | None:
+    """Our stream id from an event id this API returned (`after` of the events list)."""
+    if after is None:
+        return None
+    cursor = after.removeprefix(EVENT_ID_PREFIX)
+    if not _STREAM_ID.match(cursor):
+        raise MalformedRequest(
+            f"after: {after!r} is not an event id this API returned", problems=[field_error(["after"], "unknown id")]
+        )
+    return cursor
+
+
+# --------------------------------------------------------------------------- objects out
+
+
+def file_public(record: FileRecord) -> FilePublic:
+    return FilePublic(
+        id=record.id, bytes=record.bytes, created_at=record.created_at, filename=record.filename, purpose=record.purpose
+    )
+
+
+def job_public(record: JobRecord, extra: OpenAIJobRecord | None) -> FineTuningJobPublic:
+    """OpenAI's view of any of our jobs; `extra` holds what a job created through /v1 was sent with."""
+    params = extra.hyperparameters if extra else _hyperparameters_of(record.config)
+    succeeded = record.status is JobStatus.succeeded
+    eta = record.progress.eta_seconds if record.status is JobStatus.running else None
+    error = None
+    if record.status is JobStatus.failed:
+        error = JobErrorPublic(code="training_failed", message=record.error or record.message or "failed")
+    return FineTuningJobPublic(
+        id=record.id,
+        created_at=int(record.created_at),
+        finished_at=int(record.finished_at) if record.finished_at is not None else None,
+        model=extra.model if extra else record.config.model_name,
+        fine_tuned_model=record.model_path if succeeded else None,
+        status=_STATUS[record.status],
+        # A job submitted through POST /train has no file id: name its stored dataset instead.
+        training_file=extra.training_file if extra else Path(record.dataset_path).name,
+        validation_file=extra.validation_file if extra else None,
+        hyperparameters=params,
+        trained_tokens=record.metrics.total_tokens if succeeded and record.metrics else None,
+        error=error,
+        seed=record.config.seed,
+        estimated_finish=int(time.time() + eta) if eta is not None else None,
+        integrations=[IntegrationSpec(type="wandb", wandb=record.wandb)] if record.wandb else [],
+        metadata=extra.metadata if extra else None,
+        user_provided_suffix=extra.suffix if extra else None,
+        method=MethodPublic(supervised=SupervisedPublic(hyperparameters=params)),
+    )
+
+
+def _hyperparameters_of(config: TrainConfig) -> HyperparametersPublic:
+    return HyperparametersPublic(
+        n_epochs=config.epochs,
+        batch_size=config.batch_size,
+        learning_rate_multiplier=float(f"{config.learning_rate / BASE_LEARNING_RATE:.6g}"),
+    )
+
+
+def event_public(event: JobEvent) -> FineTuningJobEventPublic:
+    """A `metrics` event under OpenAI's names (`step`, `train_loss`); any other event as a message."""
+    level: Literal["info", "warn", "error"] = "info"
+    if isinstance(event.data, WarningNotice):
+        level = "warn"
+    elif isinstance(event.data, StatusChanged) and event.data.status is JobStatus.failed:
+        level = "error"
+    common: dict[str, Any] = {"id": EVENT_ID_PREFIX + event.id, "created_at": int(event.created_at)}
+    if isinstance(event.data, StepMetrics):
+        m = event.data
+        figures = {"step": m.step, "train_loss": m.loss, "epoch": m.epoch, "learning_rate": m.learning_rate,
+                   "grad_norm": m.grad_norm, "tokens_per_second": m.tokens_per_second, "step_seconds": m.step_seconds}  # fmt: skip
+        data = {k: v for k, v in figures.items() if v is not None}
+        return FineTuningJobEventPublic(**common, level=level, message=event.message, type="metrics", data=data)
+    details = {"event": event.type, **event.data.model_dump(mode="json")}
+    return FineTuningJobEventPublic(**common, level=level, message=event.message, type="message", data=details)
+
+
+def checkpoint_id(job_id: str, step: int) -> str:
+    return f"ftckpt-{job_id}-step-{step:06d}"
+
+
+def checkpoint_public(job_id: str, checkpoint: Checkpoint) -> FineTuningJobCheckpointPublic:
+    return FineTuningJobCheckpointPublic(
+        id=checkpoint_id(job_id, checkpoint.step),
+        created_at=int(checkpoint.created_at),
+        fine_tuned_model_checkpoint=checkpoint.path,
+        fine_tuning_job_id=job_id,
+        metrics=CheckpointMetricsPublic(
+            step=checkpoint.step, train_loss=checkpoint.loss, valid_loss=checkpoint.eval_loss
+        ),
+        step_number=checkpoint.step,
+    )

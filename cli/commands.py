@@ -1,0 +1,154 @@
+"""The client commands (`submit`, `status`, `jobs`, `cancel`, `download`): each one HTTP call or a few,
+through client.LoraClient, printed for a person (or as JSON with --json)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cli.progress import LiveProgress, ProgressView, progress_line
+from client import LoraClient
+from shared.jobs import JobStatus, Progress
+from shared.metrics import EpochEnd, StepMetrics
+
+EXIT_FAILED = 1
+EXIT_CANCELLED = 3
+EXIT_INTERRUPTED = 130
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """`key=value` pairs; a value is JSON when it parses as JSON, else the plain string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except ValueError:
+            out[key.strip()] = raw
+    return out
+
+
+def _load_config(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--config {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SystemExit(f"--config {path}: expected a JSON object")
+    return data
+
+
+def _follow(client: LoraClient, job_id: str) -> int:
+    view = ProgressView(sys.stderr)
+    live = LiveProgress(client, job_id)
+    try:
+        for event in client.stream(job_id):
+            if isinstance(event.data, StepMetrics):
+                view.update(live.apply(event.data), eval_loss=live.eval_loss)
+            elif isinstance(event.data, EpochEnd):
+                live.eval_loss = event.data.eval_loss if event.data.eval_loss is not None else live.eval_loss
+            else:
+                view.message(f"{event.type}: {event.message}")
+    except KeyboardInterrupt:
+        view.end_line()
+        print(f"stopped following; the job goes on (lora-server cancel {job_id} stops it)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    view.end_line()
+    job = client.job(job_id)
+    if job.status is JobStatus.succeeded:
+        print(f"{job_id} succeeded: adapter at {job.model_path}", file=sys.stderr)
+        return 0
+    print(f"{job_id} {job.status.value}: {job.error or job.message}", file=sys.stderr)
+    return EXIT_CANCELLED if job.status is JobStatus.cancelled else EXIT_FAILED
+
+
+def _cmd_submit(client: LoraClient, args: argparse.Namespace) -> int:
+    if not args.data.is_file():
+        raise SystemExit(f"no such file: {args.data}")
+    config = {**_load_config(args.config), **_parse_set(args.set)}
+    accepted = client.submit(args.data, config)
+    print(accepted.job_id)
+    print(accepted.message, file=sys.stderr)
+    return _follow(client, accepted.job_id) if args.follow else 0
+
+
+def _cmd_status(client: LoraClient, args: argparse.Namespace) -> int:
+    if args.job_id:
+        job = client.job(args.job_id)
+        if args.json:
+            print(job.model_dump_json(indent=2))
+            return 0
+        print(f"{job.id}  {job.status.value}")
+        print("  " + progress_line(job.progress))
+        detail = job.error or job.message
+        if detail:
+            print(f"  {detail}")
+        if job.model_path:
+            print(f"  adapter: {job.model_path}")
+        return 0
+    status = client.status()
+    if args.json:
+        print(status.model_dump_json(indent=2, exclude_none=True))
+        return 0
+    if status.job_id and status.job_status:
+        print(f"{status.status}  {status.job_id}  ({status.job_status.value})")
+    else:
+        print(status.status)
+    if status.job_id:
+        p = Progress.model_validate(status.model_dump())
+        print("  " + progress_line(p))
+    print(f"  {status.error or status.message}")
+    if status.model_path:
+        print(f"  adapter: {status.model_path}")
+    return 0
+
+
+def _cmd_jobs(client: LoraClient, args: argparse.Namespace) -> int:
+    page = client.jobs(status=args.status, limit=args.limit)
+    if args.json:
+        print(page.model_dump_json(indent=2))
+        return 0
+    if not page.data:
+        print("no jobs", file=sys.stderr)
+        return 0
+    print(f"{'JOB':<26} {'STATUS':<10} {'STEP':>11} {'LOSS':>8}  {'CREATED':<19}  DETAIL")
+    for job in page.data:
+        p = job.progress
+        step = f"{p.current_step}/{p.total_steps}"
+        loss = f"{p.loss:.4f}" if p.loss is not None else "-"
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
+        detail = (job.error or job.model_path or job.message or "").replace("\n", " ")[:60]
+        print(f"{job.id:<26} {job.status.value:<10} {step:>11} {loss:>8}  {created:<19}  {detail}")
+    if page.has_more:
+        print(f"(more: --limit {args.limit * 2})", file=sys.stderr)
+    return 0
+
+
+def _cmd_cancel(client: LoraClient, args: argparse.Namespace) -> int:
+    result = client.cancel(args.job_id)
+    print(f"{result.job_id} {result.status}: {result.message}")
+    return 0
+
+
+def _cmd_download(client: LoraClient, args: argparse.Namespace) -> int:
+    files = client.download(args.job_id, args.dest, checkpoint=args.checkpoint)
+    print(f"{len(files)} files in {args.dest}")
+    return 0
+
+
+COMMANDS = {
+    "submit": _cmd_submit,
+    "status": _cmd_status,
+    "jobs": _cmd_jobs,
+    "cancel": _cmd_cancel,
+    "download": _cmd_download,
+}

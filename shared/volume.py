@@ -1,0 +1,132 @@
+"""The layout of the shared volume (`LORA_BASE_PATH`): every path the service writes, named once.
+
+    <base>/datasets/<name>.jsonl                 validated datasets: `<job id>`, `<job id>.validation`, `<file id>`
+    <base>/datasets/.incoming/                   uploads being received and validated (never a final name)
+    <base>/checkpoints/<job id>/step-000120/     adapter checkpoints; `checkpoint.json` is written last
+    <base>/checkpoints/<job id>/.step-000120.*.tmp   a checkpoint being written (hidden: not listed)
+    <base>/<model_save_path or job id>/          a trained adapter, with `training_summary.json`
+    <base>/<adapter name>-merged/                a merged model (the default output of a merge job)
+    <base>/.redis/                               the embedded Redis's data (one-machine mode)
+
+Names starting with "." are the service's own staging and data folders; `datasets` and `checkpoints`
+are reserved too, so a user's output folder can never replace one of them.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.job_ids import is_job_id
+
+DATASETS = "datasets"
+INCOMING = ".incoming"
+CHECKPOINTS = "checkpoints"
+REDIS_DATA = ".redis"
+CHECKPOINT_META = "checkpoint.json"
+TRAINING_SUMMARY = "training_summary.json"
+ADAPTER_CONFIG = "adapter_config.json"
+MERGED_SUFFIX = "-merged"
+
+# Top-level folders the service writes itself; an adapter saved over one would replace (and delete) it.
+RESERVED_DIRS = frozenset({DATASETS, CHECKPOINTS})
+RESERVED_HELP = "datasets/, checkpoints/ and names starting with '.', such as the embedded Redis's .redis/"
+
+_CHECKPOINT_NAME = re.compile(r"^step-(\d{1,12})$")
+
+
+class CheckpointMeta(BaseModel):
+    """The content of a checkpoint's `checkpoint.json` (the worker writes it last, so its presence
+    means the checkpoint is complete)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    step: int = Field(ge=0, description="optimizer steps done when it was taken")
+    epoch: int = Field(ge=0, description="epochs done when it was taken")
+    loss: float | None = Field(default=None, description="the epoch's mean training loss")
+    eval_loss: float | None = Field(default=None, description="loss on the validation split, when the job has one")
+    created_at: float = Field(description="seconds since the epoch")
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint taken after `step`: `step-000120`."""
+    return f"step-{step:06d}"
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step a checkpoint folder name stands for; None for any other name (staging folders included)."""
+    match = _CHECKPOINT_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_staging_name(step: int) -> str:
+    """A hidden sibling to write a checkpoint into before it is renamed into place."""
+    return f".{checkpoint_name(step)}.{uuid.uuid4().hex[:8]}.tmp"
+
+
+def merged_name(adapter_path: str) -> str:
+    """The default output folder of a merge: the adapter's folder name plus `-merged`."""
+    return adapter_path.rstrip("/").rsplit("/", 1)[-1] + MERGED_SUFFIX
+
+
+class Volume:
+    """Paths under one base folder. Building a path creates nothing."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+
+    @property
+    def datasets(self) -> Path:
+        return self.base / DATASETS
+
+    @property
+    def incoming(self) -> Path:
+        return self.datasets / INCOMING
+
+    def dataset(self, name: str) -> Path:
+        """A validated dataset: `name` is a job id, `<job id>.validation` or a file id."""
+        return self.datasets / f"{name}.jsonl"
+
+    def job_datasets(self, job_id: str) -> tuple[Path, Path]:
+        """A job's training dataset and its (optional) validation dataset."""
+        return self.dataset(job_id), self.dataset(f"{job_id}.validation")
+
+    def staging(self, name: str) -> Path:
+        """Where the validated copy of dataset `name` is written before it is renamed into place."""
+        return self.incoming / f"{name}.jsonl.part"
+
+    def new_upload(self) -> Path:
+        """A fresh name for an upload being received: our own, never the client's filename."""
+        return self.incoming / f"{uuid.uuid4().hex}.upload"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.base / CHECKPOINTS
+
+    def job_checkpoints(self, job_id: str) -> Path:
+        """The folder of a job's checkpoints (it may not exist yet)."""
+        if not is_job_id(job_id):
+            raise ValueError(f"{job_id!r} is not a job id")
+        return self.checkpoints / job_id
+
+    def checkpoint(self, job_id: str, step: int) -> Path:
+        return self.job_checkpoints(job_id) / checkpoint_name(step)
+
+    def default_output(self, job_id: str) -> str:
+        """A job's adapter folder, relative to the base, when the config names none."""
+        return job_id
+
+    @property
+    def redis_data(self) -> Path:
+        return self.base / REDIS_DATA
+
+    def reserved_part(self, path: Path) -> str | None:
+        """The part of `path` (resolved, inside the base) that is the service's own, if any."""
+        parts = path.relative_to(self.base.resolve()).parts
+        if parts and parts[0] in RESERVED_DIRS:
+            return parts[0]
+        # Hidden names: the embedded Redis's data folder and every staging folder.
+        return next((part for part in parts if part.startswith(".")), None)

@@ -1,0 +1,40 @@
+"""The fast tier: the ASGI app in this process (Starlette's TestClient, which runs its lifespan) over the
+real Redis-compatible server; no worker and no subprocess. Admitted jobs stay queued, their tasks in
+the broker's queue."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from shared.settings import Settings
+from shared.store import JobStore
+
+
+@pytest.fixture
+def settings(tmp_path: Path, redis_client: redis.Redis, redis_url: str) -> Settings:
+    """Small limits, so that refusing an upload over them takes no time; the Redis database is flushed."""
+    return Settings(
+        base_path=tmp_path / "base",
+        redis_url=redis_url,
+        max_upload_mb=1,
+        max_record_kb=64,
+        max_records=1000,
+        min_free_disk_mb=1,
+    )
+
+
+@pytest.fixture
+def api(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture
+def store(redis_client: redis.Redis) -> JobStore:
+    return JobStore(redis_client)

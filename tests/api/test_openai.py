@@ -1,0 +1,174 @@
+"""The OpenAI-compatible surface in process, driven by the official `openai` client: conversion to and
+from our jobs, the W&B integration carried on the job, and errors in OpenAI's envelope."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+from openai import OpenAI
+
+from shared.events import WarningNotice
+from shared.jobs import JobStatus, WandbSpec
+from shared.metrics import EpochEnd, StepMetrics
+from shared.settings import Settings
+from shared.store import JobStore
+from shared.volume import CHECKPOINT_META, CheckpointMeta
+from tests.data import easy_records, jsonl
+
+
+@pytest.fixture
+def client(api: TestClient) -> Iterator[OpenAI]:
+    with OpenAI(base_url="http://testserver/v1", api_key="any", max_retries=0, http_client=api) as c:
+        yield c
+
+
+def _upload(client: OpenAI, n: int = 4) -> str:
+    return client.files.create(file=("train.jsonl", jsonl(easy_records(n))), purpose="fine-tune").id
+
+
+def _create(client: OpenAI, file_id: str, **kw: Any) -> Any:
+    return client.fine_tuning.jobs.create(model="some/model", training_file=file_id, **kw)
+
+
+def test_a_job_created_here_is_one_of_ours_with_its_config_mapped(
+    client: OpenAI, store: JobStore, settings: Settings
+) -> None:
+    file_id = _upload(client)
+    created = _create(
+        client,
+        file_id,
+        method={
+            "type": "supervised",
+            "supervised": {"hyperparameters": {"n_epochs": 5, "learning_rate_multiplier": 2}},
+        },
+        suffix="my bot!",
+        seed=9,
+        metadata={"team": "nlp"},
+    )
+    assert (created.status, created.model, created.training_file, created.seed) == ("queued", "some/model", file_id, 9)
+    assert created.hyperparameters.model_dump() == {"n_epochs": 5, "batch_size": 4, "learning_rate_multiplier": 2.0}
+    record = store.get(created.id)
+    assert record is not None and record.status is JobStatus.queued and record.num_records == 4
+    config = record.config
+    assert (config.model_name, config.epochs, config.batch_size, config.seed) == ("some/model", 5, 4, 9)
+    assert config.learning_rate == pytest.approx(6e-4)
+    assert config.model_save_path == f"ft-my-bot-{created.id.removeprefix('job-')[:8]}"
+    # The job has its own copy of the data: deleting the file leaves it.
+    assert record.dataset_path == str(settings.volume.dataset(created.id))
+    client.files.delete(file_id)
+    assert settings.volume.dataset(created.id).read_bytes() == jsonl(easy_records(4))
+    assert client.fine_tuning.jobs.retrieve(created.id).user_provided_suffix == "my bot!"
+    assert [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "nlp"})] == [created.id]
+
+
+def test_the_wandb_integration_travels_on_the_job_record(client: OpenAI, store: JobStore) -> None:
+    wandb = {"project": "lora-tests", "entity": "team", "name": "run-1", "tags": ["ci", "nightly"]}
+    created = _create(client, _upload(client), integrations=[{"type": "wandb", "wandb": wandb}])
+    record = store.get(created.id)
+    assert record is not None and record.wandb == WandbSpec(**wandb)
+    assert created.integrations is not None and created.integrations[0].wandb.model_dump() == wandb
+    with pytest.raises(openai.BadRequestError) as two:
+        _create(client, _upload(client), integrations=[{"type": "wandb", "wandb": wandb}] * 2)
+    assert two.value.param == "integrations" and "at most 1 item" in two.value.message
+
+
+def test_our_events_and_checkpoints_read_as_openais(client: OpenAI, store: JobStore, settings: Settings) -> None:
+    job_id = _create(client, _upload(client)).id
+    store.add_event(job_id, WarningNotice(using="sdpa"), "flash_attention_2 unavailable: using sdpa")
+    store.add_event(job_id, StepMetrics(step=1, epoch=1, loss=2.5, grad_norm=0.5), "step 1/2 loss 2.5000")
+    store.add_event(job_id, EpochEnd(epoch=1, step=2, loss=2.4, eval_loss=2.6), "epoch 1/1 done, eval loss 2.6000")
+    epoch, metrics, warning, queued = client.fine_tuning.jobs.list_events(job_id).data
+    assert (metrics.type, metrics.level, metrics.data) == ("metrics", "info", {"step": 1, "train_loss": 2.5,
+                                                                               "epoch": 1, "grad_norm": 0.5})  # fmt: skip
+    assert (warning.type, warning.level, warning.data) == ("message", "warn", {"event": "warning", "using": "sdpa"})
+    assert epoch.data == {"event": "epoch", "epoch": 1, "step": 2, "loss": 2.4, "eval_loss": 2.6}
+    assert (queued.message, queued.data) == ("Job queued", {"event": "status", "status": "queued"})
+    after = client.fine_tuning.jobs.list_events(job_id, after=metrics.id).data
+    assert [e.id for e in after] == [warning.id, queued.id]
+
+    folder = settings.volume.checkpoint(job_id, 2)
+    folder.mkdir(parents=True)
+    meta = CheckpointMeta(step=2, epoch=1, loss=2.4, eval_loss=2.6, created_at=time.time())
+    (folder / CHECKPOINT_META).write_text(meta.model_dump_json())
+    (ckpt,) = client.fine_tuning.jobs.checkpoints.list(job_id).data
+    assert (ckpt.id, ckpt.step_number, ckpt.fine_tuned_model_checkpoint) == (
+        f"ftckpt-{job_id}-step-000002",
+        2,
+        str(folder),
+    )
+    assert (ckpt.metrics.step, ckpt.metrics.train_loss, ckpt.metrics.valid_loss) == (2, 2.4, 2.6)
+
+
+def test_a_job_submitted_natively_is_listed_here_too(api: TestClient, client: OpenAI) -> None:
+    files = {"config": (None, json.dumps({"epochs": 2})), "file": ("d.jsonl", jsonl(easy_records(2)))}
+    job_id = api.post("/train", files=files).json()["job_id"]
+    job = client.fine_tuning.jobs.retrieve(job_id)
+    assert (job.training_file, job.hyperparameters.n_epochs, job.integrations) == (f"{job_id}.jsonl", 2, [])
+    cancelled = client.fine_tuning.jobs.cancel(job_id)
+    assert cancelled.status == "cancelled"
+
+
+def test_refusals_come_in_openais_envelope_and_leave_nothing(
+    client: OpenAI, settings: Settings, store: JobStore
+) -> None:
+    bad = jsonl(easy_records(1)) + b'{"oops": 1}\n'
+    with pytest.raises(openai.BadRequestError) as bad_file:
+        client.files.create(file=("bad.jsonl", bad), purpose="fine-tune")
+    assert (bad_file.value.param, bad_file.value.code) == ("file", "invalid_file_format")
+    assert "line 2: missing 'messages'" in bad_file.value.message
+    assert isinstance(bad_file.value.body, dict) and bad_file.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as purpose:
+        client.files.create(file=("d.jsonl", jsonl(easy_records(1))), purpose="assistants")  # type: ignore[arg-type]
+    assert purpose.value.param == "purpose"
+    assert client.files.list().data == [] and not [p for p in settings.volume.datasets.rglob("*") if p.is_file()]
+
+    with pytest.raises(openai.NotFoundError) as no_job:
+        client.fine_tuning.jobs.retrieve("job-nope")
+    assert (no_job.value.code, no_job.value.param) == ("fine_tuning_job_not_found", "fine_tuning_job_id")
+    assert "job-nope" in no_job.value.message
+    for call in (client.fine_tuning.jobs.cancel, client.fine_tuning.jobs.list_events,
+                 client.fine_tuning.jobs.checkpoints.list):  # fmt: skip
+        with pytest.raises(openai.NotFoundError):
+            call("job-nope")
+    with pytest.raises(openai.NotFoundError) as no_file:
+        client.files.retrieve("file-nope")
+    assert no_file.value.code == "file_not_found"
+    with pytest.raises(openai.BadRequestError) as unknown:
+        _create(client, "file-nope")
+    assert (unknown.value.param, unknown.value.code) == ("training_file", "invalid_file")
+
+    file_id = _upload(client)
+    with pytest.raises(openai.BadRequestError) as dpo:
+        _create(client, file_id, method={"type": "dpo"})
+    assert (dpo.value.param, dpo.value.code) == ("method.type", "unsupported_method")
+    for hyperparameters, param in [({"n_epochs": 0}, "hyperparameters.n_epochs"),
+                                   ({"n_epochs": 100_000}, "hyperparameters.n_epochs"),
+                                   ({"learning_rate_multiplier": 10_000}, "hyperparameters.learning_rate_multiplier")]:  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as refused:
+            _create(client, file_id, hyperparameters=hyperparameters)
+        assert refused.value.param == param
+    # Nothing was admitted, linked or recorded for the refused jobs.
+    assert client.fine_tuning.jobs.list().data == [] and store.current() is None
+    assert [p.name for p in settings.volume.datasets.glob("*.jsonl")] == [f"{file_id}.jsonl"]
+
+    running = _create(client, file_id)
+    with pytest.raises(openai.BadRequestError) as cursor:
+        client.fine_tuning.jobs.list_events(running.id, after="ftevent-x")
+    assert cursor.value.param == "after" and "not an event id this API returned" in cursor.value.message
+    with pytest.raises(openai.ConflictError) as busy:
+        _create(client, file_id)
+    assert busy.value.code == "training_slots_full" and running.id in busy.value.message
+    assert busy.value.response.headers["x-should-retry"] == "false"
+    client.fine_tuning.jobs.cancel(running.id)
+    with pytest.raises(openai.BadRequestError) as ended:
+        client.fine_tuning.jobs.cancel(running.id)
+    assert ended.value.code == "job_already_ended"
+    # Nothing was left for the refused jobs: only the uploaded file and the one job's copy of it.
+    names = sorted(p.name for p in settings.volume.datasets.glob("*.jsonl"))
+    assert names == sorted([f"{file_id}.jsonl", f"{running.id}.jsonl"])
