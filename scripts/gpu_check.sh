@@ -7,7 +7,7 @@
 #   setup      35 s  install .whl/*.whl into /tmp/site (no index, no deps), import the stack, see the GPU
 #   parity     95 s  bench.gpu_parity: fast vs reference at the seed defaults in bf16 (loss, every gradient),
 #                    then the default CUDA path (compile + CUDA graphs) vs eager over a few optimizer steps
-#   service   130 s  `python -m api.cli` (lora-server, embedded Redis) on a free port; the seed's curl POST /train
+#   service   130 s  `python -m cli` (lora-server, embedded Redis) on a free port; the seed's curl POST /train
 #                    with a random-weight Qwen2.5-0.5B-shaped model and 200 generated chats, at the seed's
 #                    defaults, until /status says completed (the worker log is printed on error or timeout)
 #   bench-b4  125 s  bench.train at batch 4: fast, trl, reference (the seed defaults, modules_to_save on)
@@ -160,7 +160,7 @@ phase_service() {
     echo "model ($SHAPE) and $RECORDS chats ready in $(( $(date +%s) - started )) s"
     port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     url="http://127.0.0.1:$port"
-    setsid "$PY" -m api.cli --base_path "$base" --port "$port" >"$log" 2>&1 &
+    setsid "$PY" -m cli --base_path "$base" --port "$port" >"$log" 2>&1 &
     SERVICE_PID=$!
     echo "$SERVICE_PID" >"$WORK/service.pgid"
     for _ in $(seq 1 120); do  # the API up and a worker registered

@@ -40,6 +40,16 @@ class InfoNotice(Notice):
     """A notice for information only."""
 
 
+def info(**details: Any) -> InfoNotice:
+    """An info notice with free-form details."""
+    return InfoNotice.model_validate(details)
+
+
+def warning(**details: Any) -> WarningNotice:
+    """A warning notice with free-form details."""
+    return WarningNotice.model_validate(details)
+
+
 EventType = Literal["status", "cancel_requested", "metrics", "epoch", "checkpoint", "warning", "info"]
 EventPayload = StatusChanged | CancelRequested | StepMetrics | EpochEnd | CheckpointSaved | WarningNotice | InfoNotice
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import redis
 
-from shared.events import InfoNotice, WarningNotice
-from shared.jobs import JobRecord, JobStatus, Progress, WandbSpec
+from shared.events import InfoNotice
+from shared.jobs import JobRecord, JobStatus, Progress
 from shared.metrics import TrainingSummary
 from shared.paths import resolve_inside
 from shared.settings import Settings, get_settings
@@ -39,30 +39,10 @@ class Outcome:
     metrics: TrainingSummary | None = None
 
 
-def use_wandb(spec: WandbSpec, lease: LeaseKeeper) -> None:
-    """Point this job's W&B run at the project (entity, tags) the job asked for.
-
-    The W&B run reads these from the environment; each job runs in a child process of its own
-    (one task per child), so they end with the job.
-    """
-    from worker.wandb_log import wandb_configured
-
-    if not wandb_configured():
-        lease.emit(WarningNotice(), "the job asks for a Weights & Biases run, but W&B is not configured on this worker")
-        return
-    os.environ["WANDB_PROJECT"] = spec.project
-    if spec.entity:
-        os.environ["WANDB_ENTITY"] = spec.entity
-    if spec.tags:
-        os.environ["WANDB_TAGS"] = ",".join(spec.tags)
-
-
 def _train(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome:
     from worker.training import train_model  # torch loads in the child only, under the lease
 
     cfg = record.config
-    if record.wandb is not None:
-        use_wandb(record.wandb, lease)
     result = train_model(
         cfg,
         Path(record.dataset_path),
@@ -70,12 +50,13 @@ def _train(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome
         lora_path=resolve_inside(settings.base_path, cfg.lora_path) if cfg.lora_path else None,
         validation=Path(record.validation_path) if record.validation_path else None,
         checkpoint_dir=settings.volume.job_checkpoints(record.id),
-        run_name=(record.wandb.name if record.wandb else None) or record.id,
+        run_name=record.id,
         on_progress=lease.publish,
-        on_event=lease.event,
+        on_event=lease.emit,
         should_stop=lease.should_stop,
+        wandb=record.wandb,
     )
-    metrics = TrainingSummary.model_validate(result.summary())
+    metrics = result.summary()
     metrics.losses = metrics.losses[-_LOSSES_KEPT:]  # the full curve is in training_summary.json
     if not result.stopped:
         message = "Training completed"

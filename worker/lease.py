@@ -13,11 +13,10 @@ import queue
 import threading
 import time
 from types import TracebackType
-from typing import Any
 
 import redis
 
-from shared.events import EventPayload, payload
+from shared.events import EventPayload
 from shared.jobs import Progress
 from shared.store import JobStore
 
@@ -57,11 +56,6 @@ class LeaseKeeper:
         """Append an event to the job's stream (its type is the payload's: see shared.events)."""
         self._events.put((event, message))
         self._wake.set()
-
-    def event(self, etype: str, message: str, data: dict[str, Any] | None = None) -> None:
-        """`emit` for callers that still hand over a type name and a plain dict: parsed into the
-        payload model here, so a payload that breaks the contract fails where it is made."""
-        self.emit(payload(etype, data or {}), message)
 
     def should_stop(self) -> bool:
         if self.cancelled.is_set() or self.fenced.is_set() or self.lost.is_set():

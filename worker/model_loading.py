@@ -10,11 +10,13 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from shared import events
 from shared.config import EngineName, TrainConfig
+from shared.events import EventPayload
 from worker.attention import engine_attn_implementation, packing_unsupported
 from worker.step import autocast_dtype, cast_embedding_output
 
-EventCallback = Callable[[str, str, dict[str, Any]], None]
+EventCallback = Callable[[EventPayload, str], None]  # (typed payload, message): shared.events
 
 
 def pick_device() -> torch.device:
@@ -55,10 +57,10 @@ def load_base_model(
     if reason is not None:
         engine = "reference"
         if on_event is not None:
-            on_event("warning", f"{reason}: training with the reference engine", {"engine": engine})
+            on_event(events.warning(engine=engine), f"{reason}: training with the reference engine")
     attn, warning = engine_attn_implementation(engine, config.attn_implementation, device)
     if warning and on_event is not None:
-        on_event("warning", warning, {"requested": config.attn_implementation, "using": attn})
+        on_event(events.warning(requested=config.attn_implementation, using=attn), warning)
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.model_name)
         model = AutoModelForCausalLM.from_pretrained(

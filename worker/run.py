@@ -12,17 +12,22 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel
 
+from shared import events
 from shared.chat_formats import to_chat
 from shared.config import TrainConfig
-from shared.jobs import Progress
+from shared.events import EpochEnd, StepMetrics
+from shared.jobs import Progress, WandbSpec
+from shared.metrics import SavedCheckpoint, TrainingSummary
 from shared.outputs import check_destination
+from shared.volume import TRAINING_SUMMARY
 from worker.checkpoints import Checkpoints
 from worker.data import read_records, tokenize_dataset
 from worker.evaluation import eval_loss
@@ -52,12 +57,14 @@ class TrainResult:
     tokens_per_second: float
     losses: list[tuple[int, float]] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (epoch, loss)
-    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    checkpoints: list[SavedCheckpoint] = field(default_factory=list)
 
-    def summary(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["output_dir"] = str(self.output_dir) if self.output_dir else None
-        return out
+    def summary(self) -> TrainingSummary:
+        """The run's figures as every reader parses them (and `training_summary.json` holds them)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclass_fields(self)}
+        return TrainingSummary.model_validate(
+            {**fields, "output_dir": str(self.output_dir) if self.output_dir else None}
+        )
 
 
 class StoppedEarly(Exception):
@@ -103,13 +110,17 @@ class TrainingRun:
         on_progress: ProgressCallback | None = None,
         on_event: EventCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
+        wandb: WandbSpec | None = None,
     ) -> None:
         self.config, self.dataset, self.output_dir = config, dataset, output_dir
+        self.wandb_spec = wandb
         self.lora_path, self.validation = lora_path, validation
         self.checkpoints = Checkpoints(checkpoint_dir, config.keep_checkpoints)
         self.run_name = run_name or output_dir.name
         self.on_progress, self.should_stop = on_progress, should_stop
-        self.emit: EventCallback = on_event or (lambda etype, message, data: log.info("%s: %s", etype, message))
+        self.emit: EventCallback = on_event or (
+            lambda event, message: log.info("%s: %s", type(event).__name__, message)
+        )
         self.device = pick_device()
         self.started = time.monotonic()
         self.examples: list[Example] = []
@@ -142,10 +153,9 @@ class TrainingRun:
         self.model = prepare_model(base, cfg, self.lora_path)
         trainable, total = self.model.get_nb_trainable_parameters()
         self.emit(
-            "info",
+            events.info(trainable_params=trainable, total_params=total, examples=len(self.examples),
+                       device=self.device.type, validation_examples=len(self.held_out), engine=self.engine),
             f"training {trainable:,} of {total:,} parameters on {len(self.examples)} examples ({self.device.type})",
-            {"trainable_params": trainable, "total_params": total, "examples": len(self.examples),
-             "device": self.device.type, "validation_examples": len(self.held_out), "engine": self.engine},
         )  # fmt: skip
 
     def _tokenize(self, source: Dataset) -> tuple[list[Example], int]:
@@ -157,7 +167,7 @@ class TrainingRun:
         )
         if skipped:
             message = f"{skipped} examples had no assistant token left after truncation and were skipped"
-            self.emit("warning", message, {"skipped": skipped})
+            self.emit(events.warning(skipped=skipped), message)
         return examples, skipped
 
     def _watch(self, records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -177,7 +187,7 @@ class TrainingRun:
         """Run the loop; the result's `output_dir` is set by `save`."""
         assert self.model is not None, "setup() first"
         cfg = self.config
-        self.wandb = WandbRun(self.run_name, cfg.model_dump(), self.emit)
+        self.wandb = WandbRun(self.run_name, cfg.model_dump(), self.emit, self.wandb_spec)
         self._last_step_at = time.monotonic()
         try:
             loop = train_loop(
@@ -243,10 +253,10 @@ class TrainingRun:
         if info.loss is None:
             return
         self._last_loss = info.loss
-        data = {"step": info.step, "epoch": info.epoch, "loss": info.loss, "learning_rate": info.learning_rate,
-                "grad_norm": info.grad_norm, "tokens_per_second": info.tokens_per_second,
-                "step_seconds": step_seconds}  # fmt: skip
-        self.emit("metrics", f"step {info.step}/{info.total_steps} loss {info.loss:.4f}", data)
+        metrics = StepMetrics(step=info.step, epoch=info.epoch, loss=info.loss, learning_rate=info.learning_rate,
+                              grad_norm=info.grad_norm, tokens_per_second=info.tokens_per_second,
+                              step_seconds=step_seconds)  # fmt: skip
+        self.emit(metrics, f"step {info.step}/{info.total_steps} loss {info.loss:.4f}")
         self.wandb.log({"train/loss": info.loss, "train/learning_rate": info.learning_rate,
                         "train/grad_norm": info.grad_norm, "train/tokens_per_second": info.tokens_per_second},
                        step=info.step)  # fmt: skip
@@ -256,15 +266,15 @@ class TrainingRun:
         held = None
         if self.held_out:
             held = eval_loss(self.model, self.held_out, batch_size=self.config.batch_size, device=self.device)
-        data: dict[str, Any] = {"epoch": epoch, "step": self._last_step, "loss": loss}
         message = f"epoch {epoch}/{self.config.epochs} done"
         if held is not None:
             self.eval_losses.append((epoch, held))
-            data["eval_loss"] = held
             message += f", eval loss {held:.4f}"
             self.wandb.log({"eval/loss": held}, step=self._last_step)
-        self.emit("epoch", message, data)
-        self.checkpoints.save(self.model, step=self._last_step, epoch=epoch, loss=loss, eval_loss=held)
+        self.emit(EpochEnd(epoch=epoch, step=self._last_step, loss=loss, eval_loss=held), message)
+        saved = self.checkpoints.save(self.model, step=self._last_step, epoch=epoch, loss=loss, eval_loss=held)
+        if saved is not None:
+            self.emit(saved, f"checkpoint at step {saved.step} saved")
 
     # ----------------------------------------------------------------- save
 
@@ -272,10 +282,10 @@ class TrainingRun:
         """Write the adapter, tokenizer and summary into a staged folder, then swap it into place."""
         assert self.model is not None
         result.output_dir = self.output_dir
-        summary = {**result.summary(), "config": self.config.model_dump(), "output_dir": str(self.output_dir)}
+        summary = {**result.summary().model_dump(), "config": self.config.model_dump()}
         with staged_dir(self.output_dir, "adapter", base_model=self.config.model_name) as staging:
             self.model.save_pretrained(str(staging))
             if self.config.tokenizer_padding_side is not None:
                 self.tokenizer.padding_side = self.config.tokenizer_padding_side
             self.tokenizer.save_pretrained(str(staging))
-            (staging / "training_summary.json").write_text(json.dumps(summary, indent=2))
+            (staging / TRAINING_SUMMARY).write_text(json.dumps(summary, indent=2))

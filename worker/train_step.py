@@ -24,13 +24,15 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from shared import events
+from shared.events import EventPayload
 from worker.example import Example
 from worker.packing import pack_static
 from worker.step import FastStep, StepFn, StepInputs, unwrap
 
 log = logging.getLogger(__name__)
 
-EventFn = Callable[[str, str, dict[str, Any]], None]
+EventFn = Callable[[EventPayload, str], None]  # (typed payload, message): shared.events
 MAX_GRAPHS = 48  # captured shapes kept; steps of further shapes run eagerly (bounded memory)
 
 
@@ -211,7 +213,7 @@ class StaticTrainStep:
     def _warn(self, message: str) -> None:
         log.warning("%s", message)
         if self.on_event is not None:
-            self.on_event("warning", message, {"component": "train_step"})
+            self.on_event(events.warning(component="train_step"), message)
 
 
 _TENSOR_FIELDS = ("input_ids", "position_ids", "segment_ids", "cu_seqlens", "loss_rows", "targets", "loss_scale")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import TrainConfig
+from shared.jobs import WandbSpec
 from worker.merge import merge_model
 from worker.model_loading import EventCallback, apply_lora, load_base_model, upcast_trainable
 from worker.run import Dataset, ProgressCallback, StoppedEarly, TrainingRun, TrainResult
@@ -53,15 +54,17 @@ def train_model(
     on_progress: ProgressCallback | None = None,
     on_event: EventCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    wandb: WandbSpec | None = None,
 ) -> TrainResult:
     """Fine-tune a LoRA adapter in this process and save it.
 
-    `dataset` (and `validation`) is a JSON Lines path of `{"messages": [...]}` records or an
-    iterable of such records. The adapter goes to `output_dir` when given, else where the seed put
-    it (`adapter_destination`). A destination holding anything this service did not write is
+    `dataset` (and `validation`) is a JSON Lines path or an iterable of records, in any shape
+    `shared.chat_formats` accepts. The adapter goes to `output_dir` when given, else where the seed
+    put it (`adapter_destination`). A destination holding anything this service did not write is
     refused before training (`shared.outputs.DestinationInUse`). `on_progress` is called on every
-    step; `should_stop` is polled every step (the run then ends without saving). Checkpoints go to
-    `checkpoint_dir` at each epoch end.
+    step; `on_event(payload, message)` gets typed events (`shared.events`); `should_stop` is polled
+    every step (the run then ends without saving). Checkpoints go to `checkpoint_dir` at each epoch
+    end; `wandb` names a Weights & Biases run (used where W&B is configured).
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.model_validate(config or {})
     adapter = Path(lora_path) if lora_path is not None else (Path(cfg.lora_path) if cfg.lora_path else None)
@@ -76,6 +79,7 @@ def train_model(
         on_progress=on_progress,
         on_event=on_event,
         should_stop=should_stop,
+        wandb=wandb,
     )
     try:
         run.setup()

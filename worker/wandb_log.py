@@ -11,9 +11,13 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from shared import events
+from shared.events import EventPayload, WarningNotice
+from shared.jobs import WandbSpec
+
 log = logging.getLogger(__name__)
 
-EventCallback = Callable[[str, str, dict[str, Any]], None]
+EventCallback = Callable[[EventPayload, str], None]
 
 
 def wandb_configured() -> bool:
@@ -23,27 +27,33 @@ def wandb_configured() -> bool:
 class WandbRun:
     """A W&B run, or nothing at all when W&B is not configured or cannot start."""
 
-    def __init__(self, name: str, config: dict[str, Any], emit: EventCallback) -> None:
+    def __init__(self, name: str, config: dict[str, Any], emit: EventCallback, spec: WandbSpec | None = None) -> None:
         self._run: Any = None
         self._emit = emit
         if not wandb_configured() or os.environ.get("WANDB_MODE") == "disabled":
+            if spec is not None:
+                emit(
+                    WarningNotice(), "the job asks for a Weights & Biases run, but W&B is not configured on this worker"
+                )
             return
         try:
             import wandb
 
             self._run = wandb.init(
-                project=os.environ.get("WANDB_PROJECT", "lora-server"),
-                name=name,
+                project=spec.project if spec else os.environ.get("WANDB_PROJECT", "lora-server"),
+                entity=spec.entity if spec else None,
+                tags=spec.tags if spec else None,
+                name=(spec.name if spec else None) or name,
                 config=config,
                 reinit="finish_previous",
             )
-            emit("info", f"logging to Weights & Biases run {self._run.name}", {"wandb_run": str(self._run.id)})
+            emit(events.info(wandb_run=str(self._run.id)), f"logging to Weights & Biases run {self._run.name}")
         except Exception as exc:
             self._disable(exc)
 
     def _disable(self, exc: Exception) -> None:
         self._run = None
-        self._emit("warning", f"Weights & Biases logging is off: {type(exc).__name__}: {exc}", {})
+        self._emit(WarningNotice(), f"Weights & Biases logging is off: {type(exc).__name__}: {exc}")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self._run is None:

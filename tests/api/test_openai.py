@@ -121,7 +121,7 @@ def test_refusals_come_in_openais_envelope_and_leave_nothing(
     with pytest.raises(openai.BadRequestError) as bad_file:
         client.files.create(file=("bad.jsonl", bad), purpose="fine-tune")
     assert (bad_file.value.param, bad_file.value.code) == ("file", "invalid_file_format")
-    assert "line 2: missing 'messages'" in bad_file.value.message
+    assert "line 2: no known record shape: keys 'oops'" in bad_file.value.message
     assert isinstance(bad_file.value.body, dict) and bad_file.value.body["type"] == "invalid_request_error"
     with pytest.raises(openai.BadRequestError) as purpose:
         client.files.create(file=("d.jsonl", jsonl(easy_records(1))), purpose="assistants")  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from shared.chat_formats import unknown_shape_reason
 from shared.jobs import JobStatus
 from shared.settings import Settings
 from shared.store import JobStore
@@ -105,7 +106,7 @@ def test_an_invalid_dataset_names_each_bad_line(api: TestClient, settings: Setti
     r = _train(api, file=("d.jsonl", GOOD + b'{"oops": 1}\n{"messages": []}\n'))
     assert r.status_code == 422
     assert r.json()["errors"] == [
-        {"loc": ["file", "line 3"], "msg": "missing 'messages'"},
+        {"loc": ["file", "line 3"], "msg": unknown_shape_reason({"oops": 1})},
         {"loc": ["file", "line 4"], "msg": "'messages' must be a non-empty list"},
     ]
     assert r.json()["truncated"] is False

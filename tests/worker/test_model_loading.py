@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GemmaConfig, GemmaForCausalLM
 
 from shared.config import TrainConfig
+from shared.events import event_type
 from worker.model_loading import apply_lora, load_base_model, prepare_model, resolve_dtype, upcast_trainable
 
 CUDA = torch.device("cuda")  # resolve_dtype only asks the GPU when the config leaves the choice to it
@@ -61,7 +62,7 @@ def test_a_model_not_verified_for_packing_trains_with_the_reference_engine(
     model, _, engine = load_base_model(
         TrainConfig(model_name=str(tmp_path)),
         torch.device("cpu"),
-        lambda kind, message, data: events.append((kind, message)),
+        lambda event, message: events.append((event_type(event), message)),
     )
     assert engine == "reference" and model.config._attn_implementation == "sdpa"
     assert (

@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import TrainConfig
+from shared.events import event_type
 from tests.data import easy_records
 from worker.run import TrainingRun
 
 
 def test_setup_train_save(tiny_model_dir: Path, tmp_path: Path) -> None:
-    events: list[tuple[str, str, dict[str, Any]]] = []
+    events: list[tuple[str, str, dict[str, Any]]] = []  # (type, message, payload)
     config = TrainConfig(
         model_name=str(tiny_model_dir), epochs=2, batch_size=4, learning_rate=1e-2, validation_split=0.2
     )
@@ -21,7 +22,7 @@ def test_setup_train_save(tiny_model_dir: Path, tmp_path: Path) -> None:
         easy_records(10),
         tmp_path / "adapter",
         checkpoint_dir=tmp_path / "checkpoints",
-        on_event=lambda kind, message, data: events.append((kind, message, data)),
+        on_event=lambda event, message: events.append((event_type(event), message, event.model_dump())),
     )
     run.setup()
     assert (len(run.examples), len(run.held_out), run.engine) == (8, 2, "fast")
@@ -33,7 +34,7 @@ def test_setup_train_save(tiny_model_dir: Path, tmp_path: Path) -> None:
     meta = json.loads((tmp_path / "checkpoints" / "step-000004" / "checkpoint.json").read_text())
     assert (meta["step"], meta["epoch"]) == (4, 2) and meta["eval_loss"] == result.eval_losses[-1][1]
     kinds = [kind for kind, _, _ in events]
-    assert kinds.count("epoch") == 2 and kinds.count("metrics") == 4
+    assert kinds.count("epoch") == 2 and kinds.count("metrics") == 4 and kinds.count("checkpoint") == 2
     run.save(result)
     assert result.output_dir == tmp_path / "adapter"
     summary = json.loads((tmp_path / "adapter" / "training_summary.json").read_text())
