@@ -23,6 +23,7 @@ STATUS: dict[type[e.ServiceError], int] = {
     e.UploadStalled: 408,
     e.SlotsBusy: 409,
     e.WrongJobState: 409,
+    e.OutputInUse: 409,
     e.PayloadTooLarge: 413,
     e.UnsupportedMediaType: 415,
     e.InvalidInput: 422,

@@ -129,6 +129,18 @@ class WrongJobState(ServiceError):
         return {"status": self.status}
 
 
+class OutputInUse(ServiceError):
+    """An output folder holds something the service did not write (a base model, the user's files)."""
+
+    def __init__(self, field: str, path: str, reason: str, loc: str = "config") -> None:
+        msg = f"{path!r} {reason}; the service never replaces it (choose another path, or empty it first)"
+        super().__init__(f"{field}: {msg}", problems=[field_error([loc, field], msg)])
+        self.path = path
+
+    def details(self) -> dict[str, Any]:
+        return {"path": self.path}
+
+
 class JobAlreadyEnded(WrongJobState):
     """Cancelling a job that has already ended."""
 

@@ -18,7 +18,7 @@ from api.auth import ApiKeyMiddleware, is_loopback, listening_host
 from api.error_responses import install_handlers
 from api.openai import files as openai_files
 from api.openai import jobs as openai_jobs
-from api.routes import artifacts, dashboard, health, jobs, merge, status, train
+from api.routes import artifacts, dashboard, health, jobs, merge, seed_merge, status, train
 from shared.celery_factory import make_celery
 from shared.reaper import reap_once
 from shared.settings import Settings, get_settings
@@ -74,6 +74,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
-    for module in (train, status, jobs, merge, health, artifacts, dashboard, openai_files, openai_jobs):
+    for module in (train, status, jobs, merge, seed_merge, health, artifacts, dashboard, openai_files, openai_jobs):
         app.include_router(module.router)
     return app

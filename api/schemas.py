@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from api.artifacts import Checkpoint, FileEntry
 from shared.config import TrainConfig
@@ -46,6 +46,8 @@ class SeedStatusPublic(BaseModel):
     learning_rate: float | None = None
     tokens_per_second: float | None = None
     eta_seconds: float | None = None
+    allocated_gpu_memory: float | None = Field(default=None, description="MiB, while a job runs (0 on a CPU worker)")
+    reserved_gpu_memory: float | None = Field(default=None, description="MiB, while a job runs (0 on a CPU worker)")
 
     @classmethod
     def idle(cls) -> SeedStatusPublic:
@@ -73,6 +75,8 @@ class SeedStatusPublic(BaseModel):
             learning_rate=p.learning_rate,
             tokens_per_second=p.tokens_per_second,
             eta_seconds=p.eta_seconds,
+            allocated_gpu_memory=p.allocated_gpu_memory if record.status is JobStatus.running else None,
+            reserved_gpu_memory=p.reserved_gpu_memory if record.status is JobStatus.running else None,
         )
 
 

@@ -17,11 +17,12 @@ from celery import Celery
 from pydantic import ValidationError
 
 from api.datasets import JobData
-from api.errors import BrokerUnavailable, InvalidInput, SlotsBusy, field_error
+from api.errors import BrokerUnavailable, InvalidInput, OutputInUse, SlotsBusy, field_error
 from shared.config import TrainConfig
 from shared.dataset import reject_json_constant
 from shared.job_ids import new_job_id
 from shared.jobs import JobRecord, JobStatus, WandbSpec
+from shared.outputs import destination_problem
 from shared.paths import UnsafePathError, resolve_inside
 from shared.settings import Settings
 from shared.store import JobStore
@@ -53,6 +54,7 @@ class JobRequest:
     config: TrainConfig
     data: DataSource | None = None
     merge_of: JobRecord | None = None
+    merge_adapter: str | None = None  # or merging an adapter folder under base_path (the seed's POST /merge)
     merge_output: str | None = None  # a merge's output folder under base_path (default: <adapter>-merged)
     wandb: WandbSpec | None = None  # the W&B run the job logs to, where the worker has W&B configured
     companion: Companion | None = None
@@ -64,20 +66,26 @@ def submit_job(store: JobStore, celery: Celery, settings: Settings, request: Job
     not be published, its record (failed)."""
     job_id, source = request.job_id, request.merge_of
     data: JobData | None = None
+    adapter: Path | None = None
     if source is not None:
-        output = _merge_output(settings, source, request.merge_output)
+        assert source.model_path is not None
+        adapter = Path(source.model_path)
+        output = _merge_output(settings, adapter, request.merge_output)
+    elif request.merge_adapter is not None:
+        adapter = _adapter_path(settings, request.merge_adapter, "lora_path", loc="body")
+        output = _merge_output(settings, adapter, request.merge_output, field="model_output")
     else:
         assert request.data is not None
         output, _ = resolve_train_paths(request.config, settings, job_id)
         data = request.data.place(settings, job_id)
     record = JobRecord(
         id=job_id,
-        kind="train" if source is None else "merge",
+        kind="train" if adapter is None else "merge",
         status=JobStatus.queued,
         created_at=0.0,
         config=request.config,
         # A merge job's input is the adapter it folds in.
-        dataset_path=str(data.dataset) if data is not None else str(source.model_path if source else ""),
+        dataset_path=str(data.dataset) if data is not None else str(adapter),
         validation_path=str(data.validation) if data is not None and data.validation else None,
         source_job=source.id if source is not None else None,
         num_records=data.num_records if data is not None else 0,
@@ -164,8 +172,11 @@ def _config_error(message: str, msg: str) -> InvalidInput:
     return InvalidInput(message, problems=[field_error(["config"], msg)])
 
 
-def resolve_output(settings: Settings, user_path: str, field: str, loc: str = "config") -> Path:
-    """An output folder the worker may replace: inside base_path and not one of the service's own."""
+def resolve_output(
+    settings: Settings, user_path: str, field: str, loc: str = "config", *, check_owner: bool = True
+) -> Path:
+    """An output folder the worker may replace: inside base_path, not one of the service's own, and
+    (unless `check_owner` is off, for the caller to check after its own rules) empty or ours."""
     try:
         output = resolve_inside(settings.base_path, user_path)
     except UnsafePathError as exc:
@@ -173,7 +184,17 @@ def resolve_output(settings: Settings, user_path: str, field: str, loc: str = "c
     reserved = settings.volume.reserved_part(output)
     if reserved is not None:
         raise _path_error(field, f"{reserved!r} is reserved for the service's own files ({RESERVED_HELP})", loc)
+    if check_owner:
+        check_output_owner(output, user_path, field, loc)
     return output
+
+
+def check_output_owner(output: Path, user_path: str, field: str, loc: str) -> None:
+    """OutputInUse unless `output` is absent, empty or an earlier output of this service (the worker
+    checks again when it writes: nothing of the user's is ever replaced)."""
+    problem = destination_problem(output)
+    if problem is not None:
+        raise OutputInUse(field, user_path, problem, loc)
 
 
 def resolve_train_paths(config: TrainConfig, settings: Settings, job_id: str) -> tuple[Path, Path | None]:
@@ -181,23 +202,28 @@ def resolve_train_paths(config: TrainConfig, settings: Settings, job_id: str) ->
     output = resolve_output(
         settings, config.model_save_path or settings.volume.default_output(job_id), "model_save_path"
     )
-    lora: Path | None = None
-    if config.lora_path is not None:
-        try:
-            lora = resolve_inside(settings.base_path, config.lora_path)
-        except UnsafePathError as exc:
-            raise _path_error("lora_path", str(exc)) from exc
-        if not (lora / ADAPTER_CONFIG).is_file():
-            raise _path_error("lora_path", f"no adapter ({ADAPTER_CONFIG}) at {config.lora_path!r} under base_path")
+    lora = _adapter_path(settings, config.lora_path, "lora_path") if config.lora_path is not None else None
     return output, lora
 
 
-def _merge_output(settings: Settings, source: JobRecord, output_path: str | None) -> Path:
-    assert source.model_path is not None
-    output = resolve_output(settings, output_path or merged_name(source.model_path), "output_path", loc="body")
-    adapter = Path(source.model_path).resolve()
+def _adapter_path(settings: Settings, user_path: str, field: str, loc: str = "config") -> Path:
+    """An adapter folder under base_path (it must hold an adapter_config.json)."""
+    try:
+        adapter = resolve_inside(settings.base_path, user_path)
+    except UnsafePathError as exc:
+        raise _path_error(field, str(exc), loc) from exc
+    if not (adapter / ADAPTER_CONFIG).is_file():
+        raise _path_error(field, f"no adapter ({ADAPTER_CONFIG}) at {user_path!r} under base_path", loc)
+    return adapter
+
+
+def _merge_output(settings: Settings, adapter: Path, output_path: str | None, field: str = "output_path") -> Path:
+    user_path = output_path or merged_name(str(adapter))
+    output = resolve_output(settings, user_path, field, loc="body", check_owner=False)
+    adapter = adapter.resolve()
     if output == adapter or adapter.is_relative_to(output):
-        raise _path_error("output_path", "would replace the adapter being merged", "body")
+        raise _path_error(field, "would replace the adapter being merged", "body")
+    check_output_owner(output, user_path, field, "body")
     return output
 
 

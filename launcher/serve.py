@@ -1,8 +1,10 @@
 """One-machine mode: an embedded Redis (unless one is named), the Celery worker(s) and the API.
 
 Each child runs in its own process group so that stopping reaches its whole tree (Celery's
-prefork children included). Ctrl+C or SIGTERM stops the API first, then the workers, then Redis,
-and leaves nothing behind. If any child dies on its own, everything is stopped.
+prefork children included). The launcher is a supervisor: a worker or the API that dies on its own
+(an out-of-memory kill, say) is started again, with exponential backoff, while everything else stays
+up; a job the dead worker held is settled by its lease (failed, or run again where attempts allow).
+Ctrl+C or SIGTERM stops the API first, then the workers, then Redis, and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -52,6 +54,43 @@ def _stop(name: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # then 30 s between tries
+STABLE_AFTER_S = 60.0  # a child up this long starts its backoff afresh
+
+
+@dataclass
+class Child:
+    """A supervised process: how to start it, the running process, and its restart history."""
+
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restarts: int = 0  # consecutive restarts without a stable run in between
+    restart_at: float | None = None  # when a dead child is due to start again
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.cmd, env=self.env, preexec_fn=own_group_dies_with_parent)
+        self.started_at, self.restart_at = time.monotonic(), None
+
+    def supervise(self, now: float) -> None:
+        """Start again a child that died on its own, once its backoff has passed."""
+        if self.restart_at is not None:
+            if now >= self.restart_at:
+                log.info("starting %s again (restart %d)", self.name, self.restarts)
+                self.start()
+            return
+        if self.proc is None or self.proc.poll() is None:
+            return
+        if now - self.started_at >= STABLE_AFTER_S:
+            self.restarts = 0
+        delay = RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S) - 1)]
+        self.restarts += 1
+        log.error("%s exited with code %s; restarting it in %.0f s", self.name, self.proc.returncode, delay)
+        self.restart_at = now + delay
+
+
 def serve(opts: ServeOptions) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     base = opts.base_path.resolve()
@@ -76,39 +115,45 @@ def serve(opts: ServeOptions) -> int:
     env = dict(os.environ, LORA_BASE_PATH=str(base), LORA_REDIS_URL=redis_url)
     env.setdefault("LORA_MAX_CONCURRENT_JOBS", str(len(gpus)))
 
-    children: list[tuple[str, subprocess.Popen[bytes]]] = []
-    try:
-        for i, gpu in enumerate(gpus):
-            worker_env = dict(env)
-            if gpu is not None:
-                worker_env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-            cmd = [
-                sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-                "--loglevel", opts.log_level.upper(), "--concurrency", "1", "--pool", "prefork",
-                "-Q", QUEUE, "-n", f"gpu{gpu if gpu is not None else i}@%h",
-            ]  # fmt: skip
-            children.append(
-                (f"worker {i}", subprocess.Popen(cmd, env=worker_env, preexec_fn=own_group_dies_with_parent))
-            )
-        api_cmd = [
-            sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory",
-            "--host", opts.host, "--port", str(opts.port), "--log-level", opts.log_level,
+    children: list[Child] = []
+    for i, gpu in enumerate(gpus):
+        worker_env = dict(env)
+        if gpu is not None:
+            worker_env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        cmd = [
+            sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+            "--loglevel", opts.log_level.upper(), "--concurrency", "1", "--pool", "prefork",
+            "-Q", QUEUE, "-n", f"gpu{gpu if gpu is not None else i}@%h",
         ]  # fmt: skip
-        children.append(("api", subprocess.Popen(api_cmd, env=env, preexec_fn=own_group_dies_with_parent)))
+        children.append(Child(f"worker {i}", cmd, worker_env))
+    api_cmd = [
+        sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory",
+        "--host", opts.host, "--port", str(opts.port), "--log-level", opts.log_level,
+    ]  # fmt: skip
+    children.append(Child("api", api_cmd, env))
+    try:
+        for child in children:
+            child.start()
         log.info("lora-server on http://%s:%d (base path %s)", opts.host, opts.port, base)
-        code = 0
         while not stopping:
-            for name, proc in children:
-                if proc.poll() is not None:
-                    log.error("%s exited with code %s; stopping everything", name, proc.returncode)
-                    stopping, code = True, 1
-                    break
+            if redis_server is not None and not redis_server.alive():
+                # Same port, same data (append-only file): the API and workers reconnect on their own.
+                log.error("the embedded Redis-compatible server exited; starting it again")
+                try:
+                    redis_server.start()
+                except RuntimeError as exc:
+                    log.error("%s; stopping everything", exc)
+                    return 1
+            now = time.monotonic()
+            for child in children:
+                child.supervise(now)
             time.sleep(0.2)
-        return code
+        return 0
     finally:
         log.info("stopping")
-        for name, proc in reversed(children):  # the API first, then the workers
-            _stop(name, proc, timeout=15.0)
+        for child in reversed(children):  # the API first, then the workers
+            if child.proc is not None:
+                _stop(child.name, child.proc, timeout=15.0)
         if redis_server is not None:
             redis_server.stop()
         log.info("stopped")

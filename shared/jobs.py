@@ -48,6 +48,8 @@ class Progress(BaseModel):
     tokens_per_second: float | None = None
     step_seconds: float | None = None
     eta_seconds: float | None = None
+    allocated_gpu_memory: float | None = None  # MiB held by tensors on the worker's GPU (0 on a CPU worker)
+    reserved_gpu_memory: float | None = None  # MiB reserved by PyTorch's caching allocator there
 
 
 class WandbSpec(BaseModel):

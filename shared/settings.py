@@ -33,6 +33,9 @@ class Settings(BaseSettings):
         description="Fail a queued job no worker picked up within this time.",
     )
     reap_interval_s: float = Field(default=5.0, gt=0, description="How often lapsed leases are reaped.")
+    merge_wait_s: float = Field(
+        default=600.0, gt=0, description="How long the seed's POST /merge waits for its merge before answering 202."
+    )
     max_attempts: int = Field(default=1, ge=1, description="Runs allowed per job (retries after worker loss).")
     job_time_limit_s: int = Field(default=7 * 24 * 3600, ge=1, description="Hard limit on one job.")
     visibility_timeout_s: int | None = Field(

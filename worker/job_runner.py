@@ -71,9 +71,9 @@ def _train(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome
 def _merge(record: JobRecord, lease: LeaseKeeper) -> Outcome:
     from worker.merge import merge_adapter
 
-    assert record.source_job is not None
-    lease.emit(InfoNotice(), f"merging the adapter of {record.source_job} into {record.config.model_name}")
-    path = merge_adapter(record.dataset_path, record.output_dir)[0]
+    source = f"the adapter of {record.source_job}" if record.source_job else record.dataset_path
+    lease.emit(InfoNotice(), f"merging {source} into {record.config.model_name}")
+    path = merge_adapter(record.dataset_path, record.output_dir, base_model=record.config.model_name)[0]
     return Outcome(JobStatus.succeeded, "Merge completed", model_path=str(path))
 
 

@@ -248,6 +248,7 @@ class TrainingRun:
                     grad_norm=info.grad_norm,
                     tokens_per_second=info.tokens_per_second,
                     eta_seconds=info.eta_seconds,
+                    **self._gpu_memory(),
                 )
             )
         if info.loss is None:
@@ -260,6 +261,15 @@ class TrainingRun:
         self.wandb.log({"train/loss": info.loss, "train/learning_rate": info.learning_rate,
                         "train/grad_norm": info.grad_norm, "train/tokens_per_second": info.tokens_per_second},
                        step=info.step)  # fmt: skip
+
+    def _gpu_memory(self) -> dict[str, float]:
+        """The seed's gpu_alloc_mem / gpu_reserved_mem, in MiB (host-side counters: no device sync)."""
+        if self.device.type != "cuda":
+            return {"allocated_gpu_memory": 0.0, "reserved_gpu_memory": 0.0}
+        return {
+            "allocated_gpu_memory": torch.cuda.memory_allocated(self.device) / 2**20,
+            "reserved_gpu_memory": torch.cuda.memory_reserved(self.device) / 2**20,
+        }
 
     def _on_epoch_end(self, epoch: int, loss: float | None) -> None:
         assert self.model is not None

@@ -47,6 +47,7 @@ SHAPES: dict[type[e.ServiceError], Shape] = {
     e.UploadStalled: Shape(408, _INVALID),
     e.SlotsBusy: Shape(409, "conflict_error", "training_slots_full"),
     e.WrongJobState: Shape(409, "conflict_error"),
+    e.OutputInUse: Shape(409, "conflict_error", "output_in_use"),
     e.PayloadTooLarge: Shape(413, _INVALID, "file_too_large"),
     e.UnsupportedMediaType: Shape(415, _INVALID, "unsupported_media_type"),
     e.StorageFailed: Shape(500, "server_error"),

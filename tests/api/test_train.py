@@ -166,3 +166,39 @@ def test_redis_down_is_a_503_in_each_surfaces_shape(tmp_path: Path) -> None:
         "param": None,
         "code": "store_unavailable",
     }
+
+
+@pytest.mark.parametrize("contents", [{"config.json": "{}", "model.safetensors": "weights"}, {"notes.txt": "mine"}])
+def test_an_output_folder_the_service_did_not_write_is_a_409_and_nothing_is_touched(
+    api: TestClient, settings: Settings, store: JobStore, contents: dict[str, str]
+) -> None:
+    target = settings.base_path / "Qwen2.5-0.5B"
+    target.mkdir(parents=True)
+    for name, text in contents.items():
+        (target / name).write_text(text)
+    r = _train(api, {"model_save_path": "Qwen2.5-0.5B"})
+    assert r.status_code == 409, r.text
+    assert r.json()["path"] == "Qwen2.5-0.5B"
+    assert r.json()["errors"] == [
+        {"loc": ["config", "model_save_path"],
+         "msg": "'Qwen2.5-0.5B' holds files this service did not write; the service never replaces it "
+                "(choose another path, or empty it first)"},
+    ]  # fmt: skip
+    assert sorted(p.name for p in target.iterdir()) == sorted(contents)
+    assert _left_on_volume(settings) == [] and store.current() is None
+
+
+def test_an_earlier_output_of_the_service_or_an_empty_folder_may_be_replaced(
+    api: TestClient, settings: Settings
+) -> None:
+    from shared.outputs import write_marker
+
+    (settings.base_path / "empty").mkdir(parents=True)
+    assert _train(api, {"model_save_path": "empty"}).status_code == 202
+    store_dir = settings.base_path / "previous"
+    store_dir.mkdir()
+    write_marker(store_dir, "adapter")
+    (store_dir / "adapter_config.json").write_text("{}")
+    first = api.get("/status").json()["job_id"]  # one slot: cancel the first job before the next
+    assert api.post(f"/jobs/{first}/cancel").status_code in (200, 202)
+    assert _train(api, {"model_save_path": "previous"}).status_code == 202

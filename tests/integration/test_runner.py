@@ -75,3 +75,59 @@ def test_one_command_runs_the_service_and_a_signal_leaves_nothing_behind(
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_a_killed_worker_is_restarted_and_the_service_stays_up(tmp_path: Path, tiny_model_dir: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "LORA_REDIS_URL"}
+    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "LORA_MIN_FREE_DISK_MB": "1", "LORA_LEASE_TTL_S": "4"})
+    cmd = [sys.executable, "-m", "cli", "--base_path", str(tmp_path / "models"), "--port", str(port)]
+    log_path = tmp_path / "lora-server.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def train(epochs: int) -> str:
+        r = httpx.post(
+            url + "/train",
+            files={"config": (None, f'{{"epochs": {epochs}, "model_name": "{tiny_model_dir}"}}'),
+                   "file": ("training_data.json", jsonl(easy_records(4)), "application/json")},
+            timeout=30,
+        )  # fmt: skip
+        assert r.status_code == 202, r.text
+        return str(r.json()["job_id"])
+
+    def job(job_id: str) -> dict[str, object]:
+        return dict(httpx.get(f"{url}/jobs/{job_id}", timeout=5).json())
+
+    try:
+        assert wait_until_up(url + "/readyz", proc, timeout=60), "service did not become ready"
+        doomed = train(epochs=500)
+        wait_until(lambda: job(doomed)["status"] == "running", timeout=60, what="the long job to start")
+        workers = {p for p in _descendants(proc.pid) if "celery" in _cmdline(p) and "worker" in _cmdline(p)}
+        assert workers
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)  # as the kernel's OOM killer would
+        ended = wait_until(lambda: job(doomed)["status"] in ("failed", "succeeded") and job(doomed), timeout=60,
+                           what="the lease to settle the killed worker's job")  # fmt: skip
+        assert ended["status"] == "failed" and "worker lost" in str(ended["error"])
+        assert proc.poll() is None and httpx.get(url + "/healthz", timeout=5).status_code == 200
+        assert "restarting it in" in log_path.read_text()
+        fresh = train(epochs=1)
+        done = wait_until(lambda: job(fresh)["status"] in ("succeeded", "failed") and job(fresh), timeout=120,
+                          what="a new job on the restarted worker")  # fmt: skip
+        assert done["status"] == "succeeded", done
+        family = _descendants(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        wait_until(lambda: not _alive(family), timeout=10, what=lambda: f"no process left: {_alive(family)}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
