@@ -67,7 +67,7 @@ def test_fast_variants_and_bad_engines(tmp_path: Path) -> None:
 
 
 def test_a_spent_time_budget_reports_rows_not_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = train.main([*ARGS, "--engines", "fast,trl", "--time-budget", "10"])
+    code = train.main([*ARGS, "--engines", "fast,trl", "--time-budget", "0.01"])
     table = capsys.readouterr().out
     assert code == 1
     assert "fast                       ERROR not run: --time-budget spent" in table

@@ -81,6 +81,8 @@ def test_cancel_running_job_stops_it_and_frees_the_slot(service: Service, tiny_m
     running = wait_running(service, job_id, min_step=3)
     assert service.worker is not None
     (child,) = children(service.worker.pid)
+    live = service.get("/status").json()  # the worker's GPU memory while it runs, as the seed reported it
+    assert live["job_status"] == "running" and (live["allocated_gpu_memory"], live["reserved_gpu_memory"]) == (0.0, 0.0)
     r = service.post(f"/jobs/{job_id}/cancel")
     assert r.status_code == 202 and r.json()["status"] == "cancelling"
     job = service.wait_for(job_id, {"cancelled", "failed", "succeeded"}, timeout=30)
@@ -88,6 +90,7 @@ def test_cancel_running_job_stops_it_and_frees_the_slot(service: Service, tiny_m
     assert job["progress"]["current_step"] < running["progress"]["total_steps"]
     status = service.get("/status").json()
     assert status["status"] == "error" and "cancel" in status["message"].lower()
+    assert "allocated_gpu_memory" not in status  # only while a job runs
     assert service.post(f"/jobs/{job_id}/cancel").status_code == 409
     assert service.post("/jobs/job-unknown/cancel").status_code == 404
     # One task per child: the process that held the model is gone.

@@ -35,7 +35,8 @@ def _alive(pids: set[int]) -> set[int]:
     return {p for p in pids if alive(p)}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+# Ctrl+C (SIGINT) ends test_a_killed_worker_is_restarted_and_the_service_stays_up below.
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_one_command_runs_the_service_and_a_signal_leaves_nothing_behind(
     tmp_path: Path, tiny_model_dir: Path, sig: signal.Signals
 ) -> None:

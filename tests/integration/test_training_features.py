@@ -58,6 +58,26 @@ def test_merge_job_writes_a_model_that_matches_base_plus_adapter(service: Servic
     bad = service.post(f"/jobs/{job['id']}/merge", json={"output_path": "../../escape"})
     assert bad.status_code == 422
 
+    # The seed's POST /merge: same adapter, merged on a worker, answered when done.
+    adapter = str(Path(job["model_path"]).relative_to(service.base_path.resolve()))
+    body = {"model_name": str(tiny_model_dir), "lora_path": adapter, "model_output": "seed/merged"}
+    seed = service.post("/merge", json=body)
+    assert seed.status_code == 200, seed.text
+    result = seed.json()
+    assert (result["status"], result["message"]) == ("success", "Model merged successfully")
+    assert Path(result["output_path"]) == (service.base_path / "seed" / "merged").resolve()
+    with torch.no_grad():
+        seed_merged = AutoModelForCausalLM.from_pretrained(result["output_path"])
+        torch.testing.assert_close(seed_merged(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+    (service.base_path / "mine").mkdir()
+    (service.base_path / "mine" / "notes.txt").write_text("mine")
+    taken = service.post("/merge", json={**body, "model_output": "mine"})
+    assert taken.status_code == 409 and taken.json()["errors"][0]["loc"] == ["body", "model_output"]
+    assert (service.base_path / "mine" / "notes.txt").read_text() == "mine"
+    missing = service.post("/merge", json={**body, "lora_path": "nowhere"})
+    assert missing.status_code == 422 and "no adapter (adapter_config.json) at 'nowhere'" in missing.json()["detail"]
+    assert service.post("/merge", json={**body, "push_to_hub": True}).status_code == 422
+
 
 @pytest.fixture
 def wandb_dir(tmp_path: Path, redis_url: str) -> Path:
