@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from worker.example import IGNORE_INDEX
 
 LOSS_CHUNK_ROWS = 4096  # loss rows per LM-head chunk: 4096 x 151,936 fp32 logits ~ 2.5 GB transient
+SMALL_LOGITS_BYTES = 64 * 2**20  # fp32 logits this small are kept for the backward instead of recomputed
 
 LossSumFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -39,11 +40,15 @@ def chunked_lm_loss_sum(
     """Sum of cross-entropy of ``head(hidden)`` against `targets`, `chunk_rows` rows at a time.
 
     Each chunk runs under activation checkpointing, so its logits are freed after the forward and
-    recomputed in the backward: at most one chunk of logits is ever alive. The head has no
+    recomputed in the backward: at most one chunk of logits is ever alive. When all the logits fit in
+    `SMALL_LOGITS_BYTES` (small vocabularies, few loss rows) they are computed once and kept instead. The head has no
     randomness, so no RNG state is saved (saving it would break CUDA-graph capture).
     """
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0  # keeps the graph so backward() works; all grads zero
+    vocab = getattr(head_linear(head), "out_features", None)
+    if vocab is not None and hidden.shape[0] <= chunk_rows and hidden.shape[0] * vocab * 4 <= SMALL_LOGITS_BYTES:
+        return _cross_entropy_sum(head, hidden, targets)  # small enough to keep: no recompute in backward
     total: torch.Tensor | None = None
     for start in range(0, hidden.shape[0], chunk_rows):
         part = checkpoint(

@@ -26,6 +26,24 @@ def test_chunked_loss_matches_full_logits() -> None:
         torch.testing.assert_close(got, want)
 
 
+def test_small_logits_are_kept_rather_than_recomputed_and_give_the_same() -> None:
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=False)
+    calls: list[int] = []
+    head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    hidden = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    chunked = chunked_lm_loss_sum(head, hidden, targets, chunk_rows=8)
+    (want,) = torch.autograd.grad(chunked, hidden)
+    assert calls == [8, 8, 7, 7, 8, 8]  # each chunk, then recomputed in the backward (last chunk first)
+    calls.clear()
+    whole = chunked_lm_loss_sum(head, hidden, targets)  # 23 x 50 fp32 logits: kept, one pass
+    (got,) = torch.autograd.grad(whole, hidden)
+    assert calls == [23]
+    torch.testing.assert_close(whole, chunked)
+    torch.testing.assert_close(got, want)
+
+
 def test_head_linear_finds_the_trained_copy_of_a_saved_head() -> None:
     model = tiny_lora_model(modules_to_save=["lm_head"])
     head = model.get_base_model().get_output_embeddings()
