@@ -12,7 +12,7 @@ from __future__ import annotations
 import codecs
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -47,7 +47,6 @@ class DatasetSummary:
     num_records: int
     num_messages: int = 0
     format: str = "jsonl"
-    shapes: dict[str, int] = field(default_factory=dict)  # records per accepted shape (shared.chat_formats)
 
 
 def _size(n: int) -> str:
@@ -275,7 +274,6 @@ def validate_dataset(src: Path, dest: Path, *, max_record_bytes: int, max_record
                     continue
                 summary.num_records += 1
                 summary.num_messages += len(record["messages"])
-                summary.shapes[str(detect_shape(obj))] = summary.shapes.get(str(detect_shape(obj)), 0) + 1
                 if summary.num_records > max_records:
                     bad.add(
                         f"record {summary.num_records}",

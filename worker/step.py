@@ -73,9 +73,9 @@ def make_step_fn(
     (``"auto"``: the one that runs on this device and dtype).
     """
     hf_model = unwrap(model)
-    autocast = autocast_dtype(hf_model)
-    cast_embedding_output(hf_model, autocast)
     if kind == "reference":
+        autocast = autocast_dtype(hf_model)
+        cast_embedding_output(hf_model, autocast)  # the fast step installs its own in FastStep
         return functools.partial(_reference_step, model, device, autocast)
     if kind != "fast":
         raise ValueError(f"unknown engine {kind!r}")

@@ -97,3 +97,16 @@ def assert_same(
     assert grads.keys() == ref_grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+
+def loss_runs(tokenizer: Any, example: Example) -> list[str]:
+    """Decode each contiguous run of loss tokens."""
+    runs: list[list[int]] = []
+    previous = IGNORE_INDEX
+    for label in example.labels:
+        if label != IGNORE_INDEX:
+            if previous == IGNORE_INDEX:
+                runs.append([])
+            runs[-1].append(label)
+        previous = label
+    return [tokenizer.decode(run) for run in runs]

@@ -78,7 +78,7 @@ def test_a_decoder_that_drops_the_metadata_makes_the_step_fail() -> None:
         make_step_fn(model, kind="fast", device=CPU)(make_examples(VARIED))
 
 
-def test_sliding_window_reaching_packed_attention_is_refused() -> None:
+def test_a_mistral_sliding_window_is_refused_before_packing() -> None:
     model = tiny_lora_model(model_type="mistral", sliding_window=4)
     with pytest.raises(ValueError, match="sliding_window=4"):
         make_step_fn(model, kind="fast", device=CPU)

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
+from tests.worker.helpers import loss_runs
 from worker.data import (
     DatasetTokenizationError,
     read_records,
@@ -49,19 +50,6 @@ PLAIN_TEMPLATE = (
 def tokenizer(tiny_model_dir: Path) -> Any:
     """A fresh tokenizer per test, so tests may change its chat template."""
     return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-def loss_runs(tokenizer: Any, example: Example) -> list[str]:
-    """Decode each contiguous run of loss tokens."""
-    runs: list[list[int]] = []
-    previous = IGNORE_INDEX
-    for label in example.labels:
-        if label != IGNORE_INDEX:
-            if previous == IGNORE_INDEX:
-                runs.append([])
-            runs[-1].append(label)
-        previous = label
-    return [tokenizer.decode(run) for run in runs]
 
 
 def tokenize(tokenizer: Any, messages: list[dict[str, str]], **kwargs: Any) -> Example | None:

@@ -55,7 +55,7 @@ def test_head_linear_finds_the_trained_copy_of_a_saved_head() -> None:
     assert head_linear(nn.Linear(4, 4)) is not None
 
 
-def test_a_lora_wrapped_head_uses_the_chunked_loss() -> None:
+def test_a_lora_wrapped_head_has_no_plain_linear_to_fuse() -> None:
     model = get_peft_model(nn.Sequential(nn.Linear(4, 8)), LoraConfig(r=2, target_modules=["0"]))
     head = model.base_model.model[0]
     assert head_linear(head) is None

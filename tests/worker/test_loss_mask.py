@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from transformers import PreTrainedTokenizerFast
 
+from tests.worker.helpers import loss_runs
 from worker.data import (
     DatasetTokenizationError,
     TurnEnd,
@@ -268,19 +269,6 @@ def multi_turn(family: Family) -> list[dict[str, str]]:
         {"role": "user", "content": QUESTION_2},
         {"role": "assistant", "content": ANSWER_2},
     ]
-
-
-def loss_runs(tokenizer: Any, example: Example) -> list[str]:
-    """Decode each contiguous run of loss tokens."""
-    runs: list[list[int]] = []
-    previous = IGNORE_INDEX
-    for label in example.labels:
-        if label != IGNORE_INDEX:
-            if previous == IGNORE_INDEX:
-                runs.append([])
-            runs[-1].append(label)
-        previous = label
-    return [tokenizer.decode(run) for run in runs]
 
 
 def tokenize(tokenizer: Any, messages: list[dict[str, str]], response_template: str | None) -> Example:
