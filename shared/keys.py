@@ -28,3 +28,8 @@ def file_key(file_id: str) -> str:
 
 def openai_job_key(job_id: str) -> str:
     return JOB_PREFIX + job_id + OPENAI_SUFFIX
+
+
+# Waiting for a slot, and what is due to be told about jobs.
+WAITING = PREFIX + "waiting"  # zset: job id -> arrival time, ms; jobs queued beyond the slots, FIFO
+WEBHOOK_OUTBOX = PREFIX + "webhooks:outbox"  # list: JSON {event_id, job_id, status, created_at} per ended job

@@ -40,6 +40,8 @@ _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 _STATUS: dict[JobStatus, OpenAIJobStatus] = {
     JobStatus.queued: "queued",
     JobStatus.running: "running",
+    JobStatus.pausing: "pausing",
+    JobStatus.paused: "paused",
     JobStatus.succeeded: "succeeded",
     JobStatus.failed: "failed",
     JobStatus.cancelled: "cancelled",
@@ -128,11 +130,13 @@ def file_public(record: FileRecord) -> FilePublic:
     )
 
 
-def job_public(record: JobRecord, extra: OpenAIJobRecord | None) -> FineTuningJobPublic:
+def job_public(
+    record: JobRecord, extra: OpenAIJobRecord | None, *, queue_position: int | None = None
+) -> FineTuningJobPublic:
     """OpenAI's view of any of our jobs; `extra` holds what a job created through /v1 was sent with."""
     params = extra.hyperparameters if extra else _hyperparameters_of(record.config)
     succeeded = record.status is JobStatus.succeeded
-    eta = record.progress.eta_seconds if record.status is JobStatus.running else None
+    eta = record.progress.eta_seconds if record.status in (JobStatus.running, JobStatus.pausing) else None
     error = None
     if record.status is JobStatus.failed:
         error = JobErrorPublic(code="training_failed", message=record.error or record.message or "failed")
@@ -154,6 +158,7 @@ def job_public(record: JobRecord, extra: OpenAIJobRecord | None) -> FineTuningJo
         integrations=[IntegrationSpec(type="wandb", wandb=record.wandb)] if record.wandb else [],
         metadata=extra.metadata if extra else None,
         user_provided_suffix=extra.suffix if extra else None,
+        queue_position=queue_position,
         method=MethodPublic(supervised=SupervisedPublic(hyperparameters=params)),
     )
 
