@@ -130,22 +130,51 @@ def file_public(record: FileRecord) -> FilePublic:
     )
 
 
+# A failed job's error, as OpenAI's `error {code, message, param}`: what the message starts with or
+# holds says which kind of failure it was (the worker records `ExceptionType: message`).
+_ERROR_CODES: list[tuple[str, str, str | None]] = [
+    ("worker lost", "worker_lost", None),
+    ("no worker picked up", "queue_timeout", None),
+    ("could not enqueue", "broker_unavailable", None),
+    ("could not requeue", "broker_unavailable", None),
+    ("OutOfMemoryError", "out_of_memory", "hyperparameters.batch_size"),
+    ("no example has an assistant token", "invalid_training_file", "training_file"),
+    ("dataset record", "invalid_training_file", "training_file"),
+    ("DestinationInUse", "output_in_use", "suffix"),
+    ("OSError", "model_not_found", "model"),
+]
+
+
+def job_error(message: str) -> JobErrorPublic:
+    for needle, code, param in _ERROR_CODES:
+        if needle in message:
+            return JobErrorPublic(code=code, message=message, param=param)
+    return JobErrorPublic(code="training_failed", message=message)
+
+
+def fine_tuned_model_name(model: str, suffix: str | None, job_id: str) -> str:
+    """OpenAI's name for a job's model, `ft:{model}:{suffix}:{job id}` (an empty suffix when none was
+    given); the adapter itself is the folder in the job's record (`model_path`)."""
+    return f"ft:{model}:{suffix or ''}:{job_id}"
+
+
 def job_public(
     record: JobRecord, extra: OpenAIJobRecord | None, *, queue_position: int | None = None
 ) -> FineTuningJobPublic:
     """OpenAI's view of any of our jobs; `extra` holds what a job created through /v1 was sent with."""
     params = extra.hyperparameters if extra else _hyperparameters_of(record.config)
+    model = extra.model if extra else record.config.model_name
     succeeded = record.status is JobStatus.succeeded
     eta = record.progress.eta_seconds if record.status in (JobStatus.running, JobStatus.pausing) else None
-    error = None
-    if record.status is JobStatus.failed:
-        error = JobErrorPublic(code="training_failed", message=record.error or record.message or "failed")
+    error = job_error(record.error or record.message or "failed") if record.status is JobStatus.failed else None
     return FineTuningJobPublic(
         id=record.id,
         created_at=int(record.created_at),
         finished_at=int(record.finished_at) if record.finished_at is not None else None,
-        model=extra.model if extra else record.config.model_name,
-        fine_tuned_model=record.model_path if succeeded else None,
+        model=model,
+        fine_tuned_model=fine_tuned_model_name(model, extra.suffix if extra else None, record.id)
+        if succeeded
+        else None,
         status=_STATUS[record.status],
         # A job submitted through POST /train has no file id: name its stored dataset instead.
         training_file=extra.training_file if extra else Path(record.dataset_path).name,

@@ -11,7 +11,7 @@ from pathlib import Path
 import openai
 import pytest
 from openai import OpenAI
-from openai.types.fine_tuning import FineTuningJob
+from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 
 from tests.data import easy_records, jsonl
 from tests.service import Service, wait_until
@@ -75,8 +75,8 @@ def test_upload_train_follow_and_list_a_job(client: OpenAI, service: Service, ti
     assert job.status == "succeeded", job
     assert job.error is None and job.trained_tokens and job.trained_tokens > 0
     assert job.finished_at is not None and job.finished_at >= job.created_at
-    assert job.fine_tuned_model is not None
-    adapter = Path(job.fine_tuned_model)
+    assert job.fine_tuned_model == f"ft:{tiny_model_dir}:tiny bot:{job.id}"  # OpenAI's naming
+    adapter = Path(service.job(job.id)["model_path"])
     assert adapter.parent == service.base_path.resolve() and adapter.name.startswith("ft-tiny-bot-")
     assert (adapter / "adapter_config.json").is_file()
 
@@ -148,12 +148,12 @@ def test_jobs_wait_in_line_through_restarts_and_pause_resume_continues(
     service.start_api()
     assert client.fine_tuning.jobs.retrieve(third.id).queue_position == 2  # type: ignore[attr-defined]
     job = _wait(client, service, first.id, {"running"}, timeout=60)
-    resumed_at = wait_until(
-        lambda: next((e for e in client.fine_tuning.jobs.list_events(first.id, limit=1000).data
-                      if "resuming from step" in e.message), None),  # fmt: skip
-        timeout=60,
-        what=lambda: f"the first job to resume\n{service.logs('worker')}",
-    )
+
+    def resumed() -> FineTuningJobEvent | None:
+        events = client.fine_tuning.jobs.list_events(first.id, limit=1000).data
+        return next((e for e in events if "resuming from step" in e.message), None)
+
+    resumed_at = wait_until(resumed, timeout=60, what=lambda: f"the first job to resume\n{service.logs('worker')}")
     step = int(resumed_at.data["step"])  # type: ignore[index]
     assert step >= 10 and step % 5 == 0, resumed_at  # its last saved state, not step 0
 
