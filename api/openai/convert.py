@@ -32,6 +32,7 @@ from api.openai.schemas import (
 from shared.config import TrainConfig
 from shared.events import JobEvent, StatusChanged, StepMetrics, WarningNotice
 from shared.jobs import JobRecord, JobStatus
+from shared.model_names import fine_tuned_model_name
 
 EVENT_ID_PREFIX = "ftevent-"
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
@@ -150,12 +151,6 @@ def job_error(message: str) -> JobErrorPublic:
         if needle in message:
             return JobErrorPublic(code=code, message=message, param=param)
     return JobErrorPublic(code="training_failed", message=message)
-
-
-def fine_tuned_model_name(model: str, suffix: str | None, job_id: str) -> str:
-    """OpenAI's name for a job's model, `ft:{model}:{suffix}:{job id}` (an empty suffix when none was
-    given); the adapter itself is the folder in the job's record (`model_path`)."""
-    return f"ft:{model}:{suffix or ''}:{job_id}"
 
 
 def job_public(
