@@ -25,6 +25,7 @@ if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 redis.call('RPUSH', KEYS[1], ARGV[2])
 return 1
 """
+HEARTBEAT_S = 5.0  # how often a generation worker reports itself alive
 OUTPUT_GRACE_S = 60  # an output stream outlives its request's deadline by this much, then expires
 CANCEL_TTL_S = 600  # a cancel flag outlives any request it can concern
 
@@ -34,9 +35,9 @@ def server_time(client: redis.Redis) -> float:
     return seconds + micros / 1e6
 
 
-def generators_fresh_s(heartbeat_s: float) -> float:
+def generators_fresh_s() -> float:
     """How long a generation worker may be silent before the API stops counting on it."""
-    return max(10.0, 3 * heartbeat_s)
+    return 3 * HEARTBEAT_S
 
 
 def heartbeat(client: redis.Redis, name: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -82,7 +83,7 @@ def generate(
         step_input = torch.tensor([ids], device=cache.device)
         while sampled < spec.max_tokens and not stopped:
             check_stop()
-            kv = {base.cache_arg: past} if past is not None else {}
+            kv: dict[str, Any] = {base.cache_arg: past} if past is not None else {}
             out = base.model(input_ids=step_input, use_cache=True, logits_to_keep=1, **kv)
             past = getattr(out, base.cache_arg)
             token = pick(out.logits[0, -1])

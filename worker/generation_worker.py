@@ -23,6 +23,7 @@ lets the API answer 503 at once when no generation worker is running.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lora.generation")
 
-HEARTBEAT_S = 5.0
 POP_WAIT_S = 1.0  # how long one BLPOP waits, so a stop signal is noticed within about this
 CANCEL_CHECK_S = 0.25  # how often the cancel flag is read while generating
 
@@ -56,11 +56,9 @@ def _heartbeat(settings: Settings, name: str, stop: threading.Event) -> None:
             gq.heartbeat(client, name)
         except redis.RedisError as exc:  # Redis down: keep trying until it returns
             log.debug("heartbeat: %s", exc)
-        stop.wait(HEARTBEAT_S)
-    try:
+        stop.wait(gq.HEARTBEAT_S)
+    with contextlib.suppress(redis.RedisError):
         gq.forget(client, name)
-    except redis.RedisError:
-        pass
 
 
 def serve_one(client: redis.Redis, cache: ModelCache, request: GenerationRequest) -> None:
