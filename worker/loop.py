@@ -1,8 +1,9 @@
 """The training loop every job runs: AdamW + linear decay + clipping over an engine's step function.
 
 `batch_size` sequences make one optimizer step (the last step of an epoch may hold fewer). The
-loop never reads a device value back except at logging steps (loss, grad norm), at epoch ends
-(the epoch's mean loss) and once at the end, so the GPU is never made to wait in between.
+loop never reads a device value back except at logging steps (loss, grad norm, token accuracy: one
+transfer), at epoch ends (the epoch's mean loss and accuracy) and once at the end, so the GPU is
+never made to wait in between.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 from worker.attention import EngineKind
 from worker.example import Example
 from worker.step import make_step_fn
-from worker.train_step import EagerTrainStep, EventFn, StaticTrainStep, TrainStep, make_optimizer
+from worker.train_step import EagerTrainStep, EventFn, StaticTrainStep, TrainStep, TrainStepOutput, make_optimizer
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,7 @@ class StepInfo:
     loss: float | None  # this step's mean loss; read back only at logging steps
     learning_rate: float  # the rate this step used
     grad_norm: float | None  # before clipping; same rule as `loss`
+    accuracy: float | None  # fraction of loss tokens predicted right (argmax); same rule, None where not computed
     tokens_per_second: float  # real tokens since the loop started / seconds since then
     eta_seconds: float
     num_tokens: int  # real tokens in this step
@@ -74,7 +76,7 @@ def train_loop(
     max_grad_norm: float = 1.0,
     log_every: int = 1,
     on_step: Callable[[StepInfo], None] | None = None,
-    on_epoch_end: Callable[[int, float | None], None] | None = None,
+    on_epoch_end: Callable[[int, float | None, float | None], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     shuffle: bool = True,
     compile: bool | None = None,
@@ -83,8 +85,8 @@ def train_loop(
 ) -> LoopResult:
     """Train `model`'s trainable parameters on `examples`; see the module docstring.
 
-    `on_epoch_end(epoch, mean_loss)` gets the mean of that epoch's step losses, after each epoch
-    that ran to its end. `should_stop()` is asked before every step. ``shuffle=False`` takes the
+    `on_epoch_end(epoch, mean_loss, mean_accuracy)` gets the means of that epoch's step losses and
+    token accuracies (None where the engine computed none), after each epoch that ran to its end. `should_stop()` is asked before every step. ``shuffle=False`` takes the
     examples in order every epoch (benchmarks). `compile` (``torch.compile`` of the decoder
     layers on static bucketed shapes) and `cuda_graphs` (whole-step capture) apply to the fast
     engine; None means on for CUDA, off elsewhere. Fallbacks are reported through `on_event`.
@@ -107,6 +109,7 @@ def train_loop(
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         epoch_loss_sum: torch.Tensor | None = None
+        epoch_accuracy_sum: torch.Tensor | None = None
         epoch_steps = 0
         for indices in batch_order(len(examples), batch_size, epoch, seed, shuffle=shuffle):
             if should_stop is not None and should_stop():
@@ -115,14 +118,15 @@ def train_loop(
             step = result.steps_done + 1
             lr = linear_decay(learning_rate, step, total_steps)
             out = train_step([examples[i] for i in indices], lr)
-            grad_norm = out.grad_norm
             result.steps_done = step
             result.total_tokens += out.num_tokens
             last_loss = out.loss
             epoch_loss_sum = out.loss if epoch_loss_sum is None else epoch_loss_sum + out.loss
+            if out.accuracy is not None:
+                epoch_accuracy_sum = out.accuracy if epoch_accuracy_sum is None else epoch_accuracy_sum + out.accuracy
             epoch_steps += 1
             logging_step = step % log_every == 0 or step == total_steps
-            loss_value = float(out.loss) if logging_step else None
+            loss_value, grad_norm, accuracy = _read_back(out) if logging_step else (None, None, None)
             if loss_value is not None:
                 result.logged_losses.append((step, loss_value))
             if on_step is not None:
@@ -135,7 +139,8 @@ def train_loop(
                         epochs=epochs,
                         loss=loss_value,
                         learning_rate=lr,
-                        grad_norm=float(grad_norm) if logging_step else None,
+                        grad_norm=grad_norm,
+                        accuracy=accuracy,
                         tokens_per_second=result.total_tokens / elapsed if elapsed > 0 else 0.0,
                         eta_seconds=elapsed / step * (total_steps - step),
                         num_tokens=out.num_tokens,
@@ -145,13 +150,23 @@ def train_loop(
             break  # a cut-short epoch gets no on_epoch_end
         if on_epoch_end is not None:
             mean = None if epoch_loss_sum is None else float(epoch_loss_sum) / epoch_steps
-            on_epoch_end(epoch, mean)
+            mean_accuracy = None if epoch_accuracy_sum is None else float(epoch_accuracy_sum) / epoch_steps
+            on_epoch_end(epoch, mean, mean_accuracy)
     if last_loss is not None:
         result.final_loss = float(last_loss)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     result.elapsed_s = time.perf_counter() - start
     return result
+
+
+def _read_back(out: TrainStepOutput) -> tuple[float, float, float | None]:
+    """Loss, grad norm and token accuracy of a logging step, in one device->host transfer (one sync)."""
+    values = [out.loss.float(), out.grad_norm.float()]
+    if out.accuracy is not None:
+        values.append(out.accuracy.float().to(out.loss.device))
+    read = torch.stack(values).tolist()
+    return read[0], read[1], read[2] if out.accuracy is not None else None
 
 
 def _make_train_step(

@@ -50,6 +50,7 @@ def train_model(
     lora_path: str | Path | None = None,
     validation: Dataset | None = None,
     checkpoint_dir: str | Path | None = None,
+    results_path: str | Path | None = None,
     run_name: str | None = None,
     on_progress: ProgressCallback | None = None,
     on_event: EventCallback | None = None,
@@ -64,7 +65,8 @@ def train_model(
     refused before training (`shared.outputs.DestinationInUse`). `on_progress` is called on every
     step; `on_event(payload, message)` gets typed events (`shared.events`); `should_stop` is polled
     every step (the run then ends without saving). Checkpoints go to `checkpoint_dir` at each epoch
-    end; `wandb` names a Weights & Biases run (used where W&B is configured).
+    end; `results_path` gets a CSV row per logged step (`shared.results`); `wandb` names a Weights &
+    Biases run (used where W&B is configured).
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.model_validate(config or {})
     adapter = Path(lora_path) if lora_path is not None else (Path(cfg.lora_path) if cfg.lora_path else None)
@@ -75,6 +77,7 @@ def train_model(
         lora_path=adapter,
         validation=validation,
         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
+        results_path=Path(results_path) if results_path else None,
         run_name=run_name,
         on_progress=on_progress,
         on_event=on_event,

@@ -128,8 +128,11 @@ def file_public(record: FileRecord) -> FilePublic:
     )
 
 
-def job_public(record: JobRecord, extra: OpenAIJobRecord | None) -> FineTuningJobPublic:
-    """OpenAI's view of any of our jobs; `extra` holds what a job created through /v1 was sent with."""
+def job_public(
+    record: JobRecord, extra: OpenAIJobRecord | None, result_files: list[str] | None = None
+) -> FineTuningJobPublic:
+    """OpenAI's view of any of our jobs; `extra` holds what a job created through /v1 was sent with,
+    `result_files` its registered result file (`OpenAIStore.result_files`)."""
     params = extra.hyperparameters if extra else _hyperparameters_of(record.config)
     succeeded = record.status is JobStatus.succeeded
     eta = record.progress.eta_seconds if record.status is JobStatus.running else None
@@ -142,6 +145,7 @@ def job_public(record: JobRecord, extra: OpenAIJobRecord | None) -> FineTuningJo
         finished_at=int(record.finished_at) if record.finished_at is not None else None,
         model=extra.model if extra else record.config.model_name,
         fine_tuned_model=record.model_path if succeeded else None,
+        result_files=result_files or [],
         status=_STATUS[record.status],
         # A job submitted through POST /train has no file id: name its stored dataset instead.
         training_file=extra.training_file if extra else Path(record.dataset_path).name,
@@ -176,8 +180,10 @@ def event_public(event: JobEvent) -> FineTuningJobEventPublic:
     common: dict[str, Any] = {"id": EVENT_ID_PREFIX + event.id, "created_at": int(event.created_at)}
     if isinstance(event.data, StepMetrics):
         m = event.data
-        figures = {"step": m.step, "train_loss": m.loss, "epoch": m.epoch, "learning_rate": m.learning_rate,
-                   "grad_norm": m.grad_norm, "tokens_per_second": m.tokens_per_second, "step_seconds": m.step_seconds}  # fmt: skip
+        figures = {"step": m.step, "train_loss": m.loss, "train_mean_token_accuracy": m.accuracy,
+                   "valid_loss": m.valid_loss, "valid_mean_token_accuracy": m.valid_accuracy, "epoch": m.epoch,
+                   "learning_rate": m.learning_rate, "grad_norm": m.grad_norm,
+                   "tokens_per_second": m.tokens_per_second, "step_seconds": m.step_seconds}  # fmt: skip
         data = {k: v for k, v in figures.items() if v is not None}
         return FineTuningJobEventPublic(**common, level=level, message=event.message, type="metrics", data=data)
     details = {"event": event.type, **event.data.model_dump(mode="json")}
@@ -195,7 +201,13 @@ def checkpoint_public(job_id: str, checkpoint: Checkpoint) -> FineTuningJobCheck
         fine_tuned_model_checkpoint=checkpoint.path,
         fine_tuning_job_id=job_id,
         metrics=CheckpointMetricsPublic(
-            step=checkpoint.step, train_loss=checkpoint.loss, valid_loss=checkpoint.eval_loss
+            step=checkpoint.step,
+            train_loss=checkpoint.train_loss,
+            train_mean_token_accuracy=checkpoint.train_mean_token_accuracy,
+            valid_loss=checkpoint.valid_loss,
+            valid_mean_token_accuracy=checkpoint.valid_mean_token_accuracy,
+            full_valid_loss=checkpoint.full_valid_loss,
+            full_valid_mean_token_accuracy=checkpoint.full_valid_mean_token_accuracy,
         ),
         step_number=checkpoint.step,
     )

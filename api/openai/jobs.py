@@ -29,6 +29,7 @@ from api.openai.schemas import (
 )
 from api.openai.store import JobFields, OpenAIStore, OpenAIStoreDep, UnknownCursorError
 from api.submission import JobRequest, ensure_free_slot, submit_job
+from shared.files import UPLOAD_PURPOSE
 from shared.job_ids import new_job_id
 from shared.jobs import JobRecord
 from shared.store import JobStore
@@ -44,7 +45,7 @@ FineTuningJobDep = Annotated[JobRecord, Depends(_job)]
 
 
 def _view(store: JobStore, ostore: OpenAIStore, job_id: str) -> FineTuningJobPublic:
-    return convert.job_public(job_actions.get_job(store, job_id), ostore.get_job(job_id))
+    return convert.job_public(job_actions.get_job(store, job_id), ostore.get_job(job_id), ostore.result_files(job_id))
 
 
 # --------------------------------------------------------------------------- create
@@ -54,6 +55,9 @@ def _training_file(ostore: OpenAIStore, file_id: str, param: str) -> FileRecord:
     record = ostore.get_file(file_id)
     if record is None:
         raise UnknownFile(f"invalid {param}: no file {file_id!r}", problems=[field_error([param], "no such file")])
+    if record.purpose != UPLOAD_PURPOSE:
+        msg = f"file {file_id!r} is a {record.purpose} file, not training data (purpose {UPLOAD_PURPOSE!r})"
+        raise UnknownFile(f"invalid {param}: {msg}", problems=[field_error([param], "not a fine-tune file")])
     return record
 
 
@@ -128,7 +132,7 @@ def list_jobs(
             record = store.get(job_id)
             if record is None:
                 continue
-            job = convert.job_public(record, ostore.get_job(job_id))
+            job = convert.job_public(record, ostore.get_job(job_id), ostore.result_files(job_id))
             if any((job.metadata or {}).get(k) != v for k, v in wanted.items()):
                 continue
             data.append(job)
@@ -140,7 +144,7 @@ def list_jobs(
 
 @router.get("/{fine_tuning_job_id}", responses={404: {}})
 def retrieve_job(job: FineTuningJobDep, ostore: OpenAIStoreDep) -> FineTuningJobPublic:
-    return convert.job_public(job, ostore.get_job(job.id))
+    return convert.job_public(job, ostore.get_job(job.id), ostore.result_files(job.id))
 
 
 @router.post("/{fine_tuning_job_id}/cancel", responses={400: {"description": "already ended"}, 404: {}})
