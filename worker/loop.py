@@ -86,8 +86,9 @@ def train_loop(
     """Train `model`'s trainable parameters on `examples`; see the module docstring.
 
     `on_epoch_end(epoch, mean_loss, mean_accuracy)` gets the means of that epoch's step losses and
-    token accuracies (None where the engine computed none), after each epoch that ran to its end. `should_stop()` is asked before every step. ``shuffle=False`` takes the
-    examples in order every epoch (benchmarks). `compile` (``torch.compile`` of the decoder
+    token accuracies (None where the engine computed none), after each epoch that ran to its end.
+    `should_stop()` is asked before every step. ``shuffle=False`` takes the examples in order every
+    epoch (benchmarks). `compile` (``torch.compile`` of the decoder
     layers on static bucketed shapes) and `cuda_graphs` (whole-step capture) apply to the fast
     engine; None means on for CUDA, off elsewhere. Fallbacks are reported through `on_event`.
     """
@@ -164,7 +165,7 @@ def _read_back(out: TrainStepOutput) -> tuple[float, float, float | None]:
     """Loss, grad norm and token accuracy of a logging step, in one device->host transfer (one sync)."""
     values = [out.loss.float(), out.grad_norm.float()]
     if out.accuracy is not None:
-        values.append(out.accuracy.float().to(out.loss.device))
+        values.append(out.accuracy.float())
     read = torch.stack(values).tolist()
     return read[0], read[1], read[2] if out.accuracy is not None else None
 

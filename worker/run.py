@@ -271,6 +271,8 @@ class TrainingRun:
                    "train/tokens_per_second": info.tokens_per_second, "valid/loss": metrics.valid_loss,
                    "valid/mean_token_accuracy": metrics.valid_accuracy}  # fmt: skip
         self.wandb.log({k: v for k, v in figures.items() if v is not None}, step=info.step)
+        if valid is not None:
+            self._last_step_at = time.monotonic()  # the next step's step_seconds times the step, not this evaluation
 
     def _valid_batch(self) -> EvalResult | None:
         """OpenAI's per-step `valid_*`: one training-sized batch of the validation set, a different one
