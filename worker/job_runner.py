@@ -22,6 +22,7 @@ from shared.paths import resolve_inside
 from shared.settings import Settings, get_settings
 from shared.store import JobStore, connect
 from worker.lease import LeaseKeeper
+from worker.results_log import register_results
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def _train(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome
         lora_path=resolve_inside(settings.base_path, cfg.lora_path) if cfg.lora_path else None,
         validation=Path(record.validation_path) if record.validation_path else None,
         checkpoint_dir=settings.volume.job_checkpoints(record.id),
+        results_path=settings.volume.step_metrics(record.id),
         run_name=record.id,
         on_progress=lease.publish,
         on_event=lease.emit,
@@ -108,6 +110,8 @@ def run_job(job_id: str) -> None:
             return
         if outcome.status.terminal:  # nothing will continue from it: its saved state goes
             shutil.rmtree(settings.volume.job_state(job_id), ignore_errors=True)
+        if record.kind == "train":  # whatever the outcome: a failed or cancelled run keeps the steps it logged
+            register_results(store.client, job_id, settings.volume.step_metrics(job_id))
         # Still under the lease (its thread keeps renewing), so a Redis hiccup here cannot turn a
         # finished job into a "worker lost" one.
         _record_outcome(store, job_id, token, outcome, lease.latest, patience_s=3 * settings.lease_ttl_s)

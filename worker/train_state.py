@@ -94,6 +94,7 @@ class LoopState:
     rng: RngState
     eval_losses: list[tuple[int, float]] = field(default_factory=list)  # filled in by the run
     checkpoints: list[SavedCheckpoint] = field(default_factory=list)  # filled in by the run
+    epoch_accuracy_sum: torch.Tensor | None = None  # the current epoch's summed token accuracies
 
 
 class TrainStateMeta(BaseModel):
@@ -167,6 +168,7 @@ def _tensors(state: LoopState) -> dict[str, Any]:
         "params": {name: t.detach() for name, t in state.params.items()},
         "optimizer": state.optimizer,
         "epoch_loss_sum": None if state.epoch_loss_sum is None else state.epoch_loss_sum.detach(),
+        "epoch_accuracy_sum": None if state.epoch_accuracy_sum is None else state.epoch_accuracy_sum.detach(),
         "rng": {"python": rng.python, "torch_cpu": rng.torch_cpu, "cuda": rng.cuda},
     }
 
@@ -236,6 +238,7 @@ def _read(path: Path, expected: str) -> LoopState:
             params=tensors["params"], optimizer=tensors["optimizer"],
             rng=RngState(_python_rng(rng["python"]), rng["torch_cpu"], rng["cuda"]),
             eval_losses=meta.eval_losses, checkpoints=meta.checkpoints,
+            epoch_accuracy_sum=tensors.get("epoch_accuracy_sum"),
         )  # fmt: skip
     except Exception as exc:  # a truncated or damaged file: any of pickle's, zip's or torch's errors
         raise UnusableState(f"unreadable {STATE_TENSORS} ({type(exc).__name__}: {exc})") from exc

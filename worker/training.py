@@ -50,6 +50,7 @@ def train_model(
     lora_path: str | Path | None = None,
     validation: Dataset | None = None,
     checkpoint_dir: str | Path | None = None,
+    results_path: str | Path | None = None,
     run_name: str | None = None,
     on_progress: ProgressCallback | None = None,
     on_event: EventCallback | None = None,
@@ -67,7 +68,8 @@ def train_model(
     refused before training (`shared.outputs.DestinationInUse`). `on_progress` is called on every
     step; `on_event(payload, message)` gets typed events (`shared.events`); `should_stop` is polled
     every step (the run then ends without saving). Checkpoints go to `checkpoint_dir` at each epoch
-    end; `wandb` names a Weights & Biases run (used where W&B is configured).
+    end; `results_path` gets a CSV row per logged step (`shared.results`); `wandb` names a Weights &
+    Biases run (used where W&B is configured).
 
     `state_dir` keeps the run's resumable state (`worker.train_state`): saved every `state_every`
     steps (0: never), at each epoch end, and when `should_stop` ends the run while
@@ -84,6 +86,7 @@ def train_model(
         lora_path=adapter,
         validation=validation,
         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
+        results_path=Path(results_path) if results_path else None,
         run_name=run_name,
         on_progress=on_progress,
         on_event=on_event,
