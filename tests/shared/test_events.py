@@ -60,7 +60,7 @@ def test_a_payload_missing_a_field_or_of_an_unknown_type_is_refused() -> None:
     with pytest.raises(ValidationError, match="loss"):
         payload("metrics", {"step": 1, "epoch": 1})
     with pytest.raises(ValidationError, match="status"):
-        payload("status", {"status": "paused"})
+        payload("status", {"status": "sleeping"})
     with pytest.raises(ValueError, match="unknown event type 'progress'"):
         payload("progress", {})
 
