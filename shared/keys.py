@@ -28,3 +28,9 @@ def file_key(file_id: str) -> str:
 
 def openai_job_key(job_id: str) -> str:
     return JOB_PREFIX + job_id + OPENAI_SUFFIX
+
+
+# Webhooks: terminal job transitions push an entry to the outbox (in their Lua script); the API's dispatcher
+# fans each out to one pending delivery per receiver URL (see shared.webhook_queue).
+WEBHOOK_OUTBOX = PREFIX + "webhooks:outbox"  # list of JSON outbox entries, oldest first; capped by its producer
+WEBHOOK_PENDING = PREFIX + "webhooks:pending"  # zset: delivery JSON -> next attempt (or claim expiry), ms
