@@ -25,6 +25,7 @@ STATUS: dict[type[e.ServiceError], int] = {
     e.WrongJobState: 409,
     e.OutputInUse: 409,
     e.PayloadTooLarge: 413,
+    e.QueueFull: 429,
     e.UnsupportedMediaType: 415,
     e.InvalidInput: 422,
     e.StorageFailed: 500,

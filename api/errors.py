@@ -118,6 +118,20 @@ class SlotsBusy(ServiceError):
         return {"running_jobs": self.running}
 
 
+class QueueFull(ServiceError):
+    """Every slot is taken and the waiting line is at LORA_MAX_QUEUED_JOBS."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the queue is full: every training slot is taken and {limit} jobs already wait "
+            "(LORA_MAX_QUEUED_JOBS); try again when one has started"
+        )
+        self.limit = limit
+
+    def details(self) -> dict[str, Any]:
+        return {"max_queued_jobs": self.limit}
+
+
 class WrongJobState(ServiceError):
     """The job is not in a state that allows this (no adapter yet, say)."""
 
@@ -127,6 +141,10 @@ class WrongJobState(ServiceError):
 
     def details(self) -> dict[str, Any]:
         return {"status": self.status}
+
+
+class NotPausable(WrongJobState):
+    """Pausing a job that is neither queued nor running, or resuming one that is not paused."""
 
 
 class OutputInUse(ServiceError):

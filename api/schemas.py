@@ -22,11 +22,18 @@ class TrainAccepted(BaseModel):
     message: str
     status_url: str
     job_url: str
+    queue_position: int | None = Field(default=None, description="Its place in the line for a slot (1 = next).")
 
     @classmethod
-    def of(cls, record: JobRecord, message: str, base_url: str) -> TrainAccepted:
+    def of(cls, record: JobRecord, message: str, base_url: str, *, queue_position: int | None = None) -> TrainAccepted:
         base = base_url.rstrip("/")
-        return cls(job_id=record.id, message=message, status_url=f"{base}/status", job_url=f"{base}/jobs/{record.id}")
+        return cls(
+            job_id=record.id,
+            message=message,
+            status_url=f"{base}/status",
+            job_url=f"{base}/jobs/{record.id}",
+            queue_position=queue_position,
+        )
 
 
 class SeedStatusPublic(BaseModel):
@@ -100,11 +107,13 @@ class JobPublic(BaseModel):
     max_attempts: int
     worker: str | None
     cancel_requested: bool
+    queue_position: int | None = Field(default=None, description="While it waits for a slot: its place (1 = next).")
 
     @classmethod
-    def from_record(cls, record: JobRecord) -> JobPublic:
+    def from_record(cls, record: JobRecord, queue_position: int | None = None) -> JobPublic:
         return cls(
             seed_status=SEED_STATUS[record.status],  # type: ignore[arg-type]
+            queue_position=queue_position,
             **record.model_dump(exclude={"dataset_path", "output_dir", "validation_path"}),
         )
 

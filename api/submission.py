@@ -17,7 +17,8 @@ from celery import Celery
 from pydantic import ValidationError
 
 from api.datasets import JobData
-from api.errors import BrokerUnavailable, InvalidInput, OutputInUse, SlotsBusy, field_error
+from api.errors import BrokerUnavailable, InvalidInput, OutputInUse, QueueFull, SlotsBusy, field_error
+from shared.admission import promote_waiting
 from shared.config import TrainConfig
 from shared.dataset import reject_json_constant
 from shared.job_ids import new_job_id
@@ -58,6 +59,7 @@ class JobRequest:
     merge_output: str | None = None  # a merge's output folder under base_path (default: <adapter>-merged)
     wandb: WandbSpec | None = None  # the W&B run the job logs to, where the worker has W&B configured
     companion: Companion | None = None
+    wait: bool = False  # join the waiting line when every slot is taken, instead of a 409
     job_id: str = field(default_factory=new_job_id)
 
 
@@ -97,7 +99,7 @@ def submit_job(store: JobStore, celery: Celery, settings: Settings, request: Job
     try:
         if request.companion is not None:
             request.companion.attach(job_id)
-        return _admit(store, celery, settings, record)
+        return _admit(store, celery, settings, record, wait=request.wait)
     except BaseException:
         if data is not None:
             data.remove()
@@ -108,12 +110,22 @@ def submit_job(store: JobStore, celery: Celery, settings: Settings, request: Job
         raise
 
 
-def _admit(store: JobStore, celery: Celery, settings: Settings, record: JobRecord) -> JobRecord:
-    """Take a slot and enqueue: SlotsBusy when every slot is taken, BrokerUnavailable when the task
-    cannot be published (the job is then recorded as failed)."""
-    result = store.admit(record, max_slots=settings.max_concurrent_jobs, queue_timeout_s=settings.queue_timeout_s)
-    if not result.admitted:
+def _admit(store: JobStore, celery: Celery, settings: Settings, record: JobRecord, *, wait: bool) -> JobRecord:
+    """Take a slot and enqueue (or, with `wait`, join the waiting line): SlotsBusy / QueueFull when
+    refused, BrokerUnavailable when the task cannot be published (the job is then recorded as failed)."""
+    result = store.admit(
+        record,
+        max_slots=settings.max_concurrent_jobs,
+        queue_timeout_s=settings.queue_timeout_s,
+        max_waiting=settings.max_queued_jobs if wait else 0,
+    )
+    if result.line_full or (wait and not result.accepted):
+        raise QueueFull(settings.max_queued_jobs)
+    if not result.accepted:
         raise SlotsBusy(result.running)
+    if not result.admitted:  # waiting: a slot may have freed meanwhile (promotion is atomic, never twice)
+        promote_waiting(store, celery, settings)
+        return store.get(record.id) or record
     try:
         publish_train(celery, record.id)
     except Exception as exc:
@@ -127,11 +139,17 @@ def _admit(store: JobStore, celery: Celery, settings: Settings, record: JobRecor
     return stored if stored is not None else record
 
 
-def ensure_free_slot(store: JobStore, settings: Settings) -> None:
-    """SlotsBusy before reading a possibly large body when every slot is already taken (admission
-    re-checks atomically)."""
+def ensure_room(store: JobStore, settings: Settings, *, wait: bool) -> None:
+    """SlotsBusy (or with `wait`, QueueFull) before reading a possibly large body when the job could not
+    be taken anyway (admission re-checks atomically)."""
+    if wait:
+        if store.waiting_count() >= settings.max_queued_jobs and (
+            settings.max_queued_jobs > 0 or len(store.active_ids()) >= settings.max_concurrent_jobs
+        ):
+            raise QueueFull(settings.max_queued_jobs)
+        return
     running = store.active_ids()
-    if len(running) >= settings.max_concurrent_jobs:
+    if len(running) >= settings.max_concurrent_jobs or store.waiting_count():
         raise SlotsBusy(running)
 
 

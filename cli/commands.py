@@ -1,4 +1,4 @@
-"""The client commands (`submit`, `status`, `jobs`, `cancel`, `download`): each one HTTP call or a few,
+"""The client commands (`submit`, `status`, `jobs`, `cancel`, `pause`, `resume`, `download`): each one HTTP call or a few,
 through client.LoraClient, printed for a person (or as JSON with --json)."""
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def _cmd_submit(client: LoraClient, args: argparse.Namespace) -> int:
     if not args.data.is_file():
         raise SystemExit(f"no such file: {args.data}")
     config = {**_load_config(args.config), **_parse_set(args.set)}
-    accepted = client.submit(args.data, config)
+    accepted = client.submit(args.data, config, queue=args.queue)
     print(accepted.job_id)
     print(accepted.message, file=sys.stderr)
     return _follow(client, accepted.job_id) if args.follow else 0
@@ -139,6 +139,19 @@ def _cmd_cancel(client: LoraClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pause(client: LoraClient, args: argparse.Namespace) -> int:
+    job = client.pause(args.job_id)
+    print(f"{job.id} {job.status.value}: {job.message}")
+    return 0
+
+
+def _cmd_resume(client: LoraClient, args: argparse.Namespace) -> int:
+    job = client.resume(args.job_id)
+    where = f" (position {job.queue_position} in line)" if job.queue_position else ""
+    print(f"{job.id} {job.status.value}{where}: {job.message}")
+    return 0
+
+
 def _cmd_download(client: LoraClient, args: argparse.Namespace) -> int:
     files = client.download(args.job_id, args.dest, checkpoint=args.checkpoint)
     print(f"{len(files)} files in {args.dest}")
@@ -150,5 +163,7 @@ COMMANDS = {
     "status": _cmd_status,
     "jobs": _cmd_jobs,
     "cancel": _cmd_cancel,
+    "pause": _cmd_pause,
+    "resume": _cmd_resume,
     "download": _cmd_download,
 }

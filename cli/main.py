@@ -1,10 +1,11 @@
 """`lora-server` (also `kkit-lora-server`, the seed's name): run the service, or talk to a running one.
 
     lora-server --base_path DIR --port N        run the service on this machine (same as `serve`)
-    lora-server submit DATA.jsonl [--config FILE] [--set key=value ...] [--follow]
+    lora-server submit DATA.jsonl [--config FILE] [--set key=value ...] [--queue] [--follow]
     lora-server status [JOB_ID]
     lora-server jobs [--status S]
     lora-server cancel JOB_ID
+    lora-server pause JOB_ID | resume JOB_ID
     lora-server download JOB_ID DIR
 
 The client commands use only the HTTP API: `--url` (or LORA_URL), key from `--api-key` (or LORA_API_KEY).
@@ -88,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config field (value parsed as JSON when it parses, else a string); repeatable")  # fmt: skip
     p.add_argument("--follow", "-f", action="store_true", help="show progress until the job ends")
+    p.add_argument("--queue", action="store_true",
+                   help="when every slot is taken, wait in line for one (FIFO) instead of failing with 409")  # fmt: skip
 
     p = sub.add_parser("status", parents=[common], help="the current job (or the one named)")
     p.add_argument("job_id", nargs="?")
@@ -99,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("cancel", parents=[common], help="cancel a job")
+    p.add_argument("job_id")
+
+    p = sub.add_parser("pause", parents=[common], help="pause a job: it saves its state and frees its slot")
+    p.add_argument("job_id")
+
+    p = sub.add_parser("resume", parents=[common], help="queue a paused job again; it continues where it stopped")
     p.add_argument("job_id")
 
     p = sub.add_parser("download", parents=[common], help="fetch a job's adapter into a folder")

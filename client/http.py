@@ -92,14 +92,20 @@ class LoraClient:
         return model.model_validate_json(self._check(self.http.get(path, params=clean)).content)
 
     # ---- the API ----
-    def submit(self, data: Path, config: Mapping[str, Any] | None = None) -> TrainAccepted:
-        """Upload a dataset file with a training config (missing fields take their defaults)."""
+    def submit(self, data: Path, config: Mapping[str, Any] | None = None, *, queue: bool = False) -> TrainAccepted:
+        """Upload a dataset file with a training config (missing fields take their defaults). With
+        `queue`, a job that finds every slot taken waits in line for one instead of a 409."""
         with data.open("rb") as fh:
             files: dict[str, tuple[str | None, str | IO[bytes], str]] = {
                 "config": (None, json.dumps(dict(config or {})), "application/json"),
                 "file": (data.name, fh, "application/octet-stream"),
             }
-            response = self.http.post("/train", files=files, timeout=httpx.Timeout(self.http.timeout.read, write=None))
+            response = self.http.post(
+                "/train",
+                files=files,
+                params={"queue": "true"} if queue else None,
+                timeout=httpx.Timeout(self.http.timeout.read, write=None),
+            )
         return TrainAccepted.model_validate_json(self._check(response).content)
 
     def status(self) -> SeedStatusPublic:
@@ -123,6 +129,14 @@ class LoraClient:
 
     def cancel(self, job_id: str) -> CancelPublic:
         return CancelPublic.model_validate_json(self._check(self.http.post(f"/jobs/{job_id}/cancel")).content)
+
+    def pause(self, job_id: str) -> JobPublic:
+        """A running job saves its state and stops at the next step (`pausing`, then `paused`)."""
+        return JobPublic.model_validate_json(self._check(self.http.post(f"/jobs/{job_id}/pause")).content)
+
+    def resume(self, job_id: str) -> JobPublic:
+        """A paused job waits for a free slot again, then continues where it stopped."""
+        return JobPublic.model_validate_json(self._check(self.http.post(f"/jobs/{job_id}/resume")).content)
 
     def stream(self, job_id: str, after: str | None = None, *, reconnects: int = 5) -> Iterator[JobEvent]:
         """The job's events as they happen (Server-Sent Events); ends when the job has ended.

@@ -12,8 +12,10 @@ from shared.metrics import TrainingSummary
 
 
 class JobStatus(StrEnum):
-    queued = "queued"  # admitted, holding a slot, waiting for a worker to claim it
+    queued = "queued"  # accepted: holding a slot and waiting for a worker, or waiting for a free slot
     running = "running"  # a worker holds the lease and trains
+    pausing = "pausing"  # running, asked to pause: its worker saves its full state at the next step
+    paused = "paused"  # stopped with its state saved, holding no slot; resuming queues it again
     succeeded = "succeeded"  # adapter saved
     failed = "failed"  # error, worker lost, or never picked up
     cancelled = "cancelled"  # stopped on request
@@ -27,6 +29,8 @@ class JobStatus(StrEnum):
 SEED_STATUS: dict[JobStatus, str] = {
     JobStatus.queued: "training",
     JobStatus.running: "training",
+    JobStatus.pausing: "training",
+    JobStatus.paused: "training",  # not over: it resumes where it stopped
     JobStatus.succeeded: "completed",
     JobStatus.failed: "error",
     JobStatus.cancelled: "error",

@@ -7,6 +7,7 @@ import shutil
 
 from celery import Celery
 
+from shared.admission import promote_waiting
 from shared.settings import Settings
 from shared.store import JobStore
 from shared.tasks import publish_train
@@ -16,15 +17,16 @@ log = logging.getLogger(__name__)
 
 
 def _remove_job_files(volume: Volume, job_id: str) -> None:
-    """A pruned job's uploaded datasets and checkpoints (its adapter stays: it is the user's)."""
+    """A pruned job's uploaded datasets, checkpoints and saved state (its adapter stays: it is the user's)."""
     shutil.rmtree(volume.job_checkpoints(job_id), ignore_errors=True)
+    shutil.rmtree(volume.job_state(job_id), ignore_errors=True)
     for path in volume.job_datasets(job_id):
         path.unlink(missing_ok=True)
 
 
 def reap_once(store: JobStore, celery: Celery, settings: Settings) -> list[str]:
     """Fail or requeue jobs whose lease lapsed (republishing those requeued, whose ids are returned),
-    and drop the history of jobs past the retention period."""
+    hand free slots to waiting jobs, and drop the history of jobs past the retention period."""
     requeued = store.reap(queue_timeout_s=settings.queue_timeout_s)
     for job_id in store.prune(older_than_s=settings.job_retention_days * 86400):
         _remove_job_files(settings.volume, job_id)
@@ -34,4 +36,5 @@ def reap_once(store: JobStore, celery: Celery, settings: Settings) -> list[str]:
             publish_train(celery, job_id)
         except Exception as exc:  # the broker is the store here: if it is down, so is everything else
             store.abort(job_id, f"could not requeue after worker loss: {exc}")
+    promote_waiting(store, celery, settings)
     return requeued

@@ -39,6 +39,17 @@ class Settings(BaseSettings):
         gt=0,
         description="Fail a queued job no worker picked up within this time.",
     )
+    max_queued_jobs: int = Field(
+        default=100,
+        ge=0,
+        description="Jobs that may wait for a free slot (the OpenAI API, and /train with queue=true); past it, 429.",
+    )
+    state_every_steps: int = Field(
+        default=50,
+        ge=0,
+        description="Save a training job's full state every this many steps (and at epoch ends), so a job "
+        "whose worker died continues from there; 0 = at epoch ends only.",
+    )
     reap_interval_s: float = Field(default=5.0, gt=0, description="How often lapsed leases are reaped.")
     merge_wait_s: float = Field(
         default=600.0, gt=0, description="How long the seed's POST /merge waits for its merge before answering 202."

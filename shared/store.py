@@ -19,8 +19,14 @@ from shared.metrics import TrainingSummary
 
 @dataclass(frozen=True)
 class AdmitResult:
-    admitted: bool
-    running: list[str]  # ids holding the slots when not admitted
+    admitted: bool  # holds a slot now (its task is to be published)
+    running: list[str]  # ids holding the slots when refused
+    waiting: int | None = None  # its place in the waiting line (1 = next), when it waits for a slot
+    line_full: bool = False  # it asked to wait but the waiting line is full
+
+    @property
+    def accepted(self) -> bool:
+        return self.admitted or self.waiting is not None
 
 
 def connect(url: str, *, timeout: float = 5.0) -> redis.Redis:
@@ -122,28 +128,68 @@ class JobStore:
         self._cancel = client.register_script(lua_scripts.CANCEL)
         self._reap = client.register_script(lua_scripts.REAP)
         self._abort = client.register_script(lua_scripts.ABORT)
+        self._promote = client.register_script(lua_scripts.PROMOTE)
+        self._pause = client.register_script(lua_scripts.PAUSE)
+        self._resume = client.register_script(lua_scripts.RESUME)
 
     def ping(self) -> bool:
         return bool(self.client.ping())
 
-    def admit(self, record: JobRecord, *, max_slots: int, queue_timeout_s: float) -> AdmitResult:
-        """Take a slot and create the record in one step; refuse when every slot is taken."""
+    def admit(self, record: JobRecord, *, max_slots: int, queue_timeout_s: float, max_waiting: int = 0) -> AdmitResult:
+        """Create the record and take a free slot in one step. With `max_waiting` > 0 a job that finds
+        no free slot (or others already waiting) joins the waiting line instead, while it has room;
+        with 0 it is refused (nothing is written)."""
         result = self._admit(
-            keys=[
-                keys.ACTIVE,
-                keys.JOBS,
-                keys.job_key(record.id),
-                keys.events_key(record.id),
-            ],
+            keys=[keys.ACTIVE, keys.JOBS, keys.job_key(record.id), keys.events_key(record.id), keys.WAITING],
             args=[
                 record.id,
                 max_slots,
                 int(queue_timeout_s * 1000),
+                max_waiting,
                 *_flatten(_record_to_fields(record)),
             ],
         )
-        admitted, running = cast(list[Any], result)
-        return AdmitResult(admitted=bool(admitted), running=list(running))
+        code, detail = cast(list[Any], result)
+        if code == 1:
+            return AdmitResult(admitted=True, running=[])
+        if code == 2:
+            return AdmitResult(admitted=False, running=[], waiting=int(detail[0]))
+        return AdmitResult(admitted=False, running=[str(x) for x in detail], line_full=code == 3)
+
+    def promote(self, *, max_slots: int, queue_timeout_s: float) -> list[str]:
+        """Move the longest-waiting jobs into free slots; returns their ids, whose tasks the caller publishes."""
+        result = self._promote(
+            keys=[keys.ACTIVE, keys.WAITING],
+            args=[max_slots, int(queue_timeout_s * 1000), keys.JOB_PREFIX, keys.EVENTS_SUFFIX],
+        )
+        return [str(x) for x in cast(list[Any], result)]
+
+    def waiting_ids(self) -> list[str]:
+        """Jobs waiting for a slot, first in line first."""
+        return cast(list[str], self.client.zrange(keys.WAITING, 0, -1))
+
+    def waiting_count(self) -> int:
+        return int(cast(int, self.client.zcard(keys.WAITING)))
+
+    def queue_position(self, job_id: str) -> int | None:
+        """1 for the next job to get a slot; None when the job is not waiting."""
+        rank = cast(int | None, self.client.zrank(keys.WAITING, job_id))
+        return None if rank is None else rank + 1
+
+    def pause(self, job_id: str) -> str:
+        """'paused' (it had not started), 'pausing' (its worker saves its state and stops), 'missing'
+        or the status that does not allow a pause."""
+        if not is_job_id(job_id):
+            return "missing"
+        return str(
+            self._pause(keys=[keys.job_key(job_id), keys.ACTIVE, keys.events_key(job_id), keys.WAITING], args=[job_id])
+        )
+
+    def resume(self, job_id: str) -> str:
+        """'resumed' (queued in the waiting line; `promote` starts it), 'missing' or the status found."""
+        if not is_job_id(job_id):
+            return "missing"
+        return str(self._resume(keys=[keys.job_key(job_id), keys.events_key(job_id), keys.WAITING], args=[job_id]))
 
     def get(self, job_id: str) -> JobRecord | None:
         if not is_job_id(job_id):
@@ -185,7 +231,7 @@ class JobStore:
         )
 
     def renew(self, job_id: str, *, token: str, lease_s: float, progress: Progress | None) -> int:
-        """Extend the lease (and store progress): -1 fenced out, 1 cancel requested, 0 carry on."""
+        """Extend the lease (and store progress): -1 fenced out, 1 cancel requested, 2 pause requested, 0 carry on."""
         payload = progress.model_dump_json() if progress is not None else ""
         return int(
             cast(
@@ -228,12 +274,13 @@ class JobStore:
         return bool(done)
 
     def cancel(self, job_id: str) -> str:
-        """'removed' (was queued), 'requested' (running; the worker stops soon), 'missing' or the final status."""
+        """'removed' (was queued or paused), 'requested' (running; the worker stops soon), 'missing' or the
+        final status."""
         if not is_job_id(job_id):
             return "missing"
         return str(
             self._cancel(
-                keys=[keys.job_key(job_id), keys.ACTIVE, keys.events_key(job_id)],
+                keys=[keys.job_key(job_id), keys.ACTIVE, keys.events_key(job_id), keys.WAITING],
                 args=[job_id],
             )
         )

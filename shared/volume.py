@@ -26,6 +26,7 @@ DATASETS = "datasets"
 INCOMING = ".incoming"
 CHECKPOINTS = "checkpoints"
 REDIS_DATA = ".redis"
+TRAINING_STATE = ".state"  # a job's full training state (pause/resume, resume after a lost worker)
 CHECKPOINT_META = "checkpoint.json"
 TRAINING_SUMMARY = "training_summary.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -105,6 +106,12 @@ class Volume:
     @property
     def checkpoints(self) -> Path:
         return self.base / CHECKPOINTS
+
+    def job_state(self, job_id: str) -> Path:
+        """The folder of a job's saved training state (it may not exist)."""
+        if not is_job_id(job_id):
+            raise ValueError(f"{job_id!r} is not a job id")
+        return self.base / TRAINING_STATE / job_id
 
     def job_checkpoints(self, job_id: str) -> Path:
         """The folder of a job's checkpoints (it may not exist yet)."""

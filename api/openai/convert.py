@@ -32,6 +32,7 @@ from api.openai.schemas import (
 from shared.config import TrainConfig
 from shared.events import JobEvent, StatusChanged, StepMetrics, WarningNotice
 from shared.jobs import JobRecord, JobStatus
+from shared.model_names import fine_tuned_model_name
 
 EVENT_ID_PREFIX = "ftevent-"
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
@@ -40,6 +41,8 @@ _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 _STATUS: dict[JobStatus, OpenAIJobStatus] = {
     JobStatus.queued: "queued",
     JobStatus.running: "running",
+    JobStatus.pausing: "pausing",
+    JobStatus.paused: "paused",
     JobStatus.succeeded: "succeeded",
     JobStatus.failed: "failed",
     JobStatus.cancelled: "cancelled",
@@ -128,20 +131,45 @@ def file_public(record: FileRecord) -> FilePublic:
     )
 
 
-def job_public(record: JobRecord, extra: OpenAIJobRecord | None) -> FineTuningJobPublic:
+# A failed job's error, as OpenAI's `error {code, message, param}`: what the message starts with or
+# holds says which kind of failure it was (the worker records `ExceptionType: message`).
+_ERROR_CODES: list[tuple[str, str, str | None]] = [
+    ("worker lost", "worker_lost", None),
+    ("no worker picked up", "queue_timeout", None),
+    ("could not enqueue", "broker_unavailable", None),
+    ("could not requeue", "broker_unavailable", None),
+    ("OutOfMemoryError", "out_of_memory", "hyperparameters.batch_size"),
+    ("no example has an assistant token", "invalid_training_file", "training_file"),
+    ("dataset record", "invalid_training_file", "training_file"),
+    ("DestinationInUse", "output_in_use", "suffix"),
+    ("OSError", "model_not_found", "model"),
+]
+
+
+def job_error(message: str) -> JobErrorPublic:
+    for needle, code, param in _ERROR_CODES:
+        if needle in message:
+            return JobErrorPublic(code=code, message=message, param=param)
+    return JobErrorPublic(code="training_failed", message=message)
+
+
+def job_public(
+    record: JobRecord, extra: OpenAIJobRecord | None, *, queue_position: int | None = None
+) -> FineTuningJobPublic:
     """OpenAI's view of any of our jobs; `extra` holds what a job created through /v1 was sent with."""
     params = extra.hyperparameters if extra else _hyperparameters_of(record.config)
+    model = extra.model if extra else record.config.model_name
     succeeded = record.status is JobStatus.succeeded
-    eta = record.progress.eta_seconds if record.status is JobStatus.running else None
-    error = None
-    if record.status is JobStatus.failed:
-        error = JobErrorPublic(code="training_failed", message=record.error or record.message or "failed")
+    eta = record.progress.eta_seconds if record.status in (JobStatus.running, JobStatus.pausing) else None
+    error = job_error(record.error or record.message or "failed") if record.status is JobStatus.failed else None
     return FineTuningJobPublic(
         id=record.id,
         created_at=int(record.created_at),
         finished_at=int(record.finished_at) if record.finished_at is not None else None,
-        model=extra.model if extra else record.config.model_name,
-        fine_tuned_model=record.model_path if succeeded else None,
+        model=model,
+        fine_tuned_model=fine_tuned_model_name(model, extra.suffix if extra else None, record.id)
+        if succeeded
+        else None,
         status=_STATUS[record.status],
         # A job submitted through POST /train has no file id: name its stored dataset instead.
         training_file=extra.training_file if extra else Path(record.dataset_path).name,
@@ -154,6 +182,7 @@ def job_public(record: JobRecord, extra: OpenAIJobRecord | None) -> FineTuningJo
         integrations=[IntegrationSpec(type="wandb", wandb=record.wandb)] if record.wandb else [],
         metadata=extra.metadata if extra else None,
         user_provided_suffix=extra.suffix if extra else None,
+        queue_position=queue_position,
         method=MethodPublic(supervised=SupervisedPublic(hyperparameters=params)),
     )
 

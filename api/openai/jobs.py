@@ -28,9 +28,9 @@ from api.openai.schemas import (
     ListPage,
 )
 from api.openai.store import JobFields, OpenAIStore, OpenAIStoreDep, UnknownCursorError
-from api.submission import JobRequest, ensure_free_slot, submit_job
+from api.submission import JobRequest, ensure_room, submit_job
 from shared.job_ids import new_job_id
-from shared.jobs import JobRecord
+from shared.jobs import JobRecord, JobStatus
 from shared.store import JobStore
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["openai"], route_class=OpenAIRoute)
@@ -44,7 +44,12 @@ FineTuningJobDep = Annotated[JobRecord, Depends(_job)]
 
 
 def _view(store: JobStore, ostore: OpenAIStore, job_id: str) -> FineTuningJobPublic:
-    return convert.job_public(job_actions.get_job(store, job_id), ostore.get_job(job_id))
+    return _public(store, ostore, job_actions.get_job(store, job_id))
+
+
+def _public(store: JobStore, ostore: OpenAIStore, record: JobRecord) -> FineTuningJobPublic:
+    position = store.queue_position(record.id) if record.status is JobStatus.queued else None
+    return convert.job_public(record, ostore.get_job(record.id), queue_position=position)
 
 
 # --------------------------------------------------------------------------- create
@@ -57,7 +62,7 @@ def _training_file(ostore: OpenAIStore, file_id: str, param: str) -> FileRecord:
     return record
 
 
-@router.post("", max_body_size=256 * 1024, responses={400: {}, 409: {"description": "every slot is taken"}})
+@router.post("", max_body_size=256 * 1024, responses={400: {}, 429: {"description": "the waiting line is full"}})
 async def create_job(
     body: FineTuningJobCreate,
     store: StoreDep,
@@ -65,8 +70,9 @@ async def create_job(
     celery: CeleryDep,
     settings: SettingsDep,
 ) -> FineTuningJobPublic:
-    """Create a supervised LoRA fine-tuning job from an uploaded file; 409 when every slot is taken."""
-    await run_in_threadpool(ensure_free_slot, store, settings)
+    """Create a LoRA fine-tuning job from an uploaded file. It starts when a slot is free, waiting in line
+    (FIFO, `queued`) until then; 429 when LORA_MAX_QUEUED_JOBS jobs already wait."""
+    await run_in_threadpool(ensure_room, store, settings, wait=True)
     spec = convert.hyperparameters(body)
     training = await run_in_threadpool(_training_file, ostore, body.training_file, "training_file")
     validation = None
@@ -87,9 +93,10 @@ async def create_job(
         data=StoredData(Path(training.path), training.num_records, Path(validation.path) if validation else None),
         wandb=body.integrations[0].wandb if body.integrations else None,
         companion=JobFields(ostore, extra),
+        wait=True,
     )
     record = await run_in_threadpool(submit_job, store, celery, settings, job)
-    return convert.job_public(record, extra)
+    return await run_in_threadpool(_public, store, ostore, record)
 
 
 # --------------------------------------------------------------------------- read, cancel
@@ -128,7 +135,7 @@ def list_jobs(
             record = store.get(job_id)
             if record is None:
                 continue
-            job = convert.job_public(record, ostore.get_job(job_id))
+            job = _public(store, ostore, record)
             if any((job.metadata or {}).get(k) != v for k, v in wanted.items()):
                 continue
             data.append(job)
@@ -139,14 +146,31 @@ def list_jobs(
 
 
 @router.get("/{fine_tuning_job_id}", responses={404: {}})
-def retrieve_job(job: FineTuningJobDep, ostore: OpenAIStoreDep) -> FineTuningJobPublic:
-    return convert.job_public(job, ostore.get_job(job.id))
+def retrieve_job(job: FineTuningJobDep, store: StoreDep, ostore: OpenAIStoreDep) -> FineTuningJobPublic:
+    return _public(store, ostore, job)
 
 
 @router.post("/{fine_tuning_job_id}/cancel", responses={400: {"description": "already ended"}, 404: {}})
 def cancel_job(fine_tuning_job_id: str, store: StoreDep, ostore: OpenAIStoreDep) -> FineTuningJobPublic:
     """A queued job is cancelled at once; a running one stays `running` until its worker stops (a few steps)."""
     job_actions.cancel_job(store, fine_tuning_job_id)
+    return _view(store, ostore, fine_tuning_job_id)
+
+
+@router.post("/{fine_tuning_job_id}/pause", responses={400: {"description": "neither queued nor running"}, 404: {}})
+def pause_job(fine_tuning_job_id: str, store: StoreDep, ostore: OpenAIStoreDep) -> FineTuningJobPublic:
+    """A running job saves its full state at the next step and frees its slot (`pausing`, then `paused`);
+    a queued one is paused at once."""
+    job_actions.pause_job(store, fine_tuning_job_id)
+    return _view(store, ostore, fine_tuning_job_id)
+
+
+@router.post("/{fine_tuning_job_id}/resume", responses={400: {"description": "not paused"}, 404: {}})
+def resume_job(
+    fine_tuning_job_id: str, store: StoreDep, ostore: OpenAIStoreDep, celery: CeleryDep, settings: SettingsDep
+) -> FineTuningJobPublic:
+    """Queue a paused job again: it waits for a free slot, then continues from its saved state."""
+    job_actions.resume_job(store, celery, settings, fine_tuning_job_id)
     return _view(store, ostore, fine_tuning_job_id)
 
 

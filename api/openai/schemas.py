@@ -24,7 +24,9 @@ Auto = Literal["auto"]
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 T = TypeVar("T")
 
-OpenAIJobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+OpenAIJobStatus = Literal[
+    "validating_files", "queued", "running", "pausing", "paused", "succeeded", "failed", "cancelled"
+]
 
 
 # --------------------------------------------------------------------------- requests
@@ -192,6 +194,7 @@ class FineTuningJobPublic(BaseModel):
     metadata: dict[str, str] | None
     user_provided_suffix: str | None
     method: MethodPublic
+    queue_position: int | None = None  # ours: while it waits for a slot, its place in line (1 = next)
 
 
 class FineTuningJobEventPublic(BaseModel):

@@ -1,4 +1,4 @@
-"""The jobs resource: list, read, events (paged and live), cancel."""
+"""The jobs resource: list, read, events (paged and live), cancel, pause, resume."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import JobDep, StoreDep
+from api.deps import CeleryDep, JobDep, SettingsDep, StoreDep
 from api.errors import InvalidInput
-from api.job_actions import cancel_job
+from api.job_actions import cancel_job, pause_job, resume_job
+from api.job_actions import get_job as find_job
 from api.schemas import CancelPublic, EventPage, JobPage, JobPublic
 from shared.jobs import JobStatus
 from shared.store import JobStore
@@ -61,8 +62,9 @@ def list_jobs(
 
 
 @router.get("/{job_id}", responses={404: {"description": "no such job"}})
-def get_job(job: JobDep) -> JobPublic:
-    return JobPublic.from_record(job)
+def get_job(job: JobDep, store: StoreDep) -> JobPublic:
+    position = store.queue_position(job.id) if job.status is JobStatus.queued else None
+    return JobPublic.from_record(job, position)
 
 
 @router.get("/{job_id}/events", responses={404: {"description": "no such job"}})
@@ -134,3 +136,25 @@ def cancel_response(store: JobStore, job_id: str) -> JSONResponse:
 def cancel(job_id: str, store: StoreDep) -> JSONResponse:
     """Cancel a job: a queued job is removed at once, a running one stops within a few steps."""
     return cancel_response(store, job_id)
+
+
+@router.post(
+    "/{job_id}/pause",
+    responses={404: {"description": "no such job"}, 409: {"description": "neither queued nor running"}},
+)
+def pause(job_id: str, store: StoreDep) -> JobPublic:
+    """Pause a job: a running one saves its full state at the next step and frees its slot (`pausing`,
+    then `paused`); a queued one is paused at once. `POST .../resume` continues it where it stopped."""
+    pause_job(store, job_id)
+    return JobPublic.from_record(find_job(store, job_id))
+
+
+@router.post(
+    "/{job_id}/resume",
+    responses={404: {"description": "no such job"}, 409: {"description": "not paused"}},
+)
+def resume(job_id: str, store: StoreDep, celery: CeleryDep, settings: SettingsDep) -> JobPublic:
+    """Queue a paused job again: it waits for a free slot, then continues from its saved state."""
+    resume_job(store, celery, settings, job_id)
+    job = find_job(store, job_id)
+    return JobPublic.from_record(job, store.queue_position(job_id))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from api.datasets import UploadedData, check_disk
 from api.deps import CeleryDep, SettingsDep, StoreDep
 from api.schemas import TrainAccepted
-from api.submission import JobRequest, ensure_free_slot, parse_config, submit_job
+from api.submission import JobRequest, ensure_room, parse_config, submit_job
 from api.uploads import multipart_openapi, receive_upload
 
 router = APIRouter(tags=["training"])
@@ -31,18 +33,38 @@ _BODY = multipart_openapi(
     "/train",
     status_code=202,
     openapi_extra=_BODY,
-    responses={409: {"description": "every training slot is taken"}, 413: {}, 415: {}, 422: {}, 503: {}, 507: {}},
+    responses={
+        409: {"description": "every training slot is taken (and `queue` is off)"},
+        413: {},
+        415: {},
+        422: {},
+        429: {"description": "`queue` is on and the waiting line is full (LORA_MAX_QUEUED_JOBS)"},
+        503: {},
+        507: {},
+    },
 )
-async def train(request: Request, store: StoreDep, celery: CeleryDep, settings: SettingsDep) -> TrainAccepted:
-    """Upload a dataset with a config; the job is admitted to a free training slot and queued."""
-    await run_in_threadpool(ensure_free_slot, store, settings)
+async def train(
+    request: Request,
+    store: StoreDep,
+    celery: CeleryDep,
+    settings: SettingsDep,
+    queue: Annotated[
+        bool, Query(description="When every slot is taken, wait in line for one (FIFO) instead of a 409.")
+    ] = False,
+) -> TrainAccepted:
+    """Upload a dataset with a config; the job is admitted to a free training slot and queued (with
+    `queue=true`, it waits for a slot when none is free)."""
+    await run_in_threadpool(ensure_room, store, settings, wait=queue)
     await run_in_threadpool(check_disk, settings)
     upload = await receive_upload(request, settings)
     try:
         config = parse_config(upload.config_text)
-        job = JobRequest(config=config, data=UploadedData(upload.dataset, upload.validation))
+        job = JobRequest(config=config, data=UploadedData(upload.dataset, upload.validation), wait=queue)
         record = await run_in_threadpool(submit_job, store, celery, settings, job)
     finally:
         upload.discard()
     message = f"Training job accepted: {record.num_records} records, {config.epochs} epochs"
-    return TrainAccepted.of(record, message, str(request.base_url))
+    position = await run_in_threadpool(store.queue_position, record.id)
+    if position is not None:
+        message += f"; waiting for a free slot (position {position})"
+    return TrainAccepted.of(record, message, str(request.base_url), queue_position=position)

@@ -22,8 +22,8 @@ DOMAIN_ERRORS = _all(e.ServiceError)[1:]
 def test_every_domain_error_has_an_entry_in_both_tables(cls: type[e.ServiceError]) -> None:
     native, shape = lookup(STATUS, cls), lookup(SHAPES, cls)
     assert 400 <= native < 600
-    # OpenAI answers request validation with 400 where we answer 422, and an ended job's cancel with 400.
-    expected = 400 if native == 422 or cls is e.JobAlreadyEnded else native
+    # OpenAI answers request validation with 400 where we answer 422, and a cancel or pause in the wrong state with 400.
+    expected = 400 if native == 422 or cls in (e.JobAlreadyEnded, e.NotPausable) else native
     assert shape.status == expected, cls
 
 

@@ -161,14 +161,34 @@ def test_refusals_come_in_openais_envelope_and_leave_nothing(
     with pytest.raises(openai.BadRequestError) as cursor:
         client.fine_tuning.jobs.list_events(running.id, after="ftevent-x")
     assert cursor.value.param == "after" and "not an event id this API returned" in cursor.value.message
-    with pytest.raises(openai.ConflictError) as busy:
-        _create(client, file_id)
-    assert busy.value.code == "training_slots_full" and running.id in busy.value.message
-    assert busy.value.response.headers["x-should-retry"] == "false"
+    waiting = _create(client, file_id)  # every slot taken: it waits in line instead of a 409
+    assert (waiting.status, waiting.queue_position) == ("queued", 1)  # type: ignore[attr-defined]
+    client.fine_tuning.jobs.cancel(waiting.id)
     client.fine_tuning.jobs.cancel(running.id)
     with pytest.raises(openai.BadRequestError) as ended:
         client.fine_tuning.jobs.cancel(running.id)
     assert ended.value.code == "job_already_ended"
-    # Nothing was left for the refused jobs: only the uploaded file and the one job's copy of it.
+    # Nothing was left for the refused jobs: only the uploaded file and the two jobs' copies of it.
     names = sorted(p.name for p in settings.volume.datasets.glob("*.jsonl"))
-    assert names == sorted([f"{file_id}.jsonl", f"{running.id}.jsonl"])
+    assert names == sorted([f"{file_id}.jsonl", f"{running.id}.jsonl", f"{waiting.id}.jsonl"])
+
+
+@pytest.mark.parametrize(
+    ("failure", "code", "param"),
+    [
+        ("no worker picked up the job in time", "queue_timeout", None),
+        ("worker lost: gpu-3:17 stopped renewing its lease", "worker_lost", None),
+        ("ValueError: no example has an assistant token to train on", "invalid_training_file", "training_file"),
+        ("OutOfMemoryError: CUDA out of memory", "out_of_memory", "hyperparameters.batch_size"),
+        ("RuntimeError: something else", "training_failed", None),
+    ],
+)
+def test_a_failed_jobs_error_says_what_kind_of_failure_it_was(
+    client: OpenAI, store: JobStore, failure: str, code: str, param: str | None
+) -> None:
+    job = _create(client, _upload(client))
+    assert store.abort(job.id, failure)
+    failed = client.fine_tuning.jobs.retrieve(job.id)
+    assert failed.status == "failed" and failed.error is not None
+    assert (failed.error.code, failed.error.message, failed.error.param) == (code, failure, param)
+    assert failed.fine_tuned_model is None and failed.finished_at is not None

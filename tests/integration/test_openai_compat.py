@@ -11,7 +11,7 @@ from pathlib import Path
 import openai
 import pytest
 from openai import OpenAI
-from openai.types.fine_tuning import FineTuningJob
+from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 
 from tests.data import easy_records, jsonl
 from tests.service import Service, wait_until
@@ -75,8 +75,8 @@ def test_upload_train_follow_and_list_a_job(client: OpenAI, service: Service, ti
     assert job.status == "succeeded", job
     assert job.error is None and job.trained_tokens and job.trained_tokens > 0
     assert job.finished_at is not None and job.finished_at >= job.created_at
-    assert job.fine_tuned_model is not None
-    adapter = Path(job.fine_tuned_model)
+    assert job.fine_tuned_model == f"ft:{tiny_model_dir}:tiny bot:{job.id}"  # OpenAI's naming
+    adapter = Path(service.job(job.id)["model_path"])
     assert adapter.parent == service.base_path.resolve() and adapter.name.startswith("ft-tiny-bot-")
     assert (adapter / "adapter_config.json").is_file()
 
@@ -118,33 +118,61 @@ def test_upload_train_follow_and_list_a_job(client: OpenAI, service: Service, ti
         client.files.retrieve(uploaded.id)
 
 
-def test_cancel_a_running_job_and_busy_slots_are_a_409(client: OpenAI, service: Service, tiny_model_dir: Path) -> None:
+def _steps(client: OpenAI, job_id: str) -> list[int]:
+    """The steps of the job's `metrics` events, in the order they were logged."""
+    events = client.fine_tuning.jobs.list_events(job_id, limit=1000).data
+    return [int(e.data["step"]) for e in reversed(events) if e.type == "metrics"]  # type: ignore[index]
+
+
+def test_jobs_wait_in_line_through_restarts_and_pause_resume_continues(
+    client: OpenAI, service: Service, tiny_model_dir: Path
+) -> None:
+    # A worker that dies mid-job gets another run (LORA_MAX_ATTEMPTS), continuing from its saved state.
+    service.stop()
+    service.env_extra.update({"LORA_MAX_ATTEMPTS": "2", "LORA_STATE_EVERY_STEPS": "5"})
+    service.start()
     file_id = _upload(client)
-    long = client.fine_tuning.jobs.create(
-        model=str(tiny_model_dir), training_file=file_id, hyperparameters={"n_epochs": 10_000, "batch_size": 1}
-    )
-    _wait(client, service, long.id, {"running"})
+    create = client.fine_tuning.jobs.create
+    first = create(model=str(tiny_model_dir), training_file=file_id,
+                   hyperparameters={"n_epochs": 12, "batch_size": 1})  # fmt: skip
+    _wait(client, service, first.id, {"running"})
+    second = create(model=str(tiny_model_dir), training_file=file_id, hyperparameters={"n_epochs": 1})
+    third = create(model=str(tiny_model_dir), training_file=file_id, hyperparameters={"n_epochs": 1})
+    assert (second.status, second.queue_position, third.queue_position) == ("queued", 1, 2)  # type: ignore[attr-defined]
 
-    with pytest.raises(openai.ConflictError) as busy:
-        client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=file_id)
-    assert busy.value.code == "training_slots_full" and long.id in busy.value.message
-    assert busy.value.response.headers["x-should-retry"] == "false"
+    # The API and the worker both go down (the worker as a host losing power, mid-step); the line is kept.
+    wait_until(lambda: len(_steps(client, first.id)) >= 12, timeout=120, what="12 steps of the first job")
+    service.stop_api()
+    service.kill_worker_tree()
+    service.start_worker()
+    service.start_api()
+    assert client.fine_tuning.jobs.retrieve(third.id).queue_position == 2  # type: ignore[attr-defined]
+    job = _wait(client, service, first.id, {"running"}, timeout=60)
 
-    wait_until(
-        lambda: [e for e in client.fine_tuning.jobs.list_events(long.id, limit=5).data if e.type == "metrics"],
-        timeout=60,
-        what="a metrics event",
-    )
-    cancelling = client.fine_tuning.jobs.cancel(long.id)
-    assert cancelling.id == long.id and cancelling.status in ("running", "cancelled")
-    job = _wait(client, service, long.id, {"succeeded", "failed", "cancelled"}, timeout=60)
-    assert job.status == "cancelled" and job.error is None and job.fine_tuned_model is None
-    assert job.hyperparameters.n_epochs == 10_000
+    def resumed() -> FineTuningJobEvent | None:
+        events = client.fine_tuning.jobs.list_events(first.id, limit=1000).data
+        return next((e for e in events if "resuming from step" in e.message), None)
 
-    with pytest.raises(openai.BadRequestError) as ended:
-        client.fine_tuning.jobs.cancel(long.id)
-    assert ended.value.code == "job_already_ended"
-    # The slot is free again.
-    again = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=file_id)
-    client.fine_tuning.jobs.cancel(again.id)
-    assert _wait(client, service, again.id, {"cancelled", "succeeded", "failed"}, timeout=60).status == "cancelled"
+    resumed_at = wait_until(resumed, timeout=60, what=lambda: f"the first job to resume\n{service.logs('worker')}")
+    step = int(resumed_at.data["step"])  # type: ignore[index]
+    assert step >= 10 and step % 5 == 0, resumed_at  # its last saved state, not step 0
+
+    # Pause: the job saves its state at the next step and frees its slot; the next in line starts.
+    assert client.fine_tuning.jobs.pause(first.id).status in ("pausing", "paused")
+    paused = _wait(client, service, first.id, {"paused"}, timeout=60)
+    paused_at = max(_steps(client, first.id))
+    _wait(client, service, second.id, {"running", "succeeded"}, timeout=60)
+    assert client.fine_tuning.jobs.cancel(third.id).status == "cancelled"  # cancelled while waiting
+    assert client.fine_tuning.jobs.retrieve(third.id).finished_at is not None
+    assert _wait(client, service, second.id, {"succeeded"}).status == "succeeded"
+
+    # Resume: it waits for a slot, then continues where it stopped and finishes every step.
+    assert client.fine_tuning.jobs.resume(paused.id).status == "queued"
+    job = _wait(client, service, first.id, {"succeeded", "failed", "cancelled"})
+    assert job.status == "succeeded", job
+    steps = _steps(client, first.id)
+    assert steps[-1] == 96 and paused_at + 1 in steps
+    assert steps.count(paused_at + 1) == 1  # no step after the pause was trained twice
+    with pytest.raises(openai.BadRequestError) as not_paused:
+        client.fine_tuning.jobs.resume(first.id)
+    assert not_paused.value.code == "invalid_job_state"

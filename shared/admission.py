@@ -1,0 +1,30 @@
+"""The waiting line's hand-off: jobs that waited for a slot get one as slots free up.
+
+Any process may call `promote_waiting` (the API after a cancel or resume, every reaper round in the
+API and in every worker, a worker as soon as its job ends): the move into a slot is one Lua script,
+so each waiting job is handed to exactly one caller, which publishes its task.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+
+from shared.settings import Settings
+from shared.store import JobStore
+from shared.tasks import publish_train
+
+log = logging.getLogger(__name__)
+
+
+def promote_waiting(store: JobStore, celery: Celery, settings: Settings) -> list[str]:
+    """Give free slots to the longest-waiting jobs and publish their tasks; returns their ids."""
+    promoted = store.promote(max_slots=settings.max_concurrent_jobs, queue_timeout_s=settings.queue_timeout_s)
+    for job_id in promoted:
+        log.info("job %s: a slot is free; publishing it", job_id)
+        try:
+            publish_train(celery, job_id)
+        except Exception as exc:  # the broker is the store here: if it is down, so is everything else
+            store.abort(job_id, f"could not enqueue the job: {exc}")
+    return promoted
