@@ -22,6 +22,7 @@ from api.webhooks import retry_delay_s
 from shared import keys
 from shared.settings import Settings
 from shared.webhook_queue import WebhookQueue
+from tests.data import easy_records, jsonl
 from tests.service import wait_until
 from tests.webhook_receiver import Receiver, webhook_receiver
 
@@ -76,6 +77,22 @@ def test_an_ended_job_is_posted_signed_in_openais_shape(
     assert event.type == "fine_tuning.job.cancelled" and event.data.id == "job-aaa111"  # type: ignore[union-attr]
     assert event.id == delivery.headers["webhook-id"] and event.object == "event"
     assert abs(int(delivery.headers["webhook-timestamp"]) - time.time()) < 10
+
+
+def test_a_train_job_cancelled_while_queued_sends_its_webhook(
+    tmp_path: Path, redis_client: redis.Redis, redis_url: str
+) -> None:
+    """The real producer: the cancel transition's own Lua script leaves the outbox entry."""
+    with webhook_receiver() as receiver, _api(_settings(tmp_path, redis_url, [receiver.url])) as api:
+        files = {"file": ("d.jsonl", jsonl(easy_records(4)), "application/jsonl")}
+        job_id = api.post("/train", files=files).json()["job_id"]
+        assert api.post(f"/jobs/{job_id}/cancel").status_code == 200
+        [got] = wait_until(receiver.accepted, timeout=10, what="the cancelled job's webhook")
+        ended = api.get(f"/jobs/{job_id}").json()["finished_at"]
+    with OpenAI(api_key="unused", base_url="http://127.0.0.1:9") as client:
+        event = client.webhooks.unwrap(got.body, got.headers, secret=SECRET)
+    assert event.type == "fine_tuning.job.cancelled" and event.data.id == job_id  # type: ignore[union-attr]
+    assert event.created_at == int(ended)
 
 
 def test_a_failing_receiver_is_retried_with_growing_delays_and_gets_the_event_once(
