@@ -35,6 +35,15 @@ from worker.example import Example
 from worker.loop import LoopResult, StepInfo, train_loop
 from worker.model_loading import EventCallback, load_base_model, pick_device, prepare_model
 from worker.staged_dir import staged_dir
+from worker.train_state import (
+    LoopState,
+    UnusableState,
+    check_applicable,
+    clear_train_state,
+    fingerprint,
+    load_train_state,
+    save_train_state,
+)
 from worker.wandb_log import WandbRun
 
 log = logging.getLogger(__name__)
@@ -58,6 +67,7 @@ class TrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (epoch, loss)
     checkpoints: list[SavedCheckpoint] = field(default_factory=list)
+    paused: bool = False  # stopped by a pause: the state to resume from is saved (see `TrainingRun`)
 
     def summary(self) -> TrainingSummary:
         """The run's figures as every reader parses them (and `training_summary.json` holds them)."""
@@ -95,7 +105,13 @@ def _records(dataset: Dataset) -> Iterable[dict[str, Any]]:
 
 
 class TrainingRun:
-    """A LoRA fine-tuning run of `config` on `dataset`, saved to `output_dir`."""
+    """A LoRA fine-tuning run of `config` on `dataset`, saved to `output_dir`.
+
+    With a `state_dir`, the run's full state (`worker.train_state`) is saved there every
+    `state_every` steps, at each epoch end and when a stop is a pause (`pause_requested()` true when
+    `should_stop()` ends the loop); a later run of the same config and data over the same folder
+    continues from it, and `save` deletes it.
+    """
 
     def __init__(
         self,
@@ -111,8 +127,13 @@ class TrainingRun:
         on_event: EventCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
         wandb: WandbSpec | None = None,
+        state_dir: Path | None = None,
+        state_every: int = 0,
+        pause_requested: Callable[[], bool] | None = None,
     ) -> None:
         self.config, self.dataset, self.output_dir = config, dataset, output_dir
+        self.state_dir, self.state_every, self.pause_requested = state_dir, state_every, pause_requested
+        self._fingerprint = ""
         self.wandb_spec = wandb
         self.lora_path, self.validation = lora_path, validation
         self.checkpoints = Checkpoints(checkpoint_dir, config.keep_checkpoints)
@@ -189,6 +210,7 @@ class TrainingRun:
         cfg = self.config
         self.wandb = WandbRun(self.run_name, cfg.model_dump(), self.emit, self.wandb_spec)
         self._last_step_at = time.monotonic()
+        resume = self._resume()
         try:
             loop = train_loop(
                 self.model,
@@ -207,19 +229,59 @@ class TrainingRun:
                 compile=cfg.compile,
                 cuda_graphs=cfg.compile,
                 on_event=self.emit,
+                resume=resume,
+                save_state=self._save_state if self.state_dir is not None else None,
+                state_every=self.state_every,
+                pause_requested=self.pause_requested,
             )
         except BaseException:
             self.wandb.finish()
             raise
-        self.wandb.finish({"final_loss": loop.final_loss, "stopped": loop.stopped})
+        self.wandb.finish({"final_loss": loop.final_loss, "stopped": loop.stopped, "paused": loop.paused})
         return self._result(loop)
+
+    def _total_steps(self) -> int:
+        return self.config.epochs * math.ceil(len(self.examples) / self.config.batch_size)
+
+    def _resume(self) -> LoopState | None:
+        """The saved state this run goes on from: the newest in `state_dir` made for this config and data."""
+        if self.state_dir is None:
+            return None
+        assert self.model is not None
+        self._fingerprint = fingerprint(self.config, self.lora_path, self.examples, len(self.held_out))
+        loaded = load_train_state(self.state_dir, fingerprint=self._fingerprint)
+        state, problems = loaded.state, loaded.problems
+        if state is not None:
+            try:
+                check_applicable(self.model, state, self._total_steps())
+            except UnusableState as exc:
+                problems.append(f"step {state.step}: {exc}")
+                state = None
+        for problem in problems:
+            self.emit(events.warning(component="train_state"), f"saved training state not used: {problem}")
+        if state is None:
+            return None
+        # What the run itself accumulated before the stop: epoch ends already done are not redone.
+        self.eval_losses = list(state.eval_losses)
+        self.checkpoints.saved = list(state.checkpoints)
+        self._last_step, self._last_loss = state.step, state.final_loss
+        self.emit(
+            events.info(resumed_step=state.step, epoch=state.epoch, total_steps=state.total_steps),
+            f"resuming from step {state.step}/{state.total_steps} (epoch {state.epoch})",
+        )
+        return state
+
+    def _save_state(self, state: LoopState) -> None:
+        assert self.state_dir is not None
+        state.eval_losses, state.checkpoints = list(self.eval_losses), list(self.checkpoints.saved)
+        save_train_state(self.state_dir, state, fingerprint=self._fingerprint)
 
     def _result(self, loop: LoopResult) -> TrainResult:
         return TrainResult(
             output_dir=None,
             stopped=loop.stopped,
             steps=loop.steps_done,
-            total_steps=self.config.epochs * math.ceil(len(self.examples) / self.config.batch_size),
+            total_steps=self._total_steps(),
             final_loss=loop.final_loss,
             num_examples=len(self.examples),
             skipped_examples=self.skipped,
@@ -229,6 +291,7 @@ class TrainingRun:
             losses=list(loop.logged_losses),
             eval_losses=self.eval_losses,
             checkpoints=self.checkpoints.saved,
+            paused=loop.paused,
         )
 
     def _on_step(self, info: StepInfo) -> None:
@@ -289,7 +352,8 @@ class TrainingRun:
     # ----------------------------------------------------------------- save
 
     def save(self, result: TrainResult) -> None:
-        """Write the adapter, tokenizer and summary into a staged folder, then swap it into place."""
+        """Write the adapter, tokenizer and summary into a staged folder, then swap it into place
+        (and then delete the run's saved state)."""
         assert self.model is not None
         result.output_dir = self.output_dir
         summary = {**result.summary().model_dump(), "config": self.config.model_dump()}
@@ -299,3 +363,5 @@ class TrainingRun:
                 self.tokenizer.padding_side = self.config.tokenizer_padding_side
             self.tokenizer.save_pretrained(str(staging))
             (staging / TRAINING_SUMMARY).write_text(json.dumps(summary, indent=2))
+        if self.state_dir is not None:
+            clear_train_state(self.state_dir)  # the adapter is saved: nothing is left to resume

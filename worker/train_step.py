@@ -45,6 +45,8 @@ class TrainStepOutput:
 
 
 class TrainStep(Protocol):
+    optimizer: Any  # AdamW (`make_optimizer`): its state is saved and restored with the run's
+
     def __call__(self, examples: Sequence[Example], lr: float) -> TrainStepOutput: ...
 
 

@@ -55,6 +55,9 @@ def train_model(
     on_event: EventCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
     wandb: WandbSpec | None = None,
+    state_dir: str | Path | None = None,
+    state_every: int = 0,
+    pause_requested: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Fine-tune a LoRA adapter in this process and save it.
 
@@ -65,6 +68,12 @@ def train_model(
     step; `on_event(payload, message)` gets typed events (`shared.events`); `should_stop` is polled
     every step (the run then ends without saving). Checkpoints go to `checkpoint_dir` at each epoch
     end; `wandb` names a Weights & Biases run (used where W&B is configured).
+
+    `state_dir` keeps the run's resumable state (`worker.train_state`): saved every `state_every`
+    steps (0: never), at each epoch end, and when `should_stop` ends the run while
+    `pause_requested()` is true (the result is then `paused`). A run over a `state_dir` holding a
+    state of the same config and data continues from it; a state of anything else is ignored with a
+    warning event. The folder is deleted once the adapter is saved.
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.model_validate(config or {})
     adapter = Path(lora_path) if lora_path is not None else (Path(cfg.lora_path) if cfg.lora_path else None)
@@ -80,11 +89,15 @@ def train_model(
         on_event=on_event,
         should_stop=should_stop,
         wandb=wandb,
+        state_dir=Path(state_dir) if state_dir is not None else None,
+        state_every=state_every,
+        pause_requested=pause_requested,
     )
     try:
         run.setup()
     except StoppedEarly:
-        return TrainResult(None, True, 0, 0, None, 0, 0, 0, 0.0, 0.0)
+        paused = pause_requested is not None and pause_requested()  # a saved state, if any, is kept
+        return TrainResult(None, True, 0, 0, None, 0, 0, 0, 0.0, 0.0, paused=paused)
     result = run.train()
     if not result.stopped:
         run.save(result)
