@@ -32,7 +32,7 @@ from api.openai.schemas import (
 from shared.config import TrainConfig
 from shared.events import JobEvent, StatusChanged, StepMetrics, WarningNotice
 from shared.jobs import JobRecord, JobStatus
-from shared.model_names import fine_tuned_model_name
+from shared.model_names import checkpoint_model_name, fine_tuned_model_name
 
 EVENT_ID_PREFIX = "ftevent-"
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
@@ -224,12 +224,19 @@ def checkpoint_id(job_id: str, step: int) -> str:
     return f"ftckpt-{job_id}-step-{step:06d}"
 
 
-def checkpoint_public(job_id: str, checkpoint: Checkpoint) -> FineTuningJobCheckpointPublic:
+def checkpoint_public(
+    record: JobRecord, extra: OpenAIJobRecord | None, checkpoint: Checkpoint
+) -> FineTuningJobCheckpointPublic:
+    """A checkpoint, named as OpenAI names one (`ft:{model}:{suffix}:{job id}:ckpt-step-{step}`); its
+    folder is in `/jobs/{id}/checkpoints`."""
+    model = extra.model if extra else record.config.model_name
     return FineTuningJobCheckpointPublic(
-        id=checkpoint_id(job_id, checkpoint.step),
+        id=checkpoint_id(record.id, checkpoint.step),
         created_at=int(checkpoint.created_at),
-        fine_tuned_model_checkpoint=checkpoint.path,
-        fine_tuning_job_id=job_id,
+        fine_tuned_model_checkpoint=checkpoint_model_name(
+            model, extra.suffix if extra else None, record.id, checkpoint.step
+        ),
+        fine_tuning_job_id=record.id,
         metrics=CheckpointMetricsPublic(
             step=checkpoint.step,
             train_loss=checkpoint.train_loss,

@@ -200,12 +200,14 @@ def list_events(
 def list_checkpoints(
     job: FineTuningJobDep,
     settings: SettingsDep,
+    ostore: OpenAIStoreDep,
     after: Annotated[str | None, Query(description="id of the last checkpoint of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
 ) -> ListPage[FineTuningJobCheckpointPublic]:
     """Checkpoints the worker saved while training, newest first."""
     found = saved_checkpoints(settings.volume, job.id)
-    checkpoints = [convert.checkpoint_public(job.id, c) for c in reversed(found)]
+    extra = ostore.get_job(job.id)
+    checkpoints = [convert.checkpoint_public(job, extra, c) for c in reversed(found)]
     if after is not None:
         ids = [c.id for c in checkpoints]
         if after not in ids:

@@ -115,7 +115,7 @@ def test_our_events_and_checkpoints_read_as_openais(client: OpenAI, store: JobSt
     assert (ckpt.id, ckpt.step_number, ckpt.fine_tuned_model_checkpoint) == (
         f"ftckpt-{job_id}-step-000002",
         2,
-        str(folder),
+        f"ft:some/model::{job_id}:ckpt-step-2",  # OpenAI's naming; the folder is in /jobs/{id}/checkpoints
     )
     assert ckpt.metrics.model_dump() == {"step": 2, **figures}
     assert old.metrics.model_dump() == {"step": 1, "train_loss": 2.9, "train_mean_token_accuracy": None,

@@ -109,7 +109,7 @@ def test_upload_train_follow_and_list_a_job(client: OpenAI, service: Service, ti
     assert checkpoints and checkpoints[0].step_number == 40
     for ckpt in checkpoints:
         assert ckpt.object == "fine_tuning.job.checkpoint" and ckpt.fine_tuning_job_id == job.id
-        assert (Path(ckpt.fine_tuned_model_checkpoint) / "checkpoint.json").is_file()
+        assert ckpt.fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-{ckpt.step_number}"
         assert ckpt.metrics.step == ckpt.step_number and ckpt.metrics.train_loss is not None
         m = ckpt.metrics
         figures = (m.train_mean_token_accuracy, m.valid_loss, m.full_valid_loss, m.full_valid_mean_token_accuracy)
