@@ -22,10 +22,12 @@ from api.openai import jobs as openai_jobs
 from api.openai import models as openai_models
 from api.openai.generation import GenerationQueue, connect_async
 from api.routes import artifacts, dashboard, health, jobs, merge, seed_merge, status, train
+from api.webhooks import WebhookDispatcher
 from shared.celery_factory import make_celery
 from shared.reaper import reap_once
 from shared.settings import Settings, get_settings
 from shared.store import JobStore, connect
+from shared.webhook_queue import WebhookQueue
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +60,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.celery = make_celery(settings)
         generation_client = connect_async(settings.redis_url)  # chat completions wait on Redis without a thread
         app.state.generation = GenerationQueue(generation_client, settings)
-        task = asyncio.create_task(_reaper(app))
+        # Always running: with no receiver configured it still empties the outbox the job transitions fill.
+        dispatcher = WebhookDispatcher(WebhookQueue(app.state.store.client), settings)
+        tasks = [asyncio.create_task(_reaper(app)), asyncio.create_task(dispatcher.run())]
         try:
             yield
         finally:
-            task.cancel()
+            for task in tasks:
+                task.cancel()
             app.state.store.client.close()
             await generation_client.aclose()
 
