@@ -31,11 +31,12 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import redis
 
 from shared import generation_queue as gq
+from shared import keys
 from shared.generation import GenerationFailed, GenerationRequest, TextDelta
 from shared.settings import Settings, get_settings
 from shared.store import connect
@@ -123,13 +124,27 @@ def run(settings: Settings, name: str, stop: threading.Event) -> None:
             stop.wait(1.0)
 
 
+def _reported_lately(settings: Settings, name: str) -> bool:
+    client = connect(settings.redis_url)
+    score = client.zscore(keys.GENERATORS, name)
+    return score is not None and float(cast(float, score)) / 1000 >= gq.server_time(client) - gq.generators_fresh_s()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m worker.generation_worker", description=__doc__.split("\n")[0])
-    parser.add_argument("--name", default=None, help="name it reports (default: LORA_WORKER_NAME or host:pid)")
+    parser.add_argument(
+        "--name", default=None, help="name it reports (default: LORA_WORKER_NAME-generate, or host:pid)"
+    )
+    parser.add_argument("--check", action="store_true", help="exit 0 if the worker of this name reported lately")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = get_settings()
-    name = args.name or f"{settings.worker_name or socket.gethostname()}-generate:{os.getpid()}"
+    if settings.worker_name:
+        name = args.name or f"{settings.worker_name}-generate"
+    else:
+        name = args.name or f"{socket.gethostname()}-generate:{os.getpid()}"
+    if args.check:  # a container healthcheck
+        raise SystemExit(0 if _reported_lately(settings, name) else 1)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
