@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -109,13 +110,19 @@ def run_job(job_id: str) -> None:
             log.warning("job %s: another runner owns it or it was settled; recording nothing", job_id)
             return
         if outcome.status.terminal:  # nothing will continue from it: its saved state goes
-            shutil.rmtree(settings.volume.job_state(job_id), ignore_errors=True)
+            _drop_state(settings.volume.job_state(job_id))
         if record.kind == "train":  # whatever the outcome: a failed or cancelled run keeps the steps it logged
             register_results(store.client, job_id, settings.volume.step_metrics(job_id))
         # Still under the lease (its thread keeps renewing), so a Redis hiccup here cannot turn a
         # finished job into a "worker lost" one.
         _record_outcome(store, job_id, token, outcome, lease.latest, patience_s=3 * settings.lease_ttl_s)
     _start_next(store, settings)
+
+
+def _drop_state(state: Path) -> None:
+    shutil.rmtree(state, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the states' folder goes too once no job keeps one
+        state.parent.rmdir()
 
 
 def _start_next(store: JobStore, settings: Settings) -> None:

@@ -29,7 +29,7 @@ def test_validation_split_reports_eval_loss_and_keeps_last_checkpoints(service: 
     metrics = [e["data"] for e in events if e["type"] == "metrics"]
     assert metrics and {"step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second"} <= set(metrics[0])
     ckpt_root = service.base_path / "checkpoints" / job_id
-    kept = sorted(p.name for p in ckpt_root.iterdir())
+    kept = sorted(p.name for p in ckpt_root.glob("step-*"))
     assert kept == ["step-000009", "step-000012"]  # 6 training records, batch 2: 3 steps per epoch
     meta = json.loads((ckpt_root / "step-000012" / "checkpoint.json").read_text())
     assert meta["epoch"] == 4 and meta["step"] == 12 and (ckpt_root / "step-000012" / "adapter_config.json").exists()
