@@ -19,10 +19,12 @@ from api.error_responses import install_handlers
 from api.openai import files as openai_files
 from api.openai import jobs as openai_jobs
 from api.routes import artifacts, dashboard, health, jobs, merge, seed_merge, status, train
+from api.webhooks import WebhookDispatcher
 from shared.celery_factory import make_celery
 from shared.reaper import reap_once
 from shared.settings import Settings, get_settings
 from shared.store import JobStore, connect
+from shared.webhook_queue import WebhookQueue
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +55,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         anyio.to_thread.current_default_thread_limiter().total_tokens = 128
         app.state.store = JobStore(connect(settings.redis_url))
         app.state.celery = make_celery(settings)
-        task = asyncio.create_task(_reaper(app))
+        # Always running: with no receiver configured it still empties the outbox the job transitions fill.
+        dispatcher = WebhookDispatcher(WebhookQueue(app.state.store.client), settings)
+        tasks = [asyncio.create_task(_reaper(app)), asyncio.create_task(dispatcher.run())]
         try:
             yield
         finally:
-            task.cancel()
+            for task in tasks:
+                task.cancel()
             app.state.store.client.close()
 
     app = FastAPI(

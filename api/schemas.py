@@ -140,8 +140,12 @@ class CheckpointPublic(BaseModel):
     name: str
     step: int
     epoch: int
-    loss: float | None
-    eval_loss: float | None
+    loss: float | None  # train_loss, under the name this API has always used
+    eval_loss: float | None  # full_valid_loss, likewise
+    train_mean_token_accuracy: float | None = None
+    valid_loss: float | None = None
+    valid_mean_token_accuracy: float | None = None
+    full_valid_mean_token_accuracy: float | None = None
     created_at: float
     files: list[FileEntry]
     total_bytes: int
@@ -150,7 +154,9 @@ class CheckpointPublic(BaseModel):
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, base_url: str, job_id: str) -> CheckpointPublic:
         return cls(
-            **checkpoint.model_dump(exclude={"path"}),
+            **checkpoint.model_dump(exclude={"path", "train_loss", "full_valid_loss"}),
+            loss=checkpoint.train_loss,
+            eval_loss=checkpoint.full_valid_loss,
             total_bytes=checkpoint.total_bytes,
             archive_url=f"{base_url}/jobs/{job_id}/artifacts/archive?checkpoint={checkpoint.step}",
         )

@@ -19,8 +19,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from launcher.embedded_redis import EmbeddedRedis
 from launcher.process import own_group_dies_with_parent
+from shared.settings import Settings
 from shared.tasks import QUEUE
 
 log = logging.getLogger("lora-server")
@@ -93,6 +96,11 @@ class Child:
 
 def serve(opts: ServeOptions) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        Settings()  # a bad LORA_* setting (a malformed webhook secret, say) is told once here, not as a restart loop
+    except ValidationError as exc:
+        log.error("configuration error: %s", exc)
+        return 2
     base = opts.base_path.resolve()
     base.mkdir(parents=True, exist_ok=True)
     stopping = False

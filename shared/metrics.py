@@ -19,6 +19,11 @@ class StepMetrics(BaseModel):
     step: int = Field(ge=0, description="optimizer steps done, counted over the whole run")
     epoch: int = Field(ge=0, description="the epoch the step belongs to, from 1")
     loss: float = Field(description="mean training loss over the step's tokens")
+    accuracy: float | None = Field(
+        default=None, description="fraction of the step's loss tokens predicted right (argmax); None where not computed"
+    )
+    valid_loss: float | None = Field(default=None, description="loss on one batch of the validation set")
+    valid_accuracy: float | None = Field(default=None, description="token accuracy on that batch")
     learning_rate: float | None = Field(default=None, description="the scheduled rate for this step")
     grad_norm: float | None = Field(default=None, description="gradient norm before clipping")
     tokens_per_second: float | None = Field(default=None, description="real (unpadded) tokens per second")
@@ -33,7 +38,9 @@ class EpochEnd(BaseModel):
     epoch: int = Field(ge=0, description="epochs done")
     step: int = Field(ge=0, description="optimizer steps done")
     loss: float | None = Field(default=None, description="the epoch's mean training loss")
+    accuracy: float | None = Field(default=None, description="the epoch's mean training token accuracy")
     eval_loss: float | None = Field(default=None, description="loss on the validation split, when the job has one")
+    eval_accuracy: float | None = Field(default=None, description="token accuracy on the validation split")
 
 
 class CheckpointSaved(CheckpointMeta):

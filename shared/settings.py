@@ -5,17 +5,24 @@ Built lazily through `get_settings()` so that importing any module needs no envi
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.volume import Volume
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LORA_", extra="ignore")
+    # hide_input_in_errors: a refused setting may be a secret (LORA_WEBHOOK_SECRET, LORA_API_KEY); the
+    # messages name the variable instead of echoing its value into logs.
+    model_config = SettingsConfigDict(env_prefix="LORA_", extra="ignore", hide_input_in_errors=True)
 
     base_path: Path = Field(default=Path("./models"), description="Volume for datasets and adapters.")
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Broker and job store.")
@@ -59,6 +66,60 @@ class Settings(BaseSettings):
     api_key: str | None = Field(default=None, description="Bearer token required by the API when set.")
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins (closed by default).")
     worker_name: str | None = Field(default=None, description="Name a worker reports (defaults to host:pid).")
+    # NoDecode: pydantic-settings would parse the variable as JSON only; `_split_urls` takes a JSON list or commas.
+    webhook_url: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Receivers of the fine_tuning.job.* webhooks: one URL, comma-separated URLs or a JSON list.",
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="Standard Webhooks signing secret, `whsec_<base64>`; required when webhook_url is set.",
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="How long one webhook delivery may take.")
+    webhook_max_attempts: int = Field(
+        default=8, ge=1, description="Deliveries tried per event and URL before the event is dropped for that URL."
+    )
+    webhook_retry_base_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="First retry delay; it doubles each attempt, with jitter (8 attempts span about an hour).",
+    )
+    webhook_poll_interval_s: float = Field(
+        default=1.0, gt=0, description="How often the API looks for new events and retries due."
+    )
+
+    @field_validator("webhook_url", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _check_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"LORA_WEBHOOK_URL: {url!r} is not an http(s) URL")
+        return list(dict.fromkeys(urls))  # one delivery per receiver, however often it is named
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_secret(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None:
+            webhook_key(secret.get_secret_value())
+        return secret
+
+    @model_validator(mode="after")
+    def _signed_or_nothing(self) -> Settings:
+        # OpenAI always signs its webhooks and receivers verify them: an unsigned one would be rejected anyway.
+        if self.webhook_url and self.webhook_secret is None:
+            raise ValueError("LORA_WEBHOOK_URL is set but LORA_WEBHOOK_SECRET is not: " + _SECRET_HELP)
+        return self
 
     @property
     def effective_visibility_timeout_s(self) -> int:
@@ -74,6 +135,30 @@ class Settings(BaseSettings):
     def volume(self) -> Volume:
         """The layout of everything the service writes under base_path."""
         return Volume(self.base_path)
+
+
+_SECRET_HELP = (
+    "webhooks are signed with a Standard Webhooks secret, 'whsec_' + base64 of 24 or more random bytes, e.g. "
+    "python -c \"import base64, os; print('whsec_' + base64.b64encode(os.urandom(32)).decode())\""
+)
+
+
+def webhook_key(secret: str) -> bytes:
+    """The signing key a `whsec_<base64>` secret holds, or ValueError.
+
+    Strict: the official openai client decodes the part after `whsec_` as padded base64 (and uses any other
+    string as raw bytes), the standardwebhooks library pads it and skips bad characters; only a prefixed,
+    well-formed secret means the same key to both.
+    """
+    if not secret.startswith("whsec_"):
+        raise ValueError("LORA_WEBHOOK_SECRET must start with 'whsec_': " + _SECRET_HELP)
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("LORA_WEBHOOK_SECRET is not valid base64 after 'whsec_': " + _SECRET_HELP) from None
+    if len(key) < 24:
+        raise ValueError(f"LORA_WEBHOOK_SECRET holds {len(key)} bytes; use 24 or more: " + _SECRET_HELP)
+    return key
 
 
 @lru_cache(maxsize=1)

@@ -12,6 +12,7 @@ import redis
 from shared import keys, lua_scripts
 from shared.config import TrainConfig
 from shared.events import EventPayload, JobEvent, event_type
+from shared.files import remove_file, result_file_id
 from shared.job_ids import is_job_id
 from shared.jobs import JobRecord, JobStatus, Progress, WandbSpec
 from shared.metrics import TrainingSummary
@@ -342,6 +343,7 @@ class JobStore:
             if status is not None and not JobStatus(status).terminal:
                 continue
             self.client.delete(keys.job_key(job_id), keys.events_key(job_id), keys.openai_job_key(job_id))
+            remove_file(self.client, result_file_id(job_id))  # its CSV goes with the job's checkpoint folder
             self.client.zrem(keys.JOBS, job_id)
             removed.append(job_id)
         return removed

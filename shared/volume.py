@@ -4,6 +4,7 @@
     <base>/datasets/.incoming/                   uploads being received and validated (never a final name)
     <base>/checkpoints/<job id>/step-000120/     adapter checkpoints; `checkpoint.json` is written last
     <base>/checkpoints/<job id>/.step-000120.*.tmp   a checkpoint being written (hidden: not listed)
+    <base>/checkpoints/<job id>/step_metrics.csv     the job's logged steps (its OpenAI result file)
     <base>/<model_save_path or job id>/          a trained adapter, with `training_summary.json`
     <base>/<adapter name>-merged/                a merged model (the default output of a merge job)
     <base>/.redis/                               the embedded Redis's data (one-machine mode)
@@ -17,8 +18,9 @@ from __future__ import annotations
 import re
 import uuid
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.job_ids import is_job_id
 
@@ -30,6 +32,7 @@ TRAINING_STATE = ".state"  # a job's full training state (pause/resume, resume a
 CHECKPOINT_META = "checkpoint.json"
 TRAINING_SUMMARY = "training_summary.json"
 ADAPTER_CONFIG = "adapter_config.json"
+STEP_METRICS = "step_metrics.csv"
 MERGED_SUFFIX = "-merged"
 
 # Top-level folders the service writes itself; an adapter saved over one would replace (and delete) it.
@@ -47,9 +50,40 @@ class CheckpointMeta(BaseModel):
 
     step: int = Field(ge=0, description="optimizer steps done when it was taken")
     epoch: int = Field(ge=0, description="epochs done when it was taken")
-    loss: float | None = Field(default=None, description="the epoch's mean training loss")
-    eval_loss: float | None = Field(default=None, description="loss on the validation split, when the job has one")
+    train_loss: float | None = Field(default=None, description="the epoch's mean training loss")
+    train_mean_token_accuracy: float | None = Field(
+        default=None, description="the epoch's mean training token accuracy (None where the engine computed none)"
+    )
+    valid_loss: float | None = Field(
+        default=None, description="loss on the last logged step's validation batch (None without validation data)"
+    )
+    valid_mean_token_accuracy: float | None = Field(default=None, description="token accuracy on that batch")
+    full_valid_loss: float | None = Field(default=None, description="loss on the whole validation set")
+    full_valid_mean_token_accuracy: float | None = Field(
+        default=None, description="token accuracy on the whole validation set"
+    )
     created_at: float = Field(description="seconds since the epoch")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_names(cls, value: Any) -> Any:
+        # checkpoint.json written before the OpenAI names: `loss` (the epoch's mean training loss)
+        # and `eval_loss` (over the whole validation set) are read as the fields they were.
+        if isinstance(value, dict) and ("loss" in value or "eval_loss" in value):
+            value = dict(value)
+            value.setdefault("train_loss", value.pop("loss", None))
+            value.setdefault("full_valid_loss", value.pop("eval_loss", None))
+        return value
+
+    @property
+    def loss(self) -> float | None:
+        """The native API's name for `train_loss`."""
+        return self.train_loss
+
+    @property
+    def eval_loss(self) -> float | None:
+        """The native API's name for `full_valid_loss`."""
+        return self.full_valid_loss
 
 
 def checkpoint_name(step: int) -> str:
@@ -121,6 +155,10 @@ class Volume:
 
     def checkpoint(self, job_id: str, step: int) -> Path:
         return self.job_checkpoints(job_id) / checkpoint_name(step)
+
+    def step_metrics(self, job_id: str) -> Path:
+        """A job's logged-steps CSV (`shared.results`), beside its checkpoints and removed with them."""
+        return self.job_checkpoints(job_id) / STEP_METRICS
 
     def default_output(self, job_id: str) -> str:
         """A job's adapter folder, relative to the base, when the config names none."""

@@ -22,13 +22,12 @@ class Checkpoints:
         self.root, self.keep = root, keep
         self.saved: list[SavedCheckpoint] = []
 
-    def save(
-        self, model: PeftModel, *, step: int, epoch: int, loss: float | None, eval_loss: float | None
-    ) -> CheckpointSaved | None:
-        """Save one; None when this run keeps none."""
+    def save(self, model: PeftModel, *, step: int, epoch: int, **figures: float | None) -> CheckpointSaved | None:
+        """Save one, with `figures` (`CheckpointMeta`'s metrics: train_loss, valid_loss, ...); None when
+        this run keeps none."""
         if self.root is None or self.keep == 0:
             return None
-        meta = CheckpointSaved(step=step, epoch=epoch, loss=loss, eval_loss=eval_loss, created_at=time.time())
+        meta = CheckpointSaved.model_validate({"step": step, "epoch": epoch, **figures, "created_at": time.time()})
         dest = self.root / checkpoint_name(step)
         staging = self.root / checkpoint_staging_name(step)
         check_destination(dest)

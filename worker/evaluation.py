@@ -1,20 +1,33 @@
-"""Held-out loss: the mean cross-entropy over assistant tokens, no gradients."""
+"""Held-out figures: the mean cross-entropy over assistant tokens and the token accuracy (the
+fraction of them whose argmax prediction is the label, OpenAI's `mean_token_accuracy`), no gradients."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from worker.example import IGNORE_INDEX, Example
+from worker.loss import count_correct
 from worker.step import autocast_dtype, unwrap
 
 
-@torch.no_grad()
+class EvalResult(NamedTuple):
+    loss: float  # token-weighted mean cross-entropy
+    accuracy: float  # fraction of the counted tokens whose argmax prediction is the label
+
+
 def eval_loss(model: nn.Module, examples: Sequence[Example], *, batch_size: int, device: torch.device) -> float:
-    """Token-weighted mean loss over `examples` (padded batches, the plain reference path).
+    """The held-out loss alone (see `evaluate`)."""
+    return evaluate(model, examples, batch_size=batch_size, device=device).loss
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: Sequence[Example], *, batch_size: int, device: torch.device) -> EvalResult:
+    """Token-weighted mean loss and token accuracy over `examples` (padded batches, the plain reference path).
 
     Micro-batches of at most 4 bound the full-vocabulary logits this path builds (152k-token
     vocabularies make them the largest tensor by far); the forward runs under training's autocast.
@@ -23,6 +36,7 @@ def eval_loss(model: nn.Module, examples: Sequence[Example], *, batch_size: int,
     model.eval()
     half = autocast_dtype(unwrap(model))
     total, count = torch.zeros((), device=device, dtype=torch.float64), 0
+    correct = torch.zeros((), device=device, dtype=torch.long)
     step = max(1, min(batch_size, 4))
     # Compiled decoder layers are specialised to training's bucketed shapes; evaluation runs them eagerly.
     eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else nullcontext()
@@ -44,10 +58,12 @@ def eval_loss(model: nn.Module, examples: Sequence[Example], *, batch_size: int,
                     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
                 targets = labels[:, 1:]
                 for row in range(logits.shape[0]):  # one fp32 row at a time
+                    row_logits = logits[row].float()
                     total += nn.functional.cross_entropy(
-                        logits[row].float(), targets[row], ignore_index=IGNORE_INDEX, reduction="sum"
+                        row_logits, targets[row], ignore_index=IGNORE_INDEX, reduction="sum"
                     ).double()
+                    correct += count_correct(row_logits, targets[row])
                 count += int((targets != IGNORE_INDEX).sum())
     finally:
         model.train(was_training)
-    return float(total / max(count, 1))
+    return EvalResult(float(total / max(count, 1)), int(correct) / max(count, 1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import time
 import traceback
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import redis
 
+from shared.admission import promote_waiting
 from shared.events import InfoNotice
 from shared.jobs import JobRecord, JobStatus, Progress
 from shared.metrics import TrainingSummary
@@ -20,6 +22,7 @@ from shared.paths import resolve_inside
 from shared.settings import Settings, get_settings
 from shared.store import JobStore, connect
 from worker.lease import LeaseKeeper
+from worker.results_log import register_results
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +53,15 @@ def _train(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome
         lora_path=resolve_inside(settings.base_path, cfg.lora_path) if cfg.lora_path else None,
         validation=Path(record.validation_path) if record.validation_path else None,
         checkpoint_dir=settings.volume.job_checkpoints(record.id),
+        results_path=settings.volume.step_metrics(record.id),
         run_name=record.id,
         on_progress=lease.publish,
         on_event=lease.emit,
         should_stop=lease.should_stop,
         wandb=record.wandb,
+        state_dir=settings.volume.job_state(record.id),
+        state_every=settings.state_every_steps,
+        pause_requested=lease.pause_requested,
     )
     metrics = result.summary()
     metrics.losses = metrics.losses[-_LOSSES_KEPT:]  # the full curve is in training_summary.json
@@ -64,6 +71,8 @@ def _train(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome
     if lease.cancelled.is_set():
         message = f"Training cancelled at step {result.steps}/{result.total_steps}"
         return Outcome(JobStatus.cancelled, message, error="cancelled by request", metrics=metrics)
+    if result.paused:
+        return Outcome(JobStatus.paused, f"Paused at step {result.steps}/{result.total_steps}; resume continues there")
     error = "lost contact with Redis (or the lease thread failed); stopped training"
     return Outcome(JobStatus.failed, "Training stopped", error=error)
 
@@ -99,9 +108,24 @@ def run_job(job_id: str) -> None:
         if lease.fenced.is_set():
             log.warning("job %s: another runner owns it or it was settled; recording nothing", job_id)
             return
+        if outcome.status.terminal:  # nothing will continue from it: its saved state goes
+            shutil.rmtree(settings.volume.job_state(job_id), ignore_errors=True)
+        if record.kind == "train":  # whatever the outcome: a failed or cancelled run keeps the steps it logged
+            register_results(store.client, job_id, settings.volume.step_metrics(job_id))
         # Still under the lease (its thread keeps renewing), so a Redis hiccup here cannot turn a
         # finished job into a "worker lost" one.
         _record_outcome(store, job_id, token, outcome, lease.latest, patience_s=3 * settings.lease_ttl_s)
+    _start_next(store, settings)
+
+
+def _start_next(store: JobStore, settings: Settings) -> None:
+    """This job's slot is free: hand it to the job waiting longest now, not at the next reaper round."""
+    from worker.celery_app import app
+
+    try:
+        promote_waiting(store, app, settings)
+    except redis.RedisError as exc:  # the reaper does it a few seconds later
+        log.warning("could not start the next waiting job: %s", exc)
 
 
 def _record_outcome(

@@ -27,6 +27,7 @@ class LeaseKeeper:
     def __init__(self, store: JobStore, job_id: str, token: str, lease_s: float) -> None:
         self.store, self.job_id, self.token, self.lease_s = store, job_id, token, lease_s
         self.cancelled = threading.Event()  # a cancel was requested
+        self.paused = threading.Event()  # a pause was requested: save the full state and stop
         self.fenced = threading.Event()  # another runner owns the job now (or it was settled)
         self.lost = threading.Event()  # Redis unreachable for longer than the lease
         self._wake = threading.Event()
@@ -47,6 +48,10 @@ class LeaseKeeper:
         self._thread.join(timeout=10)
 
     # Called from the training loop.
+    def pause_requested(self) -> bool:
+        """The stop is a pause (and not a cancel): the run saves its full state before it ends."""
+        return self.paused.is_set() and not self.cancelled.is_set()
+
     def publish(self, progress: Progress) -> None:
         with self._lock:
             self._progress = progress
@@ -58,7 +63,7 @@ class LeaseKeeper:
         self._wake.set()
 
     def should_stop(self) -> bool:
-        if self.cancelled.is_set() or self.fenced.is_set() or self.lost.is_set():
+        if self.cancelled.is_set() or self.paused.is_set() or self.fenced.is_set() or self.lost.is_set():
             return True
         # A dead lease thread renews nothing: the job must not train on unobserved.
         return self._thread.ident is not None and not self._thread.is_alive() and not self._stop.is_set()
@@ -97,6 +102,9 @@ class LeaseKeeper:
                 elif state == 1 and not self.cancelled.is_set():
                     log.info("job %s: cancel requested", self.job_id)
                     self.cancelled.set()
+                elif state == 2 and not self.paused.is_set():
+                    log.info("job %s: pause requested", self.job_id)
+                    self.paused.set()
             except redis.RedisError as exc:
                 if time.monotonic() - last_ok > give_up_after and not self.lost.is_set():
                     log.error("job %s: Redis unreachable for %.0f s (%s); stopping", self.job_id, give_up_after, exc)

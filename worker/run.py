@@ -30,11 +30,21 @@ from shared.outputs import check_destination
 from shared.volume import TRAINING_SUMMARY
 from worker.checkpoints import Checkpoints
 from worker.data import read_records, tokenize_dataset
-from worker.evaluation import eval_loss
+from worker.evaluation import EvalResult, evaluate
 from worker.example import Example
 from worker.loop import LoopResult, StepInfo, train_loop
 from worker.model_loading import EventCallback, load_base_model, pick_device, prepare_model
+from worker.results_log import ResultsLog
 from worker.staged_dir import staged_dir
+from worker.train_state import (
+    LoopState,
+    UnusableState,
+    check_applicable,
+    clear_train_state,
+    fingerprint,
+    load_train_state,
+    save_train_state,
+)
 from worker.wandb_log import WandbRun
 
 log = logging.getLogger(__name__)
@@ -58,6 +68,7 @@ class TrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (epoch, loss)
     checkpoints: list[SavedCheckpoint] = field(default_factory=list)
+    paused: bool = False  # stopped by a pause: the state to resume from is saved (see `TrainingRun`)
 
     def summary(self) -> TrainingSummary:
         """The run's figures as every reader parses them (and `training_summary.json` holds them)."""
@@ -95,7 +106,13 @@ def _records(dataset: Dataset) -> Iterable[dict[str, Any]]:
 
 
 class TrainingRun:
-    """A LoRA fine-tuning run of `config` on `dataset`, saved to `output_dir`."""
+    """A LoRA fine-tuning run of `config` on `dataset`, saved to `output_dir`.
+
+    With a `state_dir`, the run's full state (`worker.train_state`) is saved there every
+    `state_every` steps, at each epoch end and when a stop is a pause (`pause_requested()` true when
+    `should_stop()` ends the loop); a later run of the same config and data over the same folder
+    continues from it, and `save` deletes it.
+    """
 
     def __init__(
         self,
@@ -106,16 +123,23 @@ class TrainingRun:
         lora_path: Path | None = None,
         validation: Dataset | None = None,
         checkpoint_dir: Path | None = None,
+        results_path: Path | None = None,
         run_name: str | None = None,
         on_progress: ProgressCallback | None = None,
         on_event: EventCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
         wandb: WandbSpec | None = None,
+        state_dir: Path | None = None,
+        state_every: int = 0,
+        pause_requested: Callable[[], bool] | None = None,
     ) -> None:
         self.config, self.dataset, self.output_dir = config, dataset, output_dir
+        self.state_dir, self.state_every, self.pause_requested = state_dir, state_every, pause_requested
+        self._fingerprint = ""
         self.wandb_spec = wandb
         self.lora_path, self.validation = lora_path, validation
         self.checkpoints = Checkpoints(checkpoint_dir, config.keep_checkpoints)
+        self.results = ResultsLog(results_path)
         self.run_name = run_name or output_dir.name
         self.on_progress, self.should_stop = on_progress, should_stop
         self.emit: EventCallback = on_event or (
@@ -132,6 +156,8 @@ class TrainingRun:
         self._last_step_at = 0.0
         self._last_step = 0
         self._last_loss: float | None = None
+        self._valid_batches = 0  # validation batches evaluated at logging steps so far
+        self._last_valid: EvalResult | None = None  # the latest of them
 
     # ----------------------------------------------------------------- setup
 
@@ -189,6 +215,7 @@ class TrainingRun:
         cfg = self.config
         self.wandb = WandbRun(self.run_name, cfg.model_dump(), self.emit, self.wandb_spec)
         self._last_step_at = time.monotonic()
+        resume = self._resume()
         try:
             loop = train_loop(
                 self.model,
@@ -207,19 +234,60 @@ class TrainingRun:
                 compile=cfg.compile,
                 cuda_graphs=cfg.compile,
                 on_event=self.emit,
+                resume=resume,
+                save_state=self._save_state if self.state_dir is not None else None,
+                state_every=self.state_every,
+                pause_requested=self.pause_requested,
             )
         except BaseException:
             self.wandb.finish()
             raise
-        self.wandb.finish({"final_loss": loop.final_loss, "stopped": loop.stopped})
+        self.wandb.finish({"final_loss": loop.final_loss, "stopped": loop.stopped, "paused": loop.paused})
         return self._result(loop)
+
+    def _total_steps(self) -> int:
+        return self.config.epochs * math.ceil(len(self.examples) / self.config.batch_size)
+
+    def _resume(self) -> LoopState | None:
+        """The saved state this run goes on from: the newest in `state_dir` made for this config and data."""
+        if self.state_dir is None:
+            return None
+        assert self.model is not None
+        self._fingerprint = fingerprint(self.config, self.lora_path, self.examples, len(self.held_out))
+        loaded = load_train_state(self.state_dir, fingerprint=self._fingerprint)
+        state, problems = loaded.state, loaded.problems
+        if state is not None:
+            try:
+                check_applicable(self.model, state, self._total_steps())
+            except UnusableState as exc:
+                problems.append(f"step {state.step}: {exc}")
+                state = None
+        for problem in problems:
+            self.emit(events.warning(component="train_state"), f"saved training state not used: {problem}")
+        if state is None:
+            return None
+        # What the run itself accumulated before the stop: epoch ends already done are not redone.
+        self.eval_losses = list(state.eval_losses)
+        self.checkpoints.saved = list(state.checkpoints)
+        self._last_step, self._last_loss = state.step, state.final_loss
+        self.results.resume_at(state.step)
+        self.emit(
+            events.info(resumed_step=state.step, epoch=state.epoch, total_steps=state.total_steps),
+            f"resuming from step {state.step}/{state.total_steps} (epoch {state.epoch})",
+        )
+        return state
+
+    def _save_state(self, state: LoopState) -> None:
+        assert self.state_dir is not None
+        state.eval_losses, state.checkpoints = list(self.eval_losses), list(self.checkpoints.saved)
+        save_train_state(self.state_dir, state, fingerprint=self._fingerprint)
 
     def _result(self, loop: LoopResult) -> TrainResult:
         return TrainResult(
             output_dir=None,
             stopped=loop.stopped,
             steps=loop.steps_done,
-            total_steps=self.config.epochs * math.ceil(len(self.examples) / self.config.batch_size),
+            total_steps=self._total_steps(),
             final_loss=loop.final_loss,
             num_examples=len(self.examples),
             skipped_examples=self.skipped,
@@ -229,6 +297,7 @@ class TrainingRun:
             losses=list(loop.logged_losses),
             eval_losses=self.eval_losses,
             checkpoints=self.checkpoints.saved,
+            paused=loop.paused,
         )
 
     def _on_step(self, info: StepInfo) -> None:
@@ -254,13 +323,35 @@ class TrainingRun:
         if info.loss is None:
             return
         self._last_loss = info.loss
-        metrics = StepMetrics(step=info.step, epoch=info.epoch, loss=info.loss, learning_rate=info.learning_rate,
-                              grad_norm=info.grad_norm, tokens_per_second=info.tokens_per_second,
-                              step_seconds=step_seconds)  # fmt: skip
+        valid = self._valid_batch()
+        metrics = StepMetrics(step=info.step, epoch=info.epoch, loss=info.loss, accuracy=info.accuracy,
+                              valid_loss=valid.loss if valid else None, valid_accuracy=valid.accuracy if valid else None,
+                              learning_rate=info.learning_rate, grad_norm=info.grad_norm,
+                              tokens_per_second=info.tokens_per_second, step_seconds=step_seconds)  # fmt: skip
         self.emit(metrics, f"step {info.step}/{info.total_steps} loss {info.loss:.4f}")
-        self.wandb.log({"train/loss": info.loss, "train/learning_rate": info.learning_rate,
-                        "train/grad_norm": info.grad_norm, "train/tokens_per_second": info.tokens_per_second},
-                       step=info.step)  # fmt: skip
+        self.results.add(metrics)
+        figures = {"train/loss": info.loss, "train/mean_token_accuracy": info.accuracy,
+                   "train/learning_rate": info.learning_rate, "train/grad_norm": info.grad_norm,
+                   "train/tokens_per_second": info.tokens_per_second, "valid/loss": metrics.valid_loss,
+                   "valid/mean_token_accuracy": metrics.valid_accuracy}  # fmt: skip
+        self.wandb.log({k: v for k, v in figures.items() if v is not None}, step=info.step)
+        if valid is not None:
+            self._last_step_at = time.monotonic()  # the next step's step_seconds times the step, not this evaluation
+
+    def _valid_batch(self) -> EvalResult | None:
+        """OpenAI's per-step `valid_*`: one training-sized batch of the validation set, a different one
+        each logging step (in turn). One no-grad forward of a batch per logging step costs about a third
+        of a training step where every step is logged (CPU), a few percent at the GPU's log_every 10."""
+        if not self.held_out:
+            return None
+        assert self.model is not None
+        size = self.config.batch_size
+        batches = -(-len(self.held_out) // size)
+        start = (self._valid_batches % batches) * size
+        self._valid_batches += 1
+        batch = self.held_out[start : start + size]
+        self._last_valid = evaluate(self.model, batch, batch_size=size, device=self.device)
+        return self._last_valid
 
     def _gpu_memory(self) -> dict[str, float]:
         """The seed's gpu_alloc_mem / gpu_reserved_mem, in MiB (host-side counters: no device sync)."""
@@ -271,25 +362,33 @@ class TrainingRun:
             "reserved_gpu_memory": torch.cuda.memory_reserved(self.device) / 2**20,
         }
 
-    def _on_epoch_end(self, epoch: int, loss: float | None) -> None:
+    def _on_epoch_end(self, epoch: int, loss: float | None, accuracy: float | None) -> None:
         assert self.model is not None
-        held = None
+        full = None
         if self.held_out:
-            held = eval_loss(self.model, self.held_out, batch_size=self.config.batch_size, device=self.device)
+            full = evaluate(self.model, self.held_out, batch_size=self.config.batch_size, device=self.device)
         message = f"epoch {epoch}/{self.config.epochs} done"
-        if held is not None:
-            self.eval_losses.append((epoch, held))
-            message += f", eval loss {held:.4f}"
-            self.wandb.log({"eval/loss": held}, step=self._last_step)
-        self.emit(EpochEnd(epoch=epoch, step=self._last_step, loss=loss, eval_loss=held), message)
-        saved = self.checkpoints.save(self.model, step=self._last_step, epoch=epoch, loss=loss, eval_loss=held)
+        if full is not None:
+            self.eval_losses.append((epoch, full.loss))
+            message += f", eval loss {full.loss:.4f}"
+            self.wandb.log({"eval/loss": full.loss, "eval/mean_token_accuracy": full.accuracy}, step=self._last_step)
+        self.emit(EpochEnd(epoch=epoch, step=self._last_step, loss=loss, accuracy=accuracy,
+                           eval_loss=full.loss if full else None, eval_accuracy=full.accuracy if full else None),
+                  message)  # fmt: skip
+        valid = self._last_valid
+        saved = self.checkpoints.save(
+            self.model, step=self._last_step, epoch=epoch, train_loss=loss, train_mean_token_accuracy=accuracy,
+            valid_loss=valid.loss if valid else None, valid_mean_token_accuracy=valid.accuracy if valid else None,
+            full_valid_loss=full.loss if full else None, full_valid_mean_token_accuracy=full.accuracy if full else None,
+        )  # fmt: skip
         if saved is not None:
             self.emit(saved, f"checkpoint at step {saved.step} saved")
 
     # ----------------------------------------------------------------- save
 
     def save(self, result: TrainResult) -> None:
-        """Write the adapter, tokenizer and summary into a staged folder, then swap it into place."""
+        """Write the adapter, tokenizer and summary into a staged folder, then swap it into place
+        (and then delete the run's saved state)."""
         assert self.model is not None
         result.output_dir = self.output_dir
         summary = {**result.summary().model_dump(), "config": self.config.model_dump()}
@@ -299,3 +398,5 @@ class TrainingRun:
                 self.tokenizer.padding_side = self.config.tokenizer_padding_side
             self.tokenizer.save_pretrained(str(staging))
             (staging / TRAINING_SUMMARY).write_text(json.dumps(summary, indent=2))
+        if self.state_dir is not None:
+            clear_train_state(self.state_dir)  # the adapter is saved: nothing is left to resume

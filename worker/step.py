@@ -10,6 +10,9 @@ the trainable parameters, no optimizer step):
   and pushed through the LM head and cross-entropy without full logits (`worker.loss`). No host
   sync in the step.
 
+Both also return the step's token accuracy (the fraction of loss tokens whose argmax prediction is
+the label) as a device tensor, read back only where the loss is (logging steps).
+
 Dtype contract: trained parameters are fp32 over a frozen bf16/fp16 base, and the forward runs
 under autocast to the base's dtype. The input embedding may itself be trained (fp32, the seed's
 ``modules_to_save``), so its output is cast to the compute dtype: otherwise the residual stream and
@@ -39,7 +42,7 @@ from worker.attention import (
     select_varlen_kernel,
 )
 from worker.example import IGNORE_INDEX, Example
-from worker.loss import LOSS_CHUNK_ROWS, pick_loss
+from worker.loss import LOSS_CHUNK_ROWS, count_correct, pick_loss
 from worker.packing import PAD_ID, PackedBatch, count_loss_tokens, pack_examples
 
 
@@ -50,6 +53,7 @@ class StepOutput:
     loss: torch.Tensor  # 0-dim: mean cross-entropy over the step's loss tokens
     num_tokens: int  # real (non-padding) tokens in the step
     num_loss_tokens: int  # tokens predicted with a label, i.e. terms of the mean
+    accuracy: torch.Tensor | None = None  # 0-dim fp32: loss tokens predicted right (argmax); None: not computed
 
 
 StepFn = Callable[[Sequence[Example]], StepOutput]
@@ -144,16 +148,13 @@ def _reference_step(
             attention_mask=to_device(mask, device).view(shape),
             use_cache=False,
         ).logits
-    logits = logits.float()
-    loss_sum = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]),
-        label_tensor[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+    logits = logits.float()[:, :-1].reshape(-1, logits.shape[-1])
+    targets = label_tensor[:, 1:].reshape(-1)
+    loss_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     loss = loss_sum / max(num_loss_tokens, 1)
+    accuracy = count_correct(logits, targets).float() / max(num_loss_tokens, 1)
     loss.backward()
-    return StepOutput(loss.detach(), sum(len(e.input_ids) for e in examples), num_loss_tokens)
+    return StepOutput(loss.detach(), sum(len(e.input_ids) for e in examples), num_loss_tokens, accuracy)
 
 
 @dataclass(slots=True)
@@ -218,8 +219,8 @@ class FastStep:
 
     def __call__(self, examples: Sequence[Example]) -> StepOutput:
         packed = pack_examples(examples, pad_to_multiple=self.pad_to_multiple)
-        loss = self.forward_backward(self.inputs(packed, static=False))
-        return StepOutput(loss.detach(), packed.num_tokens, packed.num_loss_tokens)
+        loss, accuracy = self.forward_backward(self.inputs(packed, static=False))
+        return StepOutput(loss, packed.num_tokens, packed.num_loss_tokens, accuracy)
 
     def inputs(self, packed: PackedBatch, *, static: bool) -> StepInputs:
         """`packed` on the device in one host->device copy (no seq_lens when `static`)."""
@@ -243,8 +244,9 @@ class FastStep:
             seq_lens=None if static else packed.seq_lens,
         )
 
-    def forward_backward(self, inputs: StepInputs) -> torch.Tensor:
-        """The step's mean loss (on the device), gradients accumulated into the trained parameters."""
+    def forward_backward(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The step's mean loss and token accuracy (on the device; accuracy None on the fused Liger
+        path), gradients accumulated into the trained parameters."""
         meta = PackedMetadata(self.kernel, inputs.seq_lens, inputs.segment_ids)
         with autocast_context(self.device, self.autocast, cache=not self.captured), self._uncast(), packed_step():
             hidden = self.decoder(
@@ -258,10 +260,11 @@ class FastStep:
                 max_length_k=inputs.max_len,
                 packed=meta,
             ).last_hidden_state
-            loss_sum = self.loss_sum(self.head, hidden[0].index_select(0, inputs.loss_rows), inputs.targets)
-        loss = loss_sum * inputs.loss_scale
+            sums = self.loss_sum(self.head, hidden[0].index_select(0, inputs.loss_rows), inputs.targets)
+        loss = sums.loss_sum * inputs.loss_scale
         loss.backward()
-        return loss.detach()
+        accuracy = None if sums.correct is None else sums.correct.float() * inputs.loss_scale
+        return loss.detach(), accuracy
 
     @contextlib.contextmanager
     def _uncast(self) -> Iterator[None]:

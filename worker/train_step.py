@@ -33,6 +33,7 @@ from worker.step import FastStep, StepFn, StepInputs, unwrap
 log = logging.getLogger(__name__)
 
 EventFn = Callable[[EventPayload, str], None]  # (typed payload, message): shared.events
+_BodyOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # loss, grad norm, token accuracy
 MAX_GRAPHS = 48  # captured shapes kept; steps of further shapes run eagerly (bounded memory)
 
 
@@ -42,9 +43,12 @@ class TrainStepOutput:
     grad_norm: torch.Tensor  # 0-dim, on the device: before clipping
     num_tokens: int
     num_loss_tokens: int
+    accuracy: torch.Tensor | None = None  # 0-dim, on the device: the step's token accuracy; None: not computed
 
 
 class TrainStep(Protocol):
+    optimizer: Any  # AdamW (`make_optimizer`): its state is saved and restored with the run's
+
     def __call__(self, examples: Sequence[Example], lr: float) -> TrainStepOutput: ...
 
 
@@ -76,7 +80,7 @@ class EagerTrainStep:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return TrainStepOutput(out.loss, grad_norm.detach(), out.num_tokens, out.num_loss_tokens)
+        return TrainStepOutput(out.loss, grad_norm.detach(), out.num_tokens, out.num_loss_tokens, out.accuracy)
 
 
 @dataclass
@@ -85,6 +89,7 @@ class _Captured:
     inputs: StepInputs
     loss: torch.Tensor
     grad_norm: torch.Tensor
+    accuracy: torch.Tensor | None
 
 
 class StaticTrainStep:
@@ -134,22 +139,23 @@ class StaticTrainStep:
             captured.inputs.copy_from(inputs)
             captured.graph.replay()
             loss, grad_norm = captured.loss.clone(), captured.grad_norm.clone()  # the next replay overwrites them
+            accuracy = None if captured.accuracy is None else captured.accuracy.clone()
         else:
-            loss, grad_norm = self._warm_or_eager(inputs)
+            loss, grad_norm, accuracy = self._warm_or_eager(inputs)
             self.warmed.add(key)
-        return TrainStepOutput(loss, grad_norm, packed.num_tokens, packed.num_loss_tokens)
+        return TrainStepOutput(loss, grad_norm, packed.num_tokens, packed.num_loss_tokens, accuracy)
 
-    def _body(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def _body(self, inputs: StepInputs) -> _BodyOut:
         """What is captured: zero the gradients in place, forward + backward, clip, AdamW."""
         grads = [p.grad for p in self.params if p.grad is not None]  # none before the first step
         if grads:
             torch._foreach_zero_(grads)
-        loss = self.fast.forward_backward(inputs)
+        loss, accuracy = self.fast.forward_backward(inputs)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
         self.optimizer.step()
-        return loss, grad_norm.detach()
+        return loss, grad_norm.detach(), accuracy
 
-    def _warm_or_eager(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def _warm_or_eager(self, inputs: StepInputs) -> _BodyOut:
         try:
             return self._run_eager(inputs)
         except Exception as exc:
@@ -158,7 +164,7 @@ class StaticTrainStep:
             self._uncompile(f"the compiled step failed ({type(exc).__name__}: {exc}); continuing uncompiled")
             return self._run_eager(inputs)
 
-    def _run_eager(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_eager(self, inputs: StepInputs) -> _BodyOut:
         if not self.graphs_on:
             return self._body(inputs)
         # Graph capture wants warm-up work on a side stream; the gradients it allocates stay for capture.
@@ -178,13 +184,13 @@ class StaticTrainStep:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self.pool):
-                loss, grad_norm = self._body(static)
+                loss, grad_norm, accuracy = self._body(static)
         except Exception as exc:
             self.graphs_on = False
             self.graphs.clear()
             self._warn(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); continuing without graphs")
             return None
-        captured = _Captured(graph, static, loss, grad_norm)
+        captured = _Captured(graph, static, loss, grad_norm, accuracy)
         self.graphs[key] = captured
         return captured
 

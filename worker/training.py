@@ -50,11 +50,15 @@ def train_model(
     lora_path: str | Path | None = None,
     validation: Dataset | None = None,
     checkpoint_dir: str | Path | None = None,
+    results_path: str | Path | None = None,
     run_name: str | None = None,
     on_progress: ProgressCallback | None = None,
     on_event: EventCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
     wandb: WandbSpec | None = None,
+    state_dir: str | Path | None = None,
+    state_every: int = 0,
+    pause_requested: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Fine-tune a LoRA adapter in this process and save it.
 
@@ -64,7 +68,14 @@ def train_model(
     refused before training (`shared.outputs.DestinationInUse`). `on_progress` is called on every
     step; `on_event(payload, message)` gets typed events (`shared.events`); `should_stop` is polled
     every step (the run then ends without saving). Checkpoints go to `checkpoint_dir` at each epoch
-    end; `wandb` names a Weights & Biases run (used where W&B is configured).
+    end; `results_path` gets a CSV row per logged step (`shared.results`); `wandb` names a Weights &
+    Biases run (used where W&B is configured).
+
+    `state_dir` keeps the run's resumable state (`worker.train_state`): saved every `state_every`
+    steps (0: never), at each epoch end, and when `should_stop` ends the run while
+    `pause_requested()` is true (the result is then `paused`). A run over a `state_dir` holding a
+    state of the same config and data continues from it; a state of anything else is ignored with a
+    warning event. The folder is deleted once the adapter is saved.
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.model_validate(config or {})
     adapter = Path(lora_path) if lora_path is not None else (Path(cfg.lora_path) if cfg.lora_path else None)
@@ -75,16 +86,21 @@ def train_model(
         lora_path=adapter,
         validation=validation,
         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
+        results_path=Path(results_path) if results_path else None,
         run_name=run_name,
         on_progress=on_progress,
         on_event=on_event,
         should_stop=should_stop,
         wandb=wandb,
+        state_dir=Path(state_dir) if state_dir is not None else None,
+        state_every=state_every,
+        pause_requested=pause_requested,
     )
     try:
         run.setup()
     except StoppedEarly:
-        return TrainResult(None, True, 0, 0, None, 0, 0, 0, 0.0, 0.0)
+        paused = pause_requested is not None and pause_requested()  # a saved state, if any, is kept
+        return TrainResult(None, True, 0, 0, None, 0, 0, 0, 0.0, 0.0, paused=paused)
     result = run.train()
     if not result.stopped:
         run.save(result)

@@ -32,7 +32,7 @@ from api.openai.schemas import (
 from shared.config import TrainConfig
 from shared.events import JobEvent, StatusChanged, StepMetrics, WarningNotice
 from shared.jobs import JobRecord, JobStatus
-from shared.model_names import fine_tuned_model_name
+from shared.model_names import checkpoint_model_name, fine_tuned_model_name
 
 EVENT_ID_PREFIX = "ftevent-"
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
@@ -154,7 +154,11 @@ def job_error(message: str) -> JobErrorPublic:
 
 
 def job_public(
-    record: JobRecord, extra: OpenAIJobRecord | None, *, queue_position: int | None = None
+    record: JobRecord,
+    extra: OpenAIJobRecord | None,
+    result_files: list[str] | None = None,
+    *,
+    queue_position: int | None = None,
 ) -> FineTuningJobPublic:
     """OpenAI's view of any of our jobs; `extra` holds what a job created through /v1 was sent with."""
     params = extra.hyperparameters if extra else _hyperparameters_of(record.config)
@@ -170,6 +174,7 @@ def job_public(
         fine_tuned_model=fine_tuned_model_name(model, extra.suffix if extra else None, record.id)
         if succeeded
         else None,
+        result_files=result_files or [],
         status=_STATUS[record.status],
         # A job submitted through POST /train has no file id: name its stored dataset instead.
         training_file=extra.training_file if extra else Path(record.dataset_path).name,
@@ -205,8 +210,10 @@ def event_public(event: JobEvent) -> FineTuningJobEventPublic:
     common: dict[str, Any] = {"id": EVENT_ID_PREFIX + event.id, "created_at": int(event.created_at)}
     if isinstance(event.data, StepMetrics):
         m = event.data
-        figures = {"step": m.step, "train_loss": m.loss, "epoch": m.epoch, "learning_rate": m.learning_rate,
-                   "grad_norm": m.grad_norm, "tokens_per_second": m.tokens_per_second, "step_seconds": m.step_seconds}  # fmt: skip
+        figures = {"step": m.step, "train_loss": m.loss, "train_mean_token_accuracy": m.accuracy,
+                   "valid_loss": m.valid_loss, "valid_mean_token_accuracy": m.valid_accuracy, "epoch": m.epoch,
+                   "learning_rate": m.learning_rate, "grad_norm": m.grad_norm,
+                   "tokens_per_second": m.tokens_per_second, "step_seconds": m.step_seconds}  # fmt: skip
         data = {k: v for k, v in figures.items() if v is not None}
         return FineTuningJobEventPublic(**common, level=level, message=event.message, type="metrics", data=data)
     details = {"event": event.type, **event.data.model_dump(mode="json")}
@@ -217,14 +224,27 @@ def checkpoint_id(job_id: str, step: int) -> str:
     return f"ftckpt-{job_id}-step-{step:06d}"
 
 
-def checkpoint_public(job_id: str, checkpoint: Checkpoint) -> FineTuningJobCheckpointPublic:
+def checkpoint_public(
+    record: JobRecord, extra: OpenAIJobRecord | None, checkpoint: Checkpoint
+) -> FineTuningJobCheckpointPublic:
+    """A checkpoint, named as OpenAI names one (`ft:{model}:{suffix}:{job id}:ckpt-step-{step}`); its
+    folder is in `/jobs/{id}/checkpoints`."""
+    model = extra.model if extra else record.config.model_name
     return FineTuningJobCheckpointPublic(
-        id=checkpoint_id(job_id, checkpoint.step),
+        id=checkpoint_id(record.id, checkpoint.step),
         created_at=int(checkpoint.created_at),
-        fine_tuned_model_checkpoint=checkpoint.path,
-        fine_tuning_job_id=job_id,
+        fine_tuned_model_checkpoint=checkpoint_model_name(
+            model, extra.suffix if extra else None, record.id, checkpoint.step
+        ),
+        fine_tuning_job_id=record.id,
         metrics=CheckpointMetricsPublic(
-            step=checkpoint.step, train_loss=checkpoint.loss, valid_loss=checkpoint.eval_loss
+            step=checkpoint.step,
+            train_loss=checkpoint.train_loss,
+            train_mean_token_accuracy=checkpoint.train_mean_token_accuracy,
+            valid_loss=checkpoint.valid_loss,
+            valid_mean_token_accuracy=checkpoint.valid_mean_token_accuracy,
+            full_valid_loss=checkpoint.full_valid_loss,
+            full_valid_mean_token_accuracy=checkpoint.full_valid_mean_token_accuracy,
         ),
         step_number=checkpoint.step,
     )

@@ -1,4 +1,10 @@
-"""OpenAI-compatible files: `/v1/files` (upload, list, read, delete, content) for training data."""
+"""OpenAI-compatible files: `/v1/files` (upload, list, read, delete, content).
+
+Two purposes share the surface: training data uploaded here (`fine-tune`), and each training job's
+result file (`fine-tune-results`, its `step_metrics.csv`), which the worker writes and registers
+when the job ends (worker.results_log) and which is listed on the job's `result_files`. Deleting a
+result file removes its CSV and its record, so the job no longer lists it and reading it is a 404.
+"""
 
 from __future__ import annotations
 
@@ -21,10 +27,11 @@ from api.openai.schemas import FileDeletedPublic, FilePublic, ListPage
 from api.openai.store import OpenAIStore, OpenAIStoreDep, UnknownCursorError
 from api.openai.uploads import receive_file_upload
 from api.uploads import multipart_openapi
+from shared.files import RESULTS_PURPOSE, UPLOAD_PURPOSE
 
 router = APIRouter(prefix="/v1/files", tags=["openai"], route_class=OpenAIRoute)
 
-PURPOSE: Final = "fine-tune"
+PURPOSE: Final = UPLOAD_PURPOSE  # the one purpose a client uploads
 
 _BODY = multipart_openapi(
     ["file", "purpose"],
@@ -86,12 +93,13 @@ def list_files(
     order: Annotated[Literal["asc", "desc"], Query(description="by upload time")] = "desc",
     purpose: Annotated[str | None, Query()] = None,
 ) -> ListPage[FilePublic]:
-    if purpose is not None and purpose != PURPOSE:
-        return ListPage.of([], False)
     try:
         records, has_more = store.list_files(after=after, limit=limit, order=order)
     except UnknownCursorError as exc:
         raise MalformedRequest(f"after: no file {after!r}", problems=[field_error(["after"], "no such file")]) from exc
+    if purpose is not None:
+        # Filtered after paging: a page may hold fewer than `limit`; `has_more` and `last_id` still walk on.
+        records = [r for r in records if r.purpose == purpose]
     return ListPage.of([file_public(r) for r in records], has_more)
 
 
@@ -102,7 +110,8 @@ def retrieve_file(file_id: str, store: OpenAIStoreDep) -> FilePublic:
 
 @router.delete("/{file_id}", responses={404: {}})
 def delete_file(file_id: str, store: OpenAIStoreDep) -> FileDeletedPublic:
-    """Forget the file. Jobs created from it keep their own copy of the data."""
+    """Forget the file and remove its content. Jobs created from it keep their own copy of the data;
+    a job whose result file this was no longer lists it."""
     record = get_file_record(store, file_id)
     deleted = store.remove_file(file_id)
     Path(record.path).unlink(missing_ok=True)
@@ -111,9 +120,11 @@ def delete_file(file_id: str, store: OpenAIStoreDep) -> FileDeletedPublic:
 
 @router.get("/{file_id}/content", response_class=FileResponse, responses={404: {}})
 def file_content(file_id: str, store: OpenAIStoreDep) -> FileResponse:
-    """The stored (normalised JSON Lines) content."""
+    """The stored content: normalised JSON Lines for training data, the CSV for a result file."""
     record = get_file_record(store, file_id)
     path = Path(record.path)
     if not path.is_file():
         raise FileNotFound(file_id, f"the content of {file_id} is no longer on the volume")
+    if record.purpose == RESULTS_PURPOSE:
+        return FileResponse(path, media_type="text/csv", filename=record.filename)
     return FileResponse(path, media_type="application/octet-stream", filename=f"{file_id}.jsonl")

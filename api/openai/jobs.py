@@ -29,6 +29,7 @@ from api.openai.schemas import (
 )
 from api.openai.store import JobFields, OpenAIStore, OpenAIStoreDep, UnknownCursorError
 from api.submission import JobRequest, ensure_room, submit_job
+from shared.files import UPLOAD_PURPOSE
 from shared.job_ids import new_job_id
 from shared.jobs import JobRecord, JobStatus
 from shared.store import JobStore
@@ -49,7 +50,9 @@ def _view(store: JobStore, ostore: OpenAIStore, job_id: str) -> FineTuningJobPub
 
 def _public(store: JobStore, ostore: OpenAIStore, record: JobRecord) -> FineTuningJobPublic:
     position = store.queue_position(record.id) if record.status is JobStatus.queued else None
-    return convert.job_public(record, ostore.get_job(record.id), queue_position=position)
+    return convert.job_public(
+        record, ostore.get_job(record.id), ostore.result_files(record.id), queue_position=position
+    )
 
 
 # --------------------------------------------------------------------------- create
@@ -59,6 +62,9 @@ def _training_file(ostore: OpenAIStore, file_id: str, param: str) -> FileRecord:
     record = ostore.get_file(file_id)
     if record is None:
         raise UnknownFile(f"invalid {param}: no file {file_id!r}", problems=[field_error([param], "no such file")])
+    if record.purpose != UPLOAD_PURPOSE:
+        msg = f"file {file_id!r} is a {record.purpose} file, not training data (purpose {UPLOAD_PURPOSE!r})"
+        raise UnknownFile(f"invalid {param}: {msg}", problems=[field_error([param], "not a fine-tune file")])
     return record
 
 
@@ -194,12 +200,14 @@ def list_events(
 def list_checkpoints(
     job: FineTuningJobDep,
     settings: SettingsDep,
+    ostore: OpenAIStoreDep,
     after: Annotated[str | None, Query(description="id of the last checkpoint of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
 ) -> ListPage[FineTuningJobCheckpointPublic]:
     """Checkpoints the worker saved while training, newest first."""
     found = saved_checkpoints(settings.volume, job.id)
-    checkpoints = [convert.checkpoint_public(job.id, c) for c in reversed(found)]
+    extra = ostore.get_job(job.id)
+    checkpoints = [convert.checkpoint_public(job, extra, c) for c in reversed(found)]
     if after is not None:
         ids = [c.id for c in checkpoints]
         if after not in ids:

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict
 
 from api.openai.schemas import HyperparametersPublic
+from shared.files import FileRecord
 
-
-class FileRecord(BaseModel):
-    """An uploaded training file (one hash per file)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    id: str
-    bytes: int
-    created_at: int
-    filename: str  # the client's name, for display only; never used as a path
-    purpose: Literal["fine-tune"]
-    path: str  # the normalised JSON Lines file on the volume
-    num_records: int
+__all__ = ["FileRecord", "OpenAIJobRecord"]  # FileRecord lives in shared.files: the worker registers result files
 
 
 class OpenAIJobRecord(BaseModel):

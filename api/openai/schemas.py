@@ -12,6 +12,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.config import TrainConfig
+from shared.files import FilePurpose
 from shared.jobs import WandbSpec
 
 # Our TrainConfig defaults stand in for OpenAI's "auto".
@@ -144,7 +145,7 @@ class FilePublic(BaseModel):
     bytes: int
     created_at: int
     filename: str
-    purpose: Literal["fine-tune"]
+    purpose: FilePurpose  # "fine-tune": uploaded training data; "fine-tune-results": a job's step_metrics.csv
     status: Literal["uploaded", "processed", "error"] = "processed"
     status_details: str | None = None
     expires_at: int | None = None

@@ -7,7 +7,6 @@ keeps what OpenAI's objects carry beyond them. Each hash field holds a JSON valu
 from __future__ import annotations
 
 import json
-import time
 from typing import Annotated, Literal, TypeVar, cast
 
 import redis
@@ -16,7 +15,8 @@ from pydantic import BaseModel
 
 from api.deps import StoreDep
 from api.openai.records import FileRecord, OpenAIJobRecord
-from shared import keys
+from shared import files, keys
+from shared.files import result_file_id
 
 M = TypeVar("M", bound=BaseModel)
 Order = Literal["asc", "desc"]
@@ -42,20 +42,18 @@ class OpenAIStore:
 
     # Files.
     def add_file(self, record: FileRecord) -> None:
-        pipe = self.client.pipeline()
-        pipe.hset(keys.file_key(record.id), mapping=_to_hash(record))  # type: ignore[arg-type]
-        pipe.zadd(keys.FILES, {record.id: int(time.time() * 1000)})
-        pipe.execute()
+        files.add_file(self.client, record)
 
     def get_file(self, file_id: str) -> FileRecord | None:
         return _from_hash(FileRecord, cast(dict[str, str], self.client.hgetall(keys.file_key(file_id))))
 
     def remove_file(self, file_id: str) -> bool:
-        pipe = self.client.pipeline()
-        pipe.delete(keys.file_key(file_id))
-        pipe.zrem(keys.FILES, file_id)
-        deleted, _ = pipe.execute()
-        return bool(deleted)
+        return files.remove_file(self.client, file_id)
+
+    def result_files(self, job_id: str) -> list[str]:
+        """The job's result file, while it is registered (deleting it takes it off the job too)."""
+        file_id = result_file_id(job_id)
+        return [file_id] if self.client.exists(keys.file_key(file_id)) else []
 
     def list_files(self, *, after: str | None, limit: int, order: Order) -> tuple[list[FileRecord], bool]:
         ids, has_more = self._page(keys.FILES, after=after, limit=limit, order=order)

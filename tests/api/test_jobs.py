@@ -130,7 +130,8 @@ def test_events_are_served_with_their_typed_payloads(api: TestClient, store: Job
     assert page.data[3].data == StepMetrics(step=1, epoch=1, loss=2.5, learning_rate=3e-4)
     assert page.data[4].data == EpochEnd(epoch=1, step=2, loss=2.4, eval_loss=2.6)
     raw = api.get("/jobs/job-done/events", params={"after": page.data[2].id}).json()["data"]
-    assert raw[0]["data"] == {"step": 1, "epoch": 1, "loss": 2.5, "learning_rate": 3e-4, "grad_norm": None,
+    assert raw[0]["data"] == {"step": 1, "epoch": 1, "loss": 2.5, "accuracy": None, "valid_loss": None,
+                              "valid_accuracy": None, "learning_rate": 3e-4, "grad_norm": None,
                               "tokens_per_second": None, "step_seconds": None}  # fmt: skip
 
 

@@ -3,6 +3,7 @@ from our jobs, the W&B integration carried on the job, and errors in OpenAI's en
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from collections.abc import Iterator
@@ -10,16 +11,19 @@ from typing import Any
 
 import openai
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from openai import OpenAI
 
 from shared.events import WarningNotice
 from shared.jobs import JobStatus, WandbSpec
 from shared.metrics import EpochEnd, StepMetrics
+from shared.results import count_rows, csv_text
 from shared.settings import Settings
 from shared.store import JobStore
 from shared.volume import CHECKPOINT_META, CheckpointMeta
 from tests.data import easy_records, jsonl
+from worker.results_log import register_results
 
 
 @pytest.fixture
@@ -81,28 +85,92 @@ def test_the_wandb_integration_travels_on_the_job_record(client: OpenAI, store: 
 def test_our_events_and_checkpoints_read_as_openais(client: OpenAI, store: JobStore, settings: Settings) -> None:
     job_id = _create(client, _upload(client)).id
     store.add_event(job_id, WarningNotice(using="sdpa"), "flash_attention_2 unavailable: using sdpa")
-    store.add_event(job_id, StepMetrics(step=1, epoch=1, loss=2.5, grad_norm=0.5), "step 1/2 loss 2.5000")
-    store.add_event(job_id, EpochEnd(epoch=1, step=2, loss=2.4, eval_loss=2.6), "epoch 1/1 done, eval loss 2.6000")
+    step = StepMetrics(step=1, epoch=1, loss=2.5, accuracy=0.25, valid_loss=2.7, valid_accuracy=0.2, grad_norm=0.5)
+    store.add_event(job_id, step, "step 1/2 loss 2.5000")
+    epoch_end = EpochEnd(epoch=1, step=2, loss=2.4, accuracy=0.3, eval_loss=2.6, eval_accuracy=0.28)
+    store.add_event(job_id, epoch_end, "epoch 1/1 done, eval loss 2.6000")
     epoch, metrics, warning, queued = client.fine_tuning.jobs.list_events(job_id).data
-    assert (metrics.type, metrics.level, metrics.data) == ("metrics", "info", {"step": 1, "train_loss": 2.5,
-                                                                               "epoch": 1, "grad_norm": 0.5})  # fmt: skip
+    assert (metrics.type, metrics.level, metrics.data) == ("metrics", "info", {
+        "step": 1, "train_loss": 2.5, "train_mean_token_accuracy": 0.25, "valid_loss": 2.7,
+        "valid_mean_token_accuracy": 0.2, "epoch": 1, "grad_norm": 0.5})  # fmt: skip
     assert (warning.type, warning.level, warning.data) == ("message", "warn", {"event": "warning", "using": "sdpa"})
-    assert epoch.data == {"event": "epoch", "epoch": 1, "step": 2, "loss": 2.4, "eval_loss": 2.6}
+    assert epoch.data == {"event": "epoch", "epoch": 1, "step": 2, "loss": 2.4, "accuracy": 0.3, "eval_loss": 2.6,
+                          "eval_accuracy": 0.28}  # fmt: skip
     assert (queued.message, queued.data) == ("Job queued", {"event": "status", "status": "queued"})
     after = client.fine_tuning.jobs.list_events(job_id, after=metrics.id).data
     assert [e.id for e in after] == [warning.id, queued.id]
 
+    figures = {"train_loss": 2.4, "train_mean_token_accuracy": 0.3, "valid_loss": 2.7,
+               "valid_mean_token_accuracy": 0.2, "full_valid_loss": 2.6, "full_valid_mean_token_accuracy": 0.28}  # fmt: skip
     folder = settings.volume.checkpoint(job_id, 2)
     folder.mkdir(parents=True)
-    meta = CheckpointMeta(step=2, epoch=1, loss=2.4, eval_loss=2.6, created_at=time.time())
+    meta = CheckpointMeta.model_validate({"step": 2, "epoch": 1, **figures, "created_at": time.time()})
     (folder / CHECKPOINT_META).write_text(meta.model_dump_json())
-    (ckpt,) = client.fine_tuning.jobs.checkpoints.list(job_id).data
+    # A checkpoint.json written before the OpenAI names (`loss`, `eval_loss`) still reads, as what it was.
+    legacy = settings.volume.checkpoint(job_id, 1)
+    legacy.mkdir(parents=True)
+    (legacy / CHECKPOINT_META).write_text(json.dumps({"step": 1, "epoch": 1, "loss": 2.9, "eval_loss": 3.1,
+                                                      "created_at": time.time()}))  # fmt: skip
+    ckpt, old = client.fine_tuning.jobs.checkpoints.list(job_id).data
     assert (ckpt.id, ckpt.step_number, ckpt.fine_tuned_model_checkpoint) == (
         f"ftckpt-{job_id}-step-000002",
         2,
-        str(folder),
+        f"ft:some/model::{job_id}:ckpt-step-2",  # OpenAI's naming; the folder is in /jobs/{id}/checkpoints
     )
-    assert (ckpt.metrics.step, ckpt.metrics.train_loss, ckpt.metrics.valid_loss) == (2, 2.4, 2.6)
+    assert ckpt.metrics.model_dump() == {"step": 2, **figures}
+    assert old.metrics.model_dump() == {"step": 1, "train_loss": 2.9, "train_mean_token_accuracy": None,
+                                        "valid_loss": None, "valid_mean_token_accuracy": None,
+                                        "full_valid_loss": 3.1, "full_valid_mean_token_accuracy": None}  # fmt: skip
+
+
+def test_the_results_csv_has_openais_header_and_a_blank_for_each_unknown() -> None:
+    steps = [StepMetrics(step=1, epoch=1, loss=2.5, accuracy=0.125, valid_loss=2.75, valid_accuracy=0.1),
+             StepMetrics(step=2, epoch=1, loss=1.0)]  # fmt: skip
+    text = csv_text(steps)
+    assert text.splitlines()[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"
+    rows = list(csv.reader(text.splitlines()[1:]))
+    assert rows == [["1", "2.5", "0.125", "2.75", "0.1"], ["2", "1.0", "", "", ""]]
+    assert count_rows(text) == 2 and count_rows(csv_text([])) == 0
+
+
+def test_a_jobs_result_file_is_listed_on_it_and_served_until_deleted(
+    client: OpenAI, settings: Settings, redis_client: redis.Redis
+) -> None:
+    upload_id = _upload(client)
+    job_id = _create(client, upload_id).id
+    path = settings.volume.step_metrics(job_id)
+    assert register_results(redis_client, job_id, path) is None  # no file: nothing to register
+    path.parent.mkdir(parents=True)
+    path.write_text(csv_text([]))
+    assert register_results(redis_client, job_id, path) is None  # a header alone: no step was logged
+    assert client.fine_tuning.jobs.retrieve(job_id).result_files == []
+    text = csv_text([StepMetrics(step=s, epoch=1, loss=3.0 - s, accuracy=0.1 * s) for s in (1, 2, 3)])
+    path.write_text(text)
+    file_id = register_results(redis_client, job_id, path)  # as the worker does when the job ends
+
+    assert file_id == f"file-results-{job_id}"
+    assert client.fine_tuning.jobs.retrieve(job_id).result_files == [file_id]
+    assert [j.result_files for j in client.fine_tuning.jobs.list()] == [[file_id]]
+    info = client.files.retrieve(file_id)
+    assert (info.purpose, info.filename, info.bytes, info.object) == (
+        "fine-tune-results", "step_metrics.csv", len(text), "file")  # fmt: skip
+    content = client.files.content(file_id)
+    assert content.content == text.encode() and content.response.headers["content-type"].startswith("text/csv")
+    assert {f.id for f in client.files.list()} == {upload_id, file_id}
+    assert [f.id for f in client.files.list(purpose="fine-tune-results")] == [file_id]
+    assert [f.id for f in client.files.list(purpose="fine-tune")] == [upload_id]
+    client.fine_tuning.jobs.cancel(job_id)  # frees the slot for the next refusal
+    with pytest.raises(openai.BadRequestError) as not_data:  # metrics are not training data
+        _create(client, file_id)
+    assert not_data.value.param == "training_file" and "fine-tune-results" in not_data.value.message
+
+    assert client.files.delete(file_id).deleted is True
+    assert not path.exists() and client.fine_tuning.jobs.retrieve(job_id).result_files == []
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(file_id)
+    with pytest.raises(openai.NotFoundError):
+        client.files.content(file_id)
+    assert [f.id for f in client.files.list()] == [upload_id]
 
 
 def test_a_job_submitted_natively_is_listed_here_too(api: TestClient, client: OpenAI) -> None:

@@ -24,7 +24,8 @@ from tests.data import easy_records, jsonl
 
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
-    return settings.model_copy(update={"max_queued_jobs": 2, "reap_interval_s": 3600})
+    # The webhook dispatcher empties the outbox as it goes: polling once (at start) leaves it to be read here.
+    return settings.model_copy(update={"max_queued_jobs": 2, "reap_interval_s": 3600, "webhook_poll_interval_s": 3600})
 
 
 @pytest.fixture

@@ -8,11 +8,12 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from cli.main import build_parser
 from launcher.embedded_redis import free_port
 from tests.data import easy_records, write_jsonl
-from tests.service import Service, flush, wait_running, wait_until_up
+from tests.service import Service, flush, wait_running, wait_until, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -105,6 +106,39 @@ def test_cancel_stops_a_followed_job_which_then_exits_non_zero(
     assert follower.returncode == 3, err
     assert "cancelled" in err and "/1600" in err
     assert service.get(f"/jobs/{job_id}").json()["status"] == "cancelled"
+
+
+def test_submit_queue_waits_for_the_slot_and_pause_resume_hand_it_over(
+    service: Service, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    data = str(write_jsonl(tmp_path / "train.jsonl", easy_records(8)))
+    model = f"model_name={tiny_model_dir}"
+    first = cli(service, "submit", data, "--set", model, "--set", "epochs=400", "--set", "batch_size=2")
+    first_id = first.stdout.strip()
+    wait_running(service, first_id, min_step=2)
+    busy = cli(service, "submit", data, "--set", model)
+    assert busy.returncode == 1 and "every training slot is taken" in busy.stderr
+    queued = cli(service, "submit", data, "--set", model, "--queue")
+    assert queued.returncode == 0 and "waiting for a free slot (position 1)" in queued.stderr, queued.stderr
+    second_id = queued.stdout.strip()
+
+    paused = cli(service, "pause", first_id)
+    assert paused.returncode == 0 and f"{first_id} pausing" in paused.stdout, paused.stderr
+    service.wait_for(first_id, {"paused"}, timeout=60)
+    assert service.wait_for(second_id, {"succeeded", "failed"})["status"] == "succeeded"  # it got the slot
+    resumed = cli(service, "resume", first_id)
+    assert resumed.returncode == 0 and f"{first_id} queued" in resumed.stdout, resumed.stderr
+    paused_at = service.job(first_id)["progress"]["current_step"]
+
+    def resumed() -> dict[str, Any] | None:
+        events = service.get(f"/jobs/{first_id}/events", params={"limit": 1000}).json()["data"]
+        return next((e for e in events if e["message"].startswith("resuming from step")), None)
+
+    event = wait_until(resumed, timeout=60, what=lambda: service.logs("worker"))
+    assert event["data"]["resumed_step"] == paused_at > 2  # it continued where it stopped, not from step 0
+    assert cli(service, "cancel", first_id).returncode == 0
+    again = cli(service, "resume", second_id)
+    assert again.returncode == 1 and "only a paused job can be resumed" in again.stderr
 
 
 def test_bad_input_and_missing_key_are_clear_errors(tmp_path: Path, redis_url: str, tiny_model_dir: Path) -> None:

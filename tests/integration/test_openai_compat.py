@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,10 +45,12 @@ def test_upload_train_follow_and_list_a_job(client: OpenAI, service: Service, ti
     assert client.files.retrieve(uploaded.id) == uploaded
     assert uploaded.id in [f.id for f in client.files.list()]
     assert client.files.content(uploaded.id).content == stored.read_bytes()
+    validation = client.files.create(file=("valid.jsonl", jsonl(easy_records(4))), purpose="fine-tune")
 
     created = client.fine_tuning.jobs.create(
         model=str(tiny_model_dir),
         training_file=uploaded.id,
+        validation_file=validation.id,
         method={
             "type": "supervised",
             "supervised": {"hyperparameters": {"n_epochs": 20, "batch_size": 4, "learning_rate_multiplier": 10}},
@@ -95,6 +98,7 @@ def test_upload_train_follow_and_list_a_job(client: OpenAI, service: Service, ti
     steps = [e.data["step"] for e in metrics]  # type: ignore[index]
     assert steps == list(range(40, 0, -1))
     assert all(isinstance(e.data["train_loss"], float) for e in metrics)  # type: ignore[index]
+    assert all(0 <= e.data["train_mean_token_accuracy"] <= 1 for e in metrics)  # type: ignore[index]
     assert events[0].type == "message" and "completed" in events[0].message.lower()
     assert events[-1].message == "Job queued"
     paged = list(client.fine_tuning.jobs.list_events(job.id, limit=7))  # auto-paginates through `after`
@@ -105,10 +109,30 @@ def test_upload_train_follow_and_list_a_job(client: OpenAI, service: Service, ti
     assert checkpoints and checkpoints[0].step_number == 40
     for ckpt in checkpoints:
         assert ckpt.object == "fine_tuning.job.checkpoint" and ckpt.fine_tuning_job_id == job.id
-        assert (Path(ckpt.fine_tuned_model_checkpoint) / "checkpoint.json").is_file()
+        assert ckpt.fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-{ckpt.step_number}"
         assert ckpt.metrics.step == ckpt.step_number and ckpt.metrics.train_loss is not None
+        m = ckpt.metrics
+        figures = (m.train_mean_token_accuracy, m.valid_loss, m.full_valid_loss, m.full_valid_mean_token_accuracy)
+        assert all(isinstance(x, float) for x in figures), m
     assert [c.step_number for c in checkpoints] == sorted((c.step_number for c in checkpoints), reverse=True)
     assert [c.id for c in client.fine_tuning.jobs.checkpoints.list(job.id, limit=1)] == [c.id for c in checkpoints]
+
+    # The result file: OpenAI's step_metrics.csv, one row per logged step, a file like any other until deleted.
+    (result_id,) = job.result_files
+    result = client.files.retrieve(result_id)
+    assert (result.purpose, result.filename) == ("fine-tune-results", "step_metrics.csv")
+    text = client.files.content(result_id).content.decode()
+    assert result.bytes == len(text.encode())
+    header, *rows = list(csv.reader(text.splitlines()))
+    assert header == ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+    assert [int(r[0]) for r in rows] == list(range(1, 41))  # as many rows as logged steps (the 40 metrics events)
+    assert all(r[1] and r[2] and r[3] and r[4] for r in rows), rows[:3]
+    assert float(rows[-1][1]) < float(rows[0][1]) and float(rows[-1][2]) > float(rows[0][2])  # it learned
+    assert result_id in [f.id for f in client.files.list()]
+    assert client.files.delete(result_id).deleted is True
+    assert client.fine_tuning.jobs.retrieve(job.id).result_files == []
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(result_id)
 
     # The job keeps its data when the file is deleted.
     assert client.files.delete(uploaded.id).deleted is True
@@ -154,8 +178,9 @@ def test_jobs_wait_in_line_through_restarts_and_pause_resume_continues(
         return next((e for e in events if "resuming from step" in e.message), None)
 
     resumed_at = wait_until(resumed, timeout=60, what=lambda: f"the first job to resume\n{service.logs('worker')}")
-    step = int(resumed_at.data["step"])  # type: ignore[index]
-    assert step >= 10 and step % 5 == 0, resumed_at  # its last saved state, not step 0
+    step = int(resumed_at.data["resumed_step"])  # type: ignore[index]
+    # Its last saved state, not step 0: states are saved every 5 steps and at epoch ends (8 steps each).
+    assert step >= 10 and (step % 5 == 0 or step % 8 == 0), resumed_at
 
     # Pause: the job saves its state at the next step and frees its slot; the next in line starts.
     assert client.fine_tuning.jobs.pause(first.id).status in ("pausing", "paused")
@@ -173,6 +198,10 @@ def test_jobs_wait_in_line_through_restarts_and_pause_resume_continues(
     steps = _steps(client, first.id)
     assert steps[-1] == 96 and paused_at + 1 in steps
     assert steps.count(paused_at + 1) == 1  # no step after the pause was trained twice
+    # Its result file has each step once, across the crash, the pause and the resume.
+    (result_id,) = job.result_files
+    rows = client.files.content(result_id).content.decode().splitlines()[1:]
+    assert [int(row.split(",")[0]) for row in rows] == list(range(1, 97))
     with pytest.raises(openai.BadRequestError) as not_paused:
         client.fine_tuning.jobs.resume(first.id)
     assert not_paused.value.code == "invalid_job_state"

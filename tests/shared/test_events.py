@@ -30,7 +30,8 @@ WORKER_PAYLOADS = [
               "validation_examples": 0}, InfoNotice),
     ("status", {"status": "running"}, StatusChanged),
     ("cancel_requested", {}, CancelRequested),
-    ("checkpoint", {"step": 8, "epoch": 2, "loss": 2.0, "eval_loss": None, "created_at": 1.5}, CheckpointSaved),
+    ("checkpoint", {"step": 8, "epoch": 2, "train_loss": 2.0, "train_mean_token_accuracy": 0.5, "valid_loss": None,
+                    "full_valid_loss": None, "created_at": 1.5}, CheckpointSaved),
 ]  # fmt: skip
 
 
@@ -43,11 +44,23 @@ def test_todays_payloads_parse_into_their_models_and_back(etype: str, data: dict
     assert {k: v for k, v in event.data.model_dump().items() if k in data} == data
 
 
+def test_a_checkpoint_payload_written_before_the_openai_names_reads_as_what_it_was() -> None:
+    old = payload("checkpoint", {"step": 8, "epoch": 2, "loss": 2.0, "eval_loss": 1.9, "created_at": 1.5})
+    assert isinstance(old, CheckpointSaved)
+    assert (old.train_loss, old.full_valid_loss, old.valid_loss, old.train_mean_token_accuracy) == (
+        2.0,
+        1.9,
+        None,
+        None,
+    )
+    assert (old.loss, old.eval_loss) == (2.0, 1.9)  # the native API's names
+
+
 def test_a_payload_missing_a_field_or_of_an_unknown_type_is_refused() -> None:
     with pytest.raises(ValidationError, match="loss"):
         payload("metrics", {"step": 1, "epoch": 1})
     with pytest.raises(ValidationError, match="status"):
-        payload("status", {"status": "paused"})
+        payload("status", {"status": "sleeping"})
     with pytest.raises(ValueError, match="unknown event type 'progress'"):
         payload("progress", {})
 

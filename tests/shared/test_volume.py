@@ -17,6 +17,7 @@ def test_every_path_the_service_writes(tmp_path: Path) -> None:
     assert v.new_upload().parent == v.incoming and v.new_upload() != v.new_upload()
     assert v.checkpoint("job-a", 120) == tmp_path / "checkpoints" / "job-a" / "step-000120"
     assert v.redis_data == tmp_path / ".redis"
+    assert v.job_state("job-a") == tmp_path / ".state" / "job-a"
     assert v.default_output("job-a") == "job-a"
     assert merged_name("/v/my_adapter/") == "my_adapter-merged"
     assert not list(tmp_path.iterdir())  # naming a path creates nothing
@@ -33,6 +34,8 @@ def test_a_job_folder_is_only_ever_a_job_id(tmp_path: Path) -> None:
     for bad in ("..", "../etc", "job-1:events", ""):
         with pytest.raises(ValueError, match="is not a job id"):
             Volume(tmp_path).job_checkpoints(bad)
+        with pytest.raises(ValueError, match="is not a job id"):
+            Volume(tmp_path).job_state(bad)
 
 
 @pytest.mark.parametrize(

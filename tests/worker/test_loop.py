@@ -17,12 +17,24 @@ def easy_dataset() -> list[Example]:
 
 
 @pytest.mark.parametrize("engine", ["fast", "reference"])
-def test_train_loop_converges(engine: EngineKind) -> None:
+def test_train_loop_converges_and_token_accuracy_rises(engine: EngineKind) -> None:
     model = tiny_lora_model(modules_to_save=["lm_head"])
-    result = train_loop(model, easy_dataset(), epochs=8, batch_size=4, learning_rate=1e-2, device=CPU, engine=engine)
+    steps: list[StepInfo] = []
+    epochs: list[float | None] = []
+    result = train_loop(
+        model, easy_dataset(), epochs=8, batch_size=4, learning_rate=1e-2, device=CPU, engine=engine,
+        on_step=steps.append, on_epoch_end=lambda epoch, loss, accuracy: epochs.append(accuracy),
+    )  # fmt: skip
     first, last = result.logged_losses[0][1], result.final_loss
     assert result.steps_done == 32 and not result.stopped
     assert last is not None and last < 0.5 * first, (first, last)
+    accuracies = [s.accuracy for s in steps]
+    assert all(a is not None and 0.0 <= a <= 1.0 for a in accuracies), accuracies
+    assert all(a is not None and 0.0 <= a <= 1.0 for a in epochs) and len(epochs) == 8
+    # A random model on random tokens starts near chance (1/256); memorising 4 sequences lifts it well above.
+    assert accuracies[0] is not None and accuracies[0] < 0.1
+    assert accuracies[-1] is not None and accuracies[-1] > accuracies[0] + 0.3, accuracies
+    assert epochs[-1] is not None and epochs[0] is not None and epochs[-1] > epochs[0]
 
 
 def test_both_engines_follow_the_same_trajectory() -> None:
@@ -55,7 +67,7 @@ def test_train_loop_reports_steps_and_epochs() -> None:
         device=CPU,
         log_every=2,
         on_step=steps.append,
-        on_epoch_end=lambda e, loss: epochs.append((e, loss)),
+        on_epoch_end=lambda e, loss, accuracy: epochs.append((e, loss)),
     )
     assert [s.step for s in steps] == [1, 2, 3, 4, 5, 6]
     assert all(s.total_steps == 6 and s.epochs == 2 for s in steps)

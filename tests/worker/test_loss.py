@@ -8,7 +8,7 @@ from torch import nn
 
 from tests.worker.helpers import tiny_lora_model
 from worker.example import IGNORE_INDEX
-from worker.loss import chunked_lm_loss_sum, head_linear, pick_loss
+from worker.loss import chunked_lm_loss, chunked_lm_loss_sum, head_linear, pick_loss
 
 
 def test_chunked_loss_matches_full_logits() -> None:
@@ -60,3 +60,21 @@ def test_a_lora_wrapped_head_has_no_plain_linear_to_fuse() -> None:
     head = model.base_model.model[0]
     assert head_linear(head) is None
     assert pick_loss(torch.device("cpu"), head, captured=False, chunk_rows=4)[0] == "chunked"
+
+
+def test_chunked_correct_count_equals_the_argmax_of_full_logits() -> None:
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    predicted = head(hidden).argmax(-1)
+    targets = torch.randint(0, 50, (23,))
+    targets[::2] = predicted[::2]  # about half right by construction
+    targets[::5] = IGNORE_INDEX  # ignored rows never count, even where the argmax would match
+    want = int(((predicted == targets) & (targets != IGNORE_INDEX)).sum())
+    assert 5 <= want < 23
+    for chunk_rows in (4, 7, 4096):  # checkpointed chunks, and all logits kept in one pass
+        sums = chunked_lm_loss(head, hidden, targets, chunk_rows=chunk_rows)
+        assert sums.correct is not None and sums.correct.dtype == torch.long and int(sums.correct) == want
+        sums.loss_sum.backward()  # the count rides along without disturbing the backward
+    empty = chunked_lm_loss(head, hidden[:0], targets[:0])
+    assert empty.correct is not None and int(empty.correct) == 0

@@ -67,6 +67,35 @@ def test_step_without_loss_tokens_gives_zero_loss_and_gradients() -> None:
         assert all(g.abs().max() == 0 for g in grads.values())
 
 
+def test_both_engines_report_the_token_accuracy_of_full_logits() -> None:
+    """Labels made the model's own argmax at every other position: both engines count exactly those."""
+    model = tiny_lora_model()
+    examples = []
+    for example in make_examples([9, 14, 6, 21]):
+        with torch.no_grad():
+            predicted = model(input_ids=torch.tensor([example.input_ids])).logits[0].argmax(-1).tolist()
+        labels = [
+            label if label == IGNORE_INDEX or t % 2 else predicted[t - 1] for t, label in enumerate(example.labels)
+        ]
+        examples.append(Example(example.input_ids, labels))
+    counted = [(t, e) for e in examples for t in range(1, len(e.labels)) if e.labels[t] != IGNORE_INDEX]
+    want = sum(
+        e.labels[t] == model_prediction
+        for (t, e), model_prediction in zip(counted, _predictions(model, counted), strict=True)
+    )
+    assert 0 < want < len(counted)
+    for kind, options in (("reference", {}), ("fast", {"loss_chunk_rows": 4})):
+        out = make_step_fn(model, kind=kind, device=CPU, **options)(examples)  # type: ignore[arg-type]
+        model.zero_grad(set_to_none=True)
+        assert out.accuracy is not None
+        assert out.accuracy.item() == pytest.approx(want / len(counted), abs=1e-6), kind
+
+
+def _predictions(model: nn.Module, counted: list[tuple[int, Example]]) -> list[int]:
+    with torch.no_grad():
+        return [int(model(input_ids=torch.tensor([e.input_ids[:t]])).logits[0, -1].argmax()) for t, e in counted]
+
+
 def test_fast_engine_refuses_a_model_not_loaded_for_packing() -> None:
     with pytest.raises(ValueError, match="attn_implementation"):
         make_step_fn(tiny_lora_model("sdpa"), kind="fast", device=CPU)
