@@ -20,7 +20,7 @@ import pytest
 from websockets.sync.client import ClientConnection, connect
 
 from tests.data import easy_records, jsonl, write_jsonl
-from tests.service import Service, flush, wait_running, wait_until
+from tests.service import Service, assert_chat_served, flush, wait_running, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -356,12 +356,9 @@ def test_dashboard_chat_box_streams_an_answer_from_the_fine_tuned_model(
     service: Service, tiny_model_dir: Path, browser: Page
 ) -> None:
     """Needs the chat surface (`POST /v1/chat/completions` and a generation worker, branch `chat`)."""
+    assert_chat_served(service)
     job_id = _submit(service, tiny_model_dir, epochs=1)
     service.wait_for(job_id, {"succeeded", "failed"}, timeout=120)
-    probe = service.post("/v1/chat/completions", json={"model": job_id, "messages": [], "stream": True})
-    assert probe.status_code not in (404, 405) or "model" in probe.text, (
-        "needs the chat branch: POST /v1/chat/completions is not served here"
-    )
 
     browser.goto(f"{service.url}/dashboard#{job_id}")
     browser.wait_for("!document.getElementById('chat').hidden")
