@@ -10,8 +10,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from api.errors import InvalidDataset, UnknownFile, VolumeFull, field_error, storage_failure
+from api.errors import InvalidDataset, UnknownFile, VolumeFull, WrongDataKind, field_error, storage_failure
+from shared.config import TrainingMethod
 from shared.dataset import DatasetError, DatasetSummary, validate_dataset
+from shared.preference import kind_problem
 from shared.settings import Settings
 
 
@@ -37,10 +39,13 @@ def check_disk(settings: Settings) -> None:
         raise VolumeFull("upload (LORA_MIN_FREE_DISK_MB)")
 
 
-def store_dataset(upload: Path, settings: Settings, name: str, *, part: str = "file") -> tuple[Path, DatasetSummary]:
+def store_dataset(
+    upload: Path, settings: Settings, name: str, *, part: str = "file", method: TrainingMethod | None = None
+) -> tuple[Path, DatasetSummary]:
     """Validate the spooled upload and move its normalised form into place as dataset `name`.
 
-    InvalidDataset names each bad line; VolumeFull or StorageFailed when writing fails.
+    InvalidDataset names each bad line; InvalidInput (naming `part`) when `method` is given and cannot
+    train on this kind of data; VolumeFull or StorageFailed when writing fails.
     """
     volume = settings.volume
     staging, final = volume.staging(name), volume.dataset(name)
@@ -49,6 +54,10 @@ def store_dataset(upload: Path, settings: Settings, name: str, *, part: str = "f
         summary = validate_dataset(
             upload, staging, max_record_bytes=settings.max_record_kb * 1024, max_records=settings.max_records
         )
+        problem = kind_problem(summary.kind, method) if method is not None else None
+        if problem is not None:
+            staging.unlink(missing_ok=True)
+            raise WrongDataKind(f"{part}: {problem}", problems=[field_error([part], problem)])
         os.replace(staging, final)
     except DatasetError as exc:
         raise InvalidDataset(part, exc.problems, exc.truncated, str(exc)) from exc
@@ -60,17 +69,21 @@ def store_dataset(upload: Path, settings: Settings, name: str, *, part: str = "f
 
 @dataclass(frozen=True)
 class UploadedData:
-    """Spooled uploads of a `POST /train`: validated into the job's dataset names."""
+    """Spooled uploads of a `POST /train`: validated into the job's dataset names, each of the kind of
+    data `method` trains on."""
 
     dataset: Path
     validation: Path | None = None
+    method: TrainingMethod = "sft"
 
     def place(self, settings: Settings, job_id: str) -> JobData:
-        dataset, summary = store_dataset(self.dataset, settings, job_id)
+        dataset, summary = store_dataset(self.dataset, settings, job_id, method=self.method)
         validation = None
         if self.validation is not None:
             try:
-                validation, _ = store_dataset(self.validation, settings, f"{job_id}.validation", part="validation_file")
+                validation, _ = store_dataset(
+                    self.validation, settings, f"{job_id}.validation", part="validation_file", method=self.method
+                )
             except BaseException:
                 dataset.unlink(missing_ok=True)
                 raise

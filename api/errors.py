@@ -86,6 +86,10 @@ class UnknownFile(InvalidInput):
     """A request names an uploaded file that does not exist (any more)."""
 
 
+class WrongDataKind(InvalidInput):
+    """A dataset of the wrong kind for the training method (chat records for DPO, preference pairs for SFT)."""
+
+
 # --- what the request names --------------------------------------------------------------------------
 
 

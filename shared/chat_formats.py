@@ -179,6 +179,16 @@ def _messages(raw: Any, where: str) -> list[Message]:
     return [_message(m, f"{where}[{i}]") for i, m in enumerate(raw)]
 
 
+def normalise_messages(raw: Any, where: str) -> list[Message]:
+    """A non-empty list of messages, normalised; ValueError saying what is wrong (for other record kinds)."""
+    return _messages(raw, where)
+
+
+def normalise_tools(raw: Any) -> list[dict[str, Any]]:
+    """A tools list (None: none), checked; ValueError saying what is wrong."""
+    return _tools(raw)
+
+
 def _system(record: dict[str, Any]) -> list[Message]:
     system = record.get("system")
     if system is None or (isinstance(system, str) and not system.strip()):

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 AttnImplementation = Literal["flash_attention_2", "flash_attention_3", "sdpa", "eager", "flex_attention"]
 TorchDtypeName = Literal["auto", "bfloat16", "float16", "float32"]
 EngineName = Literal["fast", "reference"]
+TrainingMethod = Literal["sft", "dpo"]
 
 # The seed documented `embed_token`; the module in Qwen2/Llama-style models is `embed_tokens`.
 _MODULE_ALIASES = {"embed_token": "embed_tokens"}
@@ -74,13 +75,21 @@ class TrainConfig(BaseModel):
     validation_split: float | None = Field(
         default=None, gt=0.0, lt=0.5, description="Hold out this fraction of records; eval loss per epoch."
     )
+    method: TrainingMethod = Field(
+        default="sft",
+        description="'sft': supervised, on chat records; 'dpo': Direct Preference Optimization on preference pairs "
+        "(shared.preference), the base with the adapter disabled as the reference model.",
+    )
+    dpo_beta: float = Field(
+        default=0.1, gt=0.0, le=100.0, description="DPO's beta: how far the policy may move from the reference."
+    )
     keep_checkpoints: int = Field(default=2, ge=0, le=100, description="Adapter checkpoints kept (one per epoch).")
 
     train_round: int = Field(default=0, ge=0, description="The seed's run counter; names the W&B run.")
 
     @field_validator(
         "lora_rank", "lora_alpha", "lora_dropout", "epochs", "batch_size", "learning_rate", "max_length", "seed",
-        "log_every", "validation_split", "keep_checkpoints", "train_round", mode="before",
+        "log_every", "validation_split", "keep_checkpoints", "train_round", "dpo_beta", mode="before",
     )  # fmt: skip
     @classmethod
     def _no_booleans_as_numbers(cls, value: object) -> object:

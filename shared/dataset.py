@@ -1,10 +1,12 @@
 """Streaming validation of chat datasets, by content rather than file extension.
 
 Accepts JSON Lines (one record per line) or one JSON array of records, UTF-8 with or without a
-byte-order mark, LF or CRLF line ends. Each record is one conversation in any shape
-`shared.chat_formats` accepts (OpenAI chat, prompt/completion, query/response, Alpaca, ShareGPT);
-valid input is rewritten as normalised chat JSON Lines (``{"messages": [...], "tools": [...]}``);
-nothing is ever read whole into memory.
+byte-order mark, LF or CRLF line ends. A file holds one kind of record (`DatasetSummary.kind`, set
+by its first record): chat, each record one conversation in any shape `shared.chat_formats` accepts
+(OpenAI chat, prompt/completion, query/response, Alpaca, ShareGPT), rewritten as normalised chat
+JSON Lines (``{"messages": [...], "tools": [...]}``); or preference pairs (OpenAI's DPO records,
+`shared.preference`), rewritten normalised. A record of the other kind is a problem at its line.
+Nothing is ever read whole into memory.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from shared.chat_formats import detect_shape, to_chat, unknown_shape_reason
+from shared.preference import DataKind, kind_of, mixed_kinds_reason, to_preference
 
 MAX_PROBLEMS = 20
 _CHUNK = 1 << 16
@@ -47,6 +50,7 @@ class DatasetSummary:
     num_records: int
     num_messages: int = 0
     format: str = "jsonl"
+    kind: DataKind = "chat"  # what every record is: chat conversations or preference pairs
 
 
 def _size(n: int) -> str:
@@ -263,17 +267,28 @@ def validate_dataset(src: Path, dest: Path, *, max_record_bytes: int, max_record
                         )
                     ]
                 )
+            first_where: str | None = None  # where the first record (which sets the file's kind) is
+            mixed = False
             for where, obj in records:
                 place = where if isinstance(where, str) else f"line {where}"
-                if summary.num_records == 0 and not bad.problems and detect_shape(obj) is None:
-                    # A file in no known shape gets one clear answer, not the same complaint per record.
-                    raise DatasetError([Problem(place, unknown_shape_reason(obj))])
-                record, reason = to_chat(obj)
+                kind = kind_of(obj)
+                if first_where is None:
+                    if kind == "chat" and detect_shape(obj) is None and not bad.problems:
+                        # A file in no known shape gets one clear answer, not the same complaint per record.
+                        raise DatasetError([Problem(place, unknown_shape_reason(obj))])
+                    first_where, summary.kind = place, kind
+                elif kind != summary.kind:
+                    if not mixed:  # the first record of the other kind says it; the rest would repeat it
+                        bad.add(place, mixed_kinds_reason(summary.kind, kind, first_where))
+                        mixed = True
+                    continue
+                record, reason = to_chat(obj) if kind == "chat" else to_preference(obj)
                 if record is None:
                     bad.add(place, str(reason))
                     continue
                 summary.num_records += 1
-                summary.num_messages += len(record["messages"])
+                messages = record["messages"] if kind == "chat" else record["input"]["messages"]
+                summary.num_messages += len(messages) + (2 if kind == "preference" else 0)  # and both outputs
                 if summary.num_records > max_records:
                     bad.add(
                         f"record {summary.num_records}",

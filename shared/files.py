@@ -17,6 +17,7 @@ import redis
 from pydantic import BaseModel, ConfigDict
 
 from shared import keys
+from shared.preference import DataKind
 
 FilePurpose = Literal["fine-tune", "fine-tune-results"]
 UPLOAD_PURPOSE: FilePurpose = "fine-tune"
@@ -36,6 +37,9 @@ class FileRecord(BaseModel):
     purpose: FilePurpose = UPLOAD_PURPOSE  # records written before result files existed carry "fine-tune"
     path: str  # the file on the volume: normalised JSON Lines, or a job's metrics CSV
     num_records: int  # training records, or logged steps (CSV rows)
+    kind: DataKind = (
+        "chat"  # uploads: chat records (supervised) or preference pairs (DPO); records from before DPO are chat
+    )
 
 
 def result_file_id(job_id: str) -> str:

@@ -28,6 +28,10 @@ class StepMetrics(BaseModel):
     grad_norm: float | None = Field(default=None, description="gradient norm before clipping")
     tokens_per_second: float | None = Field(default=None, description="real (unpadded) tokens per second")
     step_seconds: float | None = Field(default=None, description="wall time since the previous step")
+    reward_margin: float | None = Field(
+        default=None, description="DPO: mean of beta * (chosen - rejected) policy/reference log-ratio"
+    )
+    reward_accuracy: float | None = Field(default=None, description="DPO: fraction of pairs with a positive margin")
 
 
 class EpochEnd(BaseModel):

@@ -32,3 +32,16 @@ def jsonl(records: list[dict[str, Any]]) -> bytes:
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     path.write_bytes(jsonl(records))
     return path
+
+
+def preference_records(n: int = 8) -> list[dict[str, Any]]:
+    """OpenAI DPO records: each fact's answer preferred over another fact's (wrong) answer."""
+    answers = [a for _, a in FACTS]
+    return [
+        {
+            "input": {"messages": [{"role": "user", "content": q}]},
+            "preferred_output": [{"role": "assistant", "content": a}],
+            "non_preferred_output": [{"role": "assistant", "content": answers[(i + 3) % len(answers)]}],
+        }
+        for i, (q, a) in enumerate((FACTS * (n // len(FACTS) + 1))[:n])
+    ]

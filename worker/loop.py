@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +24,15 @@ from worker.attention import EngineKind
 from worker.example import Example
 from worker.step import make_step_fn
 from worker.train_state import LoopState, apply_loop_state, capture_rng, restore_rng, trainable_parameters
-from worker.train_step import EagerTrainStep, EventFn, StaticTrainStep, TrainStep, TrainStepOutput, make_optimizer
+from worker.train_step import (
+    AnyStepFn,
+    EagerTrainStep,
+    EventFn,
+    StaticTrainStep,
+    TrainStep,
+    TrainStepOutput,
+    make_optimizer,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +50,7 @@ class StepInfo:
     tokens_per_second: float  # real tokens since the loop started / seconds since then
     eta_seconds: float
     num_tokens: int  # real tokens in this step
+    metrics: dict[str, float] | None = None  # the step's further figures (DPO's reward margin); as `loss`
 
 
 @dataclass(slots=True)
@@ -69,7 +79,7 @@ def linear_decay(base_lr: float, step: int, total_steps: int) -> float:
 
 def train_loop(
     model: nn.Module,
-    examples: Sequence[Example],
+    examples: Sequence[Example] | Sequence[Any],
     *,
     epochs: int,
     batch_size: int,
@@ -90,6 +100,7 @@ def train_loop(
     save_state: Callable[[LoopState], None] | None = None,
     state_every: int = 0,
     pause_requested: Callable[[], bool] | None = None,
+    step_fn: AnyStepFn | None = None,
 ) -> LoopResult:
     """Train `model`'s trainable parameters on `examples`; see the module docstring.
 
@@ -105,6 +116,9 @@ def train_loop(
     the loop's state every `state_every` steps (0: never; each save reads the device back), after
     each epoch end (after `on_epoch_end`), and when `should_stop()` ends the loop while
     `pause_requested()` says the stop is a pause (`LoopResult.paused`).
+
+    `step_fn` replaces the engine's step (DPO's `worker.dpo.DpoStep`, over whatever `examples` holds:
+    preference pairs); it runs eagerly, with the same optimizer, schedule and clipping.
     """
     if not examples:
         raise ValueError("no examples to train on")
@@ -115,7 +129,7 @@ def train_loop(
     params = [p for p in model.parameters() if p.requires_grad]
     train_step = _make_train_step(
         model, params, engine=engine, device=device, learning_rate=learning_rate, batch_size=batch_size,
-        max_grad_norm=max_grad_norm, compile=compile, cuda_graphs=cuda_graphs, on_event=on_event,
+        max_grad_norm=max_grad_norm, compile=compile, cuda_graphs=cuda_graphs, on_event=on_event, step_fn=step_fn,
     )  # fmt: skip
     steps_per_epoch = math.ceil(len(examples) / batch_size)
     total_steps = epochs * steps_per_epoch
@@ -175,6 +189,7 @@ def train_loop(
                         tokens_per_second=result.total_tokens / elapsed if elapsed > 0 else 0.0,
                         eta_seconds=elapsed / step * (total_steps - step),
                         num_tokens=out.num_tokens,
+                        metrics={k: float(v) for k, v in out.metrics.items()} if logging_step and out.metrics else None,
                     )
                 )
             # A step that ends the epoch is saved after the epoch end, below.
@@ -239,7 +254,11 @@ def _make_train_step(
     compile: bool | None,
     cuda_graphs: bool | None,
     on_event: EventFn | None,
+    step_fn: AnyStepFn | None = None,
 ) -> TrainStep:
+    if step_fn is not None:
+        return EagerTrainStep(step_fn, make_optimizer(params, learning_rate, device, capturable=False), params,
+                              max_grad_norm)  # fmt: skip
     on_cuda = device.type == "cuda"
     use_compile = on_cuda if compile is None else compile
     use_graphs = on_cuda if cuda_graphs is None else cuda_graphs and on_cuda

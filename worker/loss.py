@@ -95,6 +95,38 @@ def chunked_lm_loss_sum(
     return chunked_lm_loss(head, hidden, targets, chunk_rows).loss_sum
 
 
+def _token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return -F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+
+
+def chunked_token_logps(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_rows: int = LOSS_CHUNK_ROWS
+) -> torch.Tensor:
+    """Log-probability of each target under ``head(hidden)`` (0 where the target is IGNORE_INDEX), (rows,) fp32.
+
+    The per-token form of `chunked_lm_loss_sum` (DPO sums these per sequence), with the same memory
+    bound: checkpointed chunks of `chunk_rows` rows, or the logits kept when they are small.
+    """
+    if hidden.shape[0] == 0:
+        return hidden.sum(-1).float() * 0.0  # (0,), still in the graph
+    vocab = getattr(head_linear(head), "out_features", None)
+    if vocab is not None and hidden.shape[0] <= chunk_rows and hidden.shape[0] * vocab * 4 <= SMALL_LOGITS_BYTES:
+        return _token_logps(head, hidden, targets)
+    parts = [
+        checkpoint(
+            _token_logps,
+            head,
+            hidden[start : start + chunk_rows],
+            targets[start : start + chunk_rows],
+            use_reentrant=False,
+            preserve_rng_state=False,
+        )
+        for start in range(0, hidden.shape[0], chunk_rows)
+    ]
+    return torch.cat(parts)
+
+
 def head_linear(head: nn.Module) -> nn.Linear | None:
     """The plain linear layer that computes `head`'s logits, or None (LoRA on the head, several adapters)."""
     if type(head) is nn.Linear:

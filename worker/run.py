@@ -15,23 +15,24 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from peft import PeftModel
 
 from shared import events
 from shared.chat_formats import to_chat
-from shared.config import TrainConfig
+from shared.config import TrainConfig, TrainingMethod
 from shared.events import EpochEnd, StepMetrics
 from shared.jobs import Progress, WandbSpec
 from shared.metrics import SavedCheckpoint, TrainingSummary
 from shared.outputs import check_destination
+from shared.preference import to_preference
 from shared.volume import TRAINING_SUMMARY
 from worker.checkpoints import Checkpoints
 from worker.data import read_records, tokenize_dataset
+from worker.dpo import DpoStep, dpo_evaluate, read_preference_records, tokenize_preferences
 from worker.evaluation import EvalResult, evaluate
-from worker.example import Example
 from worker.loop import LoopResult, StepInfo, train_loop
 from worker.model_loading import EventCallback, load_base_model, pick_device, prepare_model
 from worker.results_log import ResultsLog
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[Progress], None]
 Dataset = str | Path | Iterable[dict[str, Any]]
+T = TypeVar("T")
 
 
 @dataclass
@@ -82,7 +84,7 @@ class StoppedEarly(Exception):
     """should_stop() said so before training began (while loading or tokenizing)."""
 
 
-def split_validation(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+def split_validation(examples: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
     """Hold out `fraction` of the examples (at least one, never all), reproducibly."""
     if len(examples) < 2:
         raise ValueError("validation_split needs at least 2 usable examples")
@@ -93,20 +95,22 @@ def split_validation(examples: list[Example], fraction: float, seed: int) -> tup
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in order[:n_eval]]
 
 
-def _records(dataset: Dataset) -> Iterable[dict[str, Any]]:
-    """Chat records from a normalised JSON Lines file, or from records in any accepted shape."""
+def _records(dataset: Dataset, method: TrainingMethod) -> Iterable[dict[str, Any]]:
+    """Chat records (preference records for DPO) from a normalised JSON Lines file, or from records in any
+    accepted shape."""
     if isinstance(dataset, str | Path):
-        yield from read_records(Path(dataset))
+        yield from (read_preference_records if method == "dpo" else read_records)(Path(dataset))
         return
     for i, raw in enumerate(dataset):
-        record, reason = to_chat(raw)
+        record, reason = to_preference(raw) if method == "dpo" else to_chat(raw)
         if record is None:
             raise ValueError(f"dataset record {i + 1}: {reason}")
         yield record
 
 
 class TrainingRun:
-    """A LoRA fine-tuning run of `config` on `dataset`, saved to `output_dir`.
+    """A LoRA fine-tuning run of `config` on `dataset`, saved to `output_dir`: supervised on chat records, or
+    (``config.method == "dpo"``) DPO on preference pairs (`worker.dpo`).
 
     With a `state_dir`, the run's full state (`worker.train_state`) is saved there every
     `state_every` steps, at each epoch end and when a stop is a pause (`pause_requested()` true when
@@ -147,11 +151,13 @@ class TrainingRun:
         )
         self.device = pick_device()
         self.started = time.monotonic()
-        self.examples: list[Example] = []
-        self.held_out: list[Example] = []
+        # Examples (sft), or PreferencePairs (dpo): what the loop's step takes.
+        self.examples: list[Any] = []
+        self.held_out: list[Any] = []
         self.skipped = 0
         self.eval_losses: list[tuple[int, float]] = []
         self.model: PeftModel | None = None
+        self.dpo_step: DpoStep | None = None
         self.tokenizer: Any = None
         self._last_step_at = 0.0
         self._last_step = 0
@@ -184,15 +190,22 @@ class TrainingRun:
             f"training {trainable:,} of {total:,} parameters on {len(self.examples)} examples ({self.device.type})",
         )  # fmt: skip
 
-    def _tokenize(self, source: Dataset) -> tuple[list[Example], int]:
-        examples, skipped = tokenize_dataset(
-            self.tokenizer,
-            self._watch(_records(source)),
-            max_length=self.config.max_length,
-            response_template=self.config.response_template,
-        )
+    def _tokenize(self, source: Dataset) -> tuple[list[Any], int]:
+        cfg = self.config
+        records = self._watch(_records(source, cfg.method))
+        examples: list[Any]
+        if cfg.method == "dpo":
+            examples, skipped = tokenize_preferences(
+                self.tokenizer, records, max_length=cfg.max_length, response_template=cfg.response_template
+            )
+            what = "preference pairs had a completion with no token left after truncation"
+        else:
+            examples, skipped = tokenize_dataset(
+                self.tokenizer, records, max_length=cfg.max_length, response_template=cfg.response_template
+            )
+            what = "examples had no assistant token left after truncation"
         if skipped:
-            message = f"{skipped} examples had no assistant token left after truncation and were skipped"
+            message = f"{skipped} {what} and were skipped"
             self.emit(events.warning(skipped=skipped), message)
         return examples, skipped
 
@@ -216,6 +229,8 @@ class TrainingRun:
         self.wandb = WandbRun(self.run_name, cfg.model_dump(), self.emit, self.wandb_spec)
         self._last_step_at = time.monotonic()
         resume = self._resume()
+        if cfg.method == "dpo":
+            self.dpo_step = DpoStep(self.model, kind=self.engine, device=self.device, beta=cfg.dpo_beta)
         try:
             loop = train_loop(
                 self.model,
@@ -238,6 +253,7 @@ class TrainingRun:
                 save_state=self._save_state if self.state_dir is not None else None,
                 state_every=self.state_every,
                 pause_requested=self.pause_requested,
+                step_fn=self.dpo_step,
             )
         except BaseException:
             self.wandb.finish()
@@ -327,13 +343,16 @@ class TrainingRun:
         metrics = StepMetrics(step=info.step, epoch=info.epoch, loss=info.loss, accuracy=info.accuracy,
                               valid_loss=valid.loss if valid else None, valid_accuracy=valid.accuracy if valid else None,
                               learning_rate=info.learning_rate, grad_norm=info.grad_norm,
-                              tokens_per_second=info.tokens_per_second, step_seconds=step_seconds)  # fmt: skip
-        self.emit(metrics, f"step {info.step}/{info.total_steps} loss {info.loss:.4f}")
+                              tokens_per_second=info.tokens_per_second, step_seconds=step_seconds,
+                              **(info.metrics or {}))  # fmt: skip
+        shown = "".join(f" {name} {value:.4f}" for name, value in (info.metrics or {}).items())
+        self.emit(metrics, f"step {info.step}/{info.total_steps} loss {info.loss:.4f}{shown}")
         self.results.add(metrics)
         figures = {"train/loss": info.loss, "train/mean_token_accuracy": info.accuracy,
                    "train/learning_rate": info.learning_rate, "train/grad_norm": info.grad_norm,
                    "train/tokens_per_second": info.tokens_per_second, "valid/loss": metrics.valid_loss,
-                   "valid/mean_token_accuracy": metrics.valid_accuracy}  # fmt: skip
+                   "valid/mean_token_accuracy": metrics.valid_accuracy,
+                   **{f"train/{k}": v for k, v in (info.metrics or {}).items()}}  # fmt: skip
         self.wandb.log({k: v for k, v in figures.items() if v is not None}, step=info.step)
         if valid is not None:
             self._last_step_at = time.monotonic()  # the next step's step_seconds times the step, not this evaluation
@@ -350,8 +369,15 @@ class TrainingRun:
         start = (self._valid_batches % batches) * size
         self._valid_batches += 1
         batch = self.held_out[start : start + size]
-        self._last_valid = evaluate(self.model, batch, batch_size=size, device=self.device)
+        self._last_valid = self._evaluate(batch)
         return self._last_valid
+
+    def _evaluate(self, items: list[Any]) -> EvalResult:
+        """Held-out loss and accuracy: token loss and accuracy (sft), or DPO loss and reward accuracy (dpo)."""
+        assert self.model is not None
+        if self.dpo_step is not None:
+            return dpo_evaluate(self.dpo_step, items, batch_size=self.config.batch_size)
+        return evaluate(self.model, items, batch_size=self.config.batch_size, device=self.device)
 
     def _gpu_memory(self) -> dict[str, float]:
         """The seed's gpu_alloc_mem / gpu_reserved_mem, in MiB (host-side counters: no device sync)."""
@@ -366,7 +392,7 @@ class TrainingRun:
         assert self.model is not None
         full = None
         if self.held_out:
-            full = evaluate(self.model, self.held_out, batch_size=self.config.batch_size, device=self.device)
+            full = self._evaluate(self.held_out)
         message = f"epoch {epoch}/{self.config.epochs} done"
         if full is not None:
             self.eval_losses.append((epoch, full.loss))

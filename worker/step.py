@@ -54,6 +54,7 @@ class StepOutput:
     num_tokens: int  # real (non-padding) tokens in the step
     num_loss_tokens: int  # tokens predicted with a label, i.e. terms of the mean
     accuracy: torch.Tensor | None = None  # 0-dim fp32: loss tokens predicted right (argmax); None: not computed
+    metrics: dict[str, torch.Tensor] | None = None  # further 0-dim figures on the device (DPO: reward margin, accuracy)
 
 
 StepFn = Callable[[Sequence[Example]], StepOutput]
@@ -247,24 +248,35 @@ class FastStep:
     def forward_backward(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The step's mean loss and token accuracy (on the device; accuracy None on the fused Liger
         path), gradients accumulated into the trained parameters."""
-        meta = PackedMetadata(self.kernel, inputs.seq_lens, inputs.segment_ids)
-        with autocast_context(self.device, self.autocast, cache=not self.captured), self._uncast(), packed_step():
-            hidden = self.decoder(
-                input_ids=inputs.input_ids,
-                position_ids=inputs.position_ids,
-                attention_mask=self.no_mask,
-                use_cache=False,
-                cu_seq_lens_q=inputs.cu_seqlens,
-                cu_seq_lens_k=inputs.cu_seqlens,
-                max_length_q=inputs.max_len,
-                max_length_k=inputs.max_len,
-                packed=meta,
-            ).last_hidden_state
-            sums = self.loss_sum(self.head, hidden[0].index_select(0, inputs.loss_rows), inputs.targets)
+        with self.forward_context():
+            hidden = self.hidden_states(inputs)
+            sums = self.loss_sum(self.head, hidden.index_select(0, inputs.loss_rows), inputs.targets)
         loss = sums.loss_sum * inputs.loss_scale
         loss.backward()
         accuracy = None if sums.correct is None else sums.correct.float() * inputs.loss_scale
         return loss.detach(), accuracy
+
+    @contextlib.contextmanager
+    def forward_context(self) -> Iterator[None]:
+        """What a packed forward (decoder and head) runs under: autocast, no LoRA input casts, the packing guard."""
+        with autocast_context(self.device, self.autocast, cache=not self.captured), self._uncast(), packed_step():
+            yield
+
+    def hidden_states(self, inputs: StepInputs) -> torch.Tensor:
+        """The decoder's last hidden states of the packed row, (T, hidden); call inside `forward_context`."""
+        meta = PackedMetadata(self.kernel, inputs.seq_lens, inputs.segment_ids)
+        hidden: torch.Tensor = self.decoder(
+            input_ids=inputs.input_ids,
+            position_ids=inputs.position_ids,
+            attention_mask=self.no_mask,
+            use_cache=False,
+            cu_seq_lens_q=inputs.cu_seqlens,
+            cu_seq_lens_k=inputs.cu_seqlens,
+            max_length_q=inputs.max_len,
+            max_length_k=inputs.max_len,
+            packed=meta,
+        ).last_hidden_state
+        return hidden[0]
 
     @contextlib.contextmanager
     def _uncast(self) -> Iterator[None]:

@@ -124,14 +124,21 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def fingerprint(config: TrainConfig, lora_path: Path | None, examples: Sequence[Example], held_out: int) -> str:
+def fingerprint(config: TrainConfig, lora_path: Path | None, examples: Sequence[Any], held_out: int) -> str:
     """What a state must agree with to be applied: the config fields that shape training, the
     adapter it started from, and the tokenized data (counts, not contents: hashing every token of a
     large dataset would cost more than it is worth; a changed dataset changes these counts)."""
     shaping = {k: v for k, v in config.model_dump(mode="json").items() if k not in _NOT_TRAINING}
-    data = [len(examples), sum(len(e.input_ids) for e in examples), held_out]
+    data = [len(examples), sum(_num_tokens(e) for e in examples), held_out]
     blob = json.dumps({"config": shaping, "lora_path": str(lora_path), "data": data}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _num_tokens(item: Any) -> int:
+    """Tokens of an `Example`, or of both sequences of a DPO preference pair (`worker.dpo.PreferencePair`)."""
+    if isinstance(item, Example):
+        return len(item.input_ids)
+    return len(item.chosen.input_ids) + len(item.rejected.input_ids)
 
 
 def state_name(step: int) -> str:

@@ -28,12 +28,13 @@ from shared import events
 from shared.events import EventPayload
 from worker.example import Example
 from worker.packing import pack_static
-from worker.step import FastStep, StepFn, StepInputs, unwrap
+from worker.step import FastStep, StepFn, StepInputs, StepOutput, unwrap
 
 log = logging.getLogger(__name__)
 
 EventFn = Callable[[EventPayload, str], None]  # (typed payload, message): shared.events
 _BodyOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # loss, grad norm, token accuracy
+AnyStepFn = Callable[[Sequence[Any]], StepOutput]  # a step over items other than examples (DPO's pairs)
 MAX_GRAPHS = 48  # captured shapes kept; steps of further shapes run eagerly (bounded memory)
 
 
@@ -44,12 +45,13 @@ class TrainStepOutput:
     num_tokens: int
     num_loss_tokens: int
     accuracy: torch.Tensor | None = None  # 0-dim, on the device: the step's token accuracy; None: not computed
+    metrics: dict[str, torch.Tensor] | None = None  # the step function's further figures, on the device
 
 
 class TrainStep(Protocol):
     optimizer: Any  # AdamW (`make_optimizer`): its state is saved and restored with the run's
 
-    def __call__(self, examples: Sequence[Example], lr: float) -> TrainStepOutput: ...
+    def __call__(self, examples: Sequence[Any], lr: float) -> TrainStepOutput: ...
 
 
 def make_optimizer(params: list[nn.Parameter], lr: float, device: torch.device, *, capturable: bool) -> Any:
@@ -71,16 +73,22 @@ def set_lr(optimizer: Any, lr: float) -> None:
 
 
 class EagerTrainStep:
-    def __init__(self, step_fn: StepFn, optimizer: Any, params: list[nn.Parameter], max_grad_norm: float) -> None:
+    """Any step function (an engine's `StepFn` over examples, or `worker.dpo.DpoStep` over preference pairs)."""
+
+    def __init__(
+        self, step_fn: StepFn | AnyStepFn, optimizer: Any, params: list[nn.Parameter], max_grad_norm: float
+    ) -> None:
         self.step_fn, self.optimizer, self.params, self.max_grad_norm = step_fn, optimizer, params, max_grad_norm
 
-    def __call__(self, examples: Sequence[Example], lr: float) -> TrainStepOutput:
+    def __call__(self, examples: Sequence[Any], lr: float) -> TrainStepOutput:
         set_lr(self.optimizer, lr)
         out = self.step_fn(examples)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return TrainStepOutput(out.loss, grad_norm.detach(), out.num_tokens, out.num_loss_tokens, out.accuracy)
+        return TrainStepOutput(
+            out.loss, grad_norm.detach(), out.num_tokens, out.num_loss_tokens, out.accuracy, out.metrics
+        )
 
 
 @dataclass

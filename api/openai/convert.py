@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,9 @@ from api.openai.records import FileRecord, OpenAIJobRecord
 from api.openai.schemas import (
     BASE_LEARNING_RATE,
     CheckpointMetricsPublic,
+    DpoHyperparametersPublic,
+    DpoHyperparametersSpec,
+    DpoPublic,
     FilePublic,
     FineTuningJobCheckpointPublic,
     FineTuningJobCreate,
@@ -29,7 +33,7 @@ from api.openai.schemas import (
     OpenAIJobStatus,
     SupervisedPublic,
 )
-from shared.config import TrainConfig
+from shared.config import TrainConfig, TrainingMethod
 from shared.events import JobEvent, StatusChanged, StepMetrics, WarningNotice
 from shared.jobs import JobRecord, JobStatus
 from shared.model_names import checkpoint_model_name, fine_tuned_model_name
@@ -55,27 +59,53 @@ _PARAMS = {
     "learning_rate": "hyperparameters.learning_rate_multiplier",
     "seed": "seed",
     "model_save_path": "suffix",
+    "dpo_beta": "method.dpo.hyperparameters.beta",
 }
 
 
 # --------------------------------------------------------------------------- requests in
 
 
-def hyperparameters(body: FineTuningJobCreate) -> HyperparametersSpec:
-    """The hyperparameters from `method.supervised` (preferred) or the deprecated top-level field."""
-    top = body.hyperparameters
-    if body.method is None:
-        return top or HyperparametersSpec()
-    if body.method.type != "supervised":
-        msg = f"method.type {body.method.type!r} is not supported: this server trains supervised LoRA adapters"
-        raise UnsupportedOption(msg, problems=[field_error(["method.type"], "only 'supervised'")])
-    nested = body.method.supervised.hyperparameters if body.method.supervised else None
-    if nested is None:
-        return top or HyperparametersSpec()
-    if top is not None and top != nested:
-        msg = "hyperparameters differ between the top level and method.supervised; send them under method only"
-        raise InvalidInput(msg, problems=[field_error(["hyperparameters"], "differs from method.supervised")])
-    return nested
+@dataclass(frozen=True)
+class MethodChoice:
+    """What `method` (or the deprecated top-level `hyperparameters`) asks to train."""
+
+    type: Literal["supervised", "dpo"]
+    spec: HyperparametersSpec
+    beta: float | None = None  # dpo only, "auto" resolved
+
+    @property
+    def config_method(self) -> TrainingMethod:
+        return "dpo" if self.type == "dpo" else "sft"
+
+
+def method_choice(body: FineTuningJobCreate) -> MethodChoice:
+    """The method and its hyperparameters: from `method.<type>` (preferred) or the deprecated top-level field."""
+    top, method = body.hyperparameters, body.method
+    if method is None:
+        return MethodChoice("supervised", top or HyperparametersSpec())
+    if method.type == "reinforcement":
+        msg = "reinforcement fine-tuning is not supported; use supervised or dpo"
+        raise UnsupportedOption(msg, problems=[field_error(["method.type"], msg)])
+    other = "supervised" if method.type == "dpo" else "dpo"
+    if getattr(method, other) is not None:
+        msg = f"method.{other} is given but method.type is {method.type!r}"
+        raise InvalidInput(msg, problems=[field_error([f"method.{other}"], f"method.type is {method.type!r}")])
+    block = method.dpo if method.type == "dpo" else method.supervised
+    nested = block.hyperparameters if block is not None else None
+    if nested is not None and top is not None and _common(top) != _common(nested):
+        msg = f"hyperparameters differ between the top level and method.{method.type}; send them under method only"
+        raise InvalidInput(msg, problems=[field_error(["hyperparameters"], f"differs from method.{method.type}")])
+    spec = nested or top or HyperparametersSpec()
+    if method.type == "supervised":
+        return MethodChoice("supervised", spec)
+    dpo = spec if isinstance(spec, DpoHyperparametersSpec) else DpoHyperparametersSpec(**_common(spec))
+    return MethodChoice("dpo", dpo, dpo.dpo_beta)
+
+
+def _common(spec: HyperparametersSpec) -> dict[str, Any]:
+    """The hyperparameters every method shares (DPO's beta aside)."""
+    return {name: getattr(spec, name) for name in HyperparametersSpec.model_fields}
 
 
 def resolved(spec: HyperparametersSpec) -> HyperparametersPublic:
@@ -89,9 +119,11 @@ def _save_path(suffix: str | None, job_id: str) -> str | None:
     return f"ft-{slug}-{job_id.removeprefix('job-')[:8]}"
 
 
-def train_config(body: FineTuningJobCreate, spec: HyperparametersSpec, job_id: str) -> TrainConfig:
+def train_config(body: FineTuningJobCreate, choice: MethodChoice, job_id: str) -> TrainConfig:
     """Our training config for the request; InvalidInput naming the request's own field otherwise."""
+    spec = choice.spec
     fields: dict[str, object] = {
+        "method": choice.config_method,
         "model_name": body.model,
         "epochs": spec.epochs,
         "batch_size": spec.batch,
@@ -100,6 +132,8 @@ def train_config(body: FineTuningJobCreate, spec: HyperparametersSpec, job_id: s
     }
     if body.seed is not None:
         fields["seed"] = body.seed
+    if choice.beta is not None:
+        fields["dpo_beta"] = choice.beta
     try:
         return TrainConfig.model_validate(fields)
     except ValidationError as exc:
@@ -188,8 +222,16 @@ def job_public(
         metadata=extra.metadata if extra else None,
         user_provided_suffix=extra.suffix if extra else None,
         queue_position=queue_position,
-        method=MethodPublic(supervised=SupervisedPublic(hyperparameters=params)),
+        method=_method_public(record.config, params),
     )
+
+
+def _method_public(config: TrainConfig, params: HyperparametersPublic) -> MethodPublic:
+    """The job's `method`, as its config says (however the job was submitted)."""
+    if config.method == "dpo":
+        dpo = DpoHyperparametersPublic(**params.model_dump(), beta=config.dpo_beta)
+        return MethodPublic(type="dpo", dpo=DpoPublic(hyperparameters=dpo))
+    return MethodPublic(type="supervised", supervised=SupervisedPublic(hyperparameters=params))
 
 
 def _hyperparameters_of(config: TrainConfig) -> HyperparametersPublic:
@@ -213,7 +255,8 @@ def event_public(event: JobEvent) -> FineTuningJobEventPublic:
         figures = {"step": m.step, "train_loss": m.loss, "train_mean_token_accuracy": m.accuracy,
                    "valid_loss": m.valid_loss, "valid_mean_token_accuracy": m.valid_accuracy, "epoch": m.epoch,
                    "learning_rate": m.learning_rate, "grad_norm": m.grad_norm,
-                   "tokens_per_second": m.tokens_per_second, "step_seconds": m.step_seconds}  # fmt: skip
+                   "tokens_per_second": m.tokens_per_second, "step_seconds": m.step_seconds,
+                   "reward_margin": m.reward_margin, "reward_accuracy": m.reward_accuracy}  # fmt: skip
         data = {k: v for k, v in figures.items() if v is not None}
         return FineTuningJobEventPublic(**common, level=level, message=event.message, type="metrics", data=data)
     details = {"event": event.type, **event.data.model_dump(mode="json")}

@@ -40,6 +40,7 @@ SHAPES: dict[type[e.ServiceError], Shape] = {
     e.InvalidInput: Shape(400, _INVALID),
     e.InvalidDataset: Shape(400, _INVALID, "invalid_file_format"),
     e.UnknownFile: Shape(400, _INVALID, "invalid_file"),
+    e.WrongDataKind: Shape(400, _INVALID, "invalid_file_kind"),
     e.JobAlreadyEnded: Shape(400, _INVALID, "job_already_ended", "fine_tuning_job_id"),
     e.NotFound: Shape(404, _INVALID),
     e.JobNotFound: Shape(404, _INVALID, "fine_tuning_job_not_found", "fine_tuning_job_id"),

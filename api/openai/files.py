@@ -36,7 +36,7 @@ PURPOSE: Final = UPLOAD_PURPOSE  # the one purpose a client uploads
 _BODY = multipart_openapi(
     ["file", "purpose"],
     {
-        "file": {"type": "string", "format": "binary", "description": "chat dataset (JSONL)"},
+        "file": {"type": "string", "format": "binary", "description": "chat or preference (DPO) dataset (JSONL)"},
         "purpose": {"type": "string", "enum": [PURPOSE]},
     },
 )
@@ -55,7 +55,8 @@ def get_file_record(store: OpenAIStore, file_id: str) -> FileRecord:
 
 @router.post("", openapi_extra=_BODY, responses={400: {}, 413: {}, 415: {}, 507: {}})
 async def create_file(request: Request, settings: SettingsDep, store: OpenAIStoreDep) -> FilePublic:
-    """Upload a chat dataset (`purpose=fine-tune`); it is validated and stored normalised as JSON Lines."""
+    """Upload a dataset (`purpose=fine-tune`): chat records, or preference pairs for DPO; it is validated and
+    stored normalised as JSON Lines, its kind recorded."""
     await run_in_threadpool(check_disk, settings)
     upload = await receive_file_upload(request, settings)
     try:
@@ -76,6 +77,7 @@ async def create_file(request: Request, settings: SettingsDep, store: OpenAIStor
         purpose=PURPOSE,
         path=str(path),
         num_records=summary.num_records,
+        kind=summary.kind,
     )
     try:
         await run_in_threadpool(store.add_file, record)

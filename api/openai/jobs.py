@@ -16,7 +16,7 @@ from api import job_actions
 from api.artifacts import list_checkpoints as saved_checkpoints
 from api.datasets import StoredData
 from api.deps import CeleryDep, SettingsDep, StoreDep
-from api.errors import MalformedRequest, UnknownFile, field_error
+from api.errors import MalformedRequest, UnknownFile, WrongDataKind, field_error
 from api.openai import convert
 from api.openai.errors import OpenAIRoute
 from api.openai.records import FileRecord, OpenAIJobRecord
@@ -29,9 +29,11 @@ from api.openai.schemas import (
 )
 from api.openai.store import JobFields, OpenAIStore, OpenAIStoreDep, UnknownCursorError
 from api.submission import JobRequest, ensure_room, submit_job
+from shared.config import TrainingMethod
 from shared.files import UPLOAD_PURPOSE
 from shared.job_ids import new_job_id
 from shared.jobs import JobRecord, JobStatus
+from shared.preference import kind_problem
 from shared.store import JobStore
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["openai"], route_class=OpenAIRoute)
@@ -58,13 +60,17 @@ def _public(store: JobStore, ostore: OpenAIStore, record: JobRecord) -> FineTuni
 # --------------------------------------------------------------------------- create
 
 
-def _training_file(ostore: OpenAIStore, file_id: str, param: str) -> FileRecord:
+def _training_file(ostore: OpenAIStore, file_id: str, param: str, method: TrainingMethod) -> FileRecord:
+    """The uploaded file, if it holds the kind of data `method` trains on."""
     record = ostore.get_file(file_id)
     if record is None:
         raise UnknownFile(f"invalid {param}: no file {file_id!r}", problems=[field_error([param], "no such file")])
     if record.purpose != UPLOAD_PURPOSE:
         msg = f"file {file_id!r} is a {record.purpose} file, not training data (purpose {UPLOAD_PURPOSE!r})"
         raise UnknownFile(f"invalid {param}: {msg}", problems=[field_error([param], "not a fine-tune file")])
+    problem = kind_problem(record.kind, method)
+    if problem is not None:
+        raise WrongDataKind(f"invalid {param} {file_id!r}: {problem}", problems=[field_error([param], problem)])
     return record
 
 
@@ -76,14 +82,15 @@ async def create_job(
     celery: CeleryDep,
     settings: SettingsDep,
 ) -> FineTuningJobPublic:
-    """Create a LoRA fine-tuning job from an uploaded file. It starts when a slot is free, waiting in line
+    """Create a supervised or DPO LoRA fine-tuning job from an uploaded file. It starts when a slot is free, waiting in line
     (FIFO, `queued`) until then; 429 when LORA_MAX_QUEUED_JOBS jobs already wait."""
     await run_in_threadpool(ensure_room, store, settings, wait=True)
-    spec = convert.hyperparameters(body)
-    training = await run_in_threadpool(_training_file, ostore, body.training_file, "training_file")
+    choice = convert.method_choice(body)
+    method = choice.config_method
+    training = await run_in_threadpool(_training_file, ostore, body.training_file, "training_file", method)
     validation = None
     if body.validation_file is not None:
-        validation = await run_in_threadpool(_training_file, ostore, body.validation_file, "validation_file")
+        validation = await run_in_threadpool(_training_file, ostore, body.validation_file, "validation_file", method)
     job_id = new_job_id()
     extra = OpenAIJobRecord(
         model=body.model,
@@ -91,11 +98,11 @@ async def create_job(
         validation_file=body.validation_file,
         suffix=body.suffix,
         metadata=body.metadata,
-        hyperparameters=convert.resolved(spec),
+        hyperparameters=convert.resolved(choice.spec),
     )
     job = JobRequest(
         job_id=job_id,
-        config=convert.train_config(body, spec, job_id),
+        config=convert.train_config(body, choice, job_id),
         data=StoredData(Path(training.path), training.num_records, Path(validation.path) if validation else None),
         wandb=body.integrations[0].wandb if body.integrations else None,
         companion=JobFields(ostore, extra),

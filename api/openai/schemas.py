@@ -19,6 +19,7 @@ from shared.jobs import WandbSpec
 DEFAULT_EPOCHS: int = TrainConfig.model_fields["epochs"].default
 DEFAULT_BATCH_SIZE: int = TrainConfig.model_fields["batch_size"].default
 BASE_LEARNING_RATE: float = TrainConfig.model_fields["learning_rate"].default
+DEFAULT_DPO_BETA: float = TrainConfig.model_fields["dpo_beta"].default
 ORGANIZATION_ID = "org-lora-server"  # one tenant: every object belongs to this organization
 
 Auto = Literal["auto"]
@@ -59,20 +60,38 @@ class HyperparametersSpec(BaseModel):
         return 1.0 if self.learning_rate_multiplier == "auto" else float(self.learning_rate_multiplier)
 
 
+class DpoHyperparametersSpec(HyperparametersSpec):
+    """DPO hyperparameters: the supervised ones and `beta`."""
+
+    beta: Annotated[float, Field(gt=0, le=100)] | Auto = Field(
+        default="auto", description=f"DPO's beta; auto = {DEFAULT_DPO_BETA:g}."
+    )
+
+    @property
+    def dpo_beta(self) -> float:
+        return DEFAULT_DPO_BETA if self.beta == "auto" else float(self.beta)
+
+
 class SupervisedSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     hyperparameters: HyperparametersSpec | None = None
 
 
+class DpoSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: DpoHyperparametersSpec | None = None
+
+
 class MethodSpec(BaseModel):
-    """The newer `method` form; only `supervised` is trained here."""
+    """The newer `method` form: `supervised` or `dpo` (reinforcement is refused at creation)."""
 
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedSpec | None = None
-    dpo: dict[str, Any] | None = None
+    dpo: DpoSpec | None = None
     reinforcement: dict[str, Any] | None = None
 
 
@@ -161,9 +180,20 @@ class SupervisedPublic(BaseModel):
     hyperparameters: HyperparametersPublic
 
 
+class DpoHyperparametersPublic(HyperparametersPublic):
+    beta: float | Auto
+
+
+class DpoPublic(BaseModel):
+    hyperparameters: DpoHyperparametersPublic
+
+
 class MethodPublic(BaseModel):
-    type: Literal["supervised"] = "supervised"
-    supervised: SupervisedPublic
+    """`{"type": "supervised", "supervised": {...}}` or `{"type": "dpo", "dpo": {...}}`."""
+
+    type: Literal["supervised", "dpo"] = "supervised"
+    supervised: SupervisedPublic | None = None
+    dpo: DpoPublic | None = None
 
 
 class JobErrorPublic(BaseModel):

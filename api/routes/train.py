@@ -59,7 +59,7 @@ async def train(
     upload = await receive_upload(request, settings)
     try:
         config = parse_config(upload.config_text)
-        job = JobRequest(config=config, data=UploadedData(upload.dataset, upload.validation), wait=queue)
+        job = JobRequest(config=config, data=UploadedData(upload.dataset, upload.validation, config.method), wait=queue)
         record = await run_in_threadpool(submit_job, store, celery, settings, job)
     finally:
         upload.discard()

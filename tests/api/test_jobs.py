@@ -132,7 +132,8 @@ def test_events_are_served_with_their_typed_payloads(api: TestClient, store: Job
     raw = api.get("/jobs/job-done/events", params={"after": page.data[2].id}).json()["data"]
     assert raw[0]["data"] == {"step": 1, "epoch": 1, "loss": 2.5, "accuracy": None, "valid_loss": None,
                               "valid_accuracy": None, "learning_rate": 3e-4, "grad_norm": None,
-                              "tokens_per_second": None, "step_seconds": None}  # fmt: skip
+                              "tokens_per_second": None, "step_seconds": None, "reward_margin": None,
+                              "reward_accuracy": None}  # fmt: skip
 
 
 def test_checkpoints_in_the_shared_layout_are_listed(api: TestClient, store: JobStore, settings: Settings) -> None:

@@ -212,9 +212,10 @@ def test_refusals_come_in_openais_envelope_and_leave_nothing(
     assert (unknown.value.param, unknown.value.code) == ("training_file", "invalid_file")
 
     file_id = _upload(client)
-    with pytest.raises(openai.BadRequestError) as dpo:
-        _create(client, file_id, method={"type": "dpo"})
-    assert (dpo.value.param, dpo.value.code) == ("method.type", "unsupported_method")
+    with pytest.raises(openai.BadRequestError) as rft:
+        _create(client, file_id, method={"type": "reinforcement"})
+    assert (rft.value.param, rft.value.code) == ("method.type", "unsupported_method")
+    assert rft.value.message.endswith(" - reinforcement fine-tuning is not supported; use supervised or dpo")
     for hyperparameters, param in [({"n_epochs": 0}, "hyperparameters.n_epochs"),
                                    ({"n_epochs": 100_000}, "hyperparameters.n_epochs"),
                                    ({"learning_rate_multiplier": 10_000}, "hyperparameters.learning_rate_multiplier")]:  # fmt: skip

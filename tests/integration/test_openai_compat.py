@@ -14,7 +14,7 @@ import pytest
 from openai import OpenAI
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 
-from tests.data import easy_records, jsonl
+from tests.data import easy_records, jsonl, preference_records
 from tests.service import Service, wait_until
 
 
@@ -205,3 +205,26 @@ def test_jobs_wait_in_line_through_restarts_and_pause_resume_continues(
     with pytest.raises(openai.BadRequestError) as not_paused:
         client.fine_tuning.jobs.resume(first.id)
     assert not_paused.value.code == "invalid_job_state"
+
+
+def test_a_dpo_job_trains_on_a_preference_file(client: OpenAI, service: Service, tiny_model_dir: Path) -> None:
+    uploaded = client.files.create(file=("prefs.jsonl", jsonl(preference_records(8))), purpose="fine-tune")
+    created = client.fine_tuning.jobs.create(
+        model=str(tiny_model_dir),
+        training_file=uploaded.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "n_epochs": 2}}},
+    )
+    job = _wait(client, service, created.id, {"succeeded", "failed", "cancelled"})
+    assert job.status == "succeeded", job
+    assert job.method is not None and job.method.type == "dpo" and job.method.dpo is not None
+    assert job.method.dpo.hyperparameters is not None
+    assert (job.method.dpo.hyperparameters.beta, job.method.dpo.hyperparameters.n_epochs) == (0.1, 2)
+    assert job.fine_tuned_model == f"ft:{tiny_model_dir}::{job.id}"
+    native = service.get(f"/jobs/{job.id}").json()
+    assert (native["config"]["method"], native["config"]["dpo_beta"]) == ("dpo", 0.1)
+    assert (Path(native["model_path"]) / "adapter_config.json").is_file()
+    metrics = [e for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data if e.type == "metrics"]
+    assert len(metrics) == 4  # 8 pairs, 4 a step, 2 epochs
+    first = min(metrics, key=lambda e: e.data["step"])  # type: ignore[index]
+    assert abs(first.data["train_loss"] - 0.6931) < 1e-3  # type: ignore[index]  # log 2: policy == reference
+    assert all({"reward_margin", "reward_accuracy"} <= set(e.data) for e in metrics)  # type: ignore[arg-type]
