@@ -54,6 +54,15 @@ class UnsupportedOption(ServiceError):
     """A well-formed request for something this server does not do."""
 
 
+class UnsupportedParameter(UnsupportedOption):
+    """A request parameter this server does not honour, set anyway (refused rather than ignored)."""
+
+    def __init__(self, name: str, what: str) -> None:
+        super().__init__(
+            f"{name} is not supported by this server's {what}", problems=[field_error([name], "not supported")]
+        )
+
+
 class UnsupportedMediaType(ServiceError):
     """The body is not in a media type the endpoint reads."""
 
@@ -107,6 +116,17 @@ class FileNotFound(NotFound):
         super().__init__(message or f"no file {file_id!r}")
 
 
+class ModelNotFound(NotFound):
+    """A chat completion or model lookup names no model this service serves."""
+
+    def __init__(self, model: str, reason: str = "") -> None:
+        super().__init__(
+            f"The model {model!r} does not exist{reason}: use a base model that was trained on, a succeeded job's "
+            "fine_tuned_model (or job id), or one of its checkpoints (GET /v1/models lists them)",
+            problems=[field_error(["model"], "no such model")],
+        )
+
+
 # --- the state of the service --------------------------------------------------------------------------
 
 
@@ -134,6 +154,28 @@ class QueueFull(ServiceError):
 
     def details(self) -> dict[str, Any]:
         return {"max_queued_jobs": self.limit}
+
+
+class GenerationQueueFull(ServiceError):
+    """LORA_GENERATION_MAX_PENDING chat completions already wait for a generation worker."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"too many chat completions are waiting: {limit} already wait for a generation worker "
+            "(LORA_GENERATION_MAX_PENDING); try again shortly"
+        )
+
+
+class GenerationUnavailable(ServiceError):
+    """No generation worker has reported lately: nothing would answer."""
+
+
+class GenerationTimedOut(ServiceError):
+    """A chat completion did not finish within LORA_GENERATION_TIMEOUT_S."""
+
+
+class GenerationFailed(ServiceError):
+    """The generation worker could not generate (out of memory, a model that cannot run)."""
 
 
 class WrongJobState(ServiceError):

@@ -16,8 +16,11 @@ from starlette.middleware.cors import CORSMiddleware
 
 from api.auth import ApiKeyMiddleware, is_loopback, listening_host
 from api.error_responses import install_handlers
+from api.openai import chat as openai_chat
 from api.openai import files as openai_files
 from api.openai import jobs as openai_jobs
+from api.openai import models as openai_models
+from api.openai.generation import GenerationQueue, connect_async
 from api.routes import artifacts, dashboard, health, jobs, merge, seed_merge, status, train
 from api.webhooks import WebhookDispatcher
 from shared.celery_factory import make_celery
@@ -55,6 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         anyio.to_thread.current_default_thread_limiter().total_tokens = 128
         app.state.store = JobStore(connect(settings.redis_url))
         app.state.celery = make_celery(settings)
+        generation_client = connect_async(settings.redis_url)  # chat completions wait on Redis without a thread
+        app.state.generation = GenerationQueue(generation_client, settings)
         # Always running: with no receiver configured it still empties the outbox the job transitions fill.
         dispatcher = WebhookDispatcher(WebhookQueue(app.state.store.client), settings)
         tasks = [asyncio.create_task(_reaper(app)), asyncio.create_task(dispatcher.run())]
@@ -64,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for task in tasks:
                 task.cancel()
             app.state.store.client.close()
+            await generation_client.aclose()
 
     app = FastAPI(
         title="lora-server",
@@ -79,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
-    for module in (train, status, jobs, merge, seed_merge, health, artifacts, dashboard, openai_files, openai_jobs):
+    routers = (train, status, jobs, merge, seed_merge, health, artifacts, dashboard)
+    for module in (*routers, openai_files, openai_jobs, openai_models, openai_chat):
         app.include_router(module.router)
     return app

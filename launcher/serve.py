@@ -1,4 +1,5 @@
-"""One-machine mode: an embedded Redis (unless one is named), the Celery worker(s) and the API.
+"""One-machine mode: an embedded Redis (unless one is named), the Celery worker(s), a generation worker
+next to each (chat completions), and the API.
 
 Each child runs in its own process group so that stopping reaches its whole tree (Celery's
 prefork children included). The launcher is a supervisor: a worker or the API that dies on its own
@@ -134,6 +135,15 @@ def serve(opts: ServeOptions) -> int:
             "-Q", QUEUE, "-n", f"gpu{gpu if gpu is not None else i}@%h",
         ]  # fmt: skip
         children.append(Child(f"worker {i}", cmd, worker_env))
+        # Its generation worker: same GPU, its own long-lived process, so chat never holds up training.
+        generate_cmd = [
+            sys.executable,
+            "-m",
+            "worker.generation_worker",
+            "--name",
+            f"generate{gpu if gpu is not None else i}",
+        ]
+        children.append(Child(f"generation worker {i}", generate_cmd, worker_env))
     api_cmd = [
         sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory",
         "--host", opts.host, "--port", str(opts.port), "--log-level", opts.log_level,

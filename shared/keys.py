@@ -35,3 +35,20 @@ WAITING = PREFIX + "waiting"  # zset: job id -> arrival time, ms; jobs queued be
 WEBHOOK_OUTBOX = PREFIX + "webhooks:outbox"  # list: JSON {event_id, job_id, status, created_at} per ended job
 # The API's dispatcher fans each outbox entry out to one pending delivery per receiver URL (shared.webhook_queue).
 WEBHOOK_PENDING = PREFIX + "webhooks:pending"  # zset: delivery JSON -> next attempt (or claim expiry), ms
+
+
+# Chat completions: requests wait in one list that every generation worker pops from; each request's
+# tokens come back on a stream of its own (expiring), and the API stops a request through a flag.
+GENERATE_QUEUE = PREFIX + "generate:queue"  # list: JSON GenerationRequest per pending request, oldest first
+GENERATORS = PREFIX + "generators"  # zset: generation worker name -> last heartbeat, ms
+GENERATION_PREFIX = PREFIX + "generate:"
+
+
+def generation_output_key(request_id: str) -> str:
+    """Stream of one request's output events (shared.generation.GenerationEvent), written by the worker."""
+    return GENERATION_PREFIX + request_id + ":out"
+
+
+def generation_cancel_key(request_id: str) -> str:
+    """Set (with an expiry) when the API no longer wants a request's output: the worker stops generating."""
+    return GENERATION_PREFIX + request_id + ":cancel"

@@ -66,6 +66,34 @@ class Settings(BaseSettings):
     api_key: str | None = Field(default=None, description="Bearer token required by the API when set.")
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins (closed by default).")
     worker_name: str | None = Field(default=None, description="Name a worker reports (defaults to host:pid).")
+    generation_max_pending: int = Field(
+        default=32,
+        ge=1,
+        description="Chat completion requests that may wait for a generation worker; past it, 429.",
+    )
+    generation_max_tokens: int = Field(
+        default=2048,
+        ge=1,
+        description="Most tokens one chat completion may generate (the default when a request names none); "
+        "a larger max_tokens is a 400.",
+    )
+    generation_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="Time limit on one chat completion, waiting included: past it the API answers 504 and "
+        "the generation worker stops.",
+    )
+    generation_max_adapters: int = Field(
+        default=8, ge=1, description="Adapters a generation worker keeps loaded on each base model (LRU)."
+    )
+    generation_max_base_models: int = Field(
+        default=1, ge=1, description="Base models a generation worker keeps loaded (LRU), each with its adapters."
+    )
+    generation_device: str = Field(
+        default="auto",
+        description="Where a generation worker runs its models: 'auto' (the worker's GPU, else the CPU), "
+        "'cpu', or a torch device such as 'cuda:1'.",
+    )
     # NoDecode: pydantic-settings would parse the variable as JSON only; `_split_urls` takes a JSON list or commas.
     webhook_url: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

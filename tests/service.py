@@ -124,6 +124,7 @@ class Service:
     api: subprocess.Popen[bytes] | None = None
     worker: subprocess.Popen[bytes] | None = None  # the newest worker
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    generator: subprocess.Popen[bytes] | None = None  # the generation worker (chat completions)
 
     @property
     def url(self) -> str:
@@ -151,6 +152,7 @@ class Service:
         self.base_path.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.start_worker()
+        self.start_generator()
         self.start_api()
 
     def start_api(self) -> None:
@@ -166,6 +168,10 @@ class Service:
                "--concurrency", "1", "-Q", QUEUE, "-n", f"test{len(self.workers) + 1}@%h"]  # fmt: skip
         self.worker = self._spawn(cmd, "worker", {**self.env(), **env})
         self.workers.append(self.worker)
+
+    def start_generator(self, **env: str) -> None:
+        cmd = [sys.executable, "-m", "worker.generation_worker", "--name", f"test-generate{len(self.workers)}"]
+        self.generator = self._spawn(cmd, "generator", {**self.env(), **env})
 
     def _spawn(self, cmd: list[str], log_name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
         """A child in a process group of its own, writing to `<log_name>.log` (the child keeps its own handle)."""
@@ -188,6 +194,7 @@ class Service:
         self.stop_api()
         for worker in self.workers:  # every worker this service started, not only the newest
             _stop(worker, signal.SIGKILL)
+        _stop(self.generator, signal.SIGKILL)
 
     def logs(self, which: str) -> str:
         path = self.log_dir / f"{which}.log"

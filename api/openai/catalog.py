@@ -1,0 +1,120 @@
+"""The models this service can chat with, and what each name stands for.
+
+- base models in use: every distinct `config.model_name` of a training job (the base alone);
+- every succeeded training job's model, by its `ft:` name (shared.model_names), its adapter folder;
+- each checkpoint of those jobs, `ft:...:ckpt-step-N`, the checkpoint's folder.
+
+A job id names its job's model too. Names are resolved on every request from the job store and the
+volume, so a job's model can be used the moment it has succeeded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from api.artifacts import adapter_dir, get_checkpoint, list_checkpoints
+from api.errors import ModelNotFound
+from api.openai.schemas import ORGANIZATION_ID
+from api.openai.store import OpenAIStore
+from shared.jobs import JobRecord, JobStatus
+from shared.model_names import checkpoint_model_name, fine_tuned_model_name, parse_model_name
+from shared.settings import Settings
+from shared.store import JobStore
+
+BASE_OWNER = "system"  # OpenAI's owner of the models it ships; ours are the bases jobs train on
+_PAGE = 500
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    id: str  # the name clients use
+    created: int  # seconds since the epoch
+    owned_by: str
+    base_model: str  # what the generation worker loads
+    adapter_path: str | None  # None: the base model alone
+
+
+def _training_jobs(store: JobStore) -> Iterator[JobRecord]:
+    """Every training job, newest first."""
+    before: float | None = None
+    while True:
+        page = store.list_ids(before=before, limit=_PAGE)
+        for job_id, _ in page:
+            record = store.get(job_id)
+            if record is not None and record.kind == "train":
+                yield record
+        if len(page) < _PAGE:
+            return
+        before = page[-1][1]
+
+
+def _name_parts(record: JobRecord, ostore: OpenAIStore) -> tuple[str, str | None]:
+    """The model and suffix a job's `ft:` names are built from: a /v1 job's as the client sent them."""
+    extra = ostore.get_job(record.id)
+    return (extra.model, extra.suffix) if extra else (record.config.model_name, None)
+
+
+def _job_models(record: JobRecord, ostore: OpenAIStore, settings: Settings) -> list[ServedModel]:
+    """A succeeded job's model and its checkpoints' (none when its adapter is gone from the volume)."""
+    folder = adapter_dir(settings.base_path, record.model_path)
+    if record.status is not JobStatus.succeeded or folder is None:
+        return []
+    model, suffix = _name_parts(record, ostore)
+    base = record.config.model_name
+    finished = int(record.finished_at or record.created_at)
+    served = [
+        ServedModel(fine_tuned_model_name(model, suffix, record.id), finished, ORGANIZATION_ID, base, str(folder))
+    ]
+    for ckpt in list_checkpoints(settings.volume, record.id):
+        name = checkpoint_model_name(model, suffix, record.id, ckpt.step)
+        served.append(ServedModel(name, int(ckpt.created_at), ORGANIZATION_ID, base, ckpt.path))
+    return served
+
+
+def list_models(store: JobStore, ostore: OpenAIStore, settings: Settings) -> list[ServedModel]:
+    """Base models first (oldest use first), then fine-tuned models newest first, each followed by its checkpoints."""
+    bases: dict[str, int] = {}
+    tuned: list[ServedModel] = []
+    for record in _training_jobs(store):
+        bases[record.config.model_name] = int(record.created_at)  # newest first: the oldest use wins
+        tuned.extend(_job_models(record, ostore, settings))
+    base_models = sorted(bases.items(), key=lambda item: item[1])
+    return [ServedModel(name, created, BASE_OWNER, name, None) for name, created in base_models] + tuned
+
+
+def resolve(store: JobStore, ostore: OpenAIStore, settings: Settings, name: str) -> ServedModel:
+    """The model `name` stands for: a `ft:` name or job id, else a base model in use; ModelNotFound otherwise."""
+    ref = parse_model_name(name)
+    if ref is not None:
+        record = store.get(ref.job_id)
+        if record is None or record.kind != "train":
+            raise ModelNotFound(name, f": there is no job {ref.job_id!r}")
+        if record.status is not JobStatus.succeeded:
+            raise ModelNotFound(name, f": job {ref.job_id!r} is {record.status.value}, not succeeded")
+        folder = adapter_dir(settings.base_path, record.model_path)
+        if folder is None:
+            raise ModelNotFound(name, f": the adapter of job {ref.job_id!r} is no longer on the volume")
+        model, suffix = _name_parts(record, ostore)
+        if ref.step is None:
+            return ServedModel(
+                fine_tuned_model_name(model, suffix, record.id),
+                int(record.finished_at or record.created_at),
+                ORGANIZATION_ID,
+                record.config.model_name,
+                str(folder),
+            )
+        ckpt = get_checkpoint(settings.volume, record.id, ref.step)
+        if ckpt is None:
+            raise ModelNotFound(name, f": job {ref.job_id!r} has no checkpoint at step {ref.step}")
+        return ServedModel(
+            checkpoint_model_name(model, suffix, record.id, ref.step),
+            int(ckpt.created_at),
+            ORGANIZATION_ID,
+            record.config.model_name,
+            ckpt.path,
+        )
+    created = [int(r.created_at) for r in _training_jobs(store) if r.config.model_name == name]
+    if not created:
+        raise ModelNotFound(name)
+    return ServedModel(name, min(created), BASE_OWNER, name, None)

@@ -1,0 +1,74 @@
+"""/v1/chat/completions' refusals and bounds, in process with no generation worker (one is faked by its
+heartbeat where a test needs the API to count on one): the end-to-end answers are
+tests/integration/test_chat.py's."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from shared import keys
+from shared.generation import GenerationRequest
+from shared.generation_queue import heartbeat
+from shared.settings import Settings
+from tests.data import easy_records, jsonl
+
+BASE = "tiny-base"
+
+
+@pytest.fixture
+def api(tmp_path: Path, redis_client: redis.Redis, redis_url: str) -> Iterator[TestClient]:
+    settings = Settings(base_path=tmp_path / "base", redis_url=redis_url, min_free_disk_mb=1,
+                        generation_max_pending=1, generation_timeout_s=1.0, generation_max_tokens=100)  # fmt: skip
+    with TestClient(create_app(settings)) as client:
+        files = {"config": (None, json.dumps({"model_name": BASE})), "file": ("d.jsonl", jsonl(easy_records(8)))}
+        assert client.post("/train", files=files).status_code == 202  # the base model is now "in use"
+        yield client
+
+
+def _chat(api: TestClient, **body: object) -> tuple[int, dict[str, object]]:
+    r = api.post("/v1/chat/completions", json={"model": BASE, "messages": [{"role": "user", "content": "hi"}], **body})
+    return r.status_code, r.json()
+
+
+def test_models_lists_the_base_in_use_and_nothing_unknown(api: TestClient) -> None:
+    listed = api.get("/v1/models").json()
+    assert listed["object"] == "list" and [m["id"] for m in listed["data"]] == [BASE]
+    assert api.get(f"/v1/models/{BASE}").json()["object"] == "model"
+    missing = api.get("/v1/models/ft:x::job-nope")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_unsupported_parameters_and_limits_are_refused_by_name(api: TestClient) -> None:
+    for body, param in (({"tools": []}, "tools"), ({"n": 2}, "n"), ({"logprobs": True}, "logprobs"),
+                        ({"max_tokens": 101}, "max_tokens"), ({"max_completion_tokens": 101}, "max_completion_tokens"),
+                        ({"stop": ["a", "b", "c", "d", "e"]}, "stop")):  # fmt: skip
+        status, answer = _chat(api, **body)
+        assert status == 400 and answer["error"]["param"] == param, (body, answer)  # type: ignore[index]
+    status, answer = _chat(api, model="nope")
+    assert status == 404 and answer["error"]["param"] == "model"  # type: ignore[index]
+
+
+def test_no_generation_worker_is_a_503_at_once(api: TestClient) -> None:
+    status, answer = _chat(api)
+    assert status == 503 and answer["error"]["code"] == "no_generation_worker"  # type: ignore[index]
+
+
+def test_a_full_queue_is_a_429_and_a_late_answer_a_504_that_cancels(api: TestClient, redis_client: redis.Redis) -> None:
+    heartbeat(redis_client, "fake-generator")
+    redis_client.rpush(keys.GENERATE_QUEUE, "someone else's request")
+    status, answer = _chat(api)
+    assert status == 429 and answer["error"]["code"] == "generation_queue_full"  # type: ignore[index]
+
+    redis_client.delete(keys.GENERATE_QUEUE)
+    status, answer = _chat(api, stream=True)
+    assert status == 504 and answer["error"]["type"] == "timeout"  # type: ignore[index]
+    queued = GenerationRequest.model_validate_json(str(redis_client.lpop(keys.GENERATE_QUEUE)))
+    assert queued.base_model == BASE and queued.adapter_path is None and queued.sampling.max_tokens == 100
+    assert redis_client.exists(keys.generation_cancel_key(queued.id))  # the worker that pops it skips it
