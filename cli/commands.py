@@ -195,8 +195,8 @@ def _cmd_models(client: LoraClient, args: argparse.Namespace) -> int:
     width = max(len("MODEL"), *(len(m.id) for m in listing.data))
     print(f"{'MODEL':<{width}}  {'OWNER':<20}  CREATED")
     for m in listing.data:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created)) if m.created else "-"
-        print(f"{m.id:<{width}}  {m.owned_by or '-':<20}  {created}")
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created))
+        print(f"{m.id:<{width}}  {m.owned_by:<20}  {created}")
     return 0
 
 

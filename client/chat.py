@@ -1,8 +1,9 @@
-"""What the client reads from the OpenAI-compatible chat surface: `/v1/models` and the chunks of a
-streamed `/v1/chat/completions`.
+"""Reading a streamed `/v1/chat/completions` on the client's side; `/v1/models` is read with the API's
+own models (api.openai.chat_schemas), re-exported here.
 
-Parsed on the client's side with models of its own (OpenAI's field names), so the client depends on
-the wire format only, not on the server's modules. Unknown fields are ignored: a server may add more.
+The chunks are read with lenient models of their own (OpenAI's field names, unknown fields ignored):
+a failure after the stream began comes as a chunk of another shape, `{"error": {...}}`, which the
+API's strict chunk model does not describe.
 """
 
 from __future__ import annotations
@@ -12,21 +13,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from api.openai.chat_schemas import ModelList, ModelPublic
+
+__all__ = ["ChatCompletionChunk", "ChatStreamError", "ModelList", "ModelPublic", "chat_messages", "chunk_texts"]
+
 DONE = "[DONE]"  # the data of the last event of an OpenAI stream
-
-
-class ModelPublic(BaseModel):
-    """One model a chat completion may name: a base model, or a job's `ft:` name."""
-
-    id: str
-    object: str = "model"
-    created: int | None = None
-    owned_by: str | None = None
-
-
-class ModelList(BaseModel):
-    object: str = "list"
-    data: list[ModelPublic]
 
 
 class ChunkDelta(BaseModel):

