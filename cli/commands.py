@@ -1,5 +1,5 @@
-"""The client commands (`submit`, `status`, `jobs`, `cancel`, `pause`, `resume`, `download`): each one HTTP call or a few,
-through client.LoraClient, printed for a person (or as JSON with --json)."""
+"""The client commands (`submit`, `status`, `jobs`, `cancel`, `pause`, `resume`, `download`, `chat`, `models`):
+each one HTTP call or a few, through client.LoraClient, printed for a person (or as JSON with --json)."""
 
 from __future__ import annotations
 
@@ -158,6 +158,48 @@ def _cmd_download(client: LoraClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _question(arg: str) -> str:
+    """The question as given, or read from stdin when it is `-` (a long prompt, a file piped in)."""
+    text = sys.stdin.read() if arg == "-" else arg
+    if not text.strip():
+        raise SystemExit("chat: the question is empty" + (" (nothing on stdin)" if arg == "-" else ""))
+    return text
+
+
+def _cmd_chat(client: LoraClient, args: argparse.Namespace) -> int:
+    question = _question(args.question)
+    pieces = client.chat_stream(
+        args.model, question, system=args.system, max_tokens=args.max_tokens, temperature=args.temperature
+    )
+    wrote = False
+    try:
+        for piece in pieces:  # each piece as it arrives: the answer reads like it is typed
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            wrote = True
+    finally:
+        if wrote:  # ends the line even when the stream breaks, so the error starts on its own
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    return 0
+
+
+def _cmd_models(client: LoraClient, args: argparse.Namespace) -> int:
+    listing = client.models()
+    if args.json:
+        print(listing.model_dump_json(indent=2))
+        return 0
+    if not listing.data:
+        print("no models", file=sys.stderr)
+        return 0
+    width = max(len("MODEL"), *(len(m.id) for m in listing.data))
+    print(f"{'MODEL':<{width}}  {'OWNER':<20}  CREATED")
+    for m in listing.data:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created))
+        print(f"{m.id:<{width}}  {m.owned_by:<20}  {created}")
+    return 0
+
+
 COMMANDS = {
     "submit": _cmd_submit,
     "status": _cmd_status,
@@ -166,4 +208,6 @@ COMMANDS = {
     "pause": _cmd_pause,
     "resume": _cmd_resume,
     "download": _cmd_download,
+    "chat": _cmd_chat,
+    "models": _cmd_models,
 }

@@ -7,6 +7,8 @@
     lora-server cancel JOB_ID
     lora-server pause JOB_ID | resume JOB_ID
     lora-server download JOB_ID DIR
+    lora-server chat JOB_OR_MODEL "question" [--system S] [--max-tokens N] [--temperature T]   (question `-`: stdin)
+    lora-server models
 
 The client commands use only the HTTP API: `--url` (or LORA_URL), key from `--api-key` (or LORA_API_KEY).
 Exit codes: 0 ok; 1 error or failed job; 3 cancelled job; 130 interrupted.
@@ -25,7 +27,7 @@ from typing import Any
 import httpx
 
 from cli.commands import COMMANDS, EXIT_FAILED, EXIT_INTERRUPTED
-from client import DEFAULT_URL, ApiClientError, LoraClient, UnsafeArchiveError
+from client import DEFAULT_URL, ApiClientError, ChatStreamError, LoraClient, UnsafeArchiveError
 from launcher.serve import ServeOptions, serve
 from shared.jobs import JobStatus
 
@@ -115,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", type=Path, metavar="DIR")
     p.add_argument("--checkpoint", type=int, help="a checkpoint's step instead of the final adapter")
 
+    p = sub.add_parser("chat", parents=[common], help="ask a fine-tuned (or base) model; the answer streams out")
+    p.add_argument("model", metavar="JOB_OR_MODEL", help="a job id, a ft: model name or a base model")
+    p.add_argument("question", help="the question; - reads it from stdin")
+    p.add_argument("--system", help="a system prompt")
+    p.add_argument("--max-tokens", type=int, help="most tokens to generate (default: the server's)")
+    p.add_argument("--temperature", type=float, help="0 picks the likeliest token each time (default: the server's)")
+
+    p = sub.add_parser("models", parents=[common], help="models a chat can name: base models and fine-tuned ones")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("merge", help="fold an adapter into its base model, on this machine")
     p.add_argument("adapter_dir", type=Path)
     p.add_argument("output_dir", type=Path)
@@ -143,6 +155,8 @@ def _run_client(args: argparse.Namespace) -> int:
         print(f"error: cannot reach {args.url}: {exc}", file=sys.stderr)
     except UnsafeArchiveError as exc:
         print(f"error: refused archive: {exc}", file=sys.stderr)
+    except ChatStreamError as exc:
+        print(f"error: the answer failed: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     return EXIT_FAILED

@@ -8,6 +8,8 @@ job_id = client.submit(Path("data.jsonl"), {"epochs": 3}).job_id
 for event in client.stream(job_id):
     ...
 client.download(job_id, Path("adapter"))
+for piece in client.chat_stream(job_id, "What color is the sky?"):
+    print(piece, end="", flush=True)
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, TypeVar, cast
@@ -34,6 +36,7 @@ from api.schemas import (
     TrainAccepted,
 )
 from client.archive import extract_tar_safely
+from client.chat import ModelList, chat_messages, chunk_texts
 from client.sse import sse_blocks
 from shared.events import JobEvent
 from shared.jobs import JobStatus
@@ -85,6 +88,9 @@ class LoraClient:
         except ValueError:
             body = response.text
         detail = body.get("detail") if isinstance(body, dict) else None
+        error = body.get("error") if isinstance(body, dict) else None
+        if detail is None and isinstance(error, dict):  # the /v1 routes answer in OpenAI's envelope
+            detail = error.get("message")
         raise ApiClientError(response.status_code, str(detail or body or response.reason_phrase), body)
 
     def _get(self, model: type[M], path: str, **params: Any) -> M:
@@ -185,3 +191,45 @@ class LoraClient:
                     spool.write(chunk)
             spool.seek(0)
             return extract_tar_safely(cast(IO[bytes], spool), dest)
+
+    # ---- the OpenAI-compatible chat surface ----
+    def models(self) -> ModelList:
+        """`GET /v1/models`: base models and fine-tuned (`ft:`) models a chat completion may name."""
+        return self._get(ModelList, "/v1/models")
+
+    def chat_stream(
+        self,
+        model: str,
+        question: str | Sequence[Mapping[str, str]],
+        *,
+        system: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> Iterator[str]:
+        """The answer's text as it is generated (`POST /v1/chat/completions` with `stream: true`).
+
+        `model`: a job id, a `ft:` name or a base model. `question`: one user message, or the whole
+        list of messages (then `system` must be None). Options left None take the server's defaults.
+        ApiClientError when the request is refused; client.chat.ChatStreamError when the stream
+        reports a failure after it began.
+        """
+        if isinstance(question, str):
+            messages: list[dict[str, str]] = chat_messages(question, system)
+        elif system is not None:
+            raise ValueError("pass the system prompt inside the messages when giving a list of messages")
+        else:
+            messages = [dict(m) for m in question]
+        body: dict[str, Any] = {"model": model, "messages": messages, "stream": True}
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        if temperature is not None:
+            body["temperature"] = temperature
+        # A long read limit: the first token may wait for a busy generation worker (the server's own
+        # time limit, LORA_GENERATION_TIMEOUT_S, ends the request well before this one).
+        timeout = httpx.Timeout(30.0, read=600.0)
+        headers = {"Accept": "text/event-stream"}
+        with self.http.stream("POST", "/v1/chat/completions", json=body, headers=headers, timeout=timeout) as response:
+            if not response.is_success:
+                response.read()
+                self._check(response)
+            yield from chunk_texts(sse_blocks(response.iter_lines()))

@@ -259,3 +259,14 @@ def wait_running(service: Service, job_id: str, min_step: int = 2, timeout: floa
 def running_events(service: Service, job_id: str) -> list[dict[str, Any]]:
     events = service.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
     return [e for e in events if e["type"] == "status" and e["data"]["status"] == "running"]
+
+
+def assert_chat_served(service: Service) -> None:
+    """Fail at once, saying why, where the chat surface (/v1/models, /v1/chat/completions) is not served."""
+    probe = service.post(
+        "/v1/chat/completions", json={"model": "job-probe", "messages": [{"role": "user", "content": "hi"}]}
+    )
+    # The chat surface answers an unknown model in OpenAI's envelope; a server without it, FastAPI's bare 404.
+    assert probe.status_code not in (404, 405) or "error" in probe.json(), (
+        f"needs the chat branch: POST /v1/chat/completions is not served here ({probe.status_code} {probe.text})"
+    )

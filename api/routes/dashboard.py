@@ -1,5 +1,8 @@
 """`GET /dashboard`: one static page (inline JS/CSS, no build step, nothing fetched from elsewhere).
 
+It follows jobs, starts them (`POST /train`), downloads and merges their adapters and chats with the
+fine-tuned model (`POST /v1/chat/completions`, streamed), all through the public API.
+
 The page itself is open; it asks for the API key when the API answers 401 and sends it as a
 Bearer header. A Content-Security-Policy pins the page to its own inline script (by hash) and
 to this origin.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,17 +13,26 @@ from typing import Any
 
 from cli.main import build_parser
 from launcher.embedded_redis import free_port
+from shared.model_names import fine_tuned_model_name
 from tests.data import easy_records, write_jsonl
-from tests.service import Service, flush, wait_running, wait_until, wait_until_up
+from tests.service import Service, assert_chat_served, flush, wait_running, wait_until, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def cli(service: Service, *args: str, timeout: float = 180, **env: str) -> subprocess.CompletedProcess[str]:
+def cli(
+    service: Service, *args: str, timeout: float = 180, stdin: str | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
     base_env = {k: v for k, v in os.environ.items() if k not in ("LORA_API_KEY", "LORA_URL")}
     run_env = {**base_env, "LORA_URL": service.url, "PYTHONPATH": str(ROOT), **env}
     return subprocess.run(
-        [sys.executable, "-m", "cli", *args], cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "cli", *args],
+        cwd=ROOT,
+        env=run_env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -209,3 +219,73 @@ def test_merge_command_writes_a_loadable_full_model(tiny_model_dir: Path, tmp_pa
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert model.config.model_type == "qwen2"
     assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def _completion(service: Service, model: str, messages: list[dict[str, str]], max_tokens: int) -> str:
+    """The whole answer in one piece (no stream), greedy: what the streamed one must add up to."""
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+    r = service.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, f"needs the chat branch (POST /v1/chat/completions): {r.status_code} {r.text}"
+    return str(r.json()["choices"][0]["message"]["content"])
+
+
+def test_chat_streams_the_answer_and_models_lists_the_jobs_fine_tuned_name(
+    service: Service, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Needs the chat surface (`/v1/models`, `/v1/chat/completions` and a generation worker, branch `chat`)."""
+    assert_chat_served(service)
+    data = write_jsonl(tmp_path / "train.jsonl", easy_records(8))
+    done = cli(service, "submit", str(data), "--set", f"model_name={tiny_model_dir}", "--set", "epochs=1", "--follow")
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_id = done.stdout.splitlines()[0]
+    ft_name = fine_tuned_model_name(str(tiny_model_dir), None, job_id)
+
+    models = cli(service, "models")
+    assert models.returncode == 0, models.stderr
+    row = next((line for line in models.stdout.splitlines() if line.split()[:1] == [ft_name]), None)
+    assert row is not None, models.stdout
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$", row), row  # owner, then when it was created
+    listed = json.loads(cli(service, "models", "--json").stdout)
+    assert ft_name in [m["id"] for m in listed["data"]]
+
+    # Greedy, so the streamed answer adds up to the one-piece answer, whichever name the model goes by.
+    question = [{"role": "user", "content": "What color is the sky?"}]
+    expected = _completion(service, job_id, question, 12)
+    by_job = cli(service, "chat", job_id, "What color is the sky?", "--max-tokens", "12", "--temperature", "0")
+    assert by_job.returncode == 0, by_job.stderr
+    assert by_job.stdout == expected + "\n" and expected, (by_job.stdout, expected)  # (a tiny random model: any text)
+    by_name = cli(service, "chat", ft_name, "What color is the sky?", "--max-tokens", "12", "--temperature", "0")
+    assert by_name.returncode == 0 and by_name.stdout == by_job.stdout, by_name.stderr
+
+    # The question from stdin, with a system prompt; and the base model alone.
+    with_system = [{"role": "system", "content": "Answer briefly."}, *question]
+    expected = _completion(service, ft_name, with_system, 8)
+    piped = cli(service, "chat", ft_name, "-", "--system", "Answer briefly.", "--max-tokens", "8",
+                "--temperature", "0", stdin="What color is the sky?")  # fmt: skip
+    assert piped.returncode == 0 and piped.stdout == expected + "\n", (piped.stdout, piped.stderr, expected)
+    base = cli(service, "chat", str(tiny_model_dir), "Hello", "--max-tokens", "4")
+    assert base.returncode == 0, base.stderr
+
+    # An unknown model: the API's own message, and a non-zero exit.
+    unknown = cli(service, "chat", "ft:nope::job-doesnotexist", "Hello")
+    assert unknown.returncode == 1 and unknown.stdout == "", unknown.stdout
+    assert "HTTP 4" in unknown.stderr and "job-doesnotexist" in unknown.stderr, unknown.stderr
+
+
+def test_chat_argument_errors_are_clear(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("LORA_API_KEY", "LORA_URL")}
+    env.update({"PYTHONPATH": str(ROOT), "LORA_URL": f"http://127.0.0.1:{free_port()}"})  # nothing listens there
+
+    def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, input=stdin,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    empty = run("chat", "job-abc", "-", stdin="  \n")
+    assert empty.returncode == 1 and "question is empty (nothing on stdin)" in empty.stderr, empty.stderr
+    assert run("chat", "job-abc", "").returncode == 1
+    no_question = run("chat", "job-abc")
+    assert no_question.returncode == 2 and "required: question" in no_question.stderr
+    bad_number = run("chat", "job-abc", "hi", "--max-tokens", "lots")
+    assert bad_number.returncode == 2 and "--max-tokens: invalid int value: 'lots'" in bad_number.stderr
+    unreachable = run("models")
+    assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr

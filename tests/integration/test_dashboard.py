@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,8 @@ import httpx
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
-from tests.data import easy_records, jsonl
-from tests.service import Service, flush, wait_running, wait_until
+from tests.data import easy_records, jsonl, write_jsonl
+from tests.service import Service, assert_chat_served, flush, wait_running, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -69,6 +70,21 @@ class Page:
 
     def text(self, element_id: str) -> str:
         return str(self.eval(f"document.getElementById({element_id!r}).textContent"))
+
+    def type(self, element_id: str, value: str) -> None:
+        self.eval(f"document.getElementById({element_id!r}).value = {value!r}")
+
+    def choose_file(self, element_id: str, path: Path | None) -> None:
+        """Put a file into an <input type=file>, as a person picking it would (none: clear it)."""
+        if path is None:
+            self.eval(f"document.getElementById({element_id!r}).value = ''")
+            return
+        root = self.call("DOM.getDocument", depth=0)["root"]["nodeId"]
+        node = self.call("DOM.querySelector", nodeId=root, selector=f"#{element_id}")["nodeId"]
+        self.call("DOM.setFileInputFiles", nodeId=node, files=[str(path)])
+
+    def click(self, element_id: str) -> None:
+        self.eval(f"document.getElementById({element_id!r}).click()")
 
 
 @pytest.fixture
@@ -211,6 +227,156 @@ def test_dashboard_asks_for_the_api_key_once_and_keeps_it(
         )
         browser.wait_for("document.getElementById('job-status').textContent === 'succeeded'", timeout=30)
         assert int(browser.eval("Number(document.getElementById('loss-chart').dataset.points)")) >= 1
+        # The page's own calls carry the key too: the adapter download, a form's upload.
+        browser.wait_for("!document.getElementById('download').disabled")
+        browser.click("download")
+        browser.wait_for("document.getElementById('action-message').textContent.startsWith('Saved ')")
+        browser.choose_file("f-file", write_jsonl(tmp_path / "train.jsonl", easy_records(2)))
+        browser.type("f-model_name", str(tiny_model_dir))
+        browser.type("f-epochs", "1")
+        browser.eval("document.getElementById('train-form').requestSubmit()")
+        browser.wait_for("/^job-/.test(document.getElementById('train-message').textContent)")
+        assert not browser.eval("document.getElementById('key-dialog').classList.contains('open')")
         assert not browser.errors, browser.errors
     finally:
         svc.stop()
+
+
+def _field_error(browser: Page, field: str) -> str:
+    return browser.text(f"err-{field}")
+
+
+def test_dashboard_form_shows_each_error_by_its_field_then_starts_a_job_that_trains(
+    service: Service, tiny_model_dir: Path, browser: Page, tmp_path: Path
+) -> None:
+    good = write_jsonl(tmp_path / "train.jsonl", easy_records(8))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(jsonl(easy_records(1)) + b'{"messages": [{"role": "assistant", "content": "hi"}]}\n')
+    browser.goto(service.url + "/dashboard")
+    # Placeholders come from the server's own schema: the TrainConfig defaults.
+    browser.wait_for("document.getElementById('f-epochs').placeholder === '3'")
+    assert browser.eval("document.getElementById('f-learning_rate').placeholder") == "0.0003"
+
+    # No file chosen: said under the dataset field, nothing sent.
+    browser.eval("document.getElementById('train-form').requestSubmit()")
+    browser.wait_for("document.getElementById('err-file').textContent.includes('choose a dataset')")
+
+    # A bad config: each field's own message under it; only what was filled in is sent.
+    browser.choose_file("f-file", good)
+    browser.type("f-model_name", str(tiny_model_dir))
+    browser.type("f-epochs", "0")
+    browser.type("f-learning_rate", "fast")
+    assert json.loads(browser.eval("JSON.stringify(formConfig())")) == {
+        "model_name": str(tiny_model_dir), "epochs": 0, "learning_rate": "fast"
+    }  # fmt: skip
+    browser.eval("document.getElementById('train-form').requestSubmit()")
+    browser.wait_for("document.getElementById('err-epochs').textContent !== ''")
+    assert "greater than or equal to 1" in _field_error(browser, "epochs")
+    assert "valid number" in _field_error(browser, "learning_rate")
+    assert _field_error(browser, "batch_size") == "" and _field_error(browser, "file") == ""
+    assert browser.eval("document.getElementById('f-epochs').getAttribute('aria-invalid')") == "true"
+
+    # A bad dataset: the line and the reason under the file field; the config's errors are gone.
+    browser.type("f-epochs", "2")
+    browser.type("f-learning_rate", "")
+    browser.choose_file("f-file", bad)
+    browser.eval("document.getElementById('train-form').requestSubmit()")
+    browser.wait_for("document.getElementById('err-file').textContent.includes('line 2')")
+    assert "line 2: " in _field_error(browser, "file") and "user" in _field_error(browser, "file")
+    assert _field_error(browser, "epochs") == ""
+    assert service.get("/jobs").json()["data"] == []  # nothing was started
+
+    # Every slot taken: a 409 that says so and points at the queue; then "wait in line" queues the job.
+    busy = _submit(service, tiny_model_dir, epochs=400, batch_size=2)
+    browser.choose_file("f-file", good)
+    browser.choose_file("f-validation_file", good)
+    browser.eval("document.getElementById('train-form').requestSubmit()")
+    browser.wait_for("document.getElementById('train-message').textContent.includes('Wait in line')")
+    assert busy in browser.text("train-message")
+    browser.click("f-queue")
+    browser.eval("document.getElementById('train-form').requestSubmit()")
+    browser.wait_for("/^job-/.test(document.getElementById('train-message').textContent)")
+    assert "position 1" in browser.text("train-message")
+    job_id = browser.text("train-message").split(":")[0]
+    browser.wait_for(f"document.getElementById('job-id').textContent === {job_id!r}")
+    browser.wait_for(f"!!document.querySelector('#jobs tr[data-id=\"{job_id}\"]')")
+    job = service.job(job_id)
+    assert job["status"] == "queued" and job["config"]["epochs"] == 2
+    assert job["config"]["model_name"] == str(tiny_model_dir)
+    assert job["config"]["learning_rate"] == 3e-4  # left empty: the default
+
+    assert service.post(f"/jobs/{busy}/cancel").status_code == 202
+    service.wait_for(job_id, {"succeeded", "failed"}, timeout=120)
+    assert service.job(job_id)["status"] == "succeeded", service.job(job_id)
+    browser.wait_for("document.getElementById('job-status').textContent === 'succeeded'", timeout=30)
+    browser.wait_for("Number(document.getElementById('loss-chart').dataset.evalPoints) >= 1")  # the validation file
+    # The base model it used is suggested next time.
+    options = browser.eval("Array.from(document.getElementById('model-suggestions').options, (o) => o.value)")
+    assert str(tiny_model_dir) in options
+    assert not browser.errors, browser.errors
+
+
+def test_dashboard_downloads_the_adapter_and_merges_it(
+    service: Service, tiny_model_dir: Path, browser: Page, tmp_path: Path
+) -> None:
+    job_id = _submit(service, tiny_model_dir, epochs=1)
+    service.wait_for(job_id, {"succeeded", "failed"}, timeout=120)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    browser.call("Page.setDownloadBehavior", behavior="allow", downloadPath=str(downloads))
+    browser.goto(f"{service.url}/dashboard#{job_id}")
+    browser.wait_for("document.getElementById('job-status').textContent === 'succeeded'")
+    browser.wait_for("!document.getElementById('download').disabled")
+
+    browser.click("download")
+    browser.wait_for("document.getElementById('action-message').textContent.startsWith('Saved ')")
+    archive = wait_until(lambda: [p for p in downloads.glob("*.tar.gz")], timeout=30, what="the downloaded archive")
+    with tarfile.open(archive[0]) as tar:
+        names = tar.getnames()
+    adapter = Path(service.job(job_id)["model_path"])
+    assert sorted(names) == sorted(p.relative_to(adapter).as_posix() for p in adapter.rglob("*") if p.is_file())
+    assert "adapter_config.json" in names
+    assert int(browser.eval("Number(document.getElementById('download').dataset.bytes)")) == archive[0].stat().st_size
+
+    # Merge: the merge job is shown, and followed to its end.
+    browser.click("merge")
+    browser.wait_for(f"document.getElementById('job-id').textContent !== {job_id!r}")
+    merge_id = browser.text("job-id")
+    assert browser.text("job-kind") == f"merge of {job_id}"
+    assert f"as {merge_id}" in browser.text("action-message")
+    merged = service.wait_for(merge_id, {"succeeded", "failed"}, timeout=180)
+    assert merged["status"] == "succeeded" and merged["kind"] == "merge", merged
+    browser.wait_for("document.getElementById('job-status').textContent === 'succeeded'", timeout=30)
+    assert browser.eval("document.getElementById('merge').hidden") is True  # a merged model is not merged again
+    assert browser.eval("document.getElementById('chat').hidden") is True
+    assert not browser.errors, browser.errors
+
+
+def test_dashboard_chat_box_streams_an_answer_from_the_fine_tuned_model(
+    service: Service, tiny_model_dir: Path, browser: Page
+) -> None:
+    """Needs the chat surface (`POST /v1/chat/completions` and a generation worker, branch `chat`)."""
+    assert_chat_served(service)
+    job_id = _submit(service, tiny_model_dir, epochs=1)
+    service.wait_for(job_id, {"succeeded", "failed"}, timeout=120)
+
+    browser.goto(f"{service.url}/dashboard#{job_id}")
+    browser.wait_for("!document.getElementById('chat').hidden")
+    # Count the answer's updates as they land: a streamed answer grows in pieces.
+    browser.eval("""window.__lengths = [];
+      new MutationObserver(() => {
+        const a = document.querySelector('#chat-log .assistant');
+        if (a && a.textContent) window.__lengths.push(a.textContent.length);
+      }).observe(document.getElementById('chat-log'), {subtree: true, childList: true, characterData: true});""")
+    browser.type("chat-input", "What color is the sky?")
+    browser.type("chat-max-tokens", "12")
+    browser.eval("document.getElementById('chat-form').requestSubmit()")
+    browser.wait_for("!!document.querySelector('#chat-log .assistant[data-done=\"1\"]')", timeout=120)
+    assert browser.text("chat-error") == ""
+    assert browser.eval("document.querySelector('#chat-log .user').textContent") == "What color is the sky?"
+    answer = browser.eval("document.querySelector('#chat-log .assistant').textContent")
+    assert answer, "an empty answer"
+    lengths = browser.eval("window.__lengths")
+    assert len(set(lengths)) >= 2 and lengths == sorted(lengths), lengths  # shown in pieces as they came
+    assert browser.eval("state.chat.length") == 2  # the next question carries the conversation
+    assert not browser.errors, browser.errors
