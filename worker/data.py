@@ -33,9 +33,9 @@ assistant messages a ``weight``: 0 keeps that turn out of the loss (OpenAI's per
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from shared.chat_formats import to_chat
 from worker.chat_template import (
@@ -64,11 +64,18 @@ if TYPE_CHECKING:
 
 ChatRecord = dict[str, Any]  # {"messages": Messages, "tools": [...]?}, as shared.chat_formats writes it
 Span = tuple[int, int]  # [start, end) character offsets in the rendered conversation
+R = TypeVar("R")
 
 
 def read_records(path: Path) -> Iterator[ChatRecord]:
     """Yield each record of a JSON Lines file as chat (messages, and tools where given), one line at a
     time; records may be in any shape `shared.chat_formats` accepts."""
+    return read_jsonl(path, to_chat)
+
+
+def read_jsonl(path: Path, convert: Callable[[Any], tuple[R | None, str | None]]) -> Iterator[R]:
+    """Each record of a JSON Lines file through `convert` (the record, or why it is invalid), one line at
+    a time; ValueError naming the file and line of the first bad one."""
     with Path(path).open(encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -77,7 +84,7 @@ def read_records(path: Path) -> Iterator[ChatRecord]:
                 raw = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({exc})") from exc
-            record, reason = to_chat(raw)
+            record, reason = convert(raw)
             if record is None:
                 raise ValueError(f"{path}:{lineno}: {reason}")
             yield record

@@ -20,7 +20,6 @@ reference engine does the same with a padded batch and full logits.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from torch import nn
 
 from shared.preference import PreferenceRecord, to_preference
 from worker.attention import EngineKind
-from worker.data import tokenize_conversation
+from worker.data import read_jsonl, tokenize_conversation
 from worker.evaluation import EvalResult
 from worker.example import IGNORE_INDEX, Example
 from worker.loss import LOSS_CHUNK_ROWS, chunked_token_logps
@@ -67,18 +66,7 @@ class PreferencePair:
 
 def read_preference_records(path: Path) -> Iterator[PreferenceRecord]:
     """Each preference record of a JSON Lines file (as `shared.dataset` stores them), one line at a time."""
-    with Path(path).open(encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc})") from exc
-            record, reason = to_preference(raw)
-            if record is None:
-                raise ValueError(f"{path}:{lineno}: {reason}")
-            yield record
+    return read_jsonl(path, to_preference)
 
 
 def tokenize_pair(
