@@ -53,3 +53,14 @@ def _check_form(user_path: str) -> None:
 def _short(user_path: str, limit: int = 80) -> str:
     """The path as quoted in messages: repr, cut so a huge value cannot bloat an error response."""
     return repr(user_path) if len(user_path) <= limit else repr(user_path[:limit]) + "..."
+
+
+def model_location(base_path: Path, name: str) -> str:
+    """Where a worker loads base model `name` from: the model folder of that name under `base_path`
+    when there is one (so `"model_name": "my-model"` means `<base_path>/my-model` on every host),
+    else `name` itself (a hub id, or a path on the worker)."""
+    try:
+        folder = resolve_inside(base_path, name)
+    except UnsafePathError:
+        return name
+    return str(folder) if (folder / "config.json").is_file() else name

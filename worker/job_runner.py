@@ -19,7 +19,7 @@ from shared.admission import promote_waiting
 from shared.events import InfoNotice
 from shared.jobs import JobRecord, JobStatus, Progress
 from shared.metrics import TrainingSummary
-from shared.paths import resolve_inside
+from shared.paths import model_location, resolve_inside
 from shared.settings import Settings, get_settings
 from shared.store import JobStore, connect
 from worker.lease import LeaseKeeper
@@ -47,8 +47,10 @@ def _train(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome
     from worker.training import train_model  # torch loads in the child only, under the lease
 
     cfg = record.config
+    # The record keeps the name the user gave (it names the model: ft:{model}:...); the run loads it from here.
+    location = model_location(settings.base_path, cfg.model_name)
     result = train_model(
-        cfg,
+        cfg.model_copy(update={"model_name": location}) if location != cfg.model_name else cfg,
         Path(record.dataset_path),
         output_dir=Path(record.output_dir),
         lora_path=resolve_inside(settings.base_path, cfg.lora_path) if cfg.lora_path else None,
@@ -83,7 +85,8 @@ def _merge(record: JobRecord, lease: LeaseKeeper) -> Outcome:
 
     source = f"the adapter of {record.source_job}" if record.source_job else record.dataset_path
     lease.emit(InfoNotice(), f"merging {source} into {record.config.model_name}")
-    path = merge_adapter(record.dataset_path, record.output_dir, base_model=record.config.model_name)[0]
+    base = model_location(get_settings().base_path, record.config.model_name)
+    path = merge_adapter(record.dataset_path, record.output_dir, base_model=base)[0]
     return Outcome(JobStatus.succeeded, "Merge completed", model_path=str(path))
 
 
