@@ -7,7 +7,7 @@ from typing import Annotated
 from celery import Celery
 from fastapi import Depends, Request
 
-from api.job_actions import get_job
+from api.job_actions import SlotKeeper, get_job
 from shared.jobs import JobRecord
 from shared.settings import Settings
 from shared.store import JobStore
@@ -39,3 +39,10 @@ def _job(job_id: str, store: StoreDep) -> JobRecord:
 
 # The job of a `/jobs/{job_id}/...` route: routes that take it answer 404 for an unknown id before running.
 JobDep = Annotated[JobRecord, Depends(_job)]
+
+
+def _slots(request: Request) -> SlotKeeper:
+    return SlotKeeper(_store(request), _celery(request), _settings(request))
+
+
+SlotsDep = Annotated[SlotKeeper, Depends(_slots)]

@@ -137,3 +137,11 @@ class TrainConfig(BaseModel):
         if self.train_arg_bf16 and self.train_arg_fp16:
             raise ValueError("train_arg_bf16 and train_arg_fp16 cannot both be true")
         return self
+
+    @model_validator(mode="after")
+    def _dpo_from_the_base(self) -> TrainConfig:
+        # DPO's reference is the base with the adapter switched off: continuing an adapter (SFT, then
+        # DPO) would make the raw base the reference instead of the model being continued.
+        if self.method == "dpo" and self.lora_path is not None:
+            raise ValueError("method 'dpo' cannot continue an adapter (lora_path): its reference model is the base")
+        return self

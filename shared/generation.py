@@ -33,7 +33,7 @@ class SamplingSpec(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)  # 0: greedy
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list, max_length=4)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
 
 
 class GenerationRequest(BaseModel):

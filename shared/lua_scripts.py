@@ -128,7 +128,9 @@ return 0
 )
 
 # KEYS: job, active, events. ARGV: id, token, status, event_message, event_data, field, value, ...
-# `paused` keeps the job (it may resume); every other status ends it.
+# `paused` keeps the job (it may resume), unless a cancel arrived while it was pausing: then it is
+# cancelled. Every other status ends it. Returns 0 (not this runner's to record), else the status
+# recorded.
 FINISH = (
     _PRELUDE
     + """
@@ -138,13 +140,19 @@ if redis.call('HGET', KEYS[1], 'run_token') ~= ARGV[2] then return 0 end
 local now = now_ms()
 redis.call('ZREM', KEYS[2], ARGV[1])
 if ARGV[3] == 'paused' then
+  if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
+    redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', stamp(now), 'error', 'cancelled by request',
+      'message', 'Cancelled while pausing')
+    ended(KEYS[3], now, ARGV[1], 'cancelled', 'Job cancelled while pausing')
+    return 'cancelled'
+  end
   redis.call('HSET', KEYS[1], 'status', 'paused', 'run_token', '', 'paused_at', stamp(now), unpack(ARGV, 6))
   event(KEYS[3], now, 'status', ARGV[4], ARGV[5])
-  return 1
+  return 'paused'
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'finished_at', stamp(now), unpack(ARGV, 6))
 ended(KEYS[3], now, ARGV[1], ARGV[3], ARGV[4])
-return 1
+return ARGV[3]
 """
 )
 
@@ -273,7 +281,7 @@ return requeued
 """
 )
 
-# KEYS: job, active, events. ARGV: id, error. A queued job whose task could not be published.
+# KEYS: job, active, events, waiting. ARGV: id, error. A queued job whose task could not be published.
 ABORT = (
     _PRELUDE
     + """
@@ -281,6 +289,7 @@ if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
 local now = now_ms()
 redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', stamp(now), 'error', ARGV[2], 'message', 'Training failed')
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
 ended(KEYS[3], now, ARGV[1], 'failed', ARGV[2])
 return 1
 """

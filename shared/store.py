@@ -255,8 +255,9 @@ class JobStore:
         model_path: str | None = None,
         metrics: TrainingSummary | None = None,
         progress: Progress | None = None,
-    ) -> bool:
-        """Record the outcome and free the slot, if this runner still owns the job."""
+    ) -> JobStatus | None:
+        """Record the outcome and free the slot, if this runner still owns the job: the status recorded
+        (`cancelled` for a `paused` outcome when a cancel came while it paused), None when not its to record."""
         fields: dict[str, str] = {"message": message}
         if error is not None:
             fields["error"] = error
@@ -272,7 +273,7 @@ class JobStore:
             keys=[keys.job_key(job_id), keys.ACTIVE, keys.events_key(job_id)],
             args=[job_id, token, status.value, event_message, data, *_flatten(fields)],
         )
-        return bool(done)
+        return JobStatus(done) if done else None
 
     def cancel(self, job_id: str) -> str:
         """'removed' (was queued or paused), 'requested' (running; the worker stops soon), 'missing' or the
@@ -289,7 +290,9 @@ class JobStore:
     def abort(self, job_id: str, error: str) -> bool:
         """Fail a job that is still queued (its task could not be published) and free its slot."""
         return bool(
-            self._abort(keys=[keys.job_key(job_id), keys.ACTIVE, keys.events_key(job_id)], args=[job_id, error])
+            self._abort(
+                keys=[keys.job_key(job_id), keys.ACTIVE, keys.events_key(job_id), keys.WAITING], args=[job_id, error]
+            )
         )
 
     def reap(self, *, queue_timeout_s: float) -> list[str]:

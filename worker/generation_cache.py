@@ -10,6 +10,7 @@ folder and the time its weights were written, so one retrained into the same fol
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import logging
 import warnings
@@ -108,8 +109,9 @@ class ModelCache:
             self.bases.move_to_end(name)
             return self.bases[name]
         while len(self.bases) >= self.max_bases:
-            evicted, _ = self.bases.popitem(last=False)
+            evicted = self.bases.popitem(last=False)[0]  # no reference kept: its memory is freed below
             log.info("unloading base model %s", evicted)
+            gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         log.info("loading base model %s on %s", name, self.device)

@@ -45,6 +45,9 @@ def prompt_ids(base: LoadedBase, request: GenerationRequest) -> list[int]:
     except Exception as exc:  # a template may refuse a role or an order (Jinja raises its own errors)
         raise PromptError(f"the chat template of {base.name} cannot render these messages: {exc}") from exc
     ids: list[int] = base.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template holds its bos
+    context = getattr(base.model.config, "max_position_embeddings", None)
+    if isinstance(context, int) and len(ids) >= context:
+        raise PromptError(f"the conversation is {len(ids)} tokens; {base.name} takes at most {context - 1}")
     return ids
 
 

@@ -112,13 +112,15 @@ def run_job(job_id: str) -> None:
         if lease.fenced.is_set():
             log.warning("job %s: another runner owns it or it was settled; recording nothing", job_id)
             return
-        if outcome.status.terminal:  # nothing will continue from it: its saved state goes
-            _drop_state(settings.volume.job_state(job_id))
         if record.kind == "train":  # whatever the outcome: a failed or cancelled run keeps the steps it logged
             register_results(store.client, job_id, settings.volume.step_metrics(job_id))
         # Still under the lease (its thread keeps renewing), so a Redis hiccup here cannot turn a
         # finished job into a "worker lost" one.
-        _record_outcome(store, job_id, token, outcome, lease.latest, patience_s=3 * settings.lease_ttl_s)
+        recorded = _record_outcome(store, job_id, token, outcome, lease.latest, patience_s=3 * settings.lease_ttl_s)
+        # Only once the job has ended for good does its saved state go: a job requeued meanwhile by the
+        # reaper (its outcome then not ours to record) continues from it.
+        if recorded is not None and recorded.terminal:
+            _drop_state(settings.volume.job_state(job_id))
     _start_next(store, settings)
 
 
@@ -140,7 +142,8 @@ def _start_next(store: JobStore, settings: Settings) -> None:
 
 def _record_outcome(
     store: JobStore, job_id: str, token: str, outcome: Outcome, progress: Progress | None, *, patience_s: float
-) -> None:
+) -> JobStatus | None:
+    """The status recorded (None when someone else settled the job first)."""
     deadline = time.monotonic() + patience_s
     delay = 0.5
     while True:
@@ -162,6 +165,6 @@ def _record_outcome(
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
             continue
-        if not recorded:
+        if recorded is None:
             log.warning("job %s: was settled by someone else before its %s was recorded", job_id, outcome.status.value)
-        return
+        return recorded

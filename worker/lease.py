@@ -50,7 +50,8 @@ class LeaseKeeper:
     # Called from the training loop.
     def pause_requested(self) -> bool:
         """The stop is a pause (and not a cancel): the run saves its full state before it ends."""
-        return self.paused.is_set() and not self.cancelled.is_set()
+        # A runner fenced out (another owns the job now) saves nothing: the state folder is the new owner's.
+        return self.paused.is_set() and not self.cancelled.is_set() and not self.fenced.is_set()
 
     def publish(self, progress: Progress) -> None:
         with self._lock:

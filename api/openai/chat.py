@@ -78,7 +78,12 @@ def _failure(event: GenerationFailed, model: str) -> ServiceError:
     return GenerationFailedError(f"generation failed: {event.message}")
 
 
-@router.post("/completions", response_model=None, responses={400: {}, 404: {}, 429: {}, 503: {}, 504: {}})
+@router.post(
+    "/completions",
+    response_model=None,
+    max_body_size=1024 * 1024,
+    responses={400: {}, 404: {}, 429: {}, 503: {}, 504: {}},
+)
 async def create_chat_completion(
     body: ChatCompletionCreate,
     store: StoreDep,

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from api import job_actions
 from api.artifacts import list_checkpoints as saved_checkpoints
 from api.datasets import StoredData
-from api.deps import CeleryDep, SettingsDep, StoreDep
+from api.deps import CeleryDep, SettingsDep, SlotsDep, StoreDep
 from api.errors import MalformedRequest, UnknownFile, WrongDataKind, field_error
 from api.openai import convert
 from api.openai.errors import OpenAIRoute
@@ -164,17 +164,19 @@ def retrieve_job(job: FineTuningJobDep, store: StoreDep, ostore: OpenAIStoreDep)
 
 
 @router.post("/{fine_tuning_job_id}/cancel", responses={400: {"description": "already ended"}, 404: {}})
-def cancel_job(fine_tuning_job_id: str, store: StoreDep, ostore: OpenAIStoreDep) -> FineTuningJobPublic:
+def cancel_job(
+    fine_tuning_job_id: str, store: StoreDep, ostore: OpenAIStoreDep, slots: SlotsDep
+) -> FineTuningJobPublic:
     """A queued job is cancelled at once; a running one stays `running` until its worker stops (a few steps)."""
-    job_actions.cancel_job(store, fine_tuning_job_id)
+    job_actions.cancel_job(store, fine_tuning_job_id, slots)
     return _view(store, ostore, fine_tuning_job_id)
 
 
 @router.post("/{fine_tuning_job_id}/pause", responses={400: {"description": "neither queued nor running"}, 404: {}})
-def pause_job(fine_tuning_job_id: str, store: StoreDep, ostore: OpenAIStoreDep) -> FineTuningJobPublic:
+def pause_job(fine_tuning_job_id: str, store: StoreDep, ostore: OpenAIStoreDep, slots: SlotsDep) -> FineTuningJobPublic:
     """A running job saves its full state at the next step and frees its slot (`pausing`, then `paused`);
     a queued one is paused at once."""
-    job_actions.pause_job(store, fine_tuning_job_id)
+    job_actions.pause_job(store, fine_tuning_job_id, slots)
     return _view(store, ostore, fine_tuning_job_id)
 
 

@@ -12,9 +12,9 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import CeleryDep, JobDep, SettingsDep, StoreDep
+from api.deps import CeleryDep, JobDep, SettingsDep, SlotsDep, StoreDep
 from api.errors import InvalidInput
-from api.job_actions import cancel_job, pause_job, resume_job
+from api.job_actions import SlotKeeper, cancel_job, pause_job, resume_job
 from api.job_actions import get_job as find_job
 from api.schemas import CancelPublic, EventPage, JobPage, JobPublic
 from shared.jobs import JobStatus
@@ -120,8 +120,8 @@ async def stream_events(
     return StreamingResponse(generate(), media_type="text/event-stream", headers=headers)
 
 
-def cancel_response(store: JobStore, job_id: str) -> JSONResponse:
-    if cancel_job(store, job_id) == "removed":
+def cancel_response(store: JobStore, job_id: str, slots: SlotKeeper) -> JSONResponse:
+    if cancel_job(store, job_id, slots) == "removed":
         body = CancelPublic(job_id=job_id, status="cancelled", message="Job cancelled before it started")
         return JSONResponse(status_code=200, content=body.model_dump())
     body = CancelPublic(job_id=job_id, status="cancelling", message="The worker stops within a few steps")
@@ -133,19 +133,19 @@ def cancel_response(store: JobStore, job_id: str) -> JSONResponse:
     response_model=CancelPublic,
     responses={202: {"model": CancelPublic}, 404: {"description": "no such job"}, 409: {"description": "ended"}},
 )
-def cancel(job_id: str, store: StoreDep) -> JSONResponse:
+def cancel(job_id: str, store: StoreDep, slots: SlotsDep) -> JSONResponse:
     """Cancel a job: a queued job is removed at once, a running one stops within a few steps."""
-    return cancel_response(store, job_id)
+    return cancel_response(store, job_id, slots)
 
 
 @router.post(
     "/{job_id}/pause",
     responses={404: {"description": "no such job"}, 409: {"description": "neither queued nor running"}},
 )
-def pause(job_id: str, store: StoreDep) -> JobPublic:
+def pause(job_id: str, store: StoreDep, slots: SlotsDep) -> JobPublic:
     """Pause a job: a running one saves its full state at the next step and frees its slot (`pausing`,
     then `paused`); a queued one is paused at once. `POST .../resume` continues it where it stopped."""
-    pause_job(store, job_id)
+    pause_job(store, job_id, slots)
     return JobPublic.from_record(find_job(store, job_id))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from api.deps import StoreDep
+from api.deps import SlotsDep, StoreDep
 from api.errors import NotFound
 from api.routes.jobs import cancel_response
 from api.schemas import SeedStatusPublic
@@ -20,9 +20,9 @@ def status(store: StoreDep) -> SeedStatusPublic:
 
 
 @router.post("/cancel", responses={404: {"description": "no current job"}, 409: {"description": "already ended"}})
-def cancel_current(store: StoreDep) -> JSONResponse:
+def cancel_current(store: StoreDep, slots: SlotsDep) -> JSONResponse:
     """Cancel the current job (the seed-style counterpart of `POST /jobs/{id}/cancel`)."""
     active = store.active_ids()
     if not active:
         raise NotFound("no job is queued or training")
-    return cancel_response(store, active[0])
+    return cancel_response(store, active[0], slots)

@@ -75,10 +75,10 @@ def test_jobs_beyond_the_slots_wait_in_line_and_start_in_order(
     # Cancelling a waiting job takes it out of line; the one behind moves up.
     assert client.fine_tuning.jobs.cancel(second.id).status == "cancelled"
     assert client.fine_tuning.jobs.retrieve(third.id).queue_position == 1  # type: ignore[attr-defined]
-    # A slot frees: the next in line gets it and its task is published (by whoever promotes first).
+    # A slot frees: the next in line gets it at once and its task is published.
     client.fine_tuning.jobs.cancel(first.id)
-    assert store.promote(max_slots=1, queue_timeout_s=60) == [third.id]
     assert store.active_ids() == [third.id] and store.waiting_ids() == []
+    assert _published(redis_client) == [first.id, third.id]
     assert client.fine_tuning.jobs.retrieve(third.id).queue_position is None  # type: ignore[attr-defined]
     assert store.promote(max_slots=1, queue_timeout_s=60) == []  # never handed out twice
     # Each ending is due as a webhook, in the order the jobs ended.
@@ -127,11 +127,11 @@ def test_pause_and_resume_move_a_job_out_of_and_back_into_line(
     assert "only a paused job can be resumed" in not_paused.value.message
     native = api.post(f"/jobs/{other.id}/resume")
     assert native.status_code == 409 and native.json()["status"] == "queued"
-    # The native surface pauses too; a paused job can be cancelled, and that ending is due as a webhook.
+    # The native surface pauses too; the slot it frees goes to the job resumed above.
     assert api.post(f"/jobs/{other.id}/pause").json()["status"] == "paused"
+    assert store.active_ids() == [job.id] and store.waiting_ids() == []
     assert api.post(f"/jobs/{other.id}/cancel").json()["status"] == "cancelled"
     with pytest.raises(openai.BadRequestError) as ended:
         client.fine_tuning.jobs.pause(other.id)
     assert ended.value.code == "invalid_job_state" and "only a queued or running job" in ended.value.message
     assert _outbox(redis_client) == [(other.id, "cancelled")]
-    assert store.promote(max_slots=1, queue_timeout_s=60) == [job.id]

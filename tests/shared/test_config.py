@@ -64,3 +64,10 @@ def test_symlink_out_of_base_is_refused(tmp_path: Path) -> None:
 def test_paths_inside_base_resolve(tmp_path: Path) -> None:
     assert resolve_inside(tmp_path, "a/b") == (tmp_path / "a" / "b").resolve()
     assert resolve_inside(tmp_path, str(tmp_path / "c")) == (tmp_path / "c").resolve()
+
+
+def test_dpo_cannot_continue_an_adapter() -> None:
+    # Its reference is the base with the adapter off: on a continued adapter that would not be the model being tuned.
+    with pytest.raises(ValidationError, match="cannot continue an adapter"):
+        TrainConfig(method="dpo", lora_path="my_sft_adapter")
+    assert TrainConfig(method="dpo").lora_path is None and TrainConfig(lora_path="x").method == "sft"

@@ -154,3 +154,31 @@ def test_foreign_ids_never_reach_redis_keys(redis_client: redis.Redis) -> None:
     assert _admitted(store, "a")
     assert store.get("a:events") is None and store.cancel("a:events") == "missing"
     assert store.events("a:events") == [] and store.get("../a") is None
+
+
+def test_a_pause_goes_through_pausing_to_paused_unless_a_cancel_came_meanwhile(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    for job_id in ("p", "c"):
+        assert _admitted(store, job_id, slots=2)
+        assert store.claim(job_id, token="t", lease_s=30, worker="w") == "ok"
+        assert store.pause(job_id) == "pausing"
+        assert store.renew(job_id, token="t", lease_s=30, progress=None) == 2  # the worker is told to pause
+    # A cancel while it pauses wins: the worker's "paused" is recorded as cancelled, and its webhook is due.
+    assert store.cancel("c") == "requested"
+    assert store.finish("p", token="t", status=JobStatus.paused, message="paused") is JobStatus.paused
+    assert store.finish("c", token="t", status=JobStatus.paused, message="paused") is JobStatus.cancelled
+    paused, cancelled = store.get("p"), store.get("c")
+    assert paused is not None and paused.status is JobStatus.paused and paused.finished_at is None
+    assert cancelled is not None and cancelled.status is JobStatus.cancelled and cancelled.finished_at is not None
+    assert store.active_ids() == []
+    outbox = [e for e in redis_client.lrange(keys.WEBHOOK_OUTBOX, 0, -1)]  # type: ignore[union-attr]
+    assert len(outbox) == 1 and '"job_id":"c"' in outbox[0] and '"status":"cancelled"' in outbox[0]
+
+
+def test_a_job_whose_task_could_not_be_published_leaves_the_waiting_line(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    assert _admitted(store, "a")
+    waiting = store.admit(_record("b"), max_slots=1, queue_timeout_s=60, max_waiting=5)
+    assert waiting.waiting == 1 and store.waiting_ids() == ["b"]
+    assert store.abort("b", "could not enqueue the job: broker down")
+    assert store.waiting_ids() == [] and store.promote(max_slots=2, queue_timeout_s=60) == []

@@ -22,8 +22,9 @@ from shared.generation import (
     parse_event,
 )
 from shared.generation_queue import server_time
+from tests.fixtures.tiny_model import MAX_POSITIONS
 from worker.generation_cache import ModelCache
-from worker.generation_engine import generate
+from worker.generation_engine import PromptError, generate
 from worker.generation_worker import serve_one
 from worker.stop_text import StopText
 
@@ -108,6 +109,13 @@ def test_max_tokens_ends_with_length(tiny_model_dir: Path, adapters: tuple[str, 
     _, done = _answer(_cache(), _request(tiny_model_dir, adapters[1], max_tokens=3))
     assert (done.finish_reason, done.completion_tokens) == ("length", 3)
     assert done.prompt_tokens > 0
+
+
+def test_a_conversation_longer_than_the_models_context_is_refused(tiny_model_dir: Path) -> None:
+    request = _request(tiny_model_dir, None)
+    long = request.model_copy(update={"messages": [ChatMessage(role="user", content="word " * (MAX_POSITIONS + 10))]})
+    with pytest.raises(PromptError, match=f"takes at most {MAX_POSITIONS - 1}"):
+        _answer(_cache(), long)
 
 
 def test_a_seed_reproduces_a_sampled_answer(tiny_model_dir: Path, adapters: tuple[str, str]) -> None:
