@@ -176,6 +176,17 @@ def test_dashboard_shows_live_progress_and_loss_and_cancels(
     assert browser.text("epoch").endswith("/ 400")
     assert float(browser.text("loss")) > 0
 
+    # Pause from the page: the job saves its state and stops; Resume continues it from there.
+    assert browser.text("pause") == "Pause"
+    browser.eval("document.getElementById('pause').click()")
+    paused = service.wait_for(job_id, {"paused"}, timeout=60)
+    browser.wait_for("document.getElementById('job-status').textContent === 'paused'", timeout=20)
+    browser.wait_for("document.getElementById('pause').textContent === 'Resume'", timeout=20)
+    browser.eval("document.getElementById('pause').click()")
+    resumed = wait_running(service, job_id, min_step=paused["progress"]["current_step"] + 1, timeout=60)
+    assert resumed["attempts"] == 1  # a fresh run of the resumed job, continuing from its saved step
+    browser.wait_for("document.getElementById('pause').textContent === 'Pause'", timeout=20)
+
     # Cancel from the page.
     assert browser.eval("document.getElementById('cancel').disabled") is False
     browser.eval("document.getElementById('cancel').click()")
