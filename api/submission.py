@@ -99,7 +99,7 @@ def submit_job(store: JobStore, celery: Celery, settings: Settings, request: Job
     try:
         if request.companion is not None:
             request.companion.attach(job_id)
-        return _admit(store, celery, settings, record, wait=request.wait)
+        admitted = _admit(store, celery, settings, record, wait=request.wait)
     except BaseException:
         if data is not None:
             data.remove()
@@ -108,6 +108,10 @@ def submit_job(store: JobStore, celery: Celery, settings: Settings, request: Job
                 if store.get(job_id) is None:
                     request.companion.detach(job_id)
         raise
+    if admitted.kind == "train":
+        with contextlib.suppress(redis.RedisError):  # the job is accepted; the index is rebuilt if it lacks it
+            store.note_base_model(admitted.config.model_name)
+    return admitted
 
 
 def _admit(store: JobStore, celery: Celery, settings: Settings, record: JobRecord, *, wait: bool) -> JobRecord:

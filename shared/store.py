@@ -378,3 +378,20 @@ class JobStore:
     def workers_alive(self, *, within_s: float) -> list[str]:
         low = self._now_ms() - int(within_s * 1000)
         return cast(list[str], self.client.zrangebyscore(keys.WORKERS, low, "+inf"))
+
+    # Base models in use (what /v1/models lists and chat resolves), without reading every job.
+    def note_base_model(self, name: str, *, at_ms: int | None = None) -> None:
+        """Record that a training job uses base model `name` (its first use is kept)."""
+        self.client.zadd(keys.BASE_MODELS, {name: at_ms if at_ms is not None else self._now_ms()}, nx=True)
+
+    def base_models(self) -> list[tuple[str, int]]:
+        """(name, first use in ms), oldest first."""
+        rows = cast(list[tuple[str, float]], self.client.zrange(keys.BASE_MODELS, 0, -1, withscores=True))
+        return [(str(name), int(score)) for name, score in rows]
+
+    def base_model_first_use(self, name: str) -> int | None:
+        score = cast(float | None, self.client.zscore(keys.BASE_MODELS, name))
+        return None if score is None else int(score)
+
+    def has_base_model_index(self) -> bool:
+        return bool(self.client.exists(keys.BASE_MODELS))

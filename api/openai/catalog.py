@@ -72,15 +72,21 @@ def _job_models(record: JobRecord, ostore: OpenAIStore, settings: Settings) -> l
     return served
 
 
+def _base_index(store: JobStore) -> None:
+    """The index of base models in use (`JobStore.note_base_model`, kept at each submission), built from
+    the job history once when it is missing (jobs submitted before it existed)."""
+    if store.has_base_model_index():
+        return
+    for record in _training_jobs(store):
+        store.note_base_model(record.config.model_name, at_ms=int(record.created_at * 1000))
+
+
 def list_models(store: JobStore, ostore: OpenAIStore, settings: Settings) -> list[ServedModel]:
     """Base models first (oldest use first), then fine-tuned models newest first, each followed by its checkpoints."""
-    bases: dict[str, int] = {}
-    tuned: list[ServedModel] = []
-    for record in _training_jobs(store):
-        bases[record.config.model_name] = int(record.created_at)  # newest first: the oldest use wins
-        tuned.extend(_job_models(record, ostore, settings))
-    base_models = sorted(bases.items(), key=lambda item: item[1])
-    return [ServedModel(name, created, BASE_OWNER, name, None) for name, created in base_models] + tuned
+    _base_index(store)
+    tuned = [model for record in _training_jobs(store) for model in _job_models(record, ostore, settings)]
+    bases = [ServedModel(name, ms // 1000, BASE_OWNER, name, None) for name, ms in store.base_models()]
+    return bases + tuned
 
 
 def resolve(store: JobStore, ostore: OpenAIStore, settings: Settings, name: str) -> ServedModel:
@@ -114,7 +120,8 @@ def resolve(store: JobStore, ostore: OpenAIStore, settings: Settings, name: str)
             record.config.model_name,
             ckpt.path,
         )
-    created = [int(r.created_at) for r in _training_jobs(store) if r.config.model_name == name]
-    if not created:
+    _base_index(store)  # a base model in use: one lookup, never a walk through every job
+    first_use = store.base_model_first_use(name)
+    if first_use is None:
         raise ModelNotFound(name)
-    return ServedModel(name, min(created), BASE_OWNER, name, None)
+    return ServedModel(name, first_use // 1000, BASE_OWNER, name, None)

@@ -45,6 +45,16 @@ def test_models_lists_the_base_in_use_and_nothing_unknown(api: TestClient) -> No
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
+def test_base_models_come_from_an_index_rebuilt_from_the_history_when_missing(
+    api: TestClient, redis_client: redis.Redis
+) -> None:
+    assert [name for name, _ in redis_client.zrange(keys.BASE_MODELS, 0, -1, withscores=True)] == [BASE]
+    redis_client.delete(keys.BASE_MODELS)  # as on a volume whose jobs were submitted before the index existed
+    assert api.get(f"/v1/models/{BASE}").status_code == 200
+    assert redis_client.zscore(keys.BASE_MODELS, BASE) is not None
+    assert api.get("/v1/models/tiny-typo").status_code == 404
+
+
 def test_unsupported_parameters_and_limits_are_refused_by_name(api: TestClient) -> None:
     for body, param in (({"tools": []}, "tools"), ({"n": 2}, "n"), ({"logprobs": True}, "logprobs"),
                         ({"max_tokens": 101}, "max_tokens"), ({"max_completion_tokens": 101}, "max_completion_tokens"),
