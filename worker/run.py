@@ -287,6 +287,8 @@ class TrainingRun:
         self.checkpoints.saved = list(state.checkpoints)
         self._last_step, self._last_loss = state.step, state.final_loss
         self.results.resume_at(state.step)
+        # Each logging step evaluated the next validation batch in turn: continue the turn where it was.
+        self._valid_batches = len(state.logged_losses)
         self.emit(
             events.info(resumed_step=state.step, epoch=state.epoch, total_steps=state.total_steps),
             f"resuming from step {state.step}/{state.total_steps} (epoch {state.epoch})",
