@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from api.datasets import JobData
 from api.errors import BrokerUnavailable, InvalidInput, OutputInUse, QueueFull, SlotsBusy, field_error
-from shared.admission import promote_waiting
+from shared.admission import promote_waiting, publish_or_fail
 from shared.config import TrainConfig
 from shared.dataset import reject_json_constant
 from shared.job_ids import new_job_id
@@ -27,7 +27,6 @@ from shared.outputs import destination_problem
 from shared.paths import UnsafePathError, resolve_inside
 from shared.settings import Settings
 from shared.store import JobStore
-from shared.tasks import publish_train
 from shared.volume import ADAPTER_CONFIG, RESERVED_HELP, merged_name
 
 log = logging.getLogger(__name__)
@@ -130,12 +129,9 @@ def _admit(store: JobStore, celery: Celery, settings: Settings, record: JobRecor
     if not result.admitted:  # waiting: a slot may have freed meanwhile (promotion is atomic, never twice)
         promote_waiting(store, celery, settings)
         return store.get(record.id) or record
-    try:
-        publish_train(celery, record.id)
-    except Exception as exc:
-        log.error("could not publish job %s: %s", record.id, exc)
-        store.abort(record.id, f"could not enqueue the job: {exc}")
-        raise BrokerUnavailable(f"the broker did not accept the job: {exc}") from exc
+    refused = publish_or_fail(store, celery, record.id)
+    if refused is not None:
+        raise BrokerUnavailable(f"the broker did not accept the job: {refused}") from refused
     try:  # the job is queued now: a failed read-back must not make the caller undo it
         stored = store.get(record.id)
     except redis.RedisError:

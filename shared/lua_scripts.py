@@ -21,8 +21,11 @@ local function event(stream, now, etype, message, data)
   return redis.call('XADD', stream, 'MAXLEN', '~', 100000, '*',
     'type', etype, 'ts', string.format('%.3f', now / 1000), 'message', message, 'data', data)
 end
--- A job ended: its status event, and its webhook due in the outbox (shared.webhooks reads it).
-local function ended(stream, now, job_id, status, message)
+local function stamp(now) return string.format('%.3f', now / 1000) end
+-- A job ended: its status, end time and the other fields given (name, value, ...), its status event, and
+-- its webhook due in the outbox (shared.webhooks reads it).
+local function ended(key, stream, now, job_id, status, message, ...)
+  redis.call('HSET', key, 'status', status, 'finished_at', stamp(now), ...)
   local id = event(stream, now, 'status', message, '{"status":"' .. status .. '"}')
   redis.call('RPUSH', '"""
     + keys.WEBHOOK_OUTBOX
@@ -31,7 +34,6 @@ local function ended(stream, now, job_id, status, message)
     + keys.WEBHOOK_OUTBOX
     + """', -10000, -1)
 end
-local function stamp(now) return string.format('%.3f', now / 1000) end
 """
 )
 
@@ -141,17 +143,15 @@ local now = now_ms()
 redis.call('ZREM', KEYS[2], ARGV[1])
 if ARGV[3] == 'paused' then
   if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
-    redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', stamp(now), 'error', 'cancelled by request',
-      'message', 'Cancelled while pausing')
-    ended(KEYS[3], now, ARGV[1], 'cancelled', 'Job cancelled while pausing')
+    ended(KEYS[1], KEYS[3], now, ARGV[1], 'cancelled', 'Job cancelled while pausing',
+      'error', 'cancelled by request', 'message', 'Cancelled while pausing')
     return 'cancelled'
   end
   redis.call('HSET', KEYS[1], 'status', 'paused', 'run_token', '', 'paused_at', stamp(now), unpack(ARGV, 6))
   event(KEYS[3], now, 'status', ARGV[4], ARGV[5])
   return 'paused'
 end
-redis.call('HSET', KEYS[1], 'status', ARGV[3], 'finished_at', stamp(now), unpack(ARGV, 6))
-ended(KEYS[3], now, ARGV[1], ARGV[3], ARGV[4])
+ended(KEYS[1], KEYS[3], now, ARGV[1], ARGV[3], ARGV[4], unpack(ARGV, 6))
 return ARGV[3]
 """
 )
@@ -167,11 +167,10 @@ local now = now_ms()
 if st == 'queued' or st == 'paused' then
   local what = 'before it started'
   if st == 'paused' then what = 'while paused' end
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', stamp(now),
-    'message', 'Cancelled ' .. what, 'error', 'cancelled by request')
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('ZREM', KEYS[4], ARGV[1])
-  ended(KEYS[3], now, ARGV[1], 'cancelled', 'Job cancelled ' .. what)
+  ended(KEYS[1], KEYS[3], now, ARGV[1], 'cancelled', 'Job cancelled ' .. what,
+    'message', 'Cancelled ' .. what, 'error', 'cancelled by request')
   return 'removed'
 end
 if st == 'running' or st == 'pausing' then
@@ -246,10 +245,9 @@ for _, id in ipairs(lapsed) do
     local who = redis.call('HGET', key, 'worker') or 'unknown'
     if redis.call('HGET', key, 'cancel_requested') == '1' then
       -- It was being cancelled anyway: no point loading the model again just to stop.
-      redis.call('HSET', key, 'status', 'cancelled', 'finished_at', stamp(now), 'error', 'cancelled by request',
-        'message', 'Cancelled (its worker was lost while stopping)')
       redis.call('ZREM', KEYS[1], id)
-      ended(stream, now, id, 'cancelled', 'Job cancelled (worker lost while stopping)')
+      ended(key, stream, now, id, 'cancelled', 'Job cancelled (worker lost while stopping)',
+        'error', 'cancelled by request', 'message', 'Cancelled (its worker was lost while stopping)')
     elseif st == 'pausing' then
       redis.call('HSET', key, 'status', 'paused', 'run_token', '', 'paused_at', stamp(now),
         'message', 'Paused (its worker was lost while pausing; it resumes from its last saved state)')
@@ -264,15 +262,13 @@ for _, id in ipairs(lapsed) do
       table.insert(requeued, id)
     else
       local err = 'worker lost: ' .. who .. ' stopped renewing its lease'
-      redis.call('HSET', key, 'status', 'failed', 'finished_at', stamp(now), 'error', err, 'message', 'Training failed')
       redis.call('ZREM', KEYS[1], id)
-      ended(stream, now, id, 'failed', err)
+      ended(key, stream, now, id, 'failed', err, 'error', err, 'message', 'Training failed')
     end
   elseif st == 'queued' then
     local err = 'no worker picked up the job in time'
-    redis.call('HSET', key, 'status', 'failed', 'finished_at', stamp(now), 'error', err, 'message', 'Training failed')
     redis.call('ZREM', KEYS[1], id)
-    ended(stream, now, id, 'failed', err)
+    ended(key, stream, now, id, 'failed', err, 'error', err, 'message', 'Training failed')
   else
     redis.call('ZREM', KEYS[1], id)
   end
@@ -287,10 +283,9 @@ ABORT = (
     + """
 if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
 local now = now_ms()
-redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', stamp(now), 'error', ARGV[2], 'message', 'Training failed')
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
-ended(KEYS[3], now, ARGV[1], 'failed', ARGV[2])
+ended(KEYS[1], KEYS[3], now, ARGV[1], 'failed', ARGV[2], 'error', ARGV[2], 'message', 'Training failed')
 return 1
 """
 )

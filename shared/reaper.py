@@ -7,10 +7,9 @@ import shutil
 
 from celery import Celery
 
-from shared.admission import promote_waiting
+from shared.admission import promote_waiting, publish_or_fail
 from shared.settings import Settings
 from shared.store import JobStore
-from shared.tasks import publish_train
 from shared.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -32,9 +31,6 @@ def reap_once(store: JobStore, celery: Celery, settings: Settings) -> list[str]:
         _remove_job_files(settings.volume, job_id)
     for job_id in requeued:
         log.warning("job %s lost its worker; publishing it again", job_id)
-        try:
-            publish_train(celery, job_id)
-        except Exception as exc:  # the broker is the store here: if it is down, so is everything else
-            store.abort(job_id, f"could not requeue after worker loss: {exc}")
+        publish_or_fail(store, celery, job_id, what="requeue after worker loss")
     promote_waiting(store, celery, settings)
     return requeued

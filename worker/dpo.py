@@ -35,7 +35,7 @@ from worker.data import read_jsonl, tokenize_conversation
 from worker.evaluation import EvalResult
 from worker.example import IGNORE_INDEX, Example
 from worker.loss import LOSS_CHUNK_ROWS, chunked_token_logps
-from worker.packing import PAD_ID, count_loss_tokens, pack_examples
+from worker.packing import count_loss_tokens, pack_examples
 from worker.step import (
     FastStep,
     StepInputs,
@@ -43,7 +43,7 @@ from worker.step import (
     autocast_context,
     autocast_dtype,
     cast_embedding_output,
-    to_device,
+    pad_batch,
     unwrap,
 )
 
@@ -202,20 +202,10 @@ def padded_sequence_logps(
     model: nn.Module, examples: Sequence[Example], device: torch.device, autocast: torch.dtype | None
 ) -> torch.Tensor:
     """The reference engine's form of `packed_sequence_logps`: a right-padded batch with full logits."""
-    width = max(len(e.input_ids) for e in examples)
-    ids, mask, labels = [], [], []
-    for e in examples:
-        filler = width - len(e.input_ids)
-        ids.extend(e.input_ids + [PAD_ID] * filler)
-        mask.extend([1] * len(e.input_ids) + [0] * filler)
-        labels.extend(e.labels + [IGNORE_INDEX] * filler)
-    shape = (len(examples), width)
+    batch = pad_batch(examples, device)
     with autocast_context(device, autocast):
-        logits = model(
-            input_ids=to_device(ids, device).view(shape), attention_mask=to_device(mask, device).view(shape),
-            use_cache=False,
-        ).logits  # fmt: skip
-    targets = to_device(labels, device).view(shape)[:, 1:]
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    targets = batch.labels[:, 1:]
     token_logps = -F.cross_entropy(
         logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
     )

@@ -12,7 +12,7 @@ from torch import nn
 
 from worker.example import IGNORE_INDEX, Example
 from worker.loss import count_correct
-from worker.step import autocast_dtype, unwrap
+from worker.step import autocast_dtype, pad_batch, unwrap
 
 
 class EvalResult(NamedTuple):
@@ -43,20 +43,10 @@ def evaluate(model: nn.Module, examples: Sequence[Example], *, batch_size: int, 
     try:
         with eager:
             for start in range(0, len(examples), step):
-                batch = examples[start : start + step]
-                width = max(len(e.input_ids) for e in batch)
-                ids = torch.zeros((len(batch), width), dtype=torch.long)
-                labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, e in enumerate(batch):
-                    n = len(e.input_ids)
-                    ids[row, :n] = torch.tensor(e.input_ids)
-                    labels[row, :n] = torch.tensor(e.labels)
-                    mask[row, :n] = 1
-                ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+                batch = pad_batch(examples[start : start + step], device)
                 with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
-                    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-                targets = labels[:, 1:]
+                    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+                targets = batch.labels[:, 1:]
                 for row in range(logits.shape[0]):  # one fp32 row at a time
                     row_logits = logits[row].float()
                     total += nn.functional.cross_entropy(

@@ -68,8 +68,7 @@ def chunked_lm_loss(
     if hidden.shape[0] == 0:
         # keeps the graph so backward() works; all grads zero
         return LossSums(hidden.sum() * 0.0, torch.zeros((), dtype=torch.long, device=hidden.device))
-    vocab = getattr(head_linear(head), "out_features", None)
-    if vocab is not None and hidden.shape[0] <= chunk_rows and hidden.shape[0] * vocab * 4 <= SMALL_LOGITS_BYTES:
+    if _logits_fit(head, hidden.shape[0], chunk_rows):
         return LossSums(*_cross_entropy_sums(head, hidden, targets))  # small enough to keep: no recompute
     total: torch.Tensor | None = None
     correct: torch.Tensor | None = None
@@ -110,8 +109,7 @@ def chunked_token_logps(
     """
     if hidden.shape[0] == 0:
         return hidden.sum(-1).float() * 0.0  # (0,), still in the graph
-    vocab = getattr(head_linear(head), "out_features", None)
-    if vocab is not None and hidden.shape[0] <= chunk_rows and hidden.shape[0] * vocab * 4 <= SMALL_LOGITS_BYTES:
+    if _logits_fit(head, hidden.shape[0], chunk_rows):
         return _token_logps(head, hidden, targets)
     parts = [
         checkpoint(
@@ -125,6 +123,12 @@ def chunked_token_logps(
         for start in range(0, hidden.shape[0], chunk_rows)
     ]
     return torch.cat(parts)
+
+
+def _logits_fit(head: nn.Module, rows: int, chunk_rows: int) -> bool:
+    """Whether all `rows` rows of fp32 logits fit in one chunk and in SMALL_LOGITS_BYTES (then kept, not recomputed)."""
+    vocab = getattr(head_linear(head), "out_features", None)
+    return vocab is not None and rows <= chunk_rows and rows * vocab * 4 <= SMALL_LOGITS_BYTES
 
 
 def head_linear(head: nn.Module) -> nn.Linear | None:

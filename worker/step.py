@@ -130,9 +130,16 @@ def to_device(values: Sequence[float], device: torch.device, dtype: torch.dtype 
     return tensor.to(device)
 
 
-def _reference_step(
-    model: nn.Module, device: torch.device, autocast: torch.dtype | None, examples: Sequence[Example]
-) -> StepOutput:
+@dataclass(frozen=True, slots=True)
+class PaddedBatch:
+    """Examples right-padded to the longest, on the device: what the reference engine (and evaluation) run."""
+
+    input_ids: torch.Tensor  # (B, W)
+    attention_mask: torch.Tensor  # (B, W): 1 on real tokens
+    labels: torch.Tensor  # (B, W): IGNORE_INDEX on filler and on untrained tokens
+
+
+def pad_batch(examples: Sequence[Example], device: torch.device) -> PaddedBatch:
     width = max(len(e.input_ids) for e in examples)
     ids, mask, labels = [], [], []
     for e in examples:
@@ -141,14 +148,19 @@ def _reference_step(
         mask.extend([1] * len(e.input_ids) + [0] * filler)
         labels.extend(e.labels + [IGNORE_INDEX] * filler)
     shape = (len(examples), width)
+    return PaddedBatch(
+        to_device(ids, device).view(shape), to_device(mask, device).view(shape), to_device(labels, device).view(shape)
+    )
+
+
+def _reference_step(
+    model: nn.Module, device: torch.device, autocast: torch.dtype | None, examples: Sequence[Example]
+) -> StepOutput:
+    batch = pad_batch(examples, device)
     num_loss_tokens = sum(count_loss_tokens(e) for e in examples)
-    label_tensor = to_device(labels, device).view(shape)
+    label_tensor = batch.labels
     with autocast_context(device, autocast):
-        logits = model(
-            input_ids=to_device(ids, device).view(shape),
-            attention_mask=to_device(mask, device).view(shape),
-            use_cache=False,
-        ).logits
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     logits = logits.float()[:, :-1].reshape(-1, logits.shape[-1])
     targets = label_tensor[:, 1:].reshape(-1)
     loss_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from api.artifacts import adapter_dir, get_checkpoint, list_checkpoints
 from api.errors import ModelNotFound
+from api.openai.convert import name_parts
 from api.openai.schemas import ORGANIZATION_ID
 from api.openai.store import OpenAIStore
 from shared.jobs import JobRecord, JobStatus
@@ -50,9 +51,7 @@ def _training_jobs(store: JobStore) -> Iterator[JobRecord]:
 
 
 def _name_parts(record: JobRecord, ostore: OpenAIStore) -> tuple[str, str | None]:
-    """The model and suffix a job's `ft:` names are built from: a /v1 job's as the client sent them."""
-    extra = ostore.get_job(record.id)
-    return (extra.model, extra.suffix) if extra else (record.config.model_name, None)
+    return name_parts(record, ostore.get_job(record.id))
 
 
 def _job_models(record: JobRecord, ostore: OpenAIStore, settings: Settings) -> list[ServedModel]:

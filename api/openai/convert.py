@@ -187,6 +187,11 @@ def job_error(message: str) -> JobErrorPublic:
     return JobErrorPublic(code="training_failed", message=message)
 
 
+def name_parts(record: JobRecord, extra: OpenAIJobRecord | None) -> tuple[str, str | None]:
+    """The model and suffix a job's `ft:` names are built from: a /v1 job's as the client sent them."""
+    return (extra.model, extra.suffix) if extra else (record.config.model_name, None)
+
+
 def job_public(
     record: JobRecord,
     extra: OpenAIJobRecord | None,
@@ -196,7 +201,7 @@ def job_public(
 ) -> FineTuningJobPublic:
     """OpenAI's view of any of our jobs; `extra` holds what a job created through /v1 was sent with."""
     params = extra.hyperparameters if extra else _hyperparameters_of(record.config)
-    model = extra.model if extra else record.config.model_name
+    model, suffix = name_parts(record, extra)
     succeeded = record.status is JobStatus.succeeded
     eta = record.progress.eta_seconds if record.status in (JobStatus.running, JobStatus.pausing) else None
     error = job_error(record.error or record.message or "failed") if record.status is JobStatus.failed else None
@@ -205,9 +210,7 @@ def job_public(
         created_at=int(record.created_at),
         finished_at=int(record.finished_at) if record.finished_at is not None else None,
         model=model,
-        fine_tuned_model=fine_tuned_model_name(model, extra.suffix if extra else None, record.id)
-        if succeeded
-        else None,
+        fine_tuned_model=fine_tuned_model_name(model, suffix, record.id) if succeeded else None,
         result_files=result_files or [],
         status=_STATUS[record.status],
         # A job submitted through POST /train has no file id: name its stored dataset instead.
@@ -220,7 +223,7 @@ def job_public(
         estimated_finish=int(time.time() + eta) if eta is not None else None,
         integrations=[IntegrationSpec(type="wandb", wandb=record.wandb)] if record.wandb else [],
         metadata=extra.metadata if extra else None,
-        user_provided_suffix=extra.suffix if extra else None,
+        user_provided_suffix=suffix,
         queue_position=queue_position,
         method=_method_public(record.config, params),
     )
@@ -272,22 +275,13 @@ def checkpoint_public(
 ) -> FineTuningJobCheckpointPublic:
     """A checkpoint, named as OpenAI names one (`ft:{model}:{suffix}:{job id}:ckpt-step-{step}`); its
     folder is in `/jobs/{id}/checkpoints`."""
-    model = extra.model if extra else record.config.model_name
+    model, suffix = name_parts(record, extra)
     return FineTuningJobCheckpointPublic(
         id=checkpoint_id(record.id, checkpoint.step),
         created_at=int(checkpoint.created_at),
-        fine_tuned_model_checkpoint=checkpoint_model_name(
-            model, extra.suffix if extra else None, record.id, checkpoint.step
-        ),
+        fine_tuned_model_checkpoint=checkpoint_model_name(model, suffix, record.id, checkpoint.step),
         fine_tuning_job_id=record.id,
-        metrics=CheckpointMetricsPublic(
-            step=checkpoint.step,
-            train_loss=checkpoint.train_loss,
-            train_mean_token_accuracy=checkpoint.train_mean_token_accuracy,
-            valid_loss=checkpoint.valid_loss,
-            valid_mean_token_accuracy=checkpoint.valid_mean_token_accuracy,
-            full_valid_loss=checkpoint.full_valid_loss,
-            full_valid_mean_token_accuracy=checkpoint.full_valid_mean_token_accuracy,
-        ),
+        # The checkpoint's figures already carry OpenAI's metric names.
+        metrics=CheckpointMetricsPublic.model_validate(checkpoint, from_attributes=True),
         step_number=checkpoint.step,
     )

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from transformers import PreTrainedTokenizerFast
 
+from tests.fixtures.tiny_model import train_byte_level_bpe
 from tests.worker.helpers import loss_runs
 from worker.data import (
     DatasetTokenizationError,
@@ -31,11 +32,6 @@ ANSWER_1 = "Hello there"
 QUESTION_2 = "What is two plus two?"
 ANSWER_2 = "It is four."
 
-# Qwen2's pre-tokenizer split, so newlines, words and punctuation become separate pre-tokens.
-PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
 CORPUS = [SYSTEM, QUESTION_1, ANSWER_1, QUESTION_2, ANSWER_2, "user assistant model system"] * 3
 
 # Qwen2.5 ChatML, default system message included.
@@ -216,26 +212,7 @@ COUNT_HEADER = "{{ 'turns: ' + messages|length|string + '\\n' }}"
 @functools.cache
 def _trained_tokenizer_json(specials: tuple[str, ...]) -> str:
     """A byte-level BPE over a tiny corpus with these special tokens (tens of ms), serialized."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        min_frequency=2,
-        special_tokens=list(specials),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(CORPUS, trainer=trainer)
-    return tokenizer.to_str()
+    return train_byte_level_bpe(CORPUS, vocab_size=320, special_tokens=specials).to_str()
 
 
 def build_tokenizer(family: Family, *, template: str | None = None) -> Any:
