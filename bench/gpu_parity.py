@@ -20,7 +20,7 @@ Two checks, each printed as ``PASS``/``FAIL`` with the numbers it judged (exit c
    dropped scale moves gradients far more (the loss of a random-weight model stays near
    ln(vocab) whatever attention does, so the gradients are the sharper test).
 
-2. A few optimizer steps through `worker.loop.train_loop`: the default path (on CUDA: static
+2. A few optimizer steps through `worker.training.loop.train_loop`: the default path (on CUDA: static
    bucketed shapes, compiled layers, whole-step CUDA graphs, capturable AdamW) against the eager
    path (``compile=False, cuda_graphs=False``) from the same weights on the same batches (of one
    shape, so one compilation). Judged: every step's loss (relative difference <= --loop-rtol), the
@@ -136,7 +136,7 @@ def perturb_lora_b(model: Any, seed: int, std: float = 0.02) -> None:
 
 def one_step(model: Any, kind: str, device: Any, examples: Sequence[Any]) -> tuple[float, dict[str, Any], str]:
     """The step's loss, every trained tensor's gradient (fp32 copies), and the loss implementation used."""
-    from worker.step import FastStep, make_step_fn
+    from worker.training.forward_backward import FastStep, make_step_fn
 
     model.train()
     step = make_step_fn(model, kind=kind, device=device)  # type: ignore[arg-type]
@@ -149,7 +149,7 @@ def one_step(model: Any, kind: str, device: Any, examples: Sequence[Any]) -> tup
 
 def loop_examples(shape: Shape, steps: int, seed: int) -> list[Any]:
     """`steps` batches of equal shape (same lengths and loss counts, new tokens): one static bucket."""
-    from worker.example import IGNORE_INDEX, Example
+    from worker.training.example import IGNORE_INDEX, Example
 
     rng = random.Random(seed)
     lengths = [193, 309, 463, 579]  # ~386 on average, as the benchmark's conversations
@@ -165,7 +165,7 @@ def loop_examples(shape: Shape, steps: int, seed: int) -> list[Any]:
 def loop_run(
     shape: Shape, device: Any, cfg: Any, state: dict[str, Any], examples: Sequence[Any], *, default: bool, seed: int
 ) -> LoopRun:
-    from worker.loop import train_loop
+    from worker.training.loop import train_loop
 
     model = build_model(shape, "fast", device, cfg, seed)
     model.load_state_dict(state)

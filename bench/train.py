@@ -5,9 +5,9 @@
         [--no-compile] [--no-cuda-graphs] [--json OUT]
 
 What runs is what a job runs: a random-weight model of the shape (throughput depends on shape, not
-values), the LoRA of a default `TrainConfig` applied by `worker.model_loading.prepare_model` (r=8,
+values), the LoRA of a default `TrainConfig` applied by `worker.training.model_loading.prepare_model` (r=8,
 alpha 32, dropout 0.05, all-linear, lm_head + embed_tokens trained in full; `--no-modules-to-save`
-drops the latter), bf16 on a GPU, and `worker.loop.train_loop` with its defaults (on CUDA the fast
+drops the latter), bf16 on a GPU, and `worker.training.loop.train_loop` with its defaults (on CUDA the fast
 engine compiles and captures whole steps; `--no-compile` / `--no-cuda-graphs` turn those off for
 every fast row, and an engine written ``fast:no-compile`` or ``fast:no-graphs`` or ``fast:eager``
 turns them off for that row alone, so one table shows what each piece pays). TRL is plain
@@ -137,7 +137,7 @@ def step_work(lengths: Sequence[int], loss_tokens: int, *, engine: str, static: 
         return StepWork(tokens, pairs, loss_tokens)
     if engine != "fast":
         raise ValueError(f"unknown engine {engine!r}")
-    from worker.packing import bucket_size
+    from worker.training.packing import bucket_size
 
     positions = bucket_size(tokens)
     filler = positions - tokens
@@ -154,7 +154,7 @@ def step_flops(shape: Shape, work: StepWork, *, lora_rank: int, head_trained: bo
 
 def synthetic_examples(n: int, *, vocab: int, mean_len: int, max_len: int, seed: int) -> list[Any]:
     """Chat-like pre-tokenized examples: log-normal lengths (median ~0.78 x mean), loss on the end."""
-    from worker.example import IGNORE_INDEX, Example
+    from worker.training.example import IGNORE_INDEX, Example
 
     rng = random.Random(seed)
     sigma = 0.71  # median 300 for mean 386, as in docs/performance.md
@@ -214,8 +214,8 @@ def build_model(shape: Shape, engine: str, device: Any, cfg: Any, seed: int) -> 
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from worker.attention import engine_attn_implementation
-    from worker.model_loading import apply_lora, prepare_model, resolve_dtype
+    from worker.training.attention import engine_attn_implementation
+    from worker.training.model_loading import apply_lora, prepare_model, resolve_dtype
 
     implementation, _ = engine_attn_implementation(
         "fast" if engine == "fast" else "reference", cfg.attn_implementation, device
@@ -246,7 +246,7 @@ def run_engine(args: argparse.Namespace, spec: EngineSpec) -> dict[str, Any]:
     import torch
 
     from bench.trl_baseline import peak_memory_bytes, run_trl_baseline
-    from worker.loop import StepInfo, train_loop
+    from worker.training.loop import StepInfo, train_loop
 
     shape = SHAPES[args.shape]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -342,7 +342,7 @@ def bench_examples(args: argparse.Namespace) -> list[Any]:
 
 def timed_flops(args: argparse.Namespace, cfg: Any, engine: str, *, static: bool) -> tuple[float, float]:
     """FLOPs of the timed steps: what `engine` computes, and the useful work every engine shares."""
-    from worker.packing import count_loss_tokens
+    from worker.training.packing import count_loss_tokens
 
     shape, examples = SHAPES[args.shape], bench_examples(args)
     head_trained = "lm_head" in cfg.lora_modules_to_save

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from worker.example import IGNORE_INDEX, Example
+from worker.training.example import IGNORE_INDEX, Example
 
 
 def examples_to_dataset(examples: Sequence[Example]) -> Any:

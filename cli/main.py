@@ -135,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    """Merging needs torch: it runs as `python -m worker.merge`, keeping the API side free of it."""
-    cmd = [sys.executable, "-m", "worker.merge", str(args.adapter_dir), str(args.output_dir)]
+    """Merging needs torch: it runs as `python -m worker.training.merge`, keeping the API side free of it."""
+    cmd = [sys.executable, "-m", "worker.training.merge", str(args.adapter_dir), str(args.output_dir)]
     if args.base:
         cmd += ["--base", args.base]
     try:

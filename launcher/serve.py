@@ -130,7 +130,7 @@ def serve(opts: ServeOptions) -> int:
         if gpu is not None:
             worker_env["CUDA_VISIBLE_DEVICES"] = str(gpu)
         cmd = [
-            sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+            sys.executable, "-m", "celery", "-A", "worker.jobs.celery_app", "worker",
             "--loglevel", opts.log_level.upper(), "--concurrency", "1", "--pool", "prefork",
             "-Q", QUEUE, "-n", f"gpu{gpu if gpu is not None else i}@%h",
         ]  # fmt: skip
@@ -139,7 +139,7 @@ def serve(opts: ServeOptions) -> int:
         generate_cmd = [
             sys.executable,
             "-m",
-            "worker.generation_worker",
+            "worker.generation",
             "--name",
             f"generate{gpu if gpu is not None else i}",
         ]

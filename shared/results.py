@@ -1,6 +1,6 @@
 """A training job's result file: OpenAI's `step_metrics.csv`, one row per logged step.
 
-The worker appends a row at each logging step (`worker.results_log`) into the job's folder
+The worker appends a row at each logging step (`worker.training.results_log`) into the job's folder
 (`Volume.step_metrics`) and registers the file at the end of the job (`shared.files`); the API serves
 it as a `fine-tune-results` file. The header is OpenAI's, exactly; an unknown value is an empty cell.
 """

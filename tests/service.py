@@ -164,13 +164,13 @@ class Service:
         raise RuntimeError("API did not start:\n" + self.logs("api"))
 
     def start_worker(self, **env: str) -> None:
-        cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO",
+        cmd = [sys.executable, "-m", "celery", "-A", "worker.jobs.celery_app", "worker", "--loglevel", "INFO",
                "--concurrency", "1", "-Q", QUEUE, "-n", f"test{len(self.workers) + 1}@%h"]  # fmt: skip
         self.worker = self._spawn(cmd, "worker", {**self.env(), **env})
         self.workers.append(self.worker)
 
     def start_generator(self, **env: str) -> None:
-        cmd = [sys.executable, "-m", "worker.generation_worker", "--name", f"test-generate{len(self.workers)}"]
+        cmd = [sys.executable, "-m", "worker.generation", "--name", f"test-generate{len(self.workers)}"]
         self.generator = self._spawn(cmd, "generator", {**self.env(), **env})
 
     def _spawn(self, cmd: list[str], log_name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:

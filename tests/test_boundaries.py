@@ -21,7 +21,7 @@ def test_api_main_does_not_load_torch() -> None:
 
 
 def test_celery_app_does_not_load_fastapi() -> None:
-    loaded = _modules_after("import worker.celery_app, worker.tasks")
+    loaded = _modules_after("import worker.jobs.celery_app, worker.jobs.tasks")
     assert not loaded & {"fastapi", "starlette", "uvicorn"}
     assert "torch" not in loaded  # CUDA is initialised only inside the task's child process
 

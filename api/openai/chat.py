@@ -1,7 +1,7 @@
 """`POST /v1/chat/completions`: chat with a base model, a fine-tuned model or a checkpoint.
 
 The API only resolves the model name (api.openai.catalog), checks the request and relays: the request
-goes onto the generation queue, a generation worker on a GPU host generates it (worker.generation_worker),
+goes onto the generation queue, a generation worker on a GPU host generates it (worker.generation.server),
 and its text comes back on a Redis stream, relayed as one completion or as OpenAI's server-sent
 `chat.completion.chunk` events ending with `data: [DONE]`.
 """

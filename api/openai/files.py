@@ -2,7 +2,7 @@
 
 Two purposes share the surface: training data uploaded here (`fine-tune`), and each training job's
 result file (`fine-tune-results`, its `step_metrics.csv`), which the worker writes and registers
-when the job ends (worker.results_log) and which is listed on the job's `result_files`. Deleting a
+when the job ends (worker.training.results_log) and which is listed on the job's `result_files`. Deleting a
 result file removes its CSV and its record, so the job no longer lists it and reading it is a 404.
 """
 

@@ -41,7 +41,7 @@ class GenerationQueue:
         low = int((await self.server_time() - generators_fresh_s()) * 1000)
         if not await self.client.zcount(keys.GENERATORS, low, "+inf"):
             raise GenerationUnavailable(
-                "no generation worker is running (start `python -m worker.generation_worker` next to a training "
+                "no generation worker is running (start `python -m worker.generation` next to a training "
                 "worker; `lora-server` and docker compose start one)"
             )
 

@@ -23,7 +23,7 @@ from shared.settings import Settings
 from shared.store import JobStore
 from shared.volume import CHECKPOINT_META, CheckpointMeta
 from tests.data import easy_records, jsonl
-from worker.results_log import register_results
+from worker.training.results_log import register_results
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from bench.train import SHAPES, Shape, StepWork, step_flops, step_work
-from worker.packing import bucket_size
+from worker.training.packing import bucket_size
 
 SHAPE = Shape(hidden=8, layers=2, heads=2, kv_heads=1, mlp=16, vocab=100)
 LENGTHS = [10, 30, 20]

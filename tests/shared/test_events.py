@@ -18,7 +18,7 @@ from shared.events import (
 from shared.metrics import CheckpointSaved, EpochEnd, StepMetrics, TrainingSummary
 from shared.store import JobStore
 
-# The payloads as the worker's training loop writes them (worker/training.py: step_hook, epoch_hook, notices).
+# The payloads as the worker's training loop writes them (worker/training/run.py: _on_step, _on_epoch_end, notices).
 WORKER_PAYLOADS = [
     ("metrics", {"step": 3, "epoch": 1, "loss": 2.25, "learning_rate": 3e-4, "grad_norm": 1.5,
                  "tokens_per_second": 812.0, "step_seconds": 0.11}, StepMetrics),
@@ -80,7 +80,7 @@ def test_events_round_trip_through_the_store(redis_client: redis.Redis) -> None:
 
 
 def test_the_training_summary_parses_what_a_run_reports() -> None:
-    # worker/training.py's TrainResult.summary(): tuples become lists in JSON, checkpoints carry their folder.
+    # worker/training/run.py's TrainResult.summary(): tuples become lists in JSON, checkpoints carry their folder.
     reported = {"output_dir": "/v/a", "stopped": False, "steps": 4, "total_steps": 4, "final_loss": 1.0,
                 "num_examples": 8, "skipped_examples": 0, "total_tokens": 96, "elapsed_s": 1.5,
                 "tokens_per_second": 64.0, "losses": [(1, 2.0), (2, 1.5)], "eval_losses": [(1, 1.8)],

@@ -10,10 +10,10 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from worker.attention import PACKED_ATTENTION, EngineKind, register_packed_attention
-from worker.example import IGNORE_INDEX, Example
-from worker.model_loading import upcast_trainable
-from worker.step import StepOutput, make_step_fn
+from worker.training.attention import PACKED_ATTENTION, EngineKind, register_packed_attention
+from worker.training.example import IGNORE_INDEX, Example
+from worker.training.forward_backward import StepOutput, make_step_fn
+from worker.training.model_loading import upcast_trainable
 
 CPU = torch.device("cpu")
 VOCAB = 256

@@ -1,0 +1,80 @@
+"""The LM loss without full logits equals the loss with them."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from tests.worker.helpers import tiny_lora_model
+from worker.training.example import IGNORE_INDEX
+from worker.training.loss import chunked_lm_loss, chunked_lm_loss_sum, head_linear, pick_loss
+
+
+def test_chunked_loss_matches_full_logits() -> None:
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    targets[::5] = IGNORE_INDEX
+    full = nn.functional.cross_entropy(head(hidden), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    full_grads = torch.autograd.grad(full, [hidden, head.weight])
+    chunked = chunked_lm_loss_sum(head, hidden, targets, chunk_rows=4)
+    chunked_grads = torch.autograd.grad(chunked, [hidden, head.weight])
+    torch.testing.assert_close(chunked, full)
+    for got, want in zip(chunked_grads, full_grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_small_logits_are_kept_rather_than_recomputed_and_give_the_same() -> None:
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=False)
+    calls: list[int] = []
+    head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    hidden = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    chunked = chunked_lm_loss_sum(head, hidden, targets, chunk_rows=8)
+    (want,) = torch.autograd.grad(chunked, hidden)
+    assert calls == [8, 8, 7, 7, 8, 8]  # each chunk, then recomputed in the backward (last chunk first)
+    calls.clear()
+    whole = chunked_lm_loss_sum(head, hidden, targets)  # 23 x 50 fp32 logits: kept, one pass
+    (got,) = torch.autograd.grad(whole, hidden)
+    assert calls == [23]
+    torch.testing.assert_close(whole, chunked)
+    torch.testing.assert_close(got, want)
+
+
+def test_head_linear_finds_the_trained_copy_of_a_saved_head() -> None:
+    model = tiny_lora_model(modules_to_save=["lm_head"])
+    head = model.get_base_model().get_output_embeddings()
+    linear = head_linear(head)
+    assert linear is not None and linear.weight.requires_grad  # the trained copy, not the frozen original
+    with model.disable_adapter():
+        frozen = head_linear(head)
+        assert frozen is not None and not frozen.weight.requires_grad
+    assert head_linear(nn.Linear(4, 4)) is not None
+
+
+def test_a_lora_wrapped_head_has_no_plain_linear_to_fuse() -> None:
+    model = get_peft_model(nn.Sequential(nn.Linear(4, 8)), LoraConfig(r=2, target_modules=["0"]))
+    head = model.base_model.model[0]
+    assert head_linear(head) is None
+    assert pick_loss(torch.device("cpu"), head, captured=False, chunk_rows=4)[0] == "chunked"
+
+
+def test_chunked_correct_count_equals_the_argmax_of_full_logits() -> None:
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    predicted = head(hidden).argmax(-1)
+    targets = torch.randint(0, 50, (23,))
+    targets[::2] = predicted[::2]  # about half right by construction
+    targets[::5] = IGNORE_INDEX  # ignored rows never count, even where the argmax would match
+    want = int(((predicted == targets) & (targets != IGNORE_INDEX)).sum())
+    assert 5 <= want < 23
+    for chunk_rows in (4, 7, 4096):  # checkpointed chunks, and all logits kept in one pass
+        sums = chunked_lm_loss(head, hidden, targets, chunk_rows=chunk_rows)
+        assert sums.correct is not None and sums.correct.dtype == torch.long and int(sums.correct) == want
+        sums.loss_sum.backward()  # the count rides along without disturbing the backward
+    empty = chunked_lm_loss(head, hidden[:0], targets[:0])
+    assert empty.correct is not None and int(empty.correct) == 0

@@ -1,0 +1,155 @@
+"""The generation worker: a long-lived process per worker host that answers chat completions.
+
+    python -m worker.generation [--name NAME]
+
+Why a loop over a Redis list and not a Celery worker: the point of this process is to *keep* models
+loaded between requests, which Celery's prefork pool works against (the training app recycles its
+child after every task, and a generation app would need its own pool, queue and limits tuned the
+opposite way); a request is seconds long, idempotent and worthless once its caller has given up, so
+Celery's late acks and redelivery buy nothing, while the bound on waiting requests (429 past
+LORA_GENERATION_MAX_PENDING) is one atomic check of the list's length (shared.generation_queue). So
+the API pushes a `GenerationRequest` onto one list; every generation worker pops from it (BLPOP: each
+request goes to exactly one), generates on its own device with its own model cache
+(worker.generation.model_cache), and sends text back on the request's own Redis stream, which the API
+reads as it grows, on whatever host it runs. A request whose deadline passed, or that the API
+cancelled, is stopped between two tokens. A worker that dies mid-request loses only that request:
+its caller gets a timeout.
+
+It is a separate process from the Celery training worker, so training is never slowed by it beyond
+sharing the GPU, and training admission never waits on it. A heartbeat (LORA_GENERATORS in Redis)
+lets the API answer 503 at once when no generation worker is running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
+
+import redis
+
+from shared import generation_queue as gq
+from shared import keys
+from shared.generation import GenerationFailed, GenerationRequest, TextDelta
+from shared.paths import model_location
+from shared.settings import Settings, get_settings
+from shared.store import connect
+
+if TYPE_CHECKING:
+    from worker.generation.model_cache import ModelCache
+
+log = logging.getLogger("lora.generation")
+
+POP_WAIT_S = 1.0  # how long one BLPOP waits, so a stop signal is noticed within about this
+CANCEL_CHECK_S = 0.25  # how often the cancel flag is read while generating
+
+
+def _heartbeat(settings: Settings, name: str, stop: threading.Event) -> None:
+    client = connect(settings.redis_url)
+    while not stop.is_set():
+        try:
+            gq.heartbeat(client, name)
+        except redis.RedisError as exc:  # Redis down: keep trying until it returns
+            log.debug("heartbeat: %s", exc)
+        stop.wait(gq.HEARTBEAT_S)
+    with contextlib.suppress(redis.RedisError):
+        gq.forget(client, name)
+
+
+def serve_one(client: redis.Redis, cache: ModelCache, request: GenerationRequest) -> None:
+    """Generate one request's answer onto its output stream; every outcome ends the stream with one event."""
+    from worker.generation.decoding import GenerationStopped, PromptError, generate
+    from worker.generation.model_cache import ModelNotFoundError
+
+    out = gq.OutputStream(client, request)
+    deadline = gq.monotonic_deadline(client, request)
+    checked = [0.0]
+
+    def check_stop() -> None:
+        now = time.monotonic()
+        if now >= deadline:
+            raise GenerationStopped("timeout", "the request's time limit (LORA_GENERATION_TIMEOUT_S) passed")
+        if now - checked[0] >= CANCEL_CHECK_S:
+            checked[0] = now
+            if out.cancelled():
+                raise GenerationStopped("cancelled", "the request was cancelled")
+
+    try:
+        check_stop()
+        done = generate(cache, request, lambda text: out.send(TextDelta(text=text)), check_stop)
+    except GenerationStopped as exc:
+        log.info("request %s stopped: %s", request.id, exc)
+        out.send(GenerationFailed(code=exc.code, message=str(exc)))  # type: ignore[arg-type]
+        return
+    except ModelNotFoundError as exc:
+        out.send(GenerationFailed(code="model_not_found", message=str(exc)))
+        return
+    except PromptError as exc:
+        out.send(GenerationFailed(code="invalid_request", message=str(exc)))
+        return
+    except redis.RedisError:
+        raise  # nowhere to report it: the caller times out
+    except Exception as exc:  # out of memory, a model that cannot generate: this request fails, the worker goes on
+        log.exception("request %s failed", request.id)
+        out.send(GenerationFailed(code="generation_failed", message=f"{type(exc).__name__}: {exc}"))
+        return
+    out.send(done)
+
+
+def run(settings: Settings, name: str, stop: threading.Event) -> None:
+    threading.Thread(target=_heartbeat, args=(settings, name, stop), name="lora-generation-heartbeat",
+                     daemon=True).start()  # fmt: skip
+    from worker.generation.model_cache import ModelCache, generation_device  # torch: loaded once the heartbeat runs
+
+    cache = ModelCache(
+        max_bases=settings.generation_max_base_models,
+        max_adapters=settings.generation_max_adapters,
+        device=generation_device(settings.generation_device),
+    )
+    client = connect(settings.redis_url, timeout=POP_WAIT_S + 10)
+    log.info("generation worker %s ready on %s", name, cache.device)
+    while not stop.is_set():
+        try:
+            request = gq.pop_request(client, POP_WAIT_S)
+            if request is not None:
+                # A base model named by a folder under base_path loads from there, as for training.
+                location = model_location(settings.base_path, request.base_model)
+                serve_one(client, cache, request.model_copy(update={"base_model": location}))
+        except redis.RedisError as exc:
+            log.warning("Redis: %s; retrying", exc)
+            stop.wait(1.0)
+
+
+def _reported_lately(settings: Settings, name: str) -> bool:
+    client = connect(settings.redis_url)
+    score = client.zscore(keys.GENERATORS, name)
+    return score is not None and float(cast(float, score)) / 1000 >= gq.server_time(client) - gq.generators_fresh_s()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m worker.generation", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--name", default=None, help="name it reports (default: LORA_WORKER_NAME-generate, or host:pid)"
+    )
+    parser.add_argument("--check", action="store_true", help="exit 0 if the worker of this name reported lately")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    settings = get_settings()
+    if settings.worker_name:
+        name = args.name or f"{settings.worker_name}-generate"
+    else:
+        name = args.name or f"{socket.gethostname()}-generate:{os.getpid()}"
+    if args.check:  # a container healthcheck
+        raise SystemExit(0 if _reported_lately(settings, name) else 1)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    run(settings, name, stop)
+    log.info("generation worker %s stopped", name)

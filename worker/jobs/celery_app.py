@@ -1,0 +1,26 @@
+"""The worker's Celery application: `celery -A worker.jobs.celery_app worker`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.signals import worker_ready, worker_shutdown
+
+from shared.celery_factory import make_celery
+from shared.settings import get_settings
+
+app = make_celery(get_settings(), include=["worker.jobs.tasks"])
+
+
+@worker_ready.connect
+def _on_ready(sender: Any = None, **_: Any) -> None:
+    from worker.jobs.maintenance import start_maintenance
+
+    start_maintenance(app, get_settings(), getattr(sender, "hostname", None) or "worker")
+
+
+@worker_shutdown.connect
+def _on_shutdown(sender: Any = None, **_: Any) -> None:
+    from worker.jobs.maintenance import leave
+
+    leave(get_settings(), getattr(sender, "hostname", None) or "worker")

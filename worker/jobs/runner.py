@@ -1,0 +1,170 @@
+"""Running one job inside a worker child: claim it, work under a lease, record the outcome."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from shared.admission import promote_waiting
+from shared.events import InfoNotice
+from shared.jobs import JobRecord, JobStatus, Progress
+from shared.metrics import TrainingSummary
+from shared.paths import model_location, resolve_inside
+from shared.settings import Settings, get_settings
+from shared.store import JobStore, connect
+from worker.jobs.lease import LeaseKeeper
+from worker.training.results_log import register_results
+
+log = logging.getLogger(__name__)
+
+_LOSSES_KEPT = 1000  # logged losses kept in the job record, which every /jobs read parses
+
+
+def worker_name() -> str:
+    return get_settings().worker_name or f"{socket.gethostname()}:{os.getppid()}"
+
+
+@dataclass
+class Outcome:
+    status: JobStatus
+    message: str
+    error: str | None = None
+    model_path: str | None = None
+    metrics: TrainingSummary | None = None
+
+
+def _train(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome:
+    from worker.training.library import train_model  # torch loads in the child only, under the lease
+
+    cfg = record.config
+    # The record keeps the name the user gave (it names the model: ft:{model}:...); the run loads it from here.
+    location = model_location(settings.base_path, cfg.model_name)
+    result = train_model(
+        cfg.model_copy(update={"model_name": location}) if location != cfg.model_name else cfg,
+        Path(record.dataset_path),
+        output_dir=Path(record.output_dir),
+        lora_path=resolve_inside(settings.base_path, cfg.lora_path) if cfg.lora_path else None,
+        validation=Path(record.validation_path) if record.validation_path else None,
+        checkpoint_dir=settings.volume.job_checkpoints(record.id),
+        results_path=settings.volume.step_metrics(record.id),
+        run_name=record.id,
+        on_progress=lease.publish,
+        on_event=lease.emit,
+        should_stop=lease.should_stop,
+        wandb=record.wandb,
+        state_dir=settings.volume.job_state(record.id),
+        state_every=settings.state_every_steps,
+        pause_requested=lease.pause_requested,
+    )
+    metrics = result.summary()
+    metrics.losses = metrics.losses[-_LOSSES_KEPT:]  # the full curve is in training_summary.json
+    if not result.stopped:
+        message = "Training completed"
+        return Outcome(JobStatus.succeeded, message, model_path=str(result.output_dir), metrics=metrics)
+    if lease.cancelled.is_set():
+        message = f"Training cancelled at step {result.steps}/{result.total_steps}"
+        return Outcome(JobStatus.cancelled, message, error="cancelled by request", metrics=metrics)
+    if result.paused:
+        return Outcome(JobStatus.paused, f"Paused at step {result.steps}/{result.total_steps}; resume continues there")
+    error = "lost contact with Redis (or the lease thread failed); stopped training"
+    return Outcome(JobStatus.failed, "Training stopped", error=error)
+
+
+def _merge(record: JobRecord, lease: LeaseKeeper) -> Outcome:
+    from worker.training.merge import merge_adapter
+
+    source = f"the adapter of {record.source_job}" if record.source_job else record.dataset_path
+    lease.emit(InfoNotice(), f"merging {source} into {record.config.model_name}")
+    base = model_location(get_settings().base_path, record.config.model_name)
+    path = merge_adapter(record.dataset_path, record.output_dir, base_model=base)[0]
+    return Outcome(JobStatus.succeeded, "Merge completed", model_path=str(path))
+
+
+def run_job(job_id: str) -> None:
+    settings = get_settings()
+    store = JobStore(connect(settings.redis_url))
+    token = uuid.uuid4().hex
+    claimed = store.claim(job_id, token=token, lease_s=settings.lease_ttl_s, worker=worker_name())
+    if claimed != "ok":
+        # A redelivered message for a job that runs elsewhere or has ended: acknowledge and ignore it.
+        log.warning("not running job %s: it is %s", job_id, claimed)
+        return
+    record = store.get(job_id)
+    assert record is not None
+    log.info("job %s (%s): %s", job_id, record.kind, record.config.model_name)
+    with LeaseKeeper(store, job_id, token, settings.lease_ttl_s) as lease:
+        try:
+            outcome = _merge(record, lease) if record.kind == "merge" else _train(record, settings, lease)
+        except Exception as exc:
+            log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+            failed = "Merge failed" if record.kind == "merge" else "Training failed"
+            outcome = Outcome(JobStatus.failed, failed, error=f"{type(exc).__name__}: {exc}")
+        if lease.fenced.is_set():
+            log.warning("job %s: another runner owns it or it was settled; recording nothing", job_id)
+            return
+        if record.kind == "train":  # whatever the outcome: a failed or cancelled run keeps the steps it logged
+            register_results(store.client, job_id, settings.volume.step_metrics(job_id))
+        # Still under the lease (its thread keeps renewing), so a Redis hiccup here cannot turn a
+        # finished job into a "worker lost" one.
+        recorded = _record_outcome(store, job_id, token, outcome, lease.latest, patience_s=3 * settings.lease_ttl_s)
+        # Only once the job has ended for good does its saved state go: a job requeued meanwhile by the
+        # reaper (its outcome then not ours to record) continues from it.
+        if recorded is not None and recorded.terminal:
+            _drop_state(settings.volume.job_state(job_id))
+    _start_next(store, settings)
+
+
+def _drop_state(state: Path) -> None:
+    shutil.rmtree(state, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the states' folder goes too once no job keeps one
+        state.parent.rmdir()
+
+
+def _start_next(store: JobStore, settings: Settings) -> None:
+    """This job's slot is free: hand it to the job waiting longest now, not at the next reaper round."""
+    from worker.jobs.celery_app import app
+
+    try:
+        promote_waiting(store, app, settings)
+    except redis.RedisError as exc:  # the reaper does it a few seconds later
+        log.warning("could not start the next waiting job: %s", exc)
+
+
+def _record_outcome(
+    store: JobStore, job_id: str, token: str, outcome: Outcome, progress: Progress | None, *, patience_s: float
+) -> JobStatus | None:
+    """The status recorded (None when someone else settled the job first)."""
+    deadline = time.monotonic() + patience_s
+    delay = 0.5
+    while True:
+        try:
+            recorded = store.finish(
+                job_id,
+                token=token,
+                status=outcome.status,
+                message=outcome.message,
+                error=outcome.error,
+                model_path=outcome.model_path,
+                metrics=outcome.metrics,
+                progress=progress,
+            )
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() > deadline:
+                log.error("job %s: could not record %s: %s", job_id, outcome.status.value, exc)
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        if recorded is None:
+            log.warning("job %s: was settled by someone else before its %s was recorded", job_id, outcome.status.value)
+        return recorded

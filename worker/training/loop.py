@@ -1,0 +1,281 @@
+"""The training loop every job runs: AdamW + linear decay + clipping over an engine's step function.
+
+`batch_size` sequences make one optimizer step (the last step of an epoch may hold fewer). The
+loop never reads a device value back except at logging steps (loss, grad norm, token accuracy: one
+transfer), at epoch ends (the epoch's mean loss and accuracy) and once at the end, so the GPU is
+never made to wait in between.
+Saving the loop's state (`worker.training.train_state`: every `state_every` steps, at epoch ends, on a
+pause) reads it back too; that is rare by design.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from worker.training.attention import EngineKind
+from worker.training.example import Example
+from worker.training.forward_backward import make_step_fn
+from worker.training.optimizer_step import (
+    AnyStepFn,
+    EagerTrainStep,
+    EventFn,
+    StaticTrainStep,
+    TrainStep,
+    TrainStepOutput,
+    make_optimizer,
+)
+from worker.training.train_state import LoopState, apply_loop_state, capture_rng, restore_rng, trainable_parameters
+
+
+@dataclass(frozen=True, slots=True)
+class StepInfo:
+    """Progress after one optimizer step (what `on_step` receives)."""
+
+    step: int  # 1-based, across epochs
+    total_steps: int
+    epoch: int  # 1-based
+    epochs: int
+    loss: float | None  # this step's mean loss; read back only at logging steps
+    learning_rate: float  # the rate this step used
+    grad_norm: float | None  # before clipping; same rule as `loss`
+    accuracy: float | None  # fraction of loss tokens predicted right (argmax); same rule, None where not computed
+    tokens_per_second: float  # real tokens since the loop started / seconds since then
+    eta_seconds: float
+    num_tokens: int  # real tokens in this step
+    metrics: dict[str, float] | None = None  # the step's further figures (DPO's reward margin); as `loss`
+
+
+@dataclass(slots=True)
+class LoopResult:
+    steps_done: int
+    stopped: bool  # should_stop() ended the loop early
+    final_loss: float | None  # loss of the last step done (None when no step ran)
+    logged_losses: list[tuple[int, float]] = field(default_factory=list)
+    total_tokens: int = 0
+    elapsed_s: float = 0.0  # across every session of a resumed run
+    paused: bool = False  # the stop was a pause (pause_requested() said so); the state was saved
+
+
+def batch_order(num_examples: int, batch_size: int, epoch: int, seed: int, *, shuffle: bool = True) -> list[list[int]]:
+    """The (shuffled) batches of one epoch (1-based), reproducible from `seed`."""
+    order = list(range(num_examples))
+    if shuffle:
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, num_examples, batch_size)]
+
+
+def linear_decay(base_lr: float, step: int, total_steps: int) -> float:
+    """Learning rate for 1-based `step`: from `base_lr` at step 1 linearly towards 0, no warmup."""
+    return base_lr * max(0.0, (total_steps - step + 1) / total_steps)
+
+
+def train_loop(
+    model: nn.Module,
+    examples: Sequence[Example] | Sequence[Any],
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    device: torch.device,
+    seed: int = 0,
+    engine: EngineKind = "fast",
+    max_grad_norm: float = 1.0,
+    log_every: int = 1,
+    on_step: Callable[[StepInfo], None] | None = None,
+    on_epoch_end: Callable[[int, float | None, float | None], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    shuffle: bool = True,
+    compile: bool | None = None,
+    cuda_graphs: bool | None = None,
+    on_event: EventFn | None = None,
+    resume: LoopState | None = None,
+    save_state: Callable[[LoopState], None] | None = None,
+    state_every: int = 0,
+    pause_requested: Callable[[], bool] | None = None,
+    step_fn: AnyStepFn | None = None,
+) -> LoopResult:
+    """Train `model`'s trainable parameters on `examples`; see the module docstring.
+
+    `on_epoch_end(epoch, mean_loss, mean_accuracy)` gets the means of that epoch's step losses and
+    token accuracies (None where the engine computed none), after each epoch that ran to its end.
+    `should_stop()` is asked before every step. ``shuffle=False`` takes the examples in order every
+    epoch (benchmarks). `compile` (``torch.compile`` of the decoder
+    layers on static bucketed shapes) and `cuda_graphs` (whole-step capture) apply to the fast
+    engine; None means on for CUDA, off elsewhere. Fallbacks are reported through `on_event`.
+
+    `resume` continues a run from a saved `LoopState` (same examples, epochs, batch size, seed):
+    the steps that follow are those an uninterrupted run would have taken. `save_state` is handed
+    the loop's state every `state_every` steps (0: never; each save reads the device back), after
+    each epoch end (after `on_epoch_end`), and when `should_stop()` ends the loop while
+    `pause_requested()` says the stop is a pause (`LoopResult.paused`).
+
+    `step_fn` replaces the engine's step (DPO's `worker.training.dpo.DpoStep`, over whatever `examples` holds:
+    preference pairs); it runs eagerly, with the same optimizer, schedule and clipping.
+    """
+    if not examples:
+        raise ValueError("no examples to train on")
+    if epochs < 1 or batch_size < 1 or log_every < 1 or state_every < 0:
+        raise ValueError("epochs, batch_size and log_every must be >= 1, state_every >= 0")
+    torch.manual_seed(seed)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    train_step = _make_train_step(
+        model, params, engine=engine, device=device, learning_rate=learning_rate, batch_size=batch_size,
+        max_grad_norm=max_grad_norm, compile=compile, cuda_graphs=cuda_graphs, on_event=on_event, step_fn=step_fn,
+    )  # fmt: skip
+    steps_per_epoch = math.ceil(len(examples) / batch_size)
+    total_steps = epochs * steps_per_epoch
+    result = LoopResult(steps_done=0, stopped=False, final_loss=None)
+    pos = _Position()
+    if resume is not None:
+        # After the model and optimizer are built (building may draw random numbers), before step one.
+        apply_loop_state(model, train_step.optimizer, resume, total_steps)
+        restore_rng(resume.rng, device)
+        pos = _Position.restored(resume, device)
+        result.steps_done, result.total_tokens = resume.step, resume.total_tokens
+        result.logged_losses, result.final_loss = list(resume.logged_losses), resume.final_loss
+    start = time.perf_counter() - (resume.elapsed_s if resume is not None else 0.0)  # elapsed spans sessions
+
+    def snapshot() -> LoopState:
+        last = float(pos.last_loss) if pos.last_loss is not None else result.final_loss
+        return LoopState(
+            step=result.steps_done, epoch=pos.epoch, batch_index=pos.batch_index, total_steps=total_steps,
+            total_tokens=result.total_tokens, epoch_loss_sum=pos.loss_sum, epoch_steps=pos.epoch_steps,
+            epoch_accuracy_sum=pos.accuracy_sum,
+            final_loss=last, logged_losses=list(result.logged_losses), elapsed_s=time.perf_counter() - start,
+            params=dict(trainable_parameters(model)), optimizer=train_step.optimizer.state_dict(),
+            rng=capture_rng(device),
+        )  # fmt: skip
+
+    while pos.epoch <= epochs:
+        batches = batch_order(len(examples), batch_size, pos.epoch, seed, shuffle=shuffle)
+        while pos.batch_index < len(batches):
+            if should_stop is not None and should_stop():
+                result.stopped = True
+                result.paused = pause_requested is not None and pause_requested()
+                if result.paused and save_state is not None:
+                    save_state(snapshot())
+                break
+            step = result.steps_done + 1
+            lr = linear_decay(learning_rate, step, total_steps)
+            out = train_step([examples[i] for i in batches[pos.batch_index]], lr)
+            pos.add(out.loss, out.accuracy)
+            result.steps_done = step
+            result.total_tokens += out.num_tokens
+            logging_step = step % log_every == 0 or step == total_steps
+            loss_value, grad_norm, accuracy = _read_back(out) if logging_step else (None, None, None)
+            if loss_value is not None:
+                result.logged_losses.append((step, loss_value))
+            if on_step is not None:
+                elapsed = time.perf_counter() - start
+                on_step(
+                    StepInfo(
+                        step=step,
+                        total_steps=total_steps,
+                        epoch=pos.epoch,
+                        epochs=epochs,
+                        loss=loss_value,
+                        learning_rate=lr,
+                        grad_norm=grad_norm,
+                        accuracy=accuracy,
+                        tokens_per_second=result.total_tokens / elapsed if elapsed > 0 else 0.0,
+                        eta_seconds=elapsed / step * (total_steps - step),
+                        num_tokens=out.num_tokens,
+                        metrics={k: float(v) for k, v in out.metrics.items()} if logging_step and out.metrics else None,
+                    )
+                )
+            # A step that ends the epoch is saved after the epoch end, below.
+            if save_state is not None and state_every and step % state_every == 0 and pos.batch_index < len(batches):
+                save_state(snapshot())
+        if result.stopped:
+            break  # a cut-short epoch gets no on_epoch_end
+        if on_epoch_end is not None:
+            mean = None if pos.loss_sum is None else float(pos.loss_sum) / pos.epoch_steps
+            mean_accuracy = None if pos.accuracy_sum is None else float(pos.accuracy_sum) / pos.epoch_steps
+            on_epoch_end(pos.epoch, mean, mean_accuracy)
+        pos.next_epoch()
+        if save_state is not None:
+            save_state(snapshot())
+    if pos.last_loss is not None:
+        result.final_loss = float(pos.last_loss)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    result.elapsed_s = time.perf_counter() - start
+    return result
+
+
+@dataclass(slots=True)
+class _Position:
+    """Where the loop is in the data, and the current epoch's losses (device tensors, read at its end)."""
+
+    epoch: int = 1
+    batch_index: int = 0  # the next batch of the epoch
+    loss_sum: torch.Tensor | None = None
+    epoch_steps: int = 0
+    last_loss: torch.Tensor | None = None  # this session's last step; the saved final loss covers the rest
+    accuracy_sum: torch.Tensor | None = None  # the epoch's summed token accuracies (None: none computed)
+
+    @classmethod
+    def restored(cls, state: LoopState, device: torch.device) -> _Position:
+        loss_sum = None if state.epoch_loss_sum is None else state.epoch_loss_sum.to(device)
+        accuracy_sum = None if state.epoch_accuracy_sum is None else state.epoch_accuracy_sum.to(device)
+        return cls(state.epoch, state.batch_index, loss_sum, state.epoch_steps, accuracy_sum=accuracy_sum)
+
+    def add(self, loss: torch.Tensor, accuracy: torch.Tensor | None) -> None:
+        self.batch_index += 1
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        if accuracy is not None:
+            self.accuracy_sum = accuracy if self.accuracy_sum is None else self.accuracy_sum + accuracy
+        self.epoch_steps += 1
+        self.last_loss = loss
+
+    def next_epoch(self) -> None:
+        self.epoch, self.batch_index, self.loss_sum, self.epoch_steps = self.epoch + 1, 0, None, 0
+        self.accuracy_sum = None
+
+
+def _make_train_step(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    *,
+    engine: EngineKind,
+    device: torch.device,
+    learning_rate: float,
+    batch_size: int,
+    max_grad_norm: float,
+    compile: bool | None,
+    cuda_graphs: bool | None,
+    on_event: EventFn | None,
+    step_fn: AnyStepFn | None = None,
+) -> TrainStep:
+    if step_fn is not None:
+        return EagerTrainStep(step_fn, make_optimizer(params, learning_rate, device, capturable=False), params,
+                              max_grad_norm)  # fmt: skip
+    on_cuda = device.type == "cuda"
+    use_compile = on_cuda if compile is None else compile
+    use_graphs = on_cuda if cuda_graphs is None else cuda_graphs and on_cuda
+    if engine == "fast" and (use_compile or use_graphs):
+        optimizer = make_optimizer(params, learning_rate, device, capturable=use_graphs)
+        return StaticTrainStep(
+            model, optimizer, params, device=device, max_sequences=batch_size, max_grad_norm=max_grad_norm,
+            compile=use_compile, cuda_graphs=use_graphs, on_event=on_event,
+        )  # fmt: skip
+    optimizer = make_optimizer(params, learning_rate, device, capturable=False)
+    return EagerTrainStep(make_step_fn(model, kind=engine, device=device), optimizer, params, max_grad_norm)
+
+
+def _read_back(out: TrainStepOutput) -> tuple[float, float, float | None]:
+    """Loss, grad norm and token accuracy of a logging step, in one device->host transfer (one sync)."""
+    values = [out.loss.float(), out.grad_norm.float()]
+    if out.accuracy is not None:
+        values.append(out.accuracy.float())
+    read = torch.stack(values).tolist()
+    return read[0], read[1], read[2] if out.accuracy is not None else None
