@@ -24,7 +24,7 @@ from shared.dataset import reject_json_constant
 from shared.job_ids import new_job_id
 from shared.jobs import JobRecord, JobStatus, WandbSpec
 from shared.outputs import destination_problem
-from shared.paths import UnsafePathError, resolve_inside
+from shared.paths import UnsafePathError, model_location, resolve_inside
 from shared.settings import Settings
 from shared.store import JobStore
 from shared.volume import ADAPTER_CONFIG, RESERVED_HELP, merged_name
@@ -68,6 +68,7 @@ def submit_job(store: JobStore, celery: Celery, settings: Settings, request: Job
     job_id, source = request.job_id, request.merge_of
     data: JobData | None = None
     adapter: Path | None = None
+    lora: Path | None = None
     if source is not None:
         assert source.model_path is not None
         adapter = Path(source.model_path)
@@ -77,7 +78,7 @@ def submit_job(store: JobStore, celery: Celery, settings: Settings, request: Job
         output = _merge_output(settings, adapter, request.merge_output, field="model_output")
     else:
         assert request.data is not None
-        output, _ = resolve_train_paths(request.config, settings, job_id)
+        output, lora = resolve_train_paths(request.config, settings, job_id)
         data = request.data.place(settings, job_id)
     record = JobRecord(
         id=job_id,
@@ -89,6 +90,8 @@ def submit_job(store: JobStore, celery: Celery, settings: Settings, request: Job
         dataset_path=str(data.dataset) if data is not None else str(adapter),
         validation_path=str(data.validation) if data is not None and data.validation else None,
         source_job=source.id if source is not None else None,
+        model_dir=model_location(settings.base_path, request.config.model_name),
+        adapter_dir=str(lora) if lora is not None else None,
         num_records=data.num_records if data is not None else 0,
         output_dir=str(output),
         message="Queued, waiting for a worker",

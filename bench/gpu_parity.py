@@ -165,21 +165,22 @@ def loop_examples(shape: Shape, steps: int, seed: int) -> list[Any]:
 def loop_run(
     shape: Shape, device: Any, cfg: Any, state: dict[str, Any], examples: Sequence[Any], *, default: bool, seed: int
 ) -> LoopRun:
-    from worker.training.loop import train_loop
+    from shared.events import EventPayload, event_type
+    from worker.training.loop import LoopPlan, train_loop
+    from worker.training.run_io import LocalControl
 
     model = build_model(shape, "fast", device, cfg, seed)
     model.load_state_dict(state)
     events: list[str] = []
 
-    def on_event(kind: str, message: str, data: dict[str, Any]) -> None:
-        events.append(f"{kind}: {message}")
+    def on_event(event: EventPayload, message: str) -> None:
+        events.append(f"{event_type(event)}: {message}")
 
     before = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
     speedups = None if default else False  # None: the loop's default (compile + CUDA graphs on CUDA)
-    result = train_loop(
-        model, examples, epochs=1, batch_size=BATCH, learning_rate=cfg.learning_rate, device=device, seed=seed,
-        engine="fast", log_every=1, shuffle=False, on_event=on_event, compile=speedups, cuda_graphs=speedups,
-    )  # fmt: skip
+    plan = LoopPlan(epochs=1, batch_size=BATCH, learning_rate=cfg.learning_rate, seed=seed, log_every=1,
+                    shuffle=False, compile=speedups, cuda_graphs=speedups)  # fmt: skip
+    result = train_loop(model, examples, plan, device=device, engine="fast", control=LocalControl(on_event=on_event))
     updates = {n: p.detach().float() - before[n] for n, p in model.named_parameters() if p.requires_grad}
     return LoopRun([loss for _, loss in result.logged_losses], updates, events)
 

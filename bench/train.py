@@ -246,7 +246,9 @@ def run_engine(args: argparse.Namespace, spec: EngineSpec) -> dict[str, Any]:
     import torch
 
     from bench.trl_baseline import peak_memory_bytes, run_trl_baseline
-    from worker.training.loop import StepInfo, train_loop
+    from shared.events import EventPayload, event_type
+    from worker.training.loop import LoopHooks, LoopPlan, StepInfo, train_loop
+    from worker.training.run_io import LocalControl
 
     shape = SHAPES[args.shape]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -286,27 +288,15 @@ def run_engine(args: argparse.Namespace, spec: EngineSpec) -> dict[str, Any]:
             elif info.step > warmup_steps:
                 timed_tokens += info.num_tokens
 
-        def on_event(kind: str, message: str, data: dict[str, Any]) -> None:
-            events.append(f"{kind}: {message}")
+        def on_event(event: EventPayload, message: str) -> None:
+            events.append(f"{event_type(event)}: {message}")
 
         if use_cuda:
             torch.cuda.reset_peak_memory_stats()
-        loop = train_loop(
-            model,
-            examples,
-            epochs=epochs,
-            batch_size=args.batch_size,
-            learning_rate=cfg.learning_rate,
-            device=device,
-            seed=args.seed,
-            engine=spec.engine,
-            log_every=10**9,
-            on_step=on_step,
-            shuffle=False,
-            compile=spec.compile,
-            cuda_graphs=spec.cuda_graphs,
-            on_event=on_event,
-        )
+        plan = LoopPlan(epochs=epochs, batch_size=args.batch_size, learning_rate=cfg.learning_rate, seed=args.seed,
+                        log_every=10**9, shuffle=False, compile=spec.compile, cuda_graphs=spec.cuda_graphs)  # fmt: skip
+        loop = train_loop(model, examples, plan, device=device, engine=spec.engine,
+                          control=LocalControl(on_event=on_event), hooks=LoopHooks(on_step=on_step))  # fmt: skip
         elapsed = time.perf_counter() - marks["start"]  # train_loop synchronized before returning
         # The loop's own rule: the fast engine takes the static (bucketed) path when either piece is on.
         wants = [use_cuda if flag is None else flag for flag in (spec.compile, spec.cuda_graphs)]

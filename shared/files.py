@@ -2,7 +2,7 @@
 makes too (registering a job's result file), so both sides name a file's hash and index once.
 
 Two kinds of file share one index (`keys.FILES`): training data a client uploaded (`fine-tune`) and
-a training job's step metrics (`fine-tune-results`, written by the worker, see `shared.results`).
+a training job's step metrics (`fine-tune-results`, written by the worker, see `worker.training.results_log`).
 A result file's id is derived from its job's (`result_file_id`), so the job object can name it
 without a lookup table and registering it twice (a redelivered job) is harmless.
 """

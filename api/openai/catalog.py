@@ -20,6 +20,7 @@ from api.openai.schemas import ORGANIZATION_ID
 from api.openai.store import OpenAIStore
 from shared.jobs import JobRecord, JobStatus
 from shared.model_names import checkpoint_model_name, fine_tuned_model_name, parse_model_name
+from shared.paths import model_location
 from shared.settings import Settings
 from shared.store import JobStore
 
@@ -50,6 +51,12 @@ def _training_jobs(store: JobStore) -> Iterator[JobRecord]:
         before = page[-1][1]
 
 
+def _loaded_base(record: JobRecord, settings: Settings) -> str:
+    """What the generation worker loads for a job's model: the base as its submission resolved it (jobs
+    recorded before submissions resolved it: resolved now, the same way)."""
+    return record.model_dir or model_location(settings.base_path, record.config.model_name)
+
+
 def _name_parts(record: JobRecord, ostore: OpenAIStore) -> tuple[str, str | None]:
     return name_parts(record, ostore.get_job(record.id))
 
@@ -60,7 +67,7 @@ def _job_models(record: JobRecord, ostore: OpenAIStore, settings: Settings) -> l
     if record.status is not JobStatus.succeeded or folder is None:
         return []
     model, suffix = _name_parts(record, ostore)
-    base = record.config.model_name
+    base = _loaded_base(record, settings)
     finished = int(record.finished_at or record.created_at)
     served = [
         ServedModel(fine_tuned_model_name(model, suffix, record.id), finished, ORGANIZATION_ID, base, str(folder))
@@ -84,7 +91,10 @@ def list_models(store: JobStore, ostore: OpenAIStore, settings: Settings) -> lis
     """Base models first (oldest use first), then fine-tuned models newest first, each followed by its checkpoints."""
     _base_index(store)
     tuned = [model for record in _training_jobs(store) for model in _job_models(record, ostore, settings)]
-    bases = [ServedModel(name, ms // 1000, BASE_OWNER, name, None) for name, ms in store.base_models()]
+    bases = [
+        ServedModel(name, ms // 1000, BASE_OWNER, model_location(settings.base_path, name), None)
+        for name, ms in store.base_models()
+    ]
     return bases + tuned
 
 
@@ -106,7 +116,7 @@ def resolve(store: JobStore, ostore: OpenAIStore, settings: Settings, name: str)
                 fine_tuned_model_name(model, suffix, record.id),
                 int(record.finished_at or record.created_at),
                 ORGANIZATION_ID,
-                record.config.model_name,
+                _loaded_base(record, settings),
                 str(folder),
             )
         ckpt = get_checkpoint(settings.volume, record.id, ref.step)
@@ -116,11 +126,12 @@ def resolve(store: JobStore, ostore: OpenAIStore, settings: Settings, name: str)
             checkpoint_model_name(model, suffix, record.id, ref.step),
             int(ckpt.created_at),
             ORGANIZATION_ID,
-            record.config.model_name,
+            _loaded_base(record, settings),
             ckpt.path,
         )
     _base_index(store)  # a base model in use: one lookup, never a walk through every job
     first_use = store.base_model_first_use(name)
     if first_use is None:
         raise ModelNotFound(name)
-    return ServedModel(name, first_use // 1000, BASE_OWNER, name, None)
+    # A base model named by a folder under base_path loads from there, as for training.
+    return ServedModel(name, first_use // 1000, BASE_OWNER, model_location(settings.base_path, name), None)

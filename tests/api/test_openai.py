@@ -18,12 +18,12 @@ from openai import OpenAI
 from shared.events import WarningNotice
 from shared.jobs import JobStatus, WandbSpec
 from shared.metrics import EpochEnd, StepMetrics
-from shared.results import count_rows, csv_text
 from shared.settings import Settings
 from shared.store import JobStore
 from shared.volume import CHECKPOINT_META, CheckpointMeta
 from tests.data import easy_records, jsonl
-from worker.training.results_log import register_results
+from worker.jobs.results import register_results
+from worker.training.results_log import count_rows, csv_text
 
 
 @pytest.fixture

@@ -57,6 +57,23 @@ def test_an_upload_is_stored_admitted_and_its_task_published(
     assert (status["status"], status["job_id"], status["total_epochs"]) == ("training", job_id, 2)
 
 
+def test_the_base_model_and_the_adapter_to_continue_are_resolved_once_at_submission(
+    api: TestClient, settings: Settings, store: JobStore
+) -> None:
+    (settings.base_path / "bases" / "tiny").mkdir(parents=True)
+    (settings.base_path / "bases" / "tiny" / "config.json").write_text("{}")
+    (settings.base_path / "earlier").mkdir()
+    (settings.base_path / "earlier" / "adapter_config.json").write_text("{}")
+    r = _train(api, {"model_name": "bases/tiny", "lora_path": "./earlier/"})
+    assert r.status_code == 202, r.text
+    record = store.get(r.json()["job_id"])
+    assert record is not None
+    # The record keeps the names the user gave (they name the model) and what the worker loads, resolved.
+    assert (record.config.model_name, record.config.lora_path) == ("bases/tiny", "./earlier/")
+    assert record.model_dir == str((settings.base_path / "bases" / "tiny").resolve())
+    assert record.adapter_dir == str((settings.base_path / "earlier").resolve())
+
+
 def test_a_validation_file_becomes_the_jobs_validation_dataset(
     api: TestClient, settings: Settings, store: JobStore
 ) -> None:

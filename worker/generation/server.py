@@ -38,7 +38,6 @@ import redis
 from shared import generation_queue as gq
 from shared import keys
 from shared.generation import GenerationFailed, GenerationRequest, TextDelta
-from shared.paths import model_location
 from shared.settings import Settings, get_settings
 from shared.store import connect
 
@@ -119,9 +118,7 @@ def run(settings: Settings, name: str, stop: threading.Event) -> None:
         try:
             request = gq.pop_request(client, POP_WAIT_S)
             if request is not None:
-                # A base model named by a folder under base_path loads from there, as for training.
-                location = model_location(settings.base_path, request.base_model)
-                serve_one(client, cache, request.model_copy(update={"base_model": location}))
+                serve_one(client, cache, request)
         except redis.RedisError as exc:
             log.warning("Redis: %s; retrying", exc)
             stop.wait(1.0)

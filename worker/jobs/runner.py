@@ -16,14 +16,14 @@ from pathlib import Path
 import redis
 
 from shared.admission import promote_waiting
+from shared.config import TrainConfig
 from shared.events import InfoNotice
 from shared.jobs import JobRecord, JobStatus, Progress
 from shared.metrics import TrainingSummary
-from shared.paths import model_location, resolve_inside
 from shared.settings import Settings, get_settings
 from shared.store import JobStore, connect
 from worker.jobs.lease import LeaseKeeper
-from worker.training.results_log import register_results
+from worker.jobs.results import register_results
 
 log = logging.getLogger(__name__)
 
@@ -44,28 +44,17 @@ class Outcome:
 
 
 def _train(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome:
-    from worker.training.library import train_model  # torch loads in the child only, under the lease
+    from worker.training import RunPaths, train_model  # torch loads in the child only, under the lease
 
-    cfg = record.config
-    # The record keeps the name the user gave (it names the model: ft:{model}:...); the run loads it from here.
-    location = model_location(settings.base_path, cfg.model_name)
     result = train_model(
-        cfg.model_copy(update={"model_name": location}) if location != cfg.model_name else cfg,
+        _run_config(record),
         Path(record.dataset_path),
-        output_dir=Path(record.output_dir),
-        lora_path=resolve_inside(settings.base_path, cfg.lora_path) if cfg.lora_path else None,
         validation=Path(record.validation_path) if record.validation_path else None,
-        checkpoint_dir=settings.volume.job_checkpoints(record.id),
-        results_path=settings.volume.step_metrics(record.id),
-        run_name=record.id,
-        on_progress=lease.publish,
-        on_event=lease.emit,
-        should_stop=lease.should_stop,
+        paths=RunPaths.of_job(settings.volume, record.id, Path(record.output_dir),
+                              state_every=settings.state_every_steps),
+        control=lease,
         wandb=record.wandb,
-        state_dir=settings.volume.job_state(record.id),
-        state_every=settings.state_every_steps,
-        pause_requested=lease.pause_requested,
-    )
+    )  # fmt: skip
     metrics = result.summary()
     metrics.losses = metrics.losses[-_LOSSES_KEPT:]  # the full curve is in training_summary.json
     if not result.stopped:
@@ -80,12 +69,19 @@ def _train(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome
     return Outcome(JobStatus.failed, "Training stopped", error=error)
 
 
+def _run_config(record: JobRecord) -> TrainConfig:
+    """The config the engine loads: the user's, with the base model and the adapter to continue as the
+    submission resolved them (the record keeps the names the user gave: they name the model, ft:{model}:...)."""
+    resolved = {"model_name": record.model_dir, "lora_path": record.adapter_dir}
+    return record.config.model_copy(update={k: v for k, v in resolved.items() if v is not None})
+
+
 def _merge(record: JobRecord, lease: LeaseKeeper) -> Outcome:
     from worker.training.merge import merge_adapter
 
     source = f"the adapter of {record.source_job}" if record.source_job else record.dataset_path
     lease.emit(InfoNotice(), f"merging {source} into {record.config.model_name}")
-    base = model_location(get_settings().base_path, record.config.model_name)
+    base = record.model_dir or record.config.model_name
     path = merge_adapter(record.dataset_path, record.output_dir, base_model=base)[0]
     return Outcome(JobStatus.succeeded, "Merge completed", model_path=str(path))
 

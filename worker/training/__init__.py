@@ -13,6 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
+    "LocalControl": "worker.training.run_io",
+    "RunControl": "worker.training.run_io",
+    "RunPaths": "worker.training.run_io",
     "TrainConfig": "shared.config",
     "TrainResult": "worker.training.run",
     "TrainingRun": "worker.training.run",

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shared.config import TrainConfig
 from worker.training.attention import EngineKind
 from worker.training.example import Example
 from worker.training.forward_backward import make_step_fn
@@ -32,6 +33,7 @@ from worker.training.optimizer_step import (
     TrainStepOutput,
     make_optimizer,
 )
+from worker.training.run_io import LocalControl, RunControl
 from worker.training.train_state import LoopState, apply_loop_state, capture_rng, restore_rng, trainable_parameters
 
 
@@ -77,60 +79,80 @@ def linear_decay(base_lr: float, step: int, total_steps: int) -> float:
     return base_lr * max(0.0, (total_steps - step + 1) / total_steps)
 
 
+@dataclass(frozen=True, slots=True)
+class LoopPlan:
+    """The numbers that shape a loop: what to train for, how fast, how often to look."""
+
+    epochs: int
+    batch_size: int  # sequences per optimizer step (the last step of an epoch may hold fewer)
+    learning_rate: float  # the peak: linear decay from it to 0, no warmup
+    seed: int = 0  # the batch order and torch's RNG
+    max_grad_norm: float = 1.0
+    log_every: int = 1  # steps between read-backs of loss, grad norm and accuracy (each is a host sync)
+    shuffle: bool = True  # False takes the examples in order every epoch (benchmarks)
+    compile: bool | None = None  # torch.compile of the fast engine's decoder layers; None: on for CUDA
+    cuda_graphs: bool | None = None  # whole-step CUDA graph capture (fast engine); None: on for CUDA
+    state_every: int = 0  # steps between state saves (0: only at epoch ends and on a pause)
+
+    @classmethod
+    def of_run(cls, config: TrainConfig, device: torch.device, *, state_every: int = 0) -> LoopPlan:
+        """A job's plan: its config, reading the loss back every step on a CPU and every 10th on a GPU."""
+        return cls(
+            epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
+            seed=config.seed, log_every=config.log_every or (10 if device.type == "cuda" else 1),
+            compile=config.compile, cuda_graphs=config.compile, state_every=state_every,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class LoopHooks:
+    """What the loop reports to its run (each optional)."""
+
+    on_step: Callable[[StepInfo], None] | None = None
+    # (epoch, mean loss, mean token accuracy) after each epoch that ran to its end; None where not computed.
+    on_epoch_end: Callable[[int, float | None, float | None], None] | None = None
+    save_state: Callable[[LoopState], None] | None = None  # None: the loop saves no state
+
+
 def train_loop(
     model: nn.Module,
     examples: Sequence[Example] | Sequence[Any],
+    plan: LoopPlan,
     *,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
     device: torch.device,
-    seed: int = 0,
     engine: EngineKind = "fast",
-    max_grad_norm: float = 1.0,
-    log_every: int = 1,
-    on_step: Callable[[StepInfo], None] | None = None,
-    on_epoch_end: Callable[[int, float | None, float | None], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    shuffle: bool = True,
-    compile: bool | None = None,
-    cuda_graphs: bool | None = None,
-    on_event: EventFn | None = None,
+    control: RunControl | None = None,
+    hooks: LoopHooks | None = None,
     resume: LoopState | None = None,
-    save_state: Callable[[LoopState], None] | None = None,
-    state_every: int = 0,
-    pause_requested: Callable[[], bool] | None = None,
     step_fn: AnyStepFn | None = None,
 ) -> LoopResult:
-    """Train `model`'s trainable parameters on `examples`; see the module docstring.
+    """Train `model`'s trainable parameters on `examples` by `plan`; see the module docstring.
 
-    `on_epoch_end(epoch, mean_loss, mean_accuracy)` gets the means of that epoch's step losses and
-    token accuracies (None where the engine computed none), after each epoch that ran to its end.
-    `should_stop()` is asked before every step. ``shuffle=False`` takes the examples in order every
-    epoch (benchmarks). `compile` (``torch.compile`` of the decoder
-    layers on static bucketed shapes) and `cuda_graphs` (whole-step capture) apply to the fast
-    engine; None means on for CUDA, off elsewhere. Fallbacks are reported through `on_event`.
+    `control.should_stop()` is asked before every step; fallbacks of the fast engine (compilation,
+    capture) are reported through `control.emit`. `hooks.on_epoch_end` gets the means of that epoch's
+    step losses and token accuracies.
 
     `resume` continues a run from a saved `LoopState` (same examples, epochs, batch size, seed):
-    the steps that follow are those an uninterrupted run would have taken. `save_state` is handed
-    the loop's state every `state_every` steps (0: never; each save reads the device back), after
-    each epoch end (after `on_epoch_end`), and when `should_stop()` ends the loop while
-    `pause_requested()` says the stop is a pause (`LoopResult.paused`).
+    the steps that follow are those an uninterrupted run would have taken. `hooks.save_state` is
+    handed the loop's state every `plan.state_every` steps (0: never; each save reads the device
+    back), after each epoch end (after `on_epoch_end`), and when `should_stop()` ends the loop while
+    `control.pause_requested()` says the stop is a pause (`LoopResult.paused`).
 
-    `step_fn` replaces the engine's step (DPO's `worker.training.dpo.DpoStep`, over whatever `examples` holds:
-    preference pairs); it runs eagerly, with the same optimizer, schedule and clipping.
+    `step_fn` replaces the engine's step (DPO's `worker.training.dpo.DpoStep`, over whatever `examples`
+    holds: preference pairs); it runs eagerly, with the same optimizer, schedule and clipping.
     """
+    control = control or LocalControl()
+    hooks = hooks or LoopHooks()
+    epochs, batch_size, state_every, save_state = plan.epochs, plan.batch_size, plan.state_every, hooks.save_state
     if not examples:
         raise ValueError("no examples to train on")
-    if epochs < 1 or batch_size < 1 or log_every < 1 or state_every < 0:
+    if epochs < 1 or batch_size < 1 or plan.log_every < 1 or state_every < 0:
         raise ValueError("epochs, batch_size and log_every must be >= 1, state_every >= 0")
-    torch.manual_seed(seed)
+    torch.manual_seed(plan.seed)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    train_step = _make_train_step(
-        model, params, engine=engine, device=device, learning_rate=learning_rate, batch_size=batch_size,
-        max_grad_norm=max_grad_norm, compile=compile, cuda_graphs=cuda_graphs, on_event=on_event, step_fn=step_fn,
-    )  # fmt: skip
+    train_step = _make_train_step(model, params, plan, engine=engine, device=device, on_event=control.emit,
+                                  step_fn=step_fn)  # fmt: skip
     steps_per_epoch = math.ceil(len(examples) / batch_size)
     total_steps = epochs * steps_per_epoch
     result = LoopResult(steps_done=0, stopped=False, final_loss=None)
@@ -156,27 +178,27 @@ def train_loop(
         )  # fmt: skip
 
     while pos.epoch <= epochs:
-        batches = batch_order(len(examples), batch_size, pos.epoch, seed, shuffle=shuffle)
+        batches = batch_order(len(examples), batch_size, pos.epoch, plan.seed, shuffle=plan.shuffle)
         while pos.batch_index < len(batches):
-            if should_stop is not None and should_stop():
+            if control.should_stop():
                 result.stopped = True
-                result.paused = pause_requested is not None and pause_requested()
+                result.paused = control.pause_requested()
                 if result.paused and save_state is not None:
                     save_state(snapshot())
                 break
             step = result.steps_done + 1
-            lr = linear_decay(learning_rate, step, total_steps)
+            lr = linear_decay(plan.learning_rate, step, total_steps)
             out = train_step([examples[i] for i in batches[pos.batch_index]], lr)
             pos.add(out.loss, out.accuracy)
             result.steps_done = step
             result.total_tokens += out.num_tokens
-            logging_step = step % log_every == 0 or step == total_steps
+            logging_step = step % plan.log_every == 0 or step == total_steps
             loss_value, grad_norm, accuracy = _read_back(out) if logging_step else (None, None, None)
             if loss_value is not None:
                 result.logged_losses.append((step, loss_value))
-            if on_step is not None:
+            if hooks.on_step is not None:
                 elapsed = time.perf_counter() - start
-                on_step(
+                hooks.on_step(
                     StepInfo(
                         step=step,
                         total_steps=total_steps,
@@ -197,10 +219,10 @@ def train_loop(
                 save_state(snapshot())
         if result.stopped:
             break  # a cut-short epoch gets no on_epoch_end
-        if on_epoch_end is not None:
+        if hooks.on_epoch_end is not None:
             mean = None if pos.loss_sum is None else float(pos.loss_sum) / pos.epoch_steps
             mean_accuracy = None if pos.accuracy_sum is None else float(pos.accuracy_sum) / pos.epoch_steps
-            on_epoch_end(pos.epoch, mean, mean_accuracy)
+            hooks.on_epoch_end(pos.epoch, mean, mean_accuracy)
         pos.next_epoch()
         if save_state is not None:
             save_state(snapshot())
@@ -245,17 +267,19 @@ class _Position:
 def _make_train_step(
     model: nn.Module,
     params: list[nn.Parameter],
+    plan: LoopPlan,
     *,
     engine: EngineKind,
     device: torch.device,
-    learning_rate: float,
-    batch_size: int,
-    max_grad_norm: float,
-    compile: bool | None,
-    cuda_graphs: bool | None,
-    on_event: EventFn | None,
+    on_event: EventFn,
     step_fn: AnyStepFn | None = None,
 ) -> TrainStep:
+    learning_rate, max_grad_norm, compile, cuda_graphs = (
+        plan.learning_rate,
+        plan.max_grad_norm,
+        plan.compile,
+        plan.cuda_graphs,
+    )
     if step_fn is not None:
         return EagerTrainStep(step_fn, make_optimizer(params, learning_rate, device, capturable=False), params,
                               max_grad_norm)  # fmt: skip
@@ -265,7 +289,7 @@ def _make_train_step(
     if engine == "fast" and (use_compile or use_graphs):
         optimizer = make_optimizer(params, learning_rate, device, capturable=use_graphs)
         return StaticTrainStep(
-            model, optimizer, params, device=device, max_sequences=batch_size, max_grad_norm=max_grad_norm,
+            model, optimizer, params, device=device, max_sequences=plan.batch_size, max_grad_norm=max_grad_norm,
             compile=use_compile, cuda_graphs=use_graphs, on_event=on_event,
         )  # fmt: skip
     optimizer = make_optimizer(params, learning_rate, device, capturable=False)

@@ -1,4 +1,7 @@
-"""Writing and registering a job's result file (`shared.results`' CSV of its logged steps).
+"""A run's result file: OpenAI's `step_metrics.csv`, one row per logged step, appended as the run goes.
+
+The header is OpenAI's, exactly; an unknown value is an empty cell. The job's runner registers the file
+when the job ends (`worker.jobs.results`) and the API serves it as a `fine-tune-results` file.
 
 Why the worker writes it rather than the API building it from the `metrics` events on demand: the
 event stream is capped (~100k entries) and pruned with the job, so a long run's early steps would be
@@ -8,18 +11,34 @@ is cancelled half-way, with nothing to reconstruct. The API only serves what is 
 
 from __future__ import annotations
 
-import logging
-import time
+from collections.abc import Iterable
 from pathlib import Path
 
-import redis
-
-from shared.files import RESULTS_PURPOSE, FileRecord, add_file, result_file_id
 from shared.metrics import StepMetrics
-from shared.results import HEADER, count_rows, csv_row
-from shared.volume import STEP_METRICS
 
-log = logging.getLogger(__name__)
+COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
+HEADER = ",".join(COLUMNS) + "\n"
+
+
+def _cell(value: float | int | None) -> str:
+    # repr of a float round-trips exactly and never uses a comma or a locale's decimal separator.
+    return "" if value is None else repr(value)
+
+
+def csv_row(metrics: StepMetrics) -> str:
+    """One logged step as a CSV line (with its newline)."""
+    values = (metrics.step, metrics.loss, metrics.accuracy, metrics.valid_loss, metrics.valid_accuracy)
+    return ",".join(_cell(v) for v in values) + "\n"
+
+
+def csv_text(steps: Iterable[StepMetrics]) -> str:
+    """The whole file for `steps`, header first."""
+    return HEADER + "".join(csv_row(m) for m in steps)
+
+
+def count_rows(text: str) -> int:
+    """Logged steps in a file's text (its lines after the header)."""
+    return max(0, len(text.splitlines()) - 1)
 
 
 class ResultsLog:
@@ -50,33 +69,3 @@ class ResultsLog:
             self.started = True
         with self.path.open("a") as fh:
             fh.write(csv_row(metrics))
-
-
-def register_results(client: redis.Redis, job_id: str, path: Path) -> str | None:
-    """Register `path` as the job's result file when it holds at least one step; its id, else None.
-
-    Called when the job ends, whatever the outcome, before the outcome is recorded: a client that sees
-    the job ended already finds the file listed on it.
-    """
-    try:
-        text = path.read_text()
-    except OSError:
-        return None
-    rows = count_rows(text)
-    if rows == 0:
-        return None
-    record = FileRecord(
-        id=result_file_id(job_id),
-        bytes=len(text.encode()),
-        created_at=int(time.time()),
-        filename=STEP_METRICS,
-        purpose=RESULTS_PURPOSE,
-        path=str(path),
-        num_records=rows,
-    )
-    try:
-        add_file(client, record)
-    except redis.RedisError as exc:  # the job's own outcome matters more than its metrics file
-        log.warning("job %s: could not register its result file: %s", job_id, exc)
-        return None
-    return record.id

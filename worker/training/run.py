@@ -11,7 +11,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
@@ -33,9 +33,10 @@ from worker.training.checkpoints import Checkpoints
 from worker.training.data import read_records, tokenize_dataset
 from worker.training.dpo import DpoStep, dpo_evaluate, read_preference_records, tokenize_preferences
 from worker.training.evaluation import EvalResult, evaluate
-from worker.training.loop import LoopResult, StepInfo, train_loop
+from worker.training.loop import LoopHooks, LoopPlan, LoopResult, StepInfo, train_loop
 from worker.training.model_loading import EventCallback, load_base_model, pick_device, prepare_model
 from worker.training.results_log import ResultsLog
+from worker.training.run_io import LocalControl, RunControl, RunPaths
 from worker.training.staged_dir import staged_dir
 from worker.training.train_state import (
     LoopState,
@@ -50,7 +51,6 @@ from worker.training.wandb_log import WandbRun
 
 log = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[Progress], None]
 Dataset = str | Path | Iterable[dict[str, Any]]
 T = TypeVar("T")
 
@@ -112,43 +112,34 @@ class TrainingRun:
     """A LoRA fine-tuning run of `config` on `dataset`, saved to `output_dir`: supervised on chat records, or
     (``config.method == "dpo"``) DPO on preference pairs (`worker.training.dpo`).
 
-    With a `state_dir`, the run's full state (`worker.training.train_state`) is saved there every
-    `state_every` steps, at each epoch end and when a stop is a pause (`pause_requested()` true when
-    `should_stop()` ends the loop); a later run of the same config and data over the same folder
-    continues from it, and `save` deletes it.
+    `paths` says where it writes (`RunPaths`), `control` who steers it (`RunControl`: progress, events,
+    stop, pause). With `paths.state`, the run's full state (`worker.training.train_state`) is saved there
+    every `paths.state_every` steps, at each epoch end and when a stop is a pause; a later run of the
+    same config and data over the same folder continues from it, and `save` deletes it.
+
+    `config.model_name` and `config.lora_path` are loaded as they are: a job's runner hands over the
+    folders its submission resolved.
     """
 
     def __init__(
         self,
         config: TrainConfig,
         dataset: Dataset,
-        output_dir: Path,
+        paths: RunPaths,
         *,
-        lora_path: Path | None = None,
         validation: Dataset | None = None,
-        checkpoint_dir: Path | None = None,
-        results_path: Path | None = None,
-        run_name: str | None = None,
-        on_progress: ProgressCallback | None = None,
-        on_event: EventCallback | None = None,
-        should_stop: Callable[[], bool] | None = None,
+        control: RunControl | None = None,
         wandb: WandbSpec | None = None,
-        state_dir: Path | None = None,
-        state_every: int = 0,
-        pause_requested: Callable[[], bool] | None = None,
     ) -> None:
-        self.config, self.dataset, self.output_dir = config, dataset, output_dir
-        self.state_dir, self.state_every, self.pause_requested = state_dir, state_every, pause_requested
-        self._fingerprint = ""
+        self.config, self.dataset, self.validation, self.paths = config, dataset, validation, paths
+        self.output_dir = paths.output
+        self.control: RunControl = control or LocalControl()
+        self.emit: EventCallback = self.control.emit
         self.wandb_spec = wandb
-        self.lora_path, self.validation = lora_path, validation
-        self.checkpoints = Checkpoints(checkpoint_dir, config.keep_checkpoints)
-        self.results = ResultsLog(results_path)
-        self.run_name = run_name or output_dir.name
-        self.on_progress, self.should_stop = on_progress, should_stop
-        self.emit: EventCallback = on_event or (
-            lambda event, message: log.info("%s: %s", type(event).__name__, message)
-        )
+        self.lora_path = Path(config.lora_path) if config.lora_path else None  # resolved by whoever made the config
+        self._fingerprint = ""
+        self.checkpoints = Checkpoints(paths.checkpoints, config.keep_checkpoints)
+        self.results = ResultsLog(paths.results)
         self.device = pick_device()
         self.started = time.monotonic()
         # Examples (sft), or PreferencePairs (dpo): what the loop's step takes.
@@ -217,7 +208,7 @@ class TrainingRun:
             yield record
 
     def _check_stop(self) -> None:
-        if self.should_stop is not None and self.should_stop():
+        if self.control.should_stop():
             raise StoppedEarly
 
     # ----------------------------------------------------------------- train
@@ -226,35 +217,17 @@ class TrainingRun:
         """Run the loop; the result's `output_dir` is set by `save`."""
         assert self.model is not None, "setup() first"
         cfg = self.config
-        self.wandb = WandbRun(self.run_name, cfg.model_dump(), self.emit, self.wandb_spec)
+        self.wandb = WandbRun(self.paths.run_name, cfg.model_dump(), self.emit, self.wandb_spec)
         self._last_step_at = time.monotonic()
         resume = self._resume()
         if cfg.method == "dpo":
             self.dpo_step = DpoStep(self.model, kind=self.engine, device=self.device, beta=cfg.dpo_beta)
         try:
-            loop = train_loop(
-                self.model,
-                self.examples,
-                epochs=cfg.epochs,
-                batch_size=cfg.batch_size,
-                learning_rate=cfg.learning_rate,
-                device=self.device,
-                seed=cfg.seed,
-                engine=self.engine,
-                # Reading the loss back is a host sync: on a GPU, only every few steps.
-                log_every=cfg.log_every or (10 if self.device.type == "cuda" else 1),
-                on_step=self._on_step,
-                on_epoch_end=self._on_epoch_end,
-                should_stop=self.should_stop,
-                compile=cfg.compile,
-                cuda_graphs=cfg.compile,
-                on_event=self.emit,
-                resume=resume,
-                save_state=self._save_state if self.state_dir is not None else None,
-                state_every=self.state_every,
-                pause_requested=self.pause_requested,
-                step_fn=self.dpo_step,
-            )
+            hooks = LoopHooks(on_step=self._on_step, on_epoch_end=self._on_epoch_end,
+                              save_state=self._save_state if self.paths.state is not None else None)  # fmt: skip
+            plan = LoopPlan.of_run(cfg, self.device, state_every=self.paths.state_every)
+            loop = train_loop(self.model, self.examples, plan, device=self.device, engine=self.engine,
+                              control=self.control, hooks=hooks, resume=resume, step_fn=self.dpo_step)  # fmt: skip
         except BaseException:
             self.wandb.finish()
             raise
@@ -265,12 +238,12 @@ class TrainingRun:
         return self.config.epochs * math.ceil(len(self.examples) / self.config.batch_size)
 
     def _resume(self) -> LoopState | None:
-        """The saved state this run goes on from: the newest in `state_dir` made for this config and data."""
-        if self.state_dir is None:
+        """The saved state this run goes on from: the newest in `paths.state` made for this config and data."""
+        if self.paths.state is None:
             return None
         assert self.model is not None
         self._fingerprint = fingerprint(self.config, self.lora_path, self.examples, len(self.held_out))
-        loaded = load_train_state(self.state_dir, fingerprint=self._fingerprint)
+        loaded = load_train_state(self.paths.state, fingerprint=self._fingerprint)
         state, problems = loaded.state, loaded.problems
         if state is not None:
             try:
@@ -296,9 +269,9 @@ class TrainingRun:
         return state
 
     def _save_state(self, state: LoopState) -> None:
-        assert self.state_dir is not None
+        assert self.paths.state is not None
         state.eval_losses, state.checkpoints = list(self.eval_losses), list(self.checkpoints.saved)
-        save_train_state(self.state_dir, state, fingerprint=self._fingerprint)
+        save_train_state(self.paths.state, state, fingerprint=self._fingerprint)
 
     def _result(self, loop: LoopResult) -> TrainResult:
         return TrainResult(
@@ -322,22 +295,21 @@ class TrainingRun:
         now = time.monotonic()
         step_seconds, self._last_step_at = now - self._last_step_at, now
         self._last_step = info.step
-        if self.on_progress is not None:
-            self.on_progress(
-                Progress(
-                    step_seconds=step_seconds,
-                    current_step=info.step,
-                    total_steps=info.total_steps,
-                    current_epoch=info.epoch,
-                    total_epochs=info.epochs,
-                    loss=info.loss if info.loss is not None else self._last_loss,  # the latest read
-                    learning_rate=info.learning_rate,
-                    grad_norm=info.grad_norm,
-                    tokens_per_second=info.tokens_per_second,
-                    eta_seconds=info.eta_seconds,
-                    **self._gpu_memory(),
-                )
+        self.control.publish(
+            Progress(
+                step_seconds=step_seconds,
+                current_step=info.step,
+                total_steps=info.total_steps,
+                current_epoch=info.epoch,
+                total_epochs=info.epochs,
+                loss=info.loss if info.loss is not None else self._last_loss,  # the latest read
+                learning_rate=info.learning_rate,
+                grad_norm=info.grad_norm,
+                tokens_per_second=info.tokens_per_second,
+                eta_seconds=info.eta_seconds,
+                **self._gpu_memory(),
             )
+        )
         if info.loss is None:
             return
         self._last_loss = info.loss
@@ -426,5 +398,5 @@ class TrainingRun:
                 self.tokenizer.padding_side = self.config.tokenizer_padding_side
             self.tokenizer.save_pretrained(str(staging))
             (staging / TRAINING_SUMMARY).write_text(json.dumps(summary, indent=2))
-        if self.state_dir is not None:
-            clear_train_state(self.state_dir)  # the adapter is saved: nothing is left to resume
+        if self.paths.state is not None:
+            clear_train_state(self.paths.state)  # the adapter is saved: nothing is left to resume

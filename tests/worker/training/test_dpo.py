@@ -19,6 +19,7 @@ from worker.training.example import IGNORE_INDEX, Example
 from worker.training.library import train_model
 from worker.training.loss import LOSS_CHUNK_ROWS
 from worker.training.run import TrainingRun
+from worker.training.run_io import LocalControl, RunPaths
 
 
 def _sequence_logps(model: torch.nn.Module, examples: Sequence[Example]) -> torch.Tensor:
@@ -58,8 +59,10 @@ def dpo_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, repo
     run = TrainingRun(
         config,
         preference_records(8),
-        tmp_path_factory.mktemp("dpo") / "adapter",
-        on_event=lambda event, _: reported.append(event) if isinstance(event, StepMetrics) else None,
+        RunPaths(tmp_path_factory.mktemp("dpo") / "adapter"),
+        control=LocalControl(
+            on_event=lambda event, _: reported.append(event) if isinstance(event, StepMetrics) else None
+        ),
     )
     run.setup()
     return run
@@ -152,11 +155,12 @@ def test_a_paused_dpo_run_resumes_to_the_uninterrupted_runs_losses(tiny_model_di
     steps: list[int] = []
     state_dir = tmp_path / "state"
     first = train_model(
-        config, data, output_dir=tmp_path / "resumed", state_dir=state_dir, pause_requested=lambda: True,
-        on_progress=lambda p: steps.append(p.current_step), should_stop=lambda: len(steps) >= 3,
+        config, data, paths=RunPaths(tmp_path / "resumed", state=state_dir),
+        control=LocalControl(on_progress=lambda p: steps.append(p.current_step), stop=lambda: len(steps) >= 3,
+                             pause=lambda: True),
     )  # fmt: skip
     assert (first.paused, first.steps) == (True, 3) and [p.name for p in state_dir.iterdir()] == ["step-000003"]
-    resumed = train_model(config, data, output_dir=tmp_path / "resumed", state_dir=state_dir)
+    resumed = train_model(config, data, paths=RunPaths(tmp_path / "resumed", state=state_dir))
     assert (resumed.steps, resumed.stopped, whole.steps) == (6, False, 6)
     assert [s for s, _ in resumed.losses] == [s for s, _ in whole.losses] == list(range(1, 7))
     assert [loss for _, loss in resumed.losses] == pytest.approx([loss for _, loss in whole.losses], rel=1e-4)

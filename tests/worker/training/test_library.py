@@ -12,14 +12,14 @@ def test_train_model_in_process_with_progress_and_merge(tiny_model_dir: Path, tm
     from transformers import AutoModelForCausalLM
 
     from shared.jobs import Progress
-    from worker.training import TrainConfig, merge_model, train_model
+    from worker.training import LocalControl, TrainConfig, merge_model, train_model
 
     seen: list[Progress] = []
     result = train_model(
         TrainConfig(model_name=str(tiny_model_dir), epochs=3, batch_size=4, learning_rate=1e-2),
         easy_records(8),
         output_dir=tmp_path / "adapter",
-        on_progress=seen.append,
+        control=LocalControl(on_progress=seen.append),
     )
     assert [p.current_step for p in seen] == [1, 2, 3, 4, 5, 6]
     assert seen[-1].total_steps == 6 and seen[-1].current_epoch == 3 and seen[-1].loss is not None
@@ -36,22 +36,21 @@ def test_train_model_in_process_with_progress_and_merge(tiny_model_dir: Path, tm
 
 
 def test_should_stop_ends_the_run_without_saving(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from worker.training import TrainConfig, train_model
+    from worker.training import LocalControl, TrainConfig, train_model
 
     steps: list[int] = []
     result = train_model(
         TrainConfig(model_name=str(tiny_model_dir), epochs=50),
         easy_records(8),
         output_dir=tmp_path / "adapter",
-        on_progress=lambda p: steps.append(p.current_step),
-        should_stop=lambda: len(steps) >= 3,
+        control=LocalControl(on_progress=lambda p: steps.append(p.current_step), stop=lambda: len(steps) >= 3),
     )
     assert result.stopped and result.output_dir is None and result.steps == 3
     assert not (tmp_path / "adapter").exists()
 
 
 def test_stop_requested_before_training_ends_the_run_during_tokenization(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from worker.training import TrainConfig, train_model
+    from worker.training import LocalControl, TrainConfig, train_model
 
     polls: list[int] = []
 
@@ -63,7 +62,7 @@ def test_stop_requested_before_training_ends_the_run_during_tokenization(tiny_mo
         TrainConfig(model_name=str(tiny_model_dir)),
         easy_records(2000),
         output_dir=tmp_path / "adapter",
-        should_stop=should_stop,
+        control=LocalControl(stop=should_stop),
     )
     assert result.stopped and result.steps == 0 and result.output_dir is None
     assert not (tmp_path / "adapter").exists()

@@ -9,7 +9,8 @@ import pytest
 from tests.worker.helpers import CPU, make_examples, tiny_lora_model
 from worker.training.attention import EngineKind
 from worker.training.example import Example
-from worker.training.loop import StepInfo, train_loop
+from worker.training.loop import LoopHooks, LoopPlan, StepInfo, train_loop
+from worker.training.run_io import LocalControl
 
 
 def easy_dataset() -> list[Example]:
@@ -22,8 +23,8 @@ def test_train_loop_converges_and_token_accuracy_rises(engine: EngineKind) -> No
     steps: list[StepInfo] = []
     epochs: list[float | None] = []
     result = train_loop(
-        model, easy_dataset(), epochs=8, batch_size=4, learning_rate=1e-2, device=CPU, engine=engine,
-        on_step=steps.append, on_epoch_end=lambda epoch, loss, accuracy: epochs.append(accuracy),
+        model, easy_dataset(), LoopPlan(epochs=8, batch_size=4, learning_rate=1e-2), device=CPU, engine=engine,
+        hooks=LoopHooks(on_step=steps.append, on_epoch_end=lambda epoch, loss, accuracy: epochs.append(accuracy)),
     )  # fmt: skip
     first, last = result.logged_losses[0][1], result.final_loss
     assert result.steps_done == 32 and not result.stopped
@@ -42,14 +43,9 @@ def test_both_engines_follow_the_same_trajectory() -> None:
     engines: tuple[EngineKind, ...] = ("fast", "reference")
     for engine in engines:
         result = train_loop(
-            tiny_lora_model(),
-            easy_dataset(),
-            epochs=3,
-            batch_size=4,
-            learning_rate=5e-3,
-            device=CPU,
+            tiny_lora_model(), easy_dataset(), LoopPlan(epochs=3, batch_size=4, learning_rate=5e-3), device=CPU,
             engine=engine,
-        )
+        )  # fmt: skip
         finals.append(result.final_loss)
     assert finals[0] == pytest.approx(finals[1], rel=1e-3)
 
@@ -61,13 +57,9 @@ def test_train_loop_reports_steps_and_epochs() -> None:
     result = train_loop(
         tiny_lora_model(dropout=0.05),
         examples,
-        epochs=2,
-        batch_size=2,
-        learning_rate=1e-3,
+        LoopPlan(epochs=2, batch_size=2, learning_rate=1e-3, log_every=2),
         device=CPU,
-        log_every=2,
-        on_step=steps.append,
-        on_epoch_end=lambda e, loss, accuracy: epochs.append((e, loss)),
+        hooks=LoopHooks(on_step=steps.append, on_epoch_end=lambda e, loss, accuracy: epochs.append((e, loss))),
     )
     assert [s.step for s in steps] == [1, 2, 3, 4, 5, 6]
     assert all(s.total_steps == 6 and s.epochs == 2 for s in steps)
@@ -90,12 +82,10 @@ def test_should_stop_ends_the_loop() -> None:
     result = train_loop(
         tiny_lora_model(),
         easy_dataset(),
-        epochs=5,
-        batch_size=4,
-        learning_rate=1e-3,
+        LoopPlan(epochs=5, batch_size=4, learning_rate=1e-3),
         device=CPU,
-        on_step=lambda info: seen.append(info.step),
-        should_stop=lambda: len(seen) >= 3,
+        control=LocalControl(stop=lambda: len(seen) >= 3),
+        hooks=LoopHooks(on_step=lambda info: seen.append(info.step)),
     )
     assert result.stopped and result.steps_done == 3 and seen == [1, 2, 3]
     assert result.final_loss is not None
@@ -105,11 +95,9 @@ def test_should_stop_before_the_first_step() -> None:
     result = train_loop(
         tiny_lora_model("sdpa"),
         easy_dataset(),
-        epochs=1,
-        batch_size=4,
-        learning_rate=1e-3,
+        LoopPlan(epochs=1, batch_size=4, learning_rate=1e-3),
         device=CPU,
         engine="reference",
-        should_stop=lambda: True,
+        control=LocalControl(stop=lambda: True),
     )
     assert result.stopped and result.steps_done == 0 and result.final_loss is None

@@ -11,6 +11,7 @@ from shared.config import TrainConfig
 from shared.events import event_type
 from tests.data import easy_records
 from worker.training.run import TrainingRun
+from worker.training.run_io import LocalControl, RunPaths
 
 
 def test_setup_train_save(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -21,11 +22,10 @@ def test_setup_train_save(tiny_model_dir: Path, tmp_path: Path) -> None:
     run = TrainingRun(
         config,
         easy_records(10),
-        tmp_path / "adapter",
-        checkpoint_dir=tmp_path / "checkpoints",
-        results_path=tmp_path / "step_metrics.csv",
-        on_event=lambda event, message: events.append((event_type(event), message, event.model_dump())),
-    )
+        RunPaths(tmp_path / "adapter", checkpoints=tmp_path / "checkpoints", results=tmp_path / "step_metrics.csv"),
+        control=LocalControl(on_event=lambda event, message: events.append((event_type(event), message,
+                                                                            event.model_dump()))),
+    )  # fmt: skip
     run.setup()
     assert (len(run.examples), len(run.held_out), run.engine) == (8, 2, "fast")
     assert not (tmp_path / "adapter").exists()

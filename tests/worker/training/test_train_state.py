@@ -24,7 +24,8 @@ from shared.jobs import Progress
 from tests.data import easy_records
 from tests.worker.helpers import CPU, make_examples, tiny_lora_model
 from worker.training.library import TrainResult, train_model
-from worker.training.loop import train_loop
+from worker.training.loop import LoopHooks, LoopPlan, train_loop
+from worker.training.run_io import LocalControl, RunPaths
 from worker.training.train_state import STATE_META, STATE_TENSORS, LoopState, load_train_state, save_train_state
 
 LOSS_RTOL = 1e-6
@@ -65,7 +66,7 @@ def run(
     pause: bool = False,
     crash_at: int | None = None,
     on_step: Callable[[int], None] | None = None,
-    **options: Any,
+    state_every: int = 0,
 ) -> Session:
     """Train into `folder/adapter` (checkpoints in `folder/checkpoints`); stop (a pause when `pause`)
     once `stop_after` steps ran in this session, or raise `Crash` from the progress report of step
@@ -83,10 +84,10 @@ def run(
         session.events.append((event_type(payload), message))
 
     session.result = train_model(
-        cfg, easy_records(10), output_dir=folder / "adapter", checkpoint_dir=folder / "checkpoints",
-        state_dir=state_dir, on_progress=on_progress, on_event=on_event,
-        should_stop=lambda: stop_after is not None and len(session.steps) >= stop_after,
-        pause_requested=lambda: pause, **options,
+        cfg, easy_records(10),
+        paths=RunPaths(folder / "adapter", checkpoints=folder / "checkpoints", state=state_dir, state_every=state_every),
+        control=LocalControl(on_progress=on_progress, on_event=on_event, pause=lambda: pause,
+                             stop=lambda: stop_after is not None and len(session.steps) >= stop_after),
     )  # fmt: skip
     return session
 
@@ -212,8 +213,8 @@ def _set_step(folder: Path, step: int) -> None:
 def test_train_loop_resumes_where_it_paused_with_the_same_random_draws(tmp_path: Path) -> None:
     """The loop alone, with dropout: parameters, AdamW moments, schedule, data position and RNG."""
     examples = make_examples([12, 9, 15, 10, 7, 11, 8], seed=3)  # batch 2: 4 steps per epoch, the last holds 1
-    options: dict[str, Any] = dict(epochs=2, batch_size=2, learning_rate=1e-2, device=CPU, seed=5)
-    whole = train_loop(tiny_lora_model(dropout=0.1), examples, **options)
+    plan = LoopPlan(epochs=2, batch_size=2, learning_rate=1e-2, seed=5)
+    whole = train_loop(tiny_lora_model(dropout=0.1), examples, plan, device=CPU)
     saved: list[int] = []
 
     def save(state: LoopState) -> None:
@@ -222,15 +223,16 @@ def test_train_loop_resumes_where_it_paused_with_the_same_random_draws(tmp_path:
 
     steps: list[int] = []
     paused = train_loop(
-        tiny_lora_model(dropout=0.1), examples, **options, save_state=save, pause_requested=lambda: True,
-        on_step=lambda info: steps.append(info.step), should_stop=lambda: len(steps) >= 5,
+        tiny_lora_model(dropout=0.1), examples, plan, device=CPU,
+        control=LocalControl(stop=lambda: len(steps) >= 5, pause=lambda: True),
+        hooks=LoopHooks(on_step=lambda info: steps.append(info.step), save_state=save),
     )  # fmt: skip
     assert (paused.stopped, paused.paused, paused.steps_done) == (True, True, 5)
     assert saved == [4, 5]  # epoch 1's end, then the pause (mid-epoch 2)
     assert load_train_state(tmp_path, fingerprint="other").state is None
     loaded = load_train_state(tmp_path, fingerprint="f").state
     assert loaded is not None and (loaded.step, loaded.epoch, loaded.batch_index) == (5, 2, 1)
-    resumed = train_loop(tiny_lora_model(dropout=0.1), examples, **options, resume=loaded)
+    resumed = train_loop(tiny_lora_model(dropout=0.1), examples, plan, device=CPU, resume=loaded)
     assert [s for s, _ in resumed.logged_losses] == list(range(1, 9))
     assert [v for _, v in resumed.logged_losses] == pytest.approx([v for _, v in whole.logged_losses], rel=LOSS_RTOL)
     assert resumed.total_tokens == whole.total_tokens and resumed.steps_done == 8
