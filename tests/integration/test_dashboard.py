@@ -353,6 +353,8 @@ def test_dashboard_downloads_the_adapter_and_merges_it(
     browser.click("merge")
     browser.wait_for(f"document.getElementById('job-id').textContent !== {job_id!r}")
     merge_id = browser.text("job-id")
+    # The id is shown as soon as the merge job is chosen; its kind once its record is read (a moment later).
+    browser.wait_for("document.getElementById('job-kind').textContent !== ''")
     assert browser.text("job-kind") == f"merge of {job_id}"
     assert f"as {merge_id}" in browser.text("action-message")
     merged = service.wait_for(merge_id, {"succeeded", "failed"}, timeout=180)
