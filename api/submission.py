@@ -16,11 +16,11 @@ import redis
 from celery import Celery
 from pydantic import ValidationError
 
+from api.dataset_validation import reject_json_constant
 from api.datasets import JobData
 from api.errors import BrokerUnavailable, InvalidInput, OutputInUse, QueueFull, SlotsBusy, field_error
 from shared.admission import promote_waiting, publish_or_fail
 from shared.config import TrainConfig
-from shared.dataset import reject_json_constant
 from shared.job_ids import new_job_id
 from shared.jobs import JobRecord, JobStatus, WandbSpec
 from shared.outputs import destination_problem
