@@ -13,18 +13,14 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 
+from shared.job_api import FileEntry
 from shared.job_ids import is_job_id
 from shared.volume import CHECKPOINT_META, CheckpointMeta, Volume, checkpoint_step
 
 _BLOCK = tarfile.BLOCKSIZE  # 512
 _RECORD = tarfile.RECORDSIZE  # 20 blocks
-
-
-class FileEntry(BaseModel):
-    path: str = Field(description="POSIX path relative to the folder listed")
-    size: int = Field(ge=0, description="bytes")
 
 
 class Checkpoint(CheckpointMeta):

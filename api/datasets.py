@@ -10,9 +10,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from api.dataset_validation import DatasetError, DatasetSummary, validate_dataset
 from api.errors import InvalidDataset, UnknownFile, VolumeFull, WrongDataKind, field_error, storage_failure
 from shared.config import TrainingMethod
-from shared.dataset import DatasetError, DatasetSummary, validate_dataset
 from shared.preference import kind_problem
 from shared.settings import Settings
 

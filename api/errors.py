@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from shared.dataset import Problem
+from api.dataset_validation import Problem
 
 
 class ServiceError(Exception):

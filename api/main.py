@@ -22,12 +22,12 @@ from api.openai import jobs as openai_jobs
 from api.openai import models as openai_models
 from api.openai.generation import GenerationQueue, connect_async
 from api.routes import artifacts, dashboard, health, jobs, merge, seed_merge, status, train
-from api.webhooks import WebhookDispatcher
+from api.webhooks.dispatcher import WebhookDispatcher
+from api.webhooks.queue import WebhookQueue
 from shared.celery_factory import make_celery
 from shared.reaper import reap_once
 from shared.settings import Settings, get_settings
 from shared.store import JobStore, connect
-from shared.webhook_queue import WebhookQueue
 
 log = logging.getLogger(__name__)
 

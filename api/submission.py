@@ -16,15 +16,15 @@ import redis
 from celery import Celery
 from pydantic import ValidationError
 
+from api.dataset_validation import reject_json_constant
 from api.datasets import JobData
 from api.errors import BrokerUnavailable, InvalidInput, OutputInUse, QueueFull, SlotsBusy, field_error
+from api.paths import UnsafePathError, model_location, resolve_inside
 from shared.admission import promote_waiting, publish_or_fail
 from shared.config import TrainConfig
-from shared.dataset import reject_json_constant
 from shared.job_ids import new_job_id
 from shared.jobs import JobRecord, JobStatus, WandbSpec
 from shared.outputs import destination_problem
-from shared.paths import UnsafePathError, model_location, resolve_inside
 from shared.settings import Settings
 from shared.store import JobStore
 from shared.volume import ADAPTER_CONFIG, RESERVED_HELP, merged_name

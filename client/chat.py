@@ -1,5 +1,5 @@
 """Reading a streamed `/v1/chat/completions` on the client's side; `/v1/models` is read with the API's
-own models (api.openai.chat_schemas), re-exported here.
+own models (shared.models_api), re-exported here.
 
 The chunks are read with lenient models of their own (OpenAI's field names, unknown fields ignored):
 a failure after the stream began comes as a chunk of another shape, `{"error": {...}}`, which the
@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from api.openai.chat_schemas import ModelList, ModelPublic
+from shared.models_api import ModelList, ModelPublic
 
 __all__ = ["ChatCompletionChunk", "ChatStreamError", "ModelList", "ModelPublic", "chat_messages", "chunk_texts"]
 

@@ -1,5 +1,5 @@
-"""A small typed client for the lora-server HTTP API (httpx and the API's pydantic models; no web framework,
-no training stack).
+"""A small typed client for the lora-server HTTP API (httpx and the API's pydantic models from `shared`; no
+web framework, no training stack).
 
 Usage:
 
@@ -25,7 +25,11 @@ from typing import IO, Any, TypeVar, cast
 import httpx
 from pydantic import BaseModel
 
-from api.schemas import (
+from client.archive import extract_tar_safely
+from client.chat import ModelList, chat_messages, chunk_texts
+from client.sse import sse_blocks
+from shared.events import JobEvent
+from shared.job_api import (
     ArtifactsPublic,
     CancelPublic,
     CheckpointPage,
@@ -35,10 +39,6 @@ from api.schemas import (
     SeedStatusPublic,
     TrainAccepted,
 )
-from client.archive import extract_tar_safely
-from client.chat import ModelList, chat_messages, chunk_texts
-from client.sse import sse_blocks
-from shared.events import JobEvent
 from shared.jobs import JobStatus
 
 DEFAULT_URL = "http://127.0.0.1:8000"

@@ -34,7 +34,7 @@ def openai_job_key(job_id: str) -> str:
 BASE_MODELS = PREFIX + "base_models"  # zset: base model name -> first used by a training job, ms
 WAITING = PREFIX + "waiting"  # zset: job id -> arrival time, ms; jobs queued beyond the slots, FIFO
 WEBHOOK_OUTBOX = PREFIX + "webhooks:outbox"  # list: JSON {event_id, job_id, status, created_at} per ended job
-# The API's dispatcher fans each outbox entry out to one pending delivery per receiver URL (shared.webhook_queue).
+# The API's dispatcher fans each outbox entry out to one pending delivery per receiver URL (api.webhooks.queue).
 WEBHOOK_PENDING = PREFIX + "webhooks:pending"  # zset: delivery JSON -> next attempt (or claim expiry), ms
 
 

@@ -23,7 +23,7 @@ local function event(stream, now, etype, message, data)
 end
 local function stamp(now) return string.format('%.3f', now / 1000) end
 -- A job ended: its status, end time and the other fields given (name, value, ...), its status event, and
--- its webhook due in the outbox (shared.webhooks reads it).
+-- its webhook due in the outbox (api.webhooks.events reads it).
 local function ended(key, stream, now, job_id, status, message, ...)
   redis.call('HSET', key, 'status', status, 'finished_at', stamp(now), ...)
   local id = event(stream, now, 'status', message, '{"status":"' .. status .. '"}')

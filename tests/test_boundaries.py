@@ -1,6 +1,8 @@
 """The API never loads the training stack; the worker never loads the web stack; the command-line
-tool and the HTTP client load neither."""
+tool and the HTTP client load neither; the client is installable without the API or the worker; and
+`shared/` holds only what at least two of the packages read."""
 
+import ast
 import re
 import subprocess
 import sys
@@ -54,3 +56,57 @@ def test_the_training_engine_loads_neither_redis_nor_celery() -> None:
     queue = re.compile(r"^\s*(import|from)\s+(redis|celery|kombu)\b", re.M)
     for path in (ROOT / "worker" / "training").rglob("*.py"):
         assert not queue.search(path.read_text()), path
+
+
+PACKAGES = ("api", "worker", "client", "cli")
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module an import statement in `path` names, `from x import y` counted as both `x` and `x.y`
+    (so `from shared import keys` names `shared.keys`)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _shared_imports(paths: list[Path], shared: set[str]) -> set[str]:
+    return {name for path in paths for name in _imported_modules(path) if name in shared}
+
+
+def test_the_client_imports_neither_the_api_nor_the_worker() -> None:
+    for path in (ROOT / "client").rglob("*.py"):
+        crossing = {name for name in _imported_modules(path) if name.split(".")[0] in {"api", "worker"}}
+        assert not crossing, f"{path.relative_to(ROOT)} imports {sorted(crossing)}"
+    loaded = _modules_after("import client")
+    assert not loaded & {"api", "worker"}, f"importing client loads {sorted(loaded & {'api', 'worker'})}"
+
+
+def test_every_shared_module_is_read_by_two_packages() -> None:
+    files = {_module_name(path): path for path in (ROOT / "shared").rglob("*.py")}
+    shared = set(files)
+    # What each shared module imports of shared, so a module read only through another counts for its readers.
+    inner = {name: _shared_imports([path], shared) - {name} for name, path in files.items()}
+    readers: dict[str, set[str]] = {name: set() for name in shared}
+    for package in PACKAGES:
+        reached = _shared_imports(list((ROOT / package).rglob("*.py")), shared)
+        todo = list(reached)
+        while todo:
+            for name in inner[todo.pop()] - reached:
+                reached.add(name)
+                todo.append(name)
+        for name in reached:
+            readers[name].add(package)
+    lonely = {name: sorted(packages) for name, packages in readers.items() if name != "shared" and len(packages) < 2}
+    assert not lonely, "shared modules read by fewer than two of api, worker, client, cli: " + "; ".join(
+        f"{name} by {', '.join(packages) or 'none'}" for name, packages in sorted(lonely.items())
+    )

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from api.artifacts import adapter_dir, get_checkpoint, list_checkpoints
 from api.errors import ModelNotFound
 from api.openai.convert import name_parts
+from api.openai.model_names import checkpoint_model_name, fine_tuned_model_name, parse_model_name
 from api.openai.schemas import ORGANIZATION_ID
 from api.openai.store import OpenAIStore
+from api.paths import model_location
 from shared.jobs import JobRecord, JobStatus
-from shared.model_names import checkpoint_model_name, fine_tuned_model_name, parse_model_name
-from shared.paths import model_location
 from shared.settings import Settings
 from shared.store import JobStore
 

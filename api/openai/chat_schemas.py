@@ -1,5 +1,5 @@
-"""The shapes of `/v1/models` and `/v1/chat/completions`, as OpenAI's objects (so the official client
-parses them): the request we accept, the completion, its stream chunks, and the model objects.
+"""The shapes of `/v1/chat/completions`, as OpenAI's objects (so the official client parses them): the
+request we accept, the completion and its stream chunks. `/v1/models`' objects are `shared.models_api`.
 
 A request may carry only the parameters this server honours; any other that is set (not null, and not
 its no-op value such as `logprobs: false`) is refused by name rather than silently ignored.
@@ -92,18 +92,6 @@ class ChatCompletionCreate(BaseModel):
 
 
 # --------------------------------------------------------------------------- responses
-
-
-class ModelPublic(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelPublic]
 
 
 class Usage(BaseModel):

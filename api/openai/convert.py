@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from api.artifacts import Checkpoint
 from api.errors import InvalidInput, MalformedRequest, UnsupportedOption, field_error
+from api.openai.model_names import checkpoint_model_name, fine_tuned_model_name
 from api.openai.records import FileRecord, OpenAIJobRecord
 from api.openai.schemas import (
     BASE_LEARNING_RATE,
@@ -36,7 +37,6 @@ from api.openai.schemas import (
 from shared.config import TrainConfig, TrainingMethod
 from shared.events import JobEvent, StatusChanged, StepMetrics, WarningNotice
 from shared.jobs import JobRecord, JobStatus
-from shared.model_names import checkpoint_model_name, fine_tuned_model_name
 
 EVENT_ID_PREFIX = "ftevent-"
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")

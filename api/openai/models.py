@@ -7,9 +7,9 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import SettingsDep, StoreDep
 from api.openai.catalog import ServedModel, list_models, resolve
-from api.openai.chat_schemas import ModelList, ModelPublic
 from api.openai.errors import OpenAIRoute
 from api.openai.store import OpenAIStoreDep
+from shared.models_api import ModelList, ModelPublic
 
 router = APIRouter(prefix="/v1/models", tags=["openai"], route_class=OpenAIRoute)
 

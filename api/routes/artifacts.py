@@ -9,10 +9,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from api.artifacts import adapter_dir, get_checkpoint, iter_tar_gz, list_checkpoints, list_files
+from api.artifacts import Checkpoint, adapter_dir, get_checkpoint, iter_tar_gz, list_checkpoints, list_files
 from api.deps import JobDep, SettingsDep
 from api.errors import NotFound, WrongJobState
-from api.schemas import ArtifactsPublic, CheckpointPage, CheckpointPublic
+from shared.job_api import ArtifactsPublic, CheckpointPage, CheckpointPublic
 from shared.jobs import JobRecord, JobStatus
 from shared.volume import Volume
 
@@ -29,9 +29,20 @@ def _base_url(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
 
+def checkpoint_public(checkpoint: Checkpoint, base_url: str, job_id: str) -> CheckpointPublic:
+    """A checkpoint found on the volume, as the API shows it."""
+    return CheckpointPublic(
+        **checkpoint.model_dump(exclude={"path", "train_loss", "full_valid_loss"}),
+        loss=checkpoint.train_loss,
+        eval_loss=checkpoint.full_valid_loss,
+        total_bytes=checkpoint.total_bytes,
+        archive_url=f"{base_url}/jobs/{job_id}/artifacts/archive?checkpoint={checkpoint.step}",
+    )
+
+
 def _checkpoints(volume: Volume, job_id: str, request: Request) -> list[CheckpointPublic]:
     base_url = _base_url(request)
-    return [CheckpointPublic.from_checkpoint(c, base_url, job_id) for c in list_checkpoints(volume, job_id)]
+    return [checkpoint_public(c, base_url, job_id) for c in list_checkpoints(volume, job_id)]
 
 
 def _download_name(name: str) -> str:

@@ -16,7 +16,7 @@ from api.deps import CeleryDep, JobDep, SettingsDep, SlotsDep, StoreDep
 from api.errors import InvalidInput
 from api.job_actions import SlotKeeper, cancel_job, pause_job, resume_job
 from api.job_actions import get_job as find_job
-from api.schemas import CancelPublic, EventPage, JobPage, JobPublic
+from shared.job_api import CancelPublic, EventPage, JobPage, JobPublic
 from shared.jobs import JobStatus
 from shared.store import JobStore
 

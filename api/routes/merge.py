@@ -9,8 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import CeleryDep, JobDep, SettingsDep, StoreDep
 from api.errors import WrongJobState
-from api.schemas import TrainAccepted
 from api.submission import JobRequest, submit_job
+from shared.job_api import TrainAccepted
 from shared.jobs import JobStatus
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from api.deps import SlotsDep, StoreDep
 from api.errors import NotFound
 from api.routes.jobs import cancel_response
-from api.schemas import SeedStatusPublic
+from shared.job_api import SeedStatusPublic
 
 router = APIRouter(tags=["training"])
 

@@ -9,9 +9,9 @@ from starlette.concurrency import run_in_threadpool
 
 from api.datasets import UploadedData, check_disk
 from api.deps import CeleryDep, SettingsDep, StoreDep
-from api.schemas import TrainAccepted
 from api.submission import JobRequest, ensure_room, parse_config, submit_job
 from api.uploads import multipart_openapi, receive_upload
+from shared.job_api import TrainAccepted
 
 router = APIRouter(tags=["training"])
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from api.schemas import EventPage
 from shared.config import TrainConfig
 from shared.events import StatusChanged
+from shared.job_api import EventPage
 from shared.jobs import JobRecord, JobStatus
 from shared.metrics import EpochEnd, StepMetrics
 from shared.settings import Settings

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from api.openai.model_names import fine_tuned_model_name
 from cli.main import build_parser
 from launcher.embedded_redis import free_port
-from shared.model_names import fine_tuned_model_name
 from tests.data import easy_records, write_jsonl
 from tests.service import Service, assert_chat_served, flush, wait_running, wait_until, wait_until_up
 

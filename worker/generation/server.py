@@ -31,12 +31,11 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import redis
 
 from shared import generation_queue as gq
-from shared import keys
 from shared.generation import GenerationFailed, GenerationRequest, TextDelta
 from shared.settings import Settings, get_settings
 from shared.store import connect
@@ -125,9 +124,7 @@ def run(settings: Settings, name: str, stop: threading.Event) -> None:
 
 
 def _reported_lately(settings: Settings, name: str) -> bool:
-    client = connect(settings.redis_url)
-    score = client.zscore(keys.GENERATORS, name)
-    return score is not None and float(cast(float, score)) / 1000 >= gq.server_time(client) - gq.generators_fresh_s()
+    return gq.reported_lately(connect(settings.redis_url), name)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

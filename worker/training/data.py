@@ -32,12 +32,9 @@ assistant messages a ``weight``: 0 keeps that turn out of the loss (OpenAI's per
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
-from shared.chat_formats import to_chat
 from worker.training.chat_template import (
     DatasetTokenizationError,
     Messages,
@@ -54,7 +51,6 @@ __all__ = [
     "TurnEnd",
     "derive_response_template",
     "find_turn_end",
-    "read_records",
     "tokenize_conversation",
     "tokenize_dataset",
 ]
@@ -64,30 +60,6 @@ if TYPE_CHECKING:
 
 ChatRecord = dict[str, Any]  # {"messages": Messages, "tools": [...]?}, as shared.chat_formats writes it
 Span = tuple[int, int]  # [start, end) character offsets in the rendered conversation
-R = TypeVar("R")
-
-
-def read_records(path: Path) -> Iterator[ChatRecord]:
-    """Yield each record of a JSON Lines file as chat (messages, and tools where given), one line at a
-    time; records may be in any shape `shared.chat_formats` accepts."""
-    return read_jsonl(path, to_chat)
-
-
-def read_jsonl(path: Path, convert: Callable[[Any], tuple[R | None, str | None]]) -> Iterator[R]:
-    """Each record of a JSON Lines file through `convert` (the record, or why it is invalid), one line at
-    a time; ValueError naming the file and line of the first bad one."""
-    with Path(path).open(encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc})") from exc
-            record, reason = convert(raw)
-            if record is None:
-                raise ValueError(f"{path}:{lineno}: {reason}")
-            yield record
 
 
 def tokenize_conversation(

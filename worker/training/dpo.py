@@ -20,18 +20,17 @@ reference engine does the same with a padded batch and full logits.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.preference import PreferenceRecord, to_preference
+from shared.preference import PreferenceRecord
 from worker.training.attention import EngineKind
-from worker.training.data import read_jsonl, tokenize_conversation
+from worker.training.data import tokenize_conversation
 from worker.training.evaluation import EvalResult
 from worker.training.example import IGNORE_INDEX, Example
 from worker.training.forward_backward import (
@@ -62,11 +61,6 @@ class PreferencePair:
 
 
 # --------------------------------------------------------------------------- data
-
-
-def read_preference_records(path: Path) -> Iterator[PreferenceRecord]:
-    """Each preference record of a JSON Lines file (as `shared.dataset` stores them), one line at a time."""
-    return read_jsonl(path, to_preference)
 
 
 def tokenize_pair(

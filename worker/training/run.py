@@ -28,10 +28,11 @@ from shared.jobs import Progress, WandbSpec
 from shared.metrics import SavedCheckpoint, TrainingSummary
 from shared.outputs import check_destination
 from shared.preference import to_preference
+from shared.stored_dataset import read_preference_records, read_records
 from shared.volume import TRAINING_SUMMARY
 from worker.training.checkpoints import Checkpoints
-from worker.training.data import read_records, tokenize_dataset
-from worker.training.dpo import DpoStep, dpo_evaluate, read_preference_records, tokenize_preferences
+from worker.training.data import tokenize_dataset
+from worker.training.dpo import DpoStep, dpo_evaluate, tokenize_preferences
 from worker.training.evaluation import EvalResult, evaluate
 from worker.training.loop import LoopHooks, LoopPlan, LoopResult, StepInfo, train_loop
 from worker.training.model_loading import EventCallback, load_base_model, pick_device, prepare_model

@@ -1,8 +1,7 @@
-"""worker.training.data: assistant-only loss masks, template fallback, truncation, record reading."""
+"""worker.training.data: assistant-only loss masks, template fallback, truncation."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,6 @@ from transformers import AutoTokenizer
 from tests.worker.helpers import loss_runs
 from worker.training.data import (
     DatasetTokenizationError,
-    read_records,
     tokenize_conversation,
     tokenize_dataset,
 )
@@ -171,27 +169,6 @@ def test_tokenize_dataset_counts_skipped_examples(tokenizer: Any) -> None:
     assert skipped == 1
     assert len(examples) == 2
     assert all(loss_runs(tokenizer, e) == ["hello<|im_end|>"] for e in examples)
-
-
-def test_read_records_yields_records_line_by_line(tmp_path: Path) -> None:
-    path = tmp_path / "data.jsonl"
-    records = [
-        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
-        {"messages": [{"role": "user", "content": "é"}, {"role": "assistant", "content": "ü"}]},
-    ]
-    lines = [json.dumps(r, ensure_ascii=False) for r in records]
-    path.write_text(lines[0] + "\n\n" + lines[1] + "\n", encoding="utf-8")
-    reader = read_records(path)
-    assert next(reader) == records[0]
-    assert list(reader) == [records[1]]
-
-
-def test_read_records_names_the_bad_line(tmp_path: Path) -> None:
-    path = tmp_path / "data.jsonl"
-    good = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}'
-    path.write_text(good + '\n{"oops": 1}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=":2: no known record shape: keys 'oops'"):
-        list(read_records(path))
 
 
 # ChatML with tools and tool calls, in the style of Qwen2.5's template.

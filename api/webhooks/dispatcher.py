@@ -16,9 +16,10 @@ import httpx
 import redis
 from pydantic import ValidationError
 
+from api.webhooks.events import event_for
+from api.webhooks.queue import Delivery, WebhookQueue
+from api.webhooks.signing import signed_request
 from shared.settings import Settings
-from shared.webhook_queue import Delivery, WebhookQueue
-from shared.webhooks import event_for, signed_request
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.model_names import ModelRef, checkpoint_model_name, fine_tuned_model_name, parse_model_name
+from api.openai.model_names import ModelRef, checkpoint_model_name, fine_tuned_model_name, parse_model_name
 
 JOB = "job-0123456789abcdef0123"
 

@@ -1,15 +1,12 @@
-"""What a webhook is: the outbox entry a job's terminal transition writes, the event sent for it in OpenAI's
-fine-tuning webhook shape, and its Standard Webhooks signature (what `openai.OpenAI().webhooks.unwrap` checks)."""
+"""What a webhook is: the outbox entry a job's terminal transition writes, and the event sent for it in
+OpenAI's fine-tuning webhook shape (signed for sending by `api.webhooks.signing`)."""
 
 from __future__ import annotations
 
 import hashlib
-import time
-from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
-from standardwebhooks import Webhook
 
 WebhookEventType = Literal["fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled"]
 EndStatus = Literal["succeeded", "failed", "cancelled"]
@@ -54,19 +51,3 @@ def event_for(entry: OutboxEntry) -> WebhookEvent:
         type=_EVENT_TYPES[entry.status],
         data=WebhookEventData(id=entry.job_id),
     )
-
-
-def signed_request(event: WebhookEvent, secret: str, *, now: float | None = None) -> tuple[bytes, dict[str, str]]:
-    """The body and headers of one delivery attempt, signed at `now` (receivers refuse stale timestamps, so
-    each attempt is signed afresh)."""
-    body = event.model_dump_json()
-    seconds = int(time.time() if now is None else now)
-    signature = Webhook(secret).sign(event.id, datetime.fromtimestamp(seconds, tz=UTC), body)
-    headers = {
-        "content-type": "application/json",
-        "user-agent": "lora-server-webhooks",
-        "webhook-id": event.id,
-        "webhook-timestamp": str(seconds),
-        "webhook-signature": signature,
-    }
-    return body.encode(), headers

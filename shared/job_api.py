@@ -1,6 +1,7 @@
-"""What the native API sends back: response models, one per shape.
+"""What the native API sends back: its public response models, one per shape.
 
-Plain pydantic (no web framework), so the HTTP client parses the same models the API writes.
+Plain pydantic (no web framework), so the HTTP client (`client`) parses the same models the API writes
+without installing the server.
 """
 
 from __future__ import annotations
@@ -9,11 +10,15 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from api.artifacts import Checkpoint, FileEntry
 from shared.config import TrainConfig
 from shared.events import JobEvent
 from shared.jobs import SEED_STATUS, JobRecord, JobStatus, Progress
 from shared.metrics import TrainingSummary
+
+
+class FileEntry(BaseModel):
+    path: str = Field(description="POSIX path relative to the folder listed")
+    size: int = Field(ge=0, description="bytes")
 
 
 class TrainAccepted(BaseModel):
@@ -150,16 +155,6 @@ class CheckpointPublic(BaseModel):
     files: list[FileEntry]
     total_bytes: int
     archive_url: str
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: Checkpoint, base_url: str, job_id: str) -> CheckpointPublic:
-        return cls(
-            **checkpoint.model_dump(exclude={"path", "train_loss", "full_valid_loss"}),
-            loss=checkpoint.train_loss,
-            eval_loss=checkpoint.full_valid_loss,
-            total_bytes=checkpoint.total_bytes,
-            archive_url=f"{base_url}/jobs/{job_id}/artifacts/archive?checkpoint={checkpoint.step}",
-        )
 
 
 class CheckpointPage(BaseModel):

@@ -18,10 +18,10 @@ from openai import OpenAI
 from standardwebhooks import Webhook
 
 from api.main import create_app
-from api.webhooks import retry_delay_s
+from api.webhooks.dispatcher import retry_delay_s
+from api.webhooks.queue import WebhookQueue
 from shared import keys
 from shared.settings import Settings
-from shared.webhook_queue import WebhookQueue
 from tests.data import easy_records, jsonl
 from tests.service import wait_until
 from tests.webhook_receiver import Receiver, webhook_receiver

@@ -16,8 +16,8 @@ from typing import cast
 import redis
 from pydantic import BaseModel
 
+from api.webhooks.events import OutboxEntry
 from shared import keys
-from shared.webhooks import OutboxEntry
 
 _NOW = """
 local t = redis.call('TIME')

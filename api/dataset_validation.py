@@ -1,11 +1,11 @@
-"""Streaming validation of chat datasets, by content rather than file extension.
+"""Streaming validation of uploaded datasets, by content rather than file extension.
 
 Accepts JSON Lines (one record per line) or one JSON array of records, UTF-8 with or without a
 byte-order mark, LF or CRLF line ends. A file holds one kind of record (`DatasetSummary.kind`, set
 by its first record): chat, each record one conversation in any shape `shared.chat_formats` accepts
-(OpenAI chat, prompt/completion, query/response, Alpaca, ShareGPT), rewritten as normalised chat
-JSON Lines (``{"messages": [...], "tools": [...]}``); or preference pairs (OpenAI's DPO records,
-`shared.preference`), rewritten normalised. A record of the other kind is a problem at its line.
+(OpenAI chat, prompt/completion, query/response, Alpaca, ShareGPT), or preference pairs (OpenAI's DPO
+records, `shared.preference`). A record of the other kind is a problem at its line. A valid upload is
+rewritten normalised in the stored dataset format (`shared.stored_dataset`), which the worker reads.
 Nothing is ever read whole into memory.
 """
 
@@ -20,6 +20,7 @@ from typing import IO, Any
 
 from shared.chat_formats import detect_shape, to_chat, unknown_shape_reason
 from shared.preference import DataKind, kind_of, mixed_kinds_reason, to_preference
+from shared.stored_dataset import write_record
 
 MAX_PROBLEMS = 20
 _CHUNK = 1 << 16
@@ -296,8 +297,7 @@ def validate_dataset(src: Path, dest: Path, *, max_record_bytes: int, max_record
                     )
                     break
                 if not bad.problems:
-                    out.write(json.dumps(record, ensure_ascii=False))
-                    out.write("\n")
+                    write_record(out, record)
         if not bad.problems and summary.num_records == 0:
             bad.add("line 1", "the dataset holds no records")
         if bad.problems:

@@ -1,4 +1,4 @@
-"""Keeping user-supplied paths inside the service's volume."""
+"""Keeping user-supplied paths inside the service's volume, and finding a base model's folder there (the API resolves both at submission)."""
 
 from __future__ import annotations
 

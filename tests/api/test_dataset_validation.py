@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.dataset import MAX_PROBLEMS, DatasetError, validate_dataset
+from api.dataset_validation import MAX_PROBLEMS, DatasetError, validate_dataset
 from tests.data import easy_records, jsonl
 
 

@@ -1,0 +1,1 @@
+"""Webhooks: the `fine_tuning.job.*` events the API sends to configured receivers when a job ends."""
