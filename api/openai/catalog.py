@@ -1,7 +1,7 @@
 """The models this service can chat with, and what each name stands for.
 
 - base models in use: every distinct `config.model_name` of a training job (the base alone);
-- every succeeded training job's model, by its `ft:` name (shared.model_names), its adapter folder;
+- every succeeded training job's model, by its `ft:` name (api.openai.model_names), its adapter folder;
 - each checkpoint of those jobs, `ft:...:ckpt-step-N`, the checkpoint's folder.
 
 A job id names its job's model too. Names are resolved on every request from the job store and the
