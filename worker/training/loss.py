@@ -127,8 +127,16 @@ def chunked_token_logps(
 
 def _logits_fit(head: nn.Module, rows: int, chunk_rows: int) -> bool:
     """Whether all `rows` rows of fp32 logits fit in one chunk and in SMALL_LOGITS_BYTES (then kept, not recomputed)."""
-    vocab = getattr(head_linear(head), "out_features", None)
+    vocab = head_vocab(head)
     return vocab is not None and rows <= chunk_rows and rows * vocab * 4 <= SMALL_LOGITS_BYTES
+
+
+def head_vocab(head: nn.Module) -> int | None:
+    """How many logits `head` computes per row: its weight's rows. Not `out_features`: PEFT builds a tied
+    head's trainable copy as ``nn.Linear(*embedding.weight.shape)`` and then shares the embedding's weight,
+    so `out_features` there is the hidden size while the weight is (vocabulary, hidden)."""
+    linear = head_linear(head)
+    return None if linear is None else int(linear.weight.shape[0])
 
 
 def head_linear(head: nn.Module) -> nn.Linear | None:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from tests.worker.helpers import tiny_lora_model
 from worker.training.example import IGNORE_INDEX
-from worker.training.loss import chunked_lm_loss, chunked_lm_loss_sum, head_linear, pick_loss
+from worker.training.loss import (
+    SMALL_LOGITS_BYTES,
+    _logits_fit,
+    chunked_lm_loss,
+    chunked_lm_loss_sum,
+    head_linear,
+    head_vocab,
+    pick_loss,
+)
 
 
 def test_chunked_loss_matches_full_logits() -> None:
@@ -78,3 +88,24 @@ def test_chunked_correct_count_equals_the_argmax_of_full_logits() -> None:
         sums.loss_sum.backward()  # the count rides along without disturbing the backward
     empty = chunked_lm_loss(head, hidden[:0], targets[:0])
     assert empty.correct is not None and int(empty.correct) == 0
+
+
+def test_a_tied_heads_trainable_copy_is_sized_by_its_weight_not_its_out_features(tiny_model_dir: Path) -> None:
+    # The seed's defaults train lm_head and embed_tokens; on a tied model PEFT's copy of the head is
+    # nn.Linear(vocab, hidden) sharing the embedding's (vocab, hidden) weight: out_features is the hidden size.
+    from shared.config import TrainConfig
+    from worker.training.model_loading import load_base_model, prepare_model
+
+    config = TrainConfig(model_name=str(tiny_model_dir))
+    base, _, _ = load_base_model(config, torch.device("cpu"), lambda event, message: None)
+    vocab, hidden = base.get_input_embeddings().weight.shape
+    model = prepare_model(base, config, None)
+    head = model.get_output_embeddings()
+    linear = head_linear(head)
+    assert linear is not None and linear.out_features == hidden != vocab  # what PEFT builds, misleadingly
+    assert head_vocab(head) == vocab
+    # Rows whose logits fit by the hidden size but not by the vocabulary are recomputed in chunks, not kept.
+    rows = SMALL_LOGITS_BYTES // (4 * vocab) + 1
+    assert rows * hidden * 4 <= SMALL_LOGITS_BYTES
+    assert not _logits_fit(head, rows, chunk_rows=rows)
+    assert _logits_fit(head, rows - 1, chunk_rows=rows)
