@@ -29,13 +29,13 @@ test-browser:
 
 test: install test-browser
 	$(PY) -m ruff check .
-	$(PY) -m mypy api shared worker cli client launcher
+	$(PY) -m mypy api shared worker cli client launcher bench
 	$(PY) -m pytest -q
 
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy api shared worker cli client launcher
+	$(PY) -m mypy api shared worker cli client launcher bench
 
 # Known-vulnerability audit of the pinned floors and the installed set (needs the advisory database online).
 audit: install

