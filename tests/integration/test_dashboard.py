@@ -237,7 +237,8 @@ def test_dashboard_asks_for_the_api_key_once_and_keeps_it(
             what=lambda: f"job {job_id} to end\n{svc.logs('worker')}",
         )
         browser.wait_for("document.getElementById('job-status').textContent === 'succeeded'", timeout=30)
-        assert int(browser.eval("Number(document.getElementById('loss-chart').dataset.points)")) >= 1
+        # The chart fills from the job's event stream, read after its record: it may follow the status.
+        browser.wait_for("Number(document.getElementById('loss-chart').dataset.points) >= 1", timeout=30)
         # The page's own calls carry the key too: the adapter download, a form's upload.
         browser.wait_for("!document.getElementById('download').disabled")
         browser.click("download")
