@@ -274,26 +274,20 @@ def _make_train_step(
     on_event: EventFn,
     step_fn: AnyStepFn | None = None,
 ) -> TrainStep:
-    learning_rate, max_grad_norm, compile, cuda_graphs = (
-        plan.learning_rate,
-        plan.max_grad_norm,
-        plan.compile,
-        plan.cuda_graphs,
-    )
+    lr, clip = plan.learning_rate, plan.max_grad_norm
     if step_fn is not None:
-        return EagerTrainStep(step_fn, make_optimizer(params, learning_rate, device, capturable=False), params,
-                              max_grad_norm)  # fmt: skip
+        return EagerTrainStep(step_fn, make_optimizer(params, lr, device, capturable=False), params, clip)
     on_cuda = device.type == "cuda"
-    use_compile = on_cuda if compile is None else compile
-    use_graphs = on_cuda if cuda_graphs is None else cuda_graphs and on_cuda
+    use_compile = on_cuda if plan.compile is None else plan.compile
+    use_graphs = on_cuda if plan.cuda_graphs is None else plan.cuda_graphs and on_cuda
     if engine == "fast" and (use_compile or use_graphs):
-        optimizer = make_optimizer(params, learning_rate, device, capturable=use_graphs)
+        optimizer = make_optimizer(params, lr, device, capturable=use_graphs)
         return StaticTrainStep(
-            model, optimizer, params, device=device, max_sequences=plan.batch_size, max_grad_norm=max_grad_norm,
+            model, optimizer, params, device=device, max_sequences=plan.batch_size, max_grad_norm=clip,
             compile=use_compile, cuda_graphs=use_graphs, on_event=on_event,
         )  # fmt: skip
-    optimizer = make_optimizer(params, learning_rate, device, capturable=False)
-    return EagerTrainStep(make_step_fn(model, kind=engine, device=device), optimizer, params, max_grad_norm)
+    optimizer = make_optimizer(params, lr, device, capturable=False)
+    return EagerTrainStep(make_step_fn(model, kind=engine, device=device), optimizer, params, clip)
 
 
 def _read_back(out: TrainStepOutput) -> tuple[float, float, float | None]:
