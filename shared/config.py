@@ -67,7 +67,7 @@ class TrainConfig(BaseModel):
     compile: bool | None = Field(
         default=None,
         description="Fast engine: static bucketed shapes, compiled decoder layers and whole-step CUDA graphs "
-        "(None: on for CUDA, off on CPU; False turns them off).",
+        "(None: on CUDA each where it pays for this job, off on CPU; True: both; False: neither).",
     )
     log_every: int | None = Field(
         default=None, ge=1, description="Read loss back every N steps (None: every step on CPU, every 10 on a GPU)."

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from shared import events
 from shared.config import TrainConfig
 from worker.training.attention import EngineKind
 from worker.training.example import Example
-from worker.training.forward_backward import make_step_fn
+from worker.training.forward_backward import make_step_fn, unwrap
 from worker.training.optimizer_step import (
     AnyStepFn,
     EagerTrainStep,
@@ -34,6 +35,8 @@ from worker.training.optimizer_step import (
     make_optimizer,
 )
 from worker.training.run_io import LocalControl, RunControl
+from worker.training.speedups import SpeedupPlan, compile_cache_key, compile_cached, mark_compiled, plan_speedups
+from worker.training.step_check import check_fast_engine
 from worker.training.train_state import LoopState, apply_loop_state, capture_rng, restore_rng, trainable_parameters
 
 
@@ -90,8 +93,9 @@ class LoopPlan:
     max_grad_norm: float = 1.0
     log_every: int = 1  # steps between read-backs of loss, grad norm and accuracy (each is a host sync)
     shuffle: bool = True  # False takes the examples in order every epoch (benchmarks)
-    compile: bool | None = None  # torch.compile of the fast engine's decoder layers; None: on for CUDA
-    cuda_graphs: bool | None = None  # whole-step CUDA graph capture (fast engine); None: on for CUDA
+    compile: bool | None = None  # torch.compile of the fast engine's decoder layers; None: where it pays (speedups)
+    cuda_graphs: bool | None = None  # whole-step CUDA graph capture (fast engine); None: where it pays (speedups)
+    check_first_step: bool | None = None  # fast vs reference loss on the first batch (step_check); None: on CUDA
     state_every: int = 0  # steps between state saves (0: only at epoch ends and on a pause)
 
     @classmethod
@@ -151,17 +155,21 @@ def train_loop(
     torch.manual_seed(plan.seed)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    train_step = _make_train_step(model, params, plan, engine=engine, device=device, on_event=control.emit,
-                                  step_fn=step_fn)  # fmt: skip
     steps_per_epoch = math.ceil(len(examples) / batch_size)
     total_steps = epochs * steps_per_epoch
     result = LoopResult(steps_done=0, stopped=False, final_loss=None)
-    pos = _Position()
+    pos = _Position() if resume is None else _Position.restored(resume, device)
+    speedups = None
+    if step_fn is None and engine == "fast":
+        engine = _checked_engine(model, examples, plan, pos, device=device, control=control)
+    if step_fn is None and engine == "fast":
+        speedups = _plan_speedups(model, examples, plan, pos, device=device, control=control)
+    train_step = _make_train_step(model, params, plan, engine=engine, device=device, on_event=control.emit,
+                                  step_fn=step_fn, speedups=speedups)  # fmt: skip
     if resume is not None:
         # After the model and optimizer are built (building may draw random numbers), before step one.
         apply_loop_state(model, train_step.optimizer, resume, total_steps)
         restore_rng(resume.rng, device)
-        pos = _Position.restored(resume, device)
         result.steps_done, result.total_tokens = resume.step, resume.total_tokens
         result.logged_losses, result.final_loss = list(resume.logged_losses), resume.final_loss
     start = time.perf_counter() - (resume.elapsed_s if resume is not None else 0.0)  # elapsed spans sessions
@@ -230,6 +238,8 @@ def train_loop(
         result.final_loss = float(pos.last_loss)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    if isinstance(train_step, StaticTrainStep) and train_step.compiled and train_step.compile_checked:
+        mark_compiled(compile_cache_key(unwrap(model)))  # the next job of this shape compiles from the cache
     result.elapsed_s = time.perf_counter() - start
     return result
 
@@ -273,21 +283,66 @@ def _make_train_step(
     device: torch.device,
     on_event: EventFn,
     step_fn: AnyStepFn | None = None,
+    speedups: SpeedupPlan | None = None,
 ) -> TrainStep:
     lr, clip = plan.learning_rate, plan.max_grad_norm
     if step_fn is not None:
         return EagerTrainStep(step_fn, make_optimizer(params, lr, device, capturable=False), params, clip)
-    on_cuda = device.type == "cuda"
-    use_compile = on_cuda if plan.compile is None else plan.compile
-    use_graphs = on_cuda if plan.cuda_graphs is None else plan.cuda_graphs and on_cuda
-    if engine == "fast" and (use_compile or use_graphs):
-        optimizer = make_optimizer(params, lr, device, capturable=use_graphs)
+    if engine == "fast" and speedups is not None and (speedups.compile or speedups.cuda_graphs):
+        optimizer = make_optimizer(params, lr, device, capturable=speedups.cuda_graphs)
         return StaticTrainStep(
             model, optimizer, params, device=device, max_sequences=plan.batch_size, max_grad_norm=clip,
-            compile=use_compile, cuda_graphs=use_graphs, on_event=on_event,
+            compile=speedups.compile, cuda_graphs=speedups.cuda_graphs, on_event=on_event,
+            expected=speedups.expected if plan.cuda_graphs is None else None,
         )  # fmt: skip
     optimizer = make_optimizer(params, lr, device, capturable=False)
     return EagerTrainStep(make_step_fn(model, kind=engine, device=device), optimizer, params, clip)
+
+
+def _job_batches(num_examples: int, plan: LoopPlan, pos: _Position) -> list[list[int]]:
+    """Every batch the loop will still run, in order (from `pos`, a resumed run's position)."""
+    batches: list[list[int]] = []
+    for epoch in range(pos.epoch, plan.epochs + 1):
+        order = batch_order(num_examples, plan.batch_size, epoch, plan.seed, shuffle=plan.shuffle)
+        batches.extend(order[pos.batch_index :] if epoch == pos.epoch else order)
+    return batches
+
+
+def _checked_engine(model: nn.Module, examples: Sequence[Example], plan: LoopPlan, pos: _Position, *,
+                    device: torch.device, control: RunControl) -> EngineKind:  # fmt: skip
+    """ "fast", unless the fast step's loss on the first batch disagrees with the reference's (then "reference")."""
+    check = device.type == "cuda" if plan.check_first_step is None else plan.check_first_step
+    batches = _job_batches(len(examples), plan, pos)
+    if not check or not batches:
+        return "fast"
+    try:
+        result = check_fast_engine(model, [examples[i] for i in batches[0]], device)
+    except Exception as exc:  # a kernel that cannot even run here: the reference engine can
+        control.emit(events.warning(component="engine_check", engine="reference"),
+                     f"the fast engine failed on the first batch ({type(exc).__name__}: {exc}); "
+                     "training on the reference engine")  # fmt: skip
+        return "reference"
+    if result.agrees:
+        control.emit(events.info(component="engine_check", engine="fast", fast_loss=result.fast_loss,
+                                 reference_loss=result.reference_loss),
+                     f"first batch checked: {result.describe()}; training on the fast engine")  # fmt: skip
+        return "fast"
+    control.emit(events.warning(component="engine_check", engine="reference", fast_loss=result.fast_loss,
+                                reference_loss=result.reference_loss),
+                 f"the fast engine disagrees with the reference on the first batch: {result.describe()}; "
+                 "training on the reference engine")  # fmt: skip
+    return "reference"
+
+
+def _plan_speedups(model: nn.Module, examples: Sequence[Example], plan: LoopPlan, pos: _Position, *,
+                   device: torch.device, control: RunControl) -> SpeedupPlan:  # fmt: skip
+    hf_model = unwrap(model)
+    cached = device.type == "cuda" and compile_cached(compile_cache_key(hf_model))
+    speedups = plan_speedups(hf_model, examples, _job_batches(len(examples), plan, pos), device=device,
+                             compile=plan.compile, cuda_graphs=plan.cuda_graphs, compile_cached=cached)  # fmt: skip
+    control.emit(events.info(component="speedups", compile=speedups.compile, cuda_graphs=speedups.cuda_graphs,
+                             step_shapes=len(speedups.expected)), speedups.describe())  # fmt: skip
+    return speedups
 
 
 def _read_back(out: TrainStepOutput) -> tuple[float, float, float | None]:

@@ -6,10 +6,13 @@ hidden states and to a trained head, and the number of tokens whose argmax predi
 - `chunked_lm_loss`: the head and cross-entropy in checkpointed row chunks; any head module
   (plain, tied, PEFT's ModulesToSaveWrapper, LoRA-wrapped); no host sync, so it can be captured.
   The argmax-correct count is taken from each chunk's logits while they exist, as a device tensor.
-- Liger's fused linear-cross-entropy (``liger-kernel``, the ``gpu`` extra) on CUDA when installed
-  and the head is a plain linear weight: one fused kernel family instead of chunked matmuls.
-  It reads the number of counted tokens back to the host, so CUDA-graph captured steps use the
-  chunked loss. It never materialises the logits, so it counts no correct tokens (None): token
+- Liger's fused linear-cross-entropy (``liger-kernel``, the ``gpu`` extra) on CUDA when installed,
+  the head is a plain linear weight and the model's vocabulary is at most `LIGER_MAX_VOCAB_PER_HIDDEN`
+  times its hidden size (`liger_pays`): Liger splits the rows into about V/H chunks and re-reads the
+  whole head twice per chunk, accumulating the head's gradient in the compute dtype -- on a small
+  model with a large vocabulary (Qwen2.5-0.5B: V/H ~ 170, ~97 chunks, ~100 GB of head reads a step)
+  that costs more than the chunked loss saves. It reads the number of counted tokens back to the
+  host, so CUDA-graph captured steps use the chunked loss. It never materialises the logits, so it counts no correct tokens (None): token
   accuracy is not reported on that path rather than paying for a second head pass.
 """
 
@@ -27,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from worker.training.example import IGNORE_INDEX
 
 LOSS_CHUNK_ROWS = 4096  # loss rows per LM-head chunk: 4096 x 151,936 fp32 logits ~ 2.5 GB transient
+LIGER_MAX_VOCAB_PER_HIDDEN = 64  # Llama-3-8B: 32; Qwen2.5-7B: 42; Qwen2.5-0.5B: 170 (chunked loss)
 SMALL_LOGITS_BYTES = 64 * 2**20  # fp32 logits this small are kept for the backward instead of recomputed
 
 
@@ -176,8 +180,18 @@ def liger_lm_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tens
     return LossSums(loss.float(), None)
 
 
+def liger_pays(head: nn.Module) -> bool:
+    """Whether Liger's fused loss is worth it for this head: a plain linear one of a vocabulary at most
+    `LIGER_MAX_VOCAB_PER_HIDDEN` times the hidden size (see the module docstring)."""
+    linear = head_linear(head)
+    if linear is None:
+        return False
+    vocab, hidden = linear.weight.shape
+    return vocab <= LIGER_MAX_VOCAB_PER_HIDDEN * hidden
+
+
 def pick_loss(device: torch.device, head: nn.Module, *, captured: bool, chunk_rows: int) -> tuple[str, LossSumFn]:
-    """The loss implementation for this step: Liger on CUDA when it can run, else the chunked one."""
-    if device.type == "cuda" and not captured and liger_available() and head_linear(head) is not None:
+    """The loss implementation for this step: Liger on CUDA where it can run and pays, else the chunked one."""
+    if device.type == "cuda" and not captured and liger_available() and liger_pays(head):
         return "liger", liger_lm_loss_sum
     return "chunked", lambda h, x, t: chunked_lm_loss(h, x, t, chunk_rows)

@@ -17,6 +17,7 @@ from worker.training.loss import (
     chunked_lm_loss_sum,
     head_linear,
     head_vocab,
+    liger_pays,
     pick_loss,
 )
 
@@ -109,3 +110,15 @@ def test_a_tied_heads_trainable_copy_is_sized_by_its_weight_not_its_out_features
     assert rows * hidden * 4 <= SMALL_LOGITS_BYTES
     assert not _logits_fit(head, rows, chunk_rows=rows)
     assert _logits_fit(head, rows - 1, chunk_rows=rows)
+
+
+def test_liger_is_used_only_where_the_vocabulary_is_small_against_the_hidden_size() -> None:
+    """Liger re-reads the head about V/H times a step: a 0.5B model's 151,936 x 896 head takes the chunked loss."""
+    assert not liger_pays(nn.Linear(896, 151_936, bias=False, device="meta"))  # Qwen2.5-0.5B: V/H ~ 170
+    assert liger_pays(nn.Linear(3584, 152_064, bias=False, device="meta"))  # Qwen2.5-7B: V/H ~ 42
+    lora_head = get_peft_model(nn.Sequential(nn.Linear(8, 8)), LoraConfig(r=2, target_modules=["0"]))
+    assert not liger_pays(lora_head.base_model.model[0])  # no plain linear to fuse
+    name, _ = pick_loss(
+        torch.device("cuda"), nn.Linear(896, 151_936, bias=False, device="meta"), captured=False, chunk_rows=4096
+    )
+    assert name == "chunked"

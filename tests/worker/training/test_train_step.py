@@ -15,7 +15,7 @@ from tests.worker.helpers import CPU, make_examples, tiny_lora_model
 from worker.training.forward_backward import make_step_fn
 from worker.training.optimizer_step import EagerTrainStep, StaticTrainStep, make_optimizer
 
-LENGTHS = [[12, 30, 7, 21], [16, 9, 25, 11], [40, 3, 8, 19]]
+LENGTHS = [[12, 30, 7, 21], [16, 9, 25, 11], [40, 3, 8, 19], [100, 120, 90, 60]]  # the last: another bucket
 
 
 def run_steps(make_step: Any, model: Any) -> list[float]:
@@ -54,15 +54,20 @@ def test_static_shapes_follow_the_eager_trajectory() -> None:
 # Dynamo's tracing of the compiled layers reads `.grad` of non-leaf tensors internally and warns.
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf Tensor:UserWarning")
 def test_compiled_static_steps_follow_the_eager_trajectory_with_attention_dropout() -> None:
-    """torch.compile(dynamic=False) of the decoder layers on bucketed shapes; attention dropout on."""
+    """torch.compile(dynamic=True) of the decoder layers: one compile for every bucket; attention dropout on."""
     events: list[tuple[str, str]] = []
     want = run_steps(eager, tiny_lora_model())
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     got = run_steps(static(compile=True, events=events), tiny_lora_model())
     assert got == pytest.approx(want, rel=1e-4)
-    assert events == []  # compiled without falling back
+    assert events == []  # compiled, checked against the eager step, without falling back
+    # Two buckets (256 and 384 tokens), two layers, one graph each: no recompile for the second bucket.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2
     torch.manual_seed(0)
     dropout_losses = run_steps(static(compile=True, events=events), tiny_lora_model(attention_dropout=0.2))
-    assert all(torch.isfinite(torch.tensor(dropout_losses))) and events == []
+    assert all(torch.isfinite(torch.tensor(dropout_losses)))
+    # Dropout makes a train-mode step differ from its eval-mode check: it is not checked, and says so.
+    assert [kind for kind, _ in events] == ["info"] and "not checked" in events[0][1]
 
 
 def test_a_failing_compiled_step_falls_back_to_eager_with_a_warning() -> None:
