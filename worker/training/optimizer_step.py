@@ -253,7 +253,6 @@ class StaticTrainStep:
             # Only this shape is given up: the graphs already captured were recorded before and still
             # replay correctly (each is checked against the eager step on its first replay).
             self.graphs.disable(key, f"capture failed ({type(exc).__name__})")
-            torch.cuda.synchronize(self.device)
             self._warn(f"CUDA graph capture of step shape {key} failed ({type(exc).__name__}: {exc}); "
                        "that shape runs eagerly")  # fmt: skip
             return None
