@@ -36,7 +36,7 @@ from worker.training.optimizer_step import (
 )
 from worker.training.run_io import LocalControl, RunControl
 from worker.training.speedups import SpeedupPlan, compile_cache_key, compile_cached, mark_compiled, plan_speedups
-from worker.training.step_check import check_fast_engine
+from worker.training.step_check import check_fast_engine, check_sample
 from worker.training.train_state import LoopState, apply_loop_state, capture_rng, restore_rng, trainable_parameters
 
 
@@ -316,7 +316,7 @@ def _checked_engine(model: nn.Module, examples: Sequence[Example], plan: LoopPla
     if not check or not batches:
         return "fast"
     try:
-        result = check_fast_engine(model, [examples[i] for i in batches[0]], device)
+        result = check_fast_engine(model, check_sample([examples[i] for i in batches[0]]), device)
     except Exception as exc:  # a kernel that cannot even run here: the reference engine can
         control.emit(events.warning(component="engine_check", engine="reference"),
                      f"the fast engine failed on the first batch ({type(exc).__name__}: {exc}); "

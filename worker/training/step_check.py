@@ -102,6 +102,24 @@ def reference_eval_loss(model: nn.Module, examples: Sequence[Example], device: t
     return float(loss_sum.item()) / max(sum(count_loss_tokens(e) for e in examples), 1)
 
 
+CHECK_MAX_SEQUENCES = 4
+CHECK_MAX_TOKENS = 2048  # the reference's full fp32 logits of this many tokens: ~1.2 GB at a 152k vocabulary
+
+
+def check_sample(examples: Sequence[Example]) -> list[Example]:
+    """The part of a batch the first-step check runs: its shortest sequences, at most `CHECK_MAX_SEQUENCES`
+    and (beyond the first two) `CHECK_MAX_TOKENS`, so the reference's full logits never exhaust the memory a
+    job sized for the fast engine leaves. Two or more sequences, where the batch has them: packing bugs
+    show only where sequences meet."""
+    chosen: list[Example] = []
+    for example in sorted(examples, key=lambda e: len(e.input_ids)):
+        total = sum(len(e.input_ids) for e in chosen) + len(example.input_ids)
+        if len(chosen) >= CHECK_MAX_SEQUENCES or (len(chosen) >= 2 and total > CHECK_MAX_TOKENS):
+            break
+        chosen.append(example)
+    return chosen
+
+
 @dataclass(frozen=True, slots=True)
 class EngineCheck:
     """The first-step comparison of a job: both losses, and whether they agree."""

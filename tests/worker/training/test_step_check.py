@@ -16,7 +16,7 @@ from worker.training.attention import VarlenKernel
 from worker.training.loop import LoopPlan, train_loop
 from worker.training.optimizer_step import StaticTrainStep, make_optimizer
 from worker.training.run_io import LocalControl
-from worker.training.step_check import Tolerance, check_fast_engine
+from worker.training.step_check import CHECK_MAX_TOKENS, Tolerance, check_fast_engine, check_sample
 
 
 def cross_sequence_kernel() -> VarlenKernel:
@@ -111,3 +111,12 @@ def test_tolerance_is_wider_in_half_precision_and_refuses_non_finite_losses() ->
     assert not Tolerance.for_dtype(torch.float32).agree(2.01, 2.0)
     assert not Tolerance.for_dtype(torch.bfloat16).agree(2.2, 2.0)
     assert not Tolerance.for_dtype(torch.float32).agree(float("nan"), 2.0)
+
+
+def test_the_check_runs_the_shortest_sequences_of_a_batch_within_a_token_bound() -> None:
+    batch = make_examples([3000, 12, 2500, 40, 7, 900, 30])
+    sample = check_sample(batch)
+    assert [len(e.input_ids) for e in sample] == [7, 12, 30, 40]
+    long = make_examples([3000, 2500, 2100])
+    assert [len(e.input_ids) for e in check_sample(long)] == [2100, 2500]  # two, even past the bound
+    assert sum(len(e.input_ids) for e in check_sample(make_examples([900, 1000, 1100]))) <= CHECK_MAX_TOKENS
