@@ -12,6 +12,7 @@ a bound since the first job on this base; it says when the process should be rep
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import gc
@@ -148,10 +149,8 @@ def free_memory() -> None:
     if torch.cuda.is_initialized():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def host_rss() -> int | None:

@@ -195,7 +195,8 @@ class TrainingRun:
             reused, reason = False, "the base is not kept between jobs"
         else:
             got = self.resident.acquire(cfg, self.device, self.emit)
-            base, self.tokenizer, self.engine, reused, reason = got.model, got.tokenizer, got.engine, got.reused, got.reason
+            base, self.tokenizer, self.engine = got.model, got.tokenizer, got.engine
+            reused, reason = got.reused, got.reason
         cache = compile_cache_location()
         how = "reused from the previous job" if reused else f"loaded ({reason})"
         self.emit(

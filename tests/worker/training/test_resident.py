@@ -134,7 +134,7 @@ def test_settle_keeps_the_base_unless_memory_grew(tiny_model_dir: Path, tmp_path
     assert resident.settle(max_rss_growth_bytes=2**30) is None  # sets the baseline
     assert resident._resident is not None and resident._resident.rss_baseline is not None
     hog = bytearray(64 * 2**20)  # 64 MiB of host memory the "job" kept
-    hog[:: 4096] = b"x" * len(hog[:: 4096])
+    hog[::4096] = b"x" * len(hog[::4096])
     reason = resident.settle(max_rss_growth_bytes=16 * 2**20)
     assert reason is not None and "host memory grew" in reason
     assert resident._resident is None
