@@ -8,6 +8,8 @@ from celery import Celery
 from shared.settings import Settings
 from shared.tasks import QUEUE
 
+RECYCLE_THRESHOLD_KB = 2**40  # a child "above" it is replaced after its task: see worker.jobs.recycle
+
 
 def make_celery(settings: Settings, *, include: list[str] | None = None) -> Celery:
     app = Celery("lora_server", broker=settings.redis_url, include=include or [])
@@ -21,8 +23,14 @@ def make_celery(settings: Settings, *, include: list[str] | None = None) -> Cele
         worker_prefetch_multiplier=1,
         # One job per GPU per worker process.
         worker_concurrency=1,
-        # A fresh child per job releases all GPU memory when the job ends.
-        worker_max_tasks_per_child=1,
+        # With keep_base_model a child runs job after job with the base model kept loaded; it is replaced
+        # only when a job leaves more memory held than the base (worker.jobs.recycle). Without it, a fresh
+        # child per job releases all GPU memory when the job ends.
+        worker_max_tasks_per_child=None if settings.keep_base_model else 1,
+        # billiard checks a child's memory after each task only when this is set: the child reports itself
+        # past it when it asks to be replaced (worker.jobs.recycle). The real bound is relative to the
+        # resident base (LORA_MAX_RSS_GROWTH_MB), which a fixed figure here could not know.
+        worker_max_memory_per_child=RECYCLE_THRESHOLD_KB if settings.keep_base_model else None,
         # The broker redelivers unacked messages after the visibility timeout: keep it above the job limit.
         task_time_limit=settings.job_time_limit_s,
         broker_transport_options={

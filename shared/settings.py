@@ -66,6 +66,17 @@ class Settings(BaseSettings):
     api_key: str | None = Field(default=None, description="Bearer token required by the API when set.")
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins (closed by default).")
     worker_name: str | None = Field(default=None, description="Name a worker reports (defaults to host:pid).")
+    keep_base_model: bool = Field(
+        default=True,
+        description="Keep the base model loaded in the worker's child between jobs of the same model (one "
+        "child runs job after job); false: a fresh child per job, which loads the base every time.",
+    )
+    max_rss_growth_mb: float = Field(
+        default=2048.0,
+        gt=0,
+        description="With keep_base_model: replace the worker's child once its host memory has grown this much "
+        "since the first job on its resident base (a leak).",
+    )
     generation_max_pending: int = Field(
         default=32,
         ge=1,

@@ -8,6 +8,7 @@
     <base>/<model_save_path or job id>/          a trained adapter, with `training_summary.json`
     <base>/<adapter name>-merged/                a merged model (the default output of a merge job)
     <base>/.redis/                               the embedded Redis's data (one-machine mode)
+    <base>/.cache/torch-compile/                 torch.compile's on-disk caches (inductor, Triton), shared by hosts
 
 Names starting with "." are the service's own staging and data folders; `datasets` and `checkpoints`
 are reserved too, so a user's output folder can never replace one of them.
@@ -28,6 +29,7 @@ DATASETS = "datasets"
 INCOMING = ".incoming"
 CHECKPOINTS = "checkpoints"
 REDIS_DATA = ".redis"
+COMPILE_CACHE = ".cache/torch-compile"
 TRAINING_STATE = ".state"  # a job's full training state (pause/resume, resume after a lost worker)
 CHECKPOINT_META = "checkpoint.json"
 TRAINING_SUMMARY = "training_summary.json"
@@ -167,6 +169,11 @@ class Volume:
     @property
     def redis_data(self) -> Path:
         return self.base / REDIS_DATA
+
+    @property
+    def compile_cache(self) -> Path:
+        """torch.compile's on-disk caches: on the volume, so a graph compiled on one host is reused on every other."""
+        return self.base / COMPILE_CACHE
 
     def reserved_part(self, path: Path) -> str | None:
         """The part of `path` (resolved, inside the base) that is the service's own, if any."""

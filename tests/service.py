@@ -133,7 +133,9 @@ class Service:
         return f"http://127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        # torch sets TORCHINDUCTOR_CACHE_DIR in the test process itself once anything asks for its cache
+        # folder; passed on, the worker would take it for the operator's choice and not use the volume's.
+        env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
         env.update(
             {
                 "LORA_BASE_PATH": str(self.base_path),

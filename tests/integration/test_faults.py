@@ -93,9 +93,28 @@ def test_cancel_running_job_stops_it_and_frees_the_slot(service: Service, tiny_m
     assert "allocated_gpu_memory" not in status  # only while a job runs
     assert service.post(f"/jobs/{job_id}/cancel").status_code == 409
     assert service.post("/jobs/job-unknown/cancel").status_code == 404
+    # The child that held the model stays, with the base model taken back clean: the next job reuses it.
+    r = submit(service, tiny_model_dir)
+    assert r.status_code == 202, r.text
+    assert service.wait_for(r.json()["job_id"], {"succeeded", "failed"})["status"] == "succeeded"
+    events = service.get(f"/jobs/{r.json()['job_id']}/events", params={"limit": 1000}).json()["data"]
+    assert [e["data"]["base_model"] for e in events if "base_model" in e["data"]] == ["reused"]
+    assert alive(child) and children(service.worker.pid) == [child]
+
+
+def test_without_keep_base_model_a_cancelled_jobs_child_exits(
+    make_service: type[Service], tiny_model_dir: Path
+) -> None:
+    svc = make_service(LORA_KEEP_BASE_MODEL="false")  # type: ignore[call-arg]
+    job_id = submit_long(svc, tiny_model_dir)
+    wait_running(svc, job_id, min_step=3)
+    assert svc.worker is not None
+    (child,) = children(svc.worker.pid)
+    assert svc.post(f"/jobs/{job_id}/cancel").status_code == 202
+    assert svc.wait_for(job_id, {"cancelled", "failed", "succeeded"}, timeout=30)["status"] == "cancelled"
     # One task per child: the process that held the model is gone.
     wait_until(lambda: not alive(child), timeout=20, what=f"the pool child {child} to exit")
-    assert submit(service, tiny_model_dir).status_code == 202
+    assert submit(svc, tiny_model_dir).status_code == 202
 
 
 def test_cancel_queued_job_removes_it_before_it_starts(service: Service, tiny_model_dir: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from shared.celery_factory import make_celery
 from shared.settings import get_settings
@@ -24,3 +24,10 @@ def _on_shutdown(sender: Any = None, **_: Any) -> None:
     from worker.jobs.maintenance import leave
 
     leave(get_settings(), getattr(sender, "hostname", None) or "worker")
+
+
+@worker_process_init.connect
+def _on_child_start(**_: Any) -> None:
+    from worker.jobs import child  # in the pool child, before its first job imports torch
+
+    child.start(get_settings())

@@ -44,6 +44,7 @@ class Outcome:
 
 
 def _train(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome:
+    from worker.jobs import child
     from worker.training import RunPaths, train_model  # torch loads in the child only, under the lease
 
     result = train_model(
@@ -54,6 +55,7 @@ def _train(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome
                               state_every=settings.state_every_steps),
         control=lease,
         wandb=record.wandb,
+        resident=child.resident(),  # the previous job's base, when it is the same load
     )  # fmt: skip
     metrics = result.summary()
     metrics.losses = metrics.losses[-_LOSSES_KEPT:]  # the full curve is in training_summary.json

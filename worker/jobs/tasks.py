@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared.settings import get_settings
 from shared.tasks import TRAIN_TASK, TrainTaskPayload
 from worker.jobs.celery_app import app
 
 
 @app.task(name=TRAIN_TASK)
 def train(payload: dict[str, Any]) -> None:
+    from worker.jobs import child
     from worker.jobs.runner import run_job  # imports torch: only inside the task's child process
 
-    run_job(TrainTaskPayload.model_validate(payload).job_id)
+    try:
+        run_job(TrainTaskPayload.model_validate(payload).job_id)
+    finally:  # the job's objects are unreachable here: what memory is still held, the next job would inherit
+        child.after_job(get_settings())

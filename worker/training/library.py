@@ -13,6 +13,7 @@ from shared.config import TrainConfig
 from shared.jobs import WandbSpec
 from worker.training.merge import merge_model
 from worker.training.model_loading import apply_lora, load_base_model, upcast_trainable
+from worker.training.resident import ResidentBase
 from worker.training.run import Dataset, StoppedEarly, TrainingRun, TrainResult
 from worker.training.run_io import LocalControl, RunControl, RunPaths
 
@@ -54,6 +55,7 @@ def train_model(
     paths: RunPaths | None = None,
     control: RunControl | None = None,
     wandb: WandbSpec | None = None,
+    resident: ResidentBase | None = None,
 ) -> TrainResult:
     """Fine-tune a LoRA adapter in this process and save it.
 
@@ -65,7 +67,9 @@ def train_model(
     (relative to the working directory). `control` (`RunControl`) gets progress and typed events and
     may stop the run (it then ends without saving, or, when the stop is a pause and `paths.state` is
     set, with its state saved: the result is then `paused`); `wandb` names a Weights & Biases run
-    (used where W&B is configured).
+    (used where W&B is configured). `resident` keeps the base model loaded after the run, for the next run
+    of the same model in this process (`worker.training.resident`); without it the base is loaded for this
+    run only.
 
     A run over a `paths.state` holding a state of the same config and data continues from it; a state
     of anything else is ignored with a warning event. The state is deleted once the adapter is saved.
@@ -75,13 +79,16 @@ def train_model(
         raise ValueError("give the output folder once: as output_dir or as paths.output")
     if paths is None:
         paths = RunPaths(Path(output_dir) if output_dir is not None else adapter_destination(cfg, base_path))
-    run = TrainingRun(cfg, dataset, paths, validation=validation, control=control, wandb=wandb)
+    run = TrainingRun(cfg, dataset, paths, validation=validation, control=control, wandb=wandb, resident=resident)
     try:
-        run.setup()
-    except StoppedEarly:
-        paused = run.control.pause_requested()  # a saved state, if any, is kept
-        return TrainResult(None, True, 0, 0, None, 0, 0, 0, 0.0, 0.0, paused=paused)
-    result = run.train()
-    if not result.stopped:
-        run.save(result)
-    return result
+        try:
+            run.setup()
+        except StoppedEarly:
+            paused = run.control.pause_requested()  # a saved state, if any, is kept
+            return TrainResult(None, True, 0, 0, None, 0, 0, 0, 0.0, 0.0, paused=paused)
+        result = run.train()
+        if not result.stopped:
+            run.save(result)
+        return result
+    finally:
+        run.close()  # failed, stopped or saved: the resident base gets its adapter taken off

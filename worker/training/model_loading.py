@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,19 @@ def resolve_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.float16 if config.train_arg_fp16 is not False else torch.float32
 
 
-def load_base_model(
-    config: TrainConfig, device: torch.device, on_event: EventCallback | None = None
-) -> tuple[PreTrainedModel, Any, EngineName]:
-    """The base model and tokenizer, with the attention implementation the hardware allows, and the
+@dataclass(frozen=True)
+class LoadPlan:
+    """Everything that shapes a loaded base: two jobs with equal plans can share one loaded model."""
+
+    model_name: str
+    dtype: torch.dtype
+    attn_implementation: str
+    device: torch.device
+    engine: EngineName  # not part of the load itself, but decided from the model's config with it
+
+
+def plan_load(config: TrainConfig, device: torch.device, on_event: EventCallback | None = None) -> LoadPlan:
+    """How `config`'s base will be loaded here: the attention implementation the hardware allows, and the
     engine that will train it (the config's, unless packing is not verified for this model)."""
     try:
         model_config = AutoConfig.from_pretrained(config.model_name)
@@ -61,15 +71,30 @@ def load_base_model(
     attn, warning = engine_attn_implementation(engine, config.attn_implementation, device)
     if warning and on_event is not None:
         on_event(events.warning(requested=config.attn_implementation, using=attn), warning)
+    return LoadPlan(config.model_name, resolve_dtype(config, device), attn, device, engine)
+
+
+def load_planned(plan: LoadPlan) -> tuple[PreTrainedModel, Any]:
+    """The base model and tokenizer as `plan` says, on its device."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(config.model_name)
+        tokenizer = AutoTokenizer.from_pretrained(plan.model_name)
         model = AutoModelForCausalLM.from_pretrained(
-            config.model_name, dtype=resolve_dtype(config, device), attn_implementation=attn
+            plan.model_name, dtype=plan.dtype, attn_implementation=plan.attn_implementation
         )
     except OSError as exc:
-        raise OSError(f"could not load model {config.model_name!r}: {exc}") from exc
-    model.to(device)  # type: ignore[arg-type]  # transformers types .to() for models oddly
-    return model, tokenizer, engine
+        raise OSError(f"could not load model {plan.model_name!r}: {exc}") from exc
+    model.to(plan.device)  # type: ignore[arg-type]  # transformers types .to() for models oddly
+    return model, tokenizer
+
+
+def load_base_model(
+    config: TrainConfig, device: torch.device, on_event: EventCallback | None = None
+) -> tuple[PreTrainedModel, Any, EngineName]:
+    """The base model and tokenizer, with the attention implementation the hardware allows, and the
+    engine that will train it (the config's, unless packing is not verified for this model)."""
+    plan = plan_load(config, device, on_event)
+    model, tokenizer = load_planned(plan)
+    return model, tokenizer, plan.engine
 
 
 def check_modules_to_save(model: torch.nn.Module, names: Sequence[str]) -> None:

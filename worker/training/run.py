@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 from peft import PeftModel
+from transformers import PreTrainedModel
 
 from shared import events
 from shared.chat_formats import to_chat
@@ -36,6 +37,7 @@ from worker.training.dpo import DpoStep, dpo_evaluate, tokenize_preferences
 from worker.training.evaluation import EvalResult, evaluate
 from worker.training.loop import LoopHooks, LoopPlan, LoopResult, StepInfo, train_loop
 from worker.training.model_loading import EventCallback, load_base_model, pick_device, prepare_model
+from worker.training.resident import ResidentBase, compile_cache_location
 from worker.training.results_log import ResultsLog
 from worker.training.run_io import LocalControl, RunControl, RunPaths
 from worker.training.staged_dir import staged_dir
@@ -131,12 +133,14 @@ class TrainingRun:
         validation: Dataset | None = None,
         control: RunControl | None = None,
         wandb: WandbSpec | None = None,
+        resident: ResidentBase | None = None,
     ) -> None:
         self.config, self.dataset, self.validation, self.paths = config, dataset, validation, paths
         self.output_dir = paths.output
         self.control: RunControl = control or LocalControl()
         self.emit: EventCallback = self.control.emit
         self.wandb_spec = wandb
+        self.resident = resident  # keeps the base loaded for the next run in this process (see `close`)
         self.lora_path = Path(config.lora_path) if config.lora_path else None  # resolved by whoever made the config
         self._fingerprint = ""
         self.checkpoints = Checkpoints(paths.checkpoints, config.keep_checkpoints)
@@ -165,7 +169,8 @@ class TrainingRun:
         check_destination(self.output_dir)  # refuse before any work, not after hours of training
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        base, self.tokenizer, self.engine = load_base_model(cfg, self.device, self.emit)
+        base = self._load_base()
+        torch.manual_seed(cfg.seed)  # the adapter's init must not depend on whether the base was loaded or reused
         self._check_stop()  # a cancel that arrived while the model loaded
         self.examples, self.skipped = self._tokenize(self.dataset)
         if self.validation is not None:
@@ -181,6 +186,29 @@ class TrainingRun:
                        device=self.device.type, validation_examples=len(self.held_out), engine=self.engine),
             f"training {trainable:,} of {total:,} parameters on {len(self.examples)} examples ({self.device.type})",
         )  # fmt: skip
+
+    def _load_base(self) -> PreTrainedModel:
+        """The base model (loaded, or the resident one reused) and the tokenizer; an event says which and why."""
+        cfg = self.config
+        if self.resident is None:
+            base, self.tokenizer, self.engine = load_base_model(cfg, self.device, self.emit)
+            reused, reason = False, "the base is not kept between jobs"
+        else:
+            got = self.resident.acquire(cfg, self.device, self.emit)
+            base, self.tokenizer, self.engine = got.model, got.tokenizer, got.engine
+            reused, reason = got.reused, got.reason
+        cache = compile_cache_location()
+        how = "reused from the previous job" if reused else f"loaded ({reason})"
+        self.emit(
+            events.info(base_model="reused" if reused else "loaded", reason=reason or None, **cache),
+            f"base model {how}; compile cache at {cache['compile_cache']}",
+        )
+        return base
+
+    def close(self) -> None:
+        """Give the base back to the resident cache (the adapter taken off it), whatever the run's outcome."""
+        if self.resident is not None:
+            self.resident.release()
 
     def _tokenize(self, source: Dataset) -> tuple[list[Any], int]:
         cfg = self.config
