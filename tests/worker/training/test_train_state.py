@@ -164,16 +164,17 @@ def test_saves_by_the_clock_are_written_in_the_background_and_resume_exactly(
 ) -> None:
     state_dir = tmp_path / "state"
     # Every step is past a nanosecond: each takes a save unless the previous write is still running
-    # (then the next step does), so which step the crash finds saved is up to this machine's speed.
+    # (then the next step does), so whether the crash finds step 1 or 2 saved is up to this machine's
+    # speed. It comes before the first epoch end (step 4): any state saved is one the clock asked for.
     with pytest.raises(Crash):
-        run(config(tiny_model_dir), tmp_path, state_dir=state_dir, crash_at=7, state_every_s=1e-9)
+        run(config(tiny_model_dir), tmp_path, state_dir=state_dir, crash_at=3, state_every_s=1e-9)
     [saved] = list(state_dir.iterdir())  # the write in flight was waited for, older states pruned
     step = int(saved.name.removeprefix("step-"))
-    assert 1 <= step <= 6
+    assert step in (1, 2)
 
     second = run(config(tiny_model_dir), tmp_path, state_dir=state_dir, state_every_s=1e-9)
     assert second.result is not None
-    assert second.messages("info")[-1] == f"resuming from step {step}/8 (epoch {1 if step < 4 else 2})"
+    assert second.messages("info")[-1] == f"resuming from step {step}/8 (epoch 1)"
     assert second.steps == list(range(step + 1, STEPS + 1))
     assert_same_run(second.result, tmp_path / "adapter", reference)
     assert not second.messages("warning")
