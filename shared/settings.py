@@ -44,11 +44,16 @@ class Settings(BaseSettings):
         ge=0,
         description="Jobs that may wait for a free slot (the OpenAI API, and /train with queue=true); past it, 429.",
     )
-    state_every_steps: int = Field(
-        default=50,
+    state_every_s: float = Field(
+        default=600.0,
         ge=0,
-        description="Save a training job's full state every this many steps (and at epoch ends), so a job "
-        "whose worker died continues from there; 0 = at epoch ends only.",
+        description="Save a training job's full state every this many seconds (and at epoch ends and on a "
+        "pause), so a job whose worker died continues from there; written in the background. 0 = off.",
+    )
+    state_every_steps: int = Field(
+        default=0,
+        ge=0,
+        description="Also save it every this many steps (exact steps: for tests); 0 = off.",
     )
     reap_interval_s: float = Field(default=5.0, gt=0, description="How often lapsed leases are reaped.")
     merge_wait_s: float = Field(

@@ -52,7 +52,7 @@ def _train(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome
         Path(record.dataset_path),
         validation=Path(record.validation_path) if record.validation_path else None,
         paths=RunPaths.of_job(settings.volume, record.id, Path(record.output_dir),
-                              state_every=settings.state_every_steps),
+                              state_every_s=settings.state_every_s, state_every=settings.state_every_steps),
         control=lease,
         wandb=record.wandb,
         resident=child.resident(),  # the previous job's base, when it is the same load

@@ -4,8 +4,9 @@
 loop never reads a device value back except at logging steps (loss, grad norm, token accuracy: one
 transfer), at epoch ends (the epoch's mean loss and accuracy) and once at the end, so the GPU is
 never made to wait in between.
-Saving the loop's state (`worker.training.train_state`: every `state_every` steps, at epoch ends, on a
-pause) reads it back too; that is rare by design.
+Saving the loop's state (`worker.training.train_state`: every `state_every_s` seconds and/or every
+`state_every` steps, at epoch ends, on a pause) only enqueues copies to the host: a `StateSaver`
+(`worker.training.state_writer`) writes them from another thread.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from worker.training.optimizer_step import (
 )
 from worker.training.run_io import LocalControl, RunControl
 from worker.training.speedups import SpeedupPlan, compile_cache_key, compile_cached, mark_compiled, plan_speedups
+from worker.training.state_writer import StateSaver
 from worker.training.step_check import check_fast_engine, check_sample
 from worker.training.train_state import LoopState, apply_loop_state, capture_rng, restore_rng, trainable_parameters
 
@@ -96,15 +98,19 @@ class LoopPlan:
     compile: bool | None = None  # torch.compile of the fast engine's decoder layers; None: where it pays (speedups)
     cuda_graphs: bool | None = None  # whole-step CUDA graph capture (fast engine); None: where it pays (speedups)
     check_first_step: bool | None = None  # fast vs reference loss on the first batch (step_check); None: on CUDA
-    state_every: int = 0  # steps between state saves (0: only at epoch ends and on a pause)
+    state_every: int = 0  # steps between state saves (0: off; saves at exact steps, for tests)
+    state_every_s: float = 0.0  # seconds between state saves (0: off); both may be set; see `train_loop`
 
     @classmethod
-    def of_run(cls, config: TrainConfig, device: torch.device, *, state_every: int = 0) -> LoopPlan:
+    def of_run(
+        cls, config: TrainConfig, device: torch.device, *, state_every: int = 0, state_every_s: float = 0.0
+    ) -> LoopPlan:
         """A job's plan: its config, reading the loss back every step on a CPU and every 10th on a GPU."""
         return cls(
             epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
             seed=config.seed, log_every=config.log_every or (10 if device.type == "cuda" else 1),
             compile=config.compile, cuda_graphs=config.compile, state_every=state_every,
+            state_every_s=state_every_s,
         )  # fmt: skip
 
 
@@ -115,7 +121,7 @@ class LoopHooks:
     on_step: Callable[[StepInfo], None] | None = None
     # (epoch, mean loss, mean token accuracy) after each epoch that ran to its end; None where not computed.
     on_epoch_end: Callable[[int, float | None, float | None], None] | None = None
-    save_state: Callable[[LoopState], None] | None = None  # None: the loop saves no state
+    save_state: StateSaver | None = None  # None: the loop saves no state
 
 
 def train_loop(
@@ -129,6 +135,7 @@ def train_loop(
     hooks: LoopHooks | None = None,
     resume: LoopState | None = None,
     step_fn: AnyStepFn | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> LoopResult:
     """Train `model`'s trainable parameters on `examples` by `plan`; see the module docstring.
 
@@ -138,20 +145,24 @@ def train_loop(
 
     `resume` continues a run from a saved `LoopState` (same examples, epochs, batch size, seed):
     the steps that follow are those an uninterrupted run would have taken. `hooks.save_state` is
-    handed the loop's state every `plan.state_every` steps (0: never; each save reads the device
-    back), after each epoch end (after `on_epoch_end`), and when `should_stop()` ends the loop while
-    `control.pause_requested()` says the stop is a pause (`LoopResult.paused`).
+    handed the loop's state after each epoch end (after `on_epoch_end`); between them, every
+    `plan.state_every` steps and once `plan.state_every_s` seconds of `clock` passed since the last
+    save (taken at the first step after that at which the saver is idle: a time-triggered save never
+    waits for the previous write); and when `should_stop()` ends the loop while
+    `control.pause_requested()` says the stop is a pause (`LoopResult.paused`): that save is flushed
+    before the loop returns. Other saves may still be being written when it returns: whoever made the
+    saver waits for them (`StateWriter.close`).
 
     `step_fn` replaces the engine's step (DPO's `worker.training.dpo.DpoStep`, over whatever `examples`
     holds: preference pairs); it runs eagerly, with the same optimizer, schedule and clipping.
     """
     control = control or LocalControl()
     hooks = hooks or LoopHooks()
-    epochs, batch_size, state_every, save_state = plan.epochs, plan.batch_size, plan.state_every, hooks.save_state
+    epochs, batch_size, state_every, saver = plan.epochs, plan.batch_size, plan.state_every, hooks.save_state
     if not examples:
         raise ValueError("no examples to train on")
-    if epochs < 1 or batch_size < 1 or plan.log_every < 1 or state_every < 0:
-        raise ValueError("epochs, batch_size and log_every must be >= 1, state_every >= 0")
+    if epochs < 1 or batch_size < 1 or plan.log_every < 1 or state_every < 0 or plan.state_every_s < 0:
+        raise ValueError("epochs, batch_size and log_every must be >= 1, state_every and state_every_s >= 0")
     torch.manual_seed(plan.seed)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -185,14 +196,27 @@ def train_loop(
             rng=capture_rng(device),
         )  # fmt: skip
 
+    last_save = clock()
+
+    def save(saver: StateSaver) -> None:
+        nonlocal last_save
+        saver.save(snapshot())
+        last_save = clock()
+
+    def periodic_save_due(saver: StateSaver, step: int) -> bool:
+        if state_every and step % state_every == 0:
+            return True  # exact steps: waits for a write in flight
+        return 0 < plan.state_every_s <= clock() - last_save and saver.idle()
+
     while pos.epoch <= epochs:
         batches = batch_order(len(examples), batch_size, pos.epoch, plan.seed, shuffle=plan.shuffle)
         while pos.batch_index < len(batches):
             if control.should_stop():
                 result.stopped = True
                 result.paused = control.pause_requested()
-                if result.paused and save_state is not None:
-                    save_state(snapshot())
+                if result.paused and saver is not None:
+                    save(saver)
+                    saver.flush()  # the job reports paused next: its state must be on disk
                 break
             step = result.steps_done + 1
             lr = linear_decay(plan.learning_rate, step, total_steps)
@@ -223,8 +247,8 @@ def train_loop(
                     )
                 )
             # A step that ends the epoch is saved after the epoch end, below.
-            if save_state is not None and state_every and step % state_every == 0 and pos.batch_index < len(batches):
-                save_state(snapshot())
+            if saver is not None and pos.batch_index < len(batches) and periodic_save_due(saver, step):
+                save(saver)
         if result.stopped:
             break  # a cut-short epoch gets no on_epoch_end
         if hooks.on_epoch_end is not None:
@@ -232,8 +256,8 @@ def train_loop(
             mean_accuracy = None if pos.accuracy_sum is None else float(pos.accuracy_sum) / pos.epoch_steps
             hooks.on_epoch_end(pos.epoch, mean, mean_accuracy)
         pos.next_epoch()
-        if save_state is not None:
-            save_state(snapshot())
+        if saver is not None:
+            save(saver)
     if pos.last_loss is not None:
         result.final_loss = float(pos.last_loss)
     if device.type == "cuda":

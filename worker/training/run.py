@@ -12,6 +12,7 @@ import math
 import random
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
@@ -41,6 +42,7 @@ from worker.training.resident import ResidentBase, compile_cache_location
 from worker.training.results_log import ResultsLog
 from worker.training.run_io import LocalControl, RunControl, RunPaths
 from worker.training.staged_dir import staged_dir
+from worker.training.state_writer import StateWriter
 from worker.training.train_state import (
     LoopState,
     UnusableState,
@@ -48,7 +50,6 @@ from worker.training.train_state import (
     clear_train_state,
     fingerprint,
     load_train_state,
-    save_train_state,
 )
 from worker.training.wandb_log import WandbRun
 
@@ -117,8 +118,10 @@ class TrainingRun:
 
     `paths` says where it writes (`RunPaths`), `control` who steers it (`RunControl`: progress, events,
     stop, pause). With `paths.state`, the run's full state (`worker.training.train_state`) is saved there
-    every `paths.state_every` steps, at each epoch end and when a stop is a pause; a later run of the
-    same config and data over the same folder continues from it, and `save` deletes it.
+    every `paths.state_every_s` seconds and/or `paths.state_every` steps, at each epoch end and when a
+    stop is a pause, written in the background (`worker.training.state_writer`: `train` returns once every
+    write is done); a later run of the same config and data over the same folder continues from it, and
+    `save` deletes it.
 
     `config.model_name` and `config.lora_path` are loaded as they are: a job's runner hands over the
     folders its submission resolved.
@@ -252,11 +255,14 @@ class TrainingRun:
         if cfg.method == "dpo":
             self.dpo_step = DpoStep(self.model, kind=self.engine, device=self.device, beta=cfg.dpo_beta)
         try:
-            hooks = LoopHooks(on_step=self._on_step, on_epoch_end=self._on_epoch_end,
-                              save_state=self._save_state if self.paths.state is not None else None)  # fmt: skip
-            plan = LoopPlan.of_run(cfg, self.device, state_every=self.paths.state_every)
-            loop = train_loop(self.model, self.examples, plan, device=self.device, engine=self.engine,
-                              control=self.control, hooks=hooks, resume=resume, step_fn=self.dpo_step)  # fmt: skip
+            # Leaving waits for the write in flight: the job reports its end, and `save` deletes the
+            # folder, only once nothing writes into it any more.
+            with self._state_writer() as writer:
+                hooks = LoopHooks(on_step=self._on_step, on_epoch_end=self._on_epoch_end, save_state=writer)
+                plan = LoopPlan.of_run(cfg, self.device, state_every=self.paths.state_every,
+                                       state_every_s=self.paths.state_every_s)  # fmt: skip
+                loop = train_loop(self.model, self.examples, plan, device=self.device, engine=self.engine,
+                                  control=self.control, hooks=hooks, resume=resume, step_fn=self.dpo_step)  # fmt: skip
         except BaseException:
             self.wandb.finish()
             raise
@@ -297,10 +303,15 @@ class TrainingRun:
         )
         return state
 
-    def _save_state(self, state: LoopState) -> None:
-        assert self.paths.state is not None
+    def _state_writer(self) -> AbstractContextManager[StateWriter | None]:
+        if self.paths.state is None:
+            return nullcontext(None)
+        return StateWriter(self.paths.state, fingerprint=self._fingerprint, emit=self.emit,
+                           complete=self._complete_state)  # fmt: skip
+
+    def _complete_state(self, state: LoopState) -> None:
+        """What the run, not the loop, accumulated: a resume does not redo its epoch ends."""
         state.eval_losses, state.checkpoints = list(self.eval_losses), list(self.checkpoints.saved)
-        save_train_state(self.paths.state, state, fingerprint=self._fingerprint)
 
     def _result(self, loop: LoopResult) -> TrainResult:
         return TrainResult(

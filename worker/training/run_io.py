@@ -26,7 +26,8 @@ class RunPaths:
     checkpoints: Path | None = None  # epoch-end adapter checkpoints, `step-NNNNNN/` each
     results: Path | None = None  # the CSV of logged steps (OpenAI's step_metrics.csv)
     state: Path | None = None  # the resumable training state (`worker.training.train_state`)
-    state_every: int = 0  # steps between state saves (0: only at epoch ends and on a pause)
+    state_every_s: float = 0.0  # seconds between state saves (0: off; saves at epoch ends and on a pause only)
+    state_every: int = 0  # steps between state saves too (0: off); exact steps, which tests rely on
     job_id: str | None = None  # the job this run is (names its W&B run); None for a library call
 
     def __post_init__(self) -> None:
@@ -34,17 +35,18 @@ class RunPaths:
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
-        if self.state_every < 0:
-            raise ValueError("state_every must be >= 0")
+        if self.state_every < 0 or self.state_every_s < 0:
+            raise ValueError("state_every and state_every_s must be >= 0")
 
     @classmethod
-    def of_job(cls, volume: Volume, job_id: str, output: Path, *, state_every: int) -> RunPaths:
+    def of_job(cls, volume: Volume, job_id: str, output: Path, *, state_every_s: float, state_every: int) -> RunPaths:
         """A job's paths, from the volume's layout and its id."""
         return cls(
             output=output,
             checkpoints=volume.job_checkpoints(job_id),
             results=volume.step_metrics(job_id),
             state=volume.job_state(job_id),
+            state_every_s=state_every_s,
             state_every=state_every,
             job_id=job_id,
         )

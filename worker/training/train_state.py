@@ -76,8 +76,8 @@ def restore_rng(rng: RngState, device: torch.device) -> None:
 
 @dataclass(slots=True)
 class LoopState:
-    """Where `train_loop` stands between two steps. Tensors may be the live ones: a `save_state`
-    hook writes them during its call and keeps no reference."""
+    """Where `train_loop` stands between two steps. Tensors may be the live ones: a saver
+    (`worker.training.state_writer`) copies them during its `save` call and keeps no reference."""
 
     step: int  # optimizer steps done (the scheduler's position: the next step is step + 1)
     epoch: int  # 1-based epoch of the next batch; epochs + 1 once all are done

@@ -22,10 +22,12 @@ from shared.config import TrainConfig
 from shared.events import EventPayload, event_type
 from shared.jobs import Progress
 from tests.data import easy_records
+from tests.service import wait_until
 from tests.worker.helpers import CPU, make_examples, tiny_lora_model
 from worker.training.library import TrainResult, train_model
 from worker.training.loop import LoopHooks, LoopPlan, train_loop
 from worker.training.run_io import LocalControl, RunPaths
+from worker.training.state_writer import StateWriter
 from worker.training.train_state import STATE_META, STATE_TENSORS, LoopState, load_train_state, save_train_state
 
 LOSS_RTOL = 1e-6
@@ -67,6 +69,7 @@ def run(
     crash_at: int | None = None,
     on_step: Callable[[int], None] | None = None,
     state_every: int = 0,
+    state_every_s: float = 0.0,
 ) -> Session:
     """Train into `folder/adapter` (checkpoints in `folder/checkpoints`); stop (a pause when `pause`)
     once `stop_after` steps ran in this session, or raise `Crash` from the progress report of step
@@ -85,7 +88,8 @@ def run(
 
     session.result = train_model(
         cfg, easy_records(10),
-        paths=RunPaths(folder / "adapter", checkpoints=folder / "checkpoints", state=state_dir, state_every=state_every),
+        paths=RunPaths(folder / "adapter", checkpoints=folder / "checkpoints", state=state_dir,
+                       state_every=state_every, state_every_s=state_every_s),
         control=LocalControl(on_progress=on_progress, on_event=on_event, pause=lambda: pause,
                              stop=lambda: stop_after is not None and len(session.steps) >= stop_after),
     )  # fmt: skip
@@ -155,6 +159,55 @@ def test_a_crashed_run_resumes_from_its_last_saved_step(
     assert_same_run(second.result, tmp_path / "adapter", reference)
 
 
+def test_saves_by_the_clock_are_written_in_the_background_and_resume_exactly(
+    tiny_model_dir: Path, tmp_path: Path, reference: tuple[TrainResult, Path]
+) -> None:
+    state_dir = tmp_path / "state"
+    # Every step is past a nanosecond: each takes a save unless the previous write is still running
+    # (then the next step does), so whether the crash finds step 1 or 2 saved is up to this machine's
+    # speed. It comes before the first epoch end (step 4): any state saved is one the clock asked for.
+    with pytest.raises(Crash):
+        run(config(tiny_model_dir), tmp_path, state_dir=state_dir, crash_at=3, state_every_s=1e-9)
+    [saved] = list(state_dir.iterdir())  # the write in flight was waited for, older states pruned
+    step = int(saved.name.removeprefix("step-"))
+    assert step in (1, 2)
+
+    second = run(config(tiny_model_dir), tmp_path, state_dir=state_dir, state_every_s=1e-9)
+    assert second.result is not None
+    assert second.messages("info")[-1] == f"resuming from step {step}/8 (epoch 1)"
+    assert second.steps == list(range(step + 1, STEPS + 1))
+    assert_same_run(second.result, tmp_path / "adapter", reference)
+    assert not second.messages("warning")
+    assert not state_dir.exists()  # no write was left running to recreate it after the adapter was saved
+
+
+def test_a_saved_state_holds_the_trained_parameters_only(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The seed's modules_to_save (lm_head + embed_tokens, tied in the tiny model): the state holds their
+    one trained copy and its moments, never a frozen `original_module` or the base model's embedding."""
+    state_dir = tmp_path / "state"
+    session = run(config(tiny_model_dir), tmp_path, state_dir=state_dir, stop_after=3, pause=True)
+    assert config(tiny_model_dir).lora_modules_to_save == ["lm_head", "embed_tokens"]
+    [trained_count] = [
+        int(m.split()[1].replace(",", "")) for m in session.messages("info") if m.startswith("training ")
+    ]
+    tensors = torch.load(state_dir / "step-000003" / STATE_TENSORS, map_location="cpu", weights_only=True)
+    params: dict[str, torch.Tensor] = tensors["params"]
+    assert not [
+        name for name in params if "original_module" in name or not ("lora_" in name or "modules_to_save" in name)
+    ]
+    assert sum(t.numel() for t in params.values()) == trained_count
+    embedding_shape = (480, 64)  # tests.fixtures.tiny_model: its vocabulary by hidden size
+    assert [n for n, t in params.items() if tuple(t.shape) == embedding_shape] == [
+        "base_model.model.model.embed_tokens.modules_to_save.default.weight"  # lm_head's copy is this one, tied
+    ]
+    moments = [t for per_param in tensors["optimizer"]["state"].values() for t in per_param.values()]
+    assert len(tensors["optimizer"]["state"]) == len(params)
+    assert sum(tuple(t.shape) == embedding_shape for t in moments) == 2  # exp_avg, exp_avg_sq of that copy
+    # Each tensor was saved on its own, not as a view dragging a larger (frozen) storage into the file.
+    for tensor in [*params.values(), *moments]:
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+
+
 def test_a_state_of_another_config_is_not_applied(
     tiny_model_dir: Path, tmp_path: Path, reference: tuple[TrainResult, Path]
 ) -> None:
@@ -190,11 +243,17 @@ def test_a_half_written_or_damaged_state_is_never_applied(
     tensors = (damaged / STATE_TENSORS).read_bytes()
     (damaged / STATE_TENSORS).write_bytes(tensors[: len(tensors) // 2])
 
-    seen_at_step_8: list[str] = []  # the state folder as step 8 reports (before its epoch-end save)
-    second = run(
-        config(tiny_model_dir), tmp_path, state_dir=state_dir, state_every=1,
-        on_step=lambda step: seen_at_step_8.extend(sorted(p.name for p in state_dir.iterdir())) if step == 8 else None,
-    )  # fmt: skip
+    def states() -> list[str]:
+        return sorted(p.name for p in state_dir.iterdir())
+
+    seen_at_step_8: list[str] = []  # the state folder once step 7's save is written (before step 8's)
+
+    def on_step(step: int) -> None:
+        if step == 8:  # step 7's state is written in the background: wait for the folder to settle
+            seen_at_step_8.extend(wait_until(lambda: states() if states() == ["step-000007"] else None,
+                                             timeout=60, every=0.05, what=lambda: f"step 7's save; {states()}"))  # fmt: skip
+
+    second = run(config(tiny_model_dir), tmp_path, state_dir=state_dir, state_every=1, on_step=on_step)
     assert second.result is not None
     warnings = second.messages("warning")
     assert len(warnings) == 1 and warnings[0].startswith("saved training state not used: step-000007: unreadable")
@@ -217,16 +276,17 @@ def test_train_loop_resumes_where_it_paused_with_the_same_random_draws(tmp_path:
     whole = train_loop(tiny_lora_model(dropout=0.1), examples, plan, device=CPU)
     saved: list[int] = []
 
-    def save(state: LoopState) -> None:
+    def write(folder: Path, state: LoopState, fingerprint: str) -> Path:
         saved.append(state.step)
-        save_train_state(tmp_path, state, fingerprint="f")
+        return save_train_state(folder, state, fingerprint=fingerprint)
 
     steps: list[int] = []
-    paused = train_loop(
-        tiny_lora_model(dropout=0.1), examples, plan, device=CPU,
-        control=LocalControl(stop=lambda: len(steps) >= 5, pause=lambda: True),
-        hooks=LoopHooks(on_step=lambda info: steps.append(info.step), save_state=save),
-    )  # fmt: skip
+    with StateWriter(tmp_path, fingerprint="f", emit=lambda event, message: None, write=write) as writer:
+        paused = train_loop(
+            tiny_lora_model(dropout=0.1), examples, plan, device=CPU,
+            control=LocalControl(stop=lambda: len(steps) >= 5, pause=lambda: True),
+            hooks=LoopHooks(on_step=lambda info: steps.append(info.step), save_state=writer),
+        )  # fmt: skip
     assert (paused.stopped, paused.paused, paused.steps_done) == (True, True, 5)
     assert saved == [4, 5]  # epoch 1's end, then the pause (mid-epoch 2)
     assert load_train_state(tmp_path, fingerprint="other").state is None
