@@ -5,7 +5,10 @@
 
 The entry point is `library.train_model`; `run` drives one run (setup, loop, save), `loop` the optimizer loop
 over epochs, `optimizer_step` one optimizer step (eager or captured), `forward_backward` one step's forward and
-backward; the rest are the pieces they use. Importing the package loads no torch until a name is used.
+backward. Around them: `speedups` decides per job whether compiling and capturing pay, `step_check` checks the
+fast paths against the reference on real batches, `state_writer` saves the run's state off the training
+thread, `resident` keeps the base model loaded between runs; the rest are the pieces they use. Importing the
+package loads no torch until a name is used.
 """
 
 from __future__ import annotations
