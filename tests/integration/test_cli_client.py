@@ -136,9 +136,10 @@ def test_submit_queue_waits_for_the_slot_and_pause_resume_hand_it_over(
     assert paused.returncode == 0 and f"{first_id} pausing" in paused.stdout, paused.stderr
     service.wait_for(first_id, {"paused"}, timeout=60)
     assert service.wait_for(second_id, {"succeeded", "failed"})["status"] == "succeeded"  # it got the slot
+    # Read before resuming: a worker that kept the base loaded is at its next step within a second.
+    paused_at = service.job(first_id)["progress"]["current_step"]
     resumed = cli(service, "resume", first_id)
     assert resumed.returncode == 0 and f"{first_id} queued" in resumed.stdout, resumed.stderr
-    paused_at = service.job(first_id)["progress"]["current_step"]
 
     def resumed() -> dict[str, Any] | None:
         events = service.get(f"/jobs/{first_id}/events", params={"limit": 1000}).json()["data"]
