@@ -43,10 +43,11 @@ RECORDS=${GPU_CHECK_RECORDS:-64}
 TTA_RECORDS=${GPU_CHECK_TTA_RECORDS:-200}
 TTA_EPOCHS=${GPU_CHECK_TTA_EPOCHS:-1}
 ROW_RESERVE=${GPU_CHECK_ROW_RESERVE_S:-12}
+PARITY_STEPS=${GPU_CHECK_PARITY_STEPS:-6}  # optimizer steps of parity's default-vs-eager loop check
 MEAN_LEN=${GPU_CHECK_MEAN_LEN:-386}  # the bench rows' mean chat length in tokens (a dry run may take less)
 DRY_RUN=${GPU_CHECK_DRY_RUN:-0}
 PHASES="setup parity service tta bench-b4 bench-b16"
-export ROOT PY SITE WORK GPU_CHECK_WORK SHAPE RECORDS TTA_RECORDS TTA_EPOCHS ROW_RESERVE MEAN_LEN DRY_RUN
+export ROOT PY SITE WORK GPU_CHECK_WORK SHAPE RECORDS TTA_RECORDS TTA_EPOCHS ROW_RESERVE PARITY_STEPS MEAN_LEN DRY_RUN
 export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 unset WANDB_API_KEY WANDB_MODE LORA_API_KEY  # no W&B run, no auth: the seed's curl as written
@@ -98,7 +99,7 @@ EOF
 }
 
 phase_parity() {
-    "$PY" -m bench.gpu_parity --shape "$SHAPE" --json "$WORK/parity.json"
+    "$PY" -m bench.gpu_parity --shape "$SHAPE" --loop-steps "$PARITY_STEPS" --json "$WORK/parity.json"
 }
 
 # HTTP for the service phase: curl, as the seed's README uses it; where the machine has no curl, the same

@@ -24,9 +24,9 @@ FILES = {"setup": ["setup.txt"], "parity": ["parity.json"], "service": ["service
 # A busy 2-core CPU: generous limits, small jobs (the GPU defaults are the seed's; here only the plumbing counts).
 DRY_RUN_ENV = {
     "GPU_CHECK_DRY_RUN": "1", "GPU_CHECK_SHAPE": "tiny", "GPU_CHECK_RECORDS": "12", "GPU_CHECK_TTA_RECORDS": "8",
-    "GPU_CHECK_MEAN_LEN": "48", "GPU_CHECK_BUDGET_S": "1500", "GPU_CHECK_SETUP_S": "120", "GPU_CHECK_PARITY_S": "240",
-    "GPU_CHECK_SERVICE_S": "300", "GPU_CHECK_TTA_S": "300", "GPU_CHECK_BENCH_B4_S": "240",
-    "GPU_CHECK_BENCH_B16_S": "240", "GPU_CHECK_ROW_RESERVE_S": "60",
+    "GPU_CHECK_MEAN_LEN": "48", "GPU_CHECK_PARITY_STEPS": "2", "GPU_CHECK_BUDGET_S": "1500",
+    "GPU_CHECK_SETUP_S": "120", "GPU_CHECK_PARITY_S": "240", "GPU_CHECK_SERVICE_S": "300", "GPU_CHECK_TTA_S": "300",
+    "GPU_CHECK_BENCH_B4_S": "240", "GPU_CHECK_BENCH_B16_S": "240", "GPU_CHECK_ROW_RESERVE_S": "60",
 }  # fmt: skip
 
 
@@ -128,7 +128,7 @@ def test_parity_passes_on_a_bf16_base_at_the_seed_defaults(
     ]  # fmt: skip
     assert all(c["ok"] for c in report["checks"]), report["checks"]
     assert "chunked loss" in report["checks"][0]["detail"]
-    assert len(report["loop"]["default"]) == len(report["loop"]["eager"]) == 6
+    assert len(report["loop"]["default"]) == len(report["loop"]["eager"]) == 2
 
 
 def test_gradient_judge_fails_a_wrong_gradient() -> None:
