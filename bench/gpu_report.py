@@ -180,7 +180,7 @@ def collect(work: Path, phases: Sequence[str] = PHASES) -> tuple[list[Row], str]
     if "setup" in phases:
         setup = ran.get("setup")
         rows.append(Row("setup", "wheels installed, imports, CUDA", "PASS" if setup and setup[0] == "0" else "FAIL",
-                        _ended(setup) if setup and setup[0] != "0" else "stack below"))  # fmt: skip
+                        _ended(setup) if setup and setup[0] != "0" else "the stack: first line"))  # fmt: skip
     if "parity" in phases:
         rows += parity_rows(_load(work / "parity.json"), ran.get("parity"))
     if "service" in phases:
