@@ -1,27 +1,29 @@
 """The GPU check's closing table: one row per check (PASS/FAIL) and per benchmark target (MET/MISSED).
 
-    python -m bench.gpu_report WORK_DIR
+    python -m bench.gpu_report WORK_DIR [--phases NAME,...]
 
-Reads what `scripts/gpu_check.sh` left in WORK_DIR: ``phases.tsv`` (name, exit code, seconds, limit
-per phase), ``setup.txt``, ``parity.json`` (`bench.gpu_parity`), ``service.json`` (the job's last
-``/status``) and ``bench_b4.json`` / ``bench_b16.json`` (`bench.train`). Exit code 1 when a check
-failed or did not run; a missed benchmark target is reported, not failed.
+Reads what `scripts/gpu_check.sh` left in WORK_DIR: ``phases.tsv`` (name, exit code or "running"/"skip",
+seconds, limit per phase; a later line for a phase replaces an earlier one), ``setup.txt`` (the stack; else
+``stack.txt``, which a phase run alone writes), ``parity.json`` (`bench.gpu_parity`), ``service.json`` (the
+job's last ``/status``), ``tta.json`` (`bench.time_to_adapter`) and ``bench_b4.json`` / ``bench_b16.json``
+(`bench.train`). It reads whatever is there, so it also reports a check cut off midway. `--phases` limits the
+table to those phases (a phase run alone). Exit code 1 when a check failed or did not run; a missed benchmark
+target is reported, not failed.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# The targets on one H200 at Qwen2.5-0.5B's shape and the seed's defaults.
-TARGET_SPEEDUP_B4 = 10.0  # fast vs TRL tokens/s at batch 4
-TARGET_MEMORY_B4 = 0.5  # fast vs TRL peak memory at batch 4
-TARGET_MFU_B16 = 0.35  # fast at batch 16 (useful FLOPs)
-TARGET_TOKENS_B16 = 54_000  # the published best for a ~0.6B LoRA on an H100, tokens/s
+from bench import targets
+from bench.time_to_adapter import ratios
+
+PHASES = ("setup", "parity", "service", "tta", "bench-b4", "bench-b16")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ def _ended(phase: tuple[str, float, float] | None) -> str:
     code, seconds, limit = phase
     if code == "skip":
         return "skipped: the time budget was spent"
+    if code == "running":
+        return f"cut off while running (limit {limit:.0f} s): the check was stopped"
     if code in ("124", "137"):
         return f"timed out after {seconds:.0f} s (limit {limit:.0f} s)"
     return f"exit {code} after {seconds:.0f} s"
@@ -110,6 +114,34 @@ def bench_rows(label: str, report: Any, phase: tuple[str, float, float] | None) 
     return rows
 
 
+def tta_rows(report: Any, phase: tuple[str, float, float] | None) -> list[Row]:
+    if not report or not report.get("results"):
+        return [Row("tta", "time to adapter", "FAIL", _ended(phase))]
+    plan = report["plan"]
+    size = f"{plan['records']} chats x {plan['epochs']} ep, batch {plan['batch_size']}"
+    rows = []
+    for r in report["results"]:
+        if "error" in r:
+            rows.append(Row("tta", r["engine"], "FAIL", r["error"].splitlines()[0][:200]))
+            continue
+        warm = "n/a" if r.get("warm_s") is None else f"{r['warm_s']:.1f} s"
+        detail = f"cold {r['cold_s']:.1f} s (start-up {r['startup_s']:.1f} s), warm {warm}; {size}"
+        rows.append(Row("tta", r["engine"], "PASS", detail))
+    return rows
+
+
+def tta_target_rows(report: Any) -> list[Row]:
+    cold, warm = ratios((report or {}).get("results") or [])
+    rows = []
+    if cold is not None:
+        rows.append(Row("target", f"time to adapter cold <= {targets.TTA_COLD}x TRL",
+                        targets.verdict(cold <= targets.TTA_COLD), f"{cold:.2f}x"))  # fmt: skip
+    if warm is not None:
+        rows.append(Row("target", f"time to adapter warm <= {targets.TTA_WARM}x TRL",
+                        targets.verdict(warm <= targets.TTA_WARM), f"{warm:.2f}x"))  # fmt: skip
+    return rows
+
+
 def target_rows(b4: Any, b16: Any) -> list[Row]:
     rows = []
     results4 = (b4 or {}).get("results") or []
@@ -118,50 +150,66 @@ def target_rows(b4: Any, b16: Any) -> list[Row]:
         speedup = fast["tokens_per_second"] / trl["tokens_per_second"]
         memory = fast["peak_memory_bytes"] / trl["peak_memory_bytes"]
         rows.append(
-            Row("target", f"b4 fast >= {TARGET_SPEEDUP_B4:.0f}x TRL tokens/s", _met(speedup >= TARGET_SPEEDUP_B4),
+            Row("target", f"b4 fast >= {targets.GPU_SPEEDUP_B4:.0f}x TRL tokens/s", targets.verdict(speedup >= targets.GPU_SPEEDUP_B4),
                 f"{speedup:.2f}x ({fast['tokens_per_second']:,.0f} vs {trl['tokens_per_second']:,.0f})")
         )  # fmt: skip
         rows.append(
-            Row("target", f"b4 fast <= {TARGET_MEMORY_B4}x TRL peak memory", _met(memory <= TARGET_MEMORY_B4),
+            Row("target", f"b4 fast <= {targets.GPU_MEMORY_B4}x TRL peak memory", targets.verdict(memory <= targets.GPU_MEMORY_B4),
                 f"{memory:.2f}x ({fast['peak_memory_bytes'] / 2**30:.1f} vs {trl['peak_memory_bytes'] / 2**30:.1f} GiB)")
         )  # fmt: skip
     fast16 = _engine((b16 or {}).get("results") or [], "fast")
     if fast16:
         mfu = fast16.get("useful_mfu")
         rows.append(
-            Row("target", f"b16 fast useful MFU >= {TARGET_MFU_B16:.0%}", _met(mfu is not None and mfu >= TARGET_MFU_B16),
+            Row("target", f"b16 fast useful MFU >= {targets.GPU_MFU_B16:.0%}", targets.verdict(mfu is not None and mfu >= targets.GPU_MFU_B16),
                 f"{_pct(mfu)} (engine's own FLOPs: {_pct(fast16.get('mfu'))})")
         )  # fmt: skip
         tokens = fast16["tokens_per_second"]
         rows.append(
-            Row("target", f"b16 fast >= {TARGET_TOKENS_B16:,} tokens/s", _met(tokens >= TARGET_TOKENS_B16),
+            Row("target", f"b16 fast >= {targets.GPU_TOKENS_B16:,} tokens/s", targets.verdict(tokens >= targets.GPU_TOKENS_B16),
                 f"{tokens:,.0f} tokens/s")
         )  # fmt: skip
     return rows
 
 
-def _met(ok: bool) -> str:
-    return "MET" if ok else "MISSED"
-
-
-def collect(work: Path) -> tuple[list[Row], str]:
-    phases = phase_rows(work)
-    setup = phases.get("setup")
-    header = (work / "setup.txt").read_text().strip() if (work / "setup.txt").exists() else "setup did not report"
-    rows = [Row("setup", "wheels installed, imports, CUDA", "PASS" if setup and setup[0] == "0" else "FAIL", header)]
-    rows += parity_rows(_load(work / "parity.json"), phases.get("parity"))
-    rows += service_rows(_load(work / "service.json"), phases.get("service"))
-    b4, b16 = _load(work / "bench_b4.json"), _load(work / "bench_b16.json")
-    rows += bench_rows("bench b4", b4, phases.get("bench-b4"))
-    rows += bench_rows("bench b16", b16, phases.get("bench-b16"))
-    rows += target_rows(b4, b16)
-    timing = ", ".join(f"{name} {seconds:.0f}/{limit:.0f} s" for name, (_, seconds, limit) in phases.items())
+def collect(work: Path, phases: Sequence[str] = PHASES) -> tuple[list[Row], str]:
+    """The table's rows for `phases` from what `work` holds, and the phases' time used per limit."""
+    ran = phase_rows(work)
+    b4, b16, tta = _load(work / "bench_b4.json"), _load(work / "bench_b16.json"), _load(work / "tta.json")
+    rows = []
+    if "setup" in phases:
+        setup = ran.get("setup")
+        rows.append(Row("setup", "wheels installed, imports, CUDA", "PASS" if setup and setup[0] == "0" else "FAIL",
+                        _ended(setup) if setup and setup[0] != "0" else "the stack: first line"))  # fmt: skip
+    if "parity" in phases:
+        rows += parity_rows(_load(work / "parity.json"), ran.get("parity"))
+    if "service" in phases:
+        rows += service_rows(_load(work / "service.json"), ran.get("service"))
+    if "tta" in phases:
+        rows += tta_rows(tta, ran.get("tta"))
+    if "bench-b4" in phases:
+        rows += bench_rows("bench b4", b4, ran.get("bench-b4"))
+    if "bench-b16" in phases:
+        rows += bench_rows("bench b16", b16, ran.get("bench-b16"))
+    rows += target_rows(b4 if "bench-b4" in phases else None, b16 if "bench-b16" in phases else None)
+    rows += tta_target_rows(tta if "tta" in phases else None)
+    timing = ", ".join(f"{name} {seconds:.0f}/{limit:.0f} s" for name, (_, seconds, limit) in ran.items()
+                       if name in phases)  # fmt: skip
     return rows, timing
 
 
-def format_rows(rows: Sequence[Row], timing: str) -> str:
+def stack_line(work: Path) -> str:
+    """The stack the check ran on, as its setup (or a phase run alone) recorded it."""
+    for name in ("setup.txt", "stack.txt"):
+        if (work / name).exists():
+            return (work / name).read_text().strip()
+    return "not recorded (setup did not finish)"
+
+
+def format_rows(rows: Sequence[Row], timing: str, stack: str | None = None) -> str:
     width = max(len(r.check) for r in rows)
-    lines = [f"{'phase':<9}  {'check':<{width}}  {'result':<6}  detail"]
+    lines = [] if stack is None else [f"stack: {stack}"]
+    lines.append(f"{'phase':<9}  {'check':<{width}}  {'result':<6}  detail")
     lines += [f"{r.phase:<9}  {r.check:<{width}}  {r.result:<6}  {r.detail}" for r in rows]
     failed = sum(r.result == "FAIL" for r in rows)
     lines.append(f"phases (used/limit): {timing}")
@@ -170,11 +218,15 @@ def format_rows(rows: Sequence[Row], timing: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        raise SystemExit("usage: python -m bench.gpu_report WORK_DIR")
-    rows, timing = collect(Path(args[0]))
-    print(format_rows(rows, timing))
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_report", description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("work", type=Path, help="the check's work dir")
+    parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated phases to report")
+    args = parser.parse_args(argv)
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    if unknown := [p for p in phases if p not in PHASES]:
+        parser.error(f"--phases: unknown {', '.join(unknown)} (choose from {', '.join(PHASES)})")
+    rows, timing = collect(args.work, phases)
+    print(format_rows(rows, timing, stack_line(args.work)))
     return 1 if any(r.result == "FAIL" for r in rows) else 0
 
 

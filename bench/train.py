@@ -2,7 +2,8 @@
 
     python -m bench.train --shape tiny|tiny-deep|qwen2.5-0.5b --batch-size 4 --batches 10 \\
         --warmup-epochs 2 --timed-epochs 2 --engines fast,reference,trl [--no-modules-to-save] \\
-        [--no-compile] [--no-cuda-graphs] [--json OUT]
+        [--no-compile] [--no-cuda-graphs] [--json OUT] \\
+        [--tta-records 200 --tta-epochs 3 --tta-batch-size 4 | --no-time-to-adapter]
 
 What runs is what a job runs: a random-weight model of the shape (throughput depends on shape, not
 values), the LoRA of a default `TrainConfig` applied by `worker.training.model_loading.prepare_model` (r=8,
@@ -19,6 +20,10 @@ the latter part), taken in order. Every engine runs `--warmup-epochs` untimed pa
 (the fast engine's static path compiles a shape the first time it sees it and captures it the
 second), then `--timed-epochs` timed ones. Each engine runs in its own process (clean peak memory).
 
+After the steady-state table, the time-to-adapter rows (`bench.time_to_adapter`): the seed's default job
+(200 chats, 3 epochs, batch 4; `--tta-*` make it smaller on a CPU) from job claimed to adapter saved, cold
+and warm, our job path against TRL. Both tables end with the issue's targets, MET or MISSED.
+
 FLOPs are counted from what each engine computes (`step_work`, `step_flops`; printed with the
 table): the fast engine runs the LM head only on positions with a label (and, on its static path,
 on bucket filler rows too), the reference engine and TRL run the whole padded batch through every
@@ -29,28 +34,25 @@ for every engine (real tokens, head on loss positions only), so it compares engi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import os
 import random
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from bench import targets, time_to_adapter
+from bench.child import run_child, terminated
 from tests.fixtures.tiny_model import SHAPES as MODEL_SHAPES
 
-ROOT = Path(__file__).resolve().parents[1]  # the children import bench, tests and worker from here
 ENGINES = ("fast", "reference", "trl")
 FAST_OPTIONS = {"no-compile": ("compile",), "no-graphs": ("cuda_graphs",), "eager": ("compile", "cuda_graphs")}
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 spec, no sparsity
-CHILD_RESERVE_S = 25.0  # with --time-budget: kept back for each engine still to run
+CHILD_RESERVE_S = 25.0  # with --time-budget: kept back for each row still to run (--row-reserve)
 
 
 @dataclass(frozen=True)
@@ -351,42 +353,10 @@ def timed_flops(args: argparse.Namespace, cfg: Any, engine: str, *, static: bool
 
 
 def _run_child(argv: Sequence[str], spec: EngineSpec, timeout: float | None) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        log = Path(tmp) / "log.txt"
-        cmd = [sys.executable, "-m", "bench.train", *argv, "--child", spec.label, "--child-out", str(out)]
-        with log.open("wb") as sink:
-            # Its own session, so a timeout ends the child's own children (compile workers) too.
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                code = proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                _kill_group(proc)
-                return {"engine": spec.label, "error": _failure(f"timed out after {timeout:.0f} s", log)}
-            except BaseException:  # Ctrl+C, or SIGTERM (see main): the child's session would outlive us
-                _kill_group(proc)
-                raise
-        if code != 0 or not out.exists():
-            return {"engine": spec.label, "error": _failure(f"exit {code}", log)}
-        result: dict[str, Any] = json.loads(out.read_text())
-        return result
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "bench.train", *argv, "--child", spec.label, "--child-out", str(out)]
 
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _terminated(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through _run_child, which stops the running engine
-
-
-def _failure(what: str, log: Path) -> str:
-    """`what`, the output's last line (usually the exception) on the first line, then the output's end."""
-    text = log.read_text(errors="replace")
-    last = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "no output")
-    return f"{what}: {last[:300]}\n{text[-3000:]}"
+    return run_child(command, spec.label, timeout)
 
 
 def peak_flops(device: str, dtype: str) -> float | None:
@@ -440,10 +410,11 @@ def format_table(args: argparse.Namespace, results: list[dict[str, Any]]) -> str
     for r in results:
         if base is None or r is base or "error" in r:
             continue
-        lines.append(
-            f"{r['engine']} vs trl: {r['tokens_per_second'] / base['tokens_per_second']:.2f}x tokens/s, "
-            f"{r['peak_memory_bytes'] / base['peak_memory_bytes']:.2f}x peak memory"
-        )
+        speedup = r["tokens_per_second"] / base["tokens_per_second"]
+        memory = r["peak_memory_bytes"] / base["peak_memory_bytes"]
+        lines.append(f"{r['engine']} vs trl: {speedup:.2f}x tokens/s, {memory:.2f}x peak memory")
+        if r["engine"] == "fast":
+            lines += targets.steady_state_lines(r["device"], args.batch_size, speedup, memory, r.get("useful_mfu"))
     for r in results:
         for event in r.get("events", []):
             lines.append(f"{r['engine']}: {event}")
@@ -467,15 +438,30 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--no-cuda-graphs", action="store_true", help="fast engine: no whole-step CUDA graphs")
     parser.add_argument("--child-timeout", type=float, default=None, help="seconds each engine may take")
     parser.add_argument("--time-budget", type=float, default=None,
-                        help=f"seconds for all engines: each may use what is left less {CHILD_RESERVE_S:.0f} s "
-                        "for every row after it")  # fmt: skip
+                        help="seconds for all rows: each may use what is left less --row-reserve for every row after it")  # fmt: skip
+    parser.add_argument("--row-reserve", type=float, default=CHILD_RESERVE_S,
+                        help="with --time-budget: seconds kept back for each row still to run (default %(default)s)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    tta = parser.add_argument_group("time to adapter (bench.time_to_adapter), after the steady-state rows")
+    tta.add_argument("--no-time-to-adapter", action="store_true", help="steady-state rows only")
+    tta.add_argument("--tta-records", type=int, default=200, help="chats in the job (seed: 200)")
+    tta.add_argument("--tta-epochs", type=int, default=3, help="the job's epochs (seed: 3)")
+    tta.add_argument("--tta-batch-size", type=int, default=4, help="the job's batch size (seed: 4)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if min(args.batch_size, args.batches, args.timed_epochs) < 1 or args.warmup_epochs < 0:
         parser.error("--batch-size, --batches and --timed-epochs must be >= 1, --warmup-epochs >= 0")
+    if min(args.tta_records, args.tta_epochs, args.tta_batch_size) < 1:
+        parser.error("--tta-records, --tta-epochs and --tta-batch-size must be >= 1")
     return args
+
+
+def tta_plan(args: argparse.Namespace) -> time_to_adapter.TtaPlan:
+    """The time-to-adapter job: a model on disk with a tokenizer, so the fixture's shape nearest to `--shape`
+    (its tiny one for both tiny shapes)."""
+    shape = args.shape if args.shape in time_to_adapter.MODEL_SHAPES else "tiny"
+    return time_to_adapter.TtaPlan(shape, args.tta_records, args.tta_epochs, args.tta_batch_size, seed=args.seed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -497,13 +483,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if child is not None:
         args.child_out.write_text(json.dumps(run_engine(args, child)))
         return 0
-    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGTERM, terminated)
     results = []
     started = time.monotonic()
     for i, spec in enumerate(specs):
         timeout = args.child_timeout
         if args.time_budget is not None:  # what is left, less a minimum kept for each row still to run
-            left = args.time_budget - (time.monotonic() - started) - CHILD_RESERVE_S * (len(specs) - i - 1)
+            after = len(specs) - i - 1 + (0 if args.no_time_to_adapter else len(time_to_adapter.ENGINES))
+            left = args.time_budget - (time.monotonic() - started) - args.row_reserve * after
             timeout = left if timeout is None else min(timeout, left)
         if timeout is not None and timeout <= 0:
             results.append({"engine": spec.label, "error": "not run: --time-budget spent"})
@@ -513,10 +500,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             add_rates(result)
         results.append(result)
     print(format_table(args, results), flush=True)
+    tta = None
+    if not args.no_time_to_adapter:
+        left = None if args.time_budget is None else args.time_budget - (time.monotonic() - started)
+        tta = time_to_adapter.measure(tta_plan(args), time_budget=left, row_reserve=args.row_reserve)
+        print(time_to_adapter.format_rows(tta), flush=True)
     if args.json:
-        payload = {"args": {k: str(v) for k, v in vars(args).items()}, "flops": FLOP_FORMULAS, "results": results}
+        payload = {"args": {k: str(v) for k, v in vars(args).items()}, "flops": FLOP_FORMULAS, "results": results,
+                   "time_to_adapter": tta}  # fmt: skip
         args.json.write_text(json.dumps(payload, indent=2))
-    return 0 if all("error" not in r for r in results) else 1
+    rows = results + (tta["results"] if tta else [])
+    return 0 if all("error" not in r for r in rows) else 1
 
 
 if __name__ == "__main__":

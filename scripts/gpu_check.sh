@@ -3,21 +3,29 @@
 #
 #     bash scripts/gpu_check.sh            (or `make gpu-check`; the machine's own python3, no venv)
 #
-# Phases, each under its own time limit (GPU_CHECK_<PHASE>_S; all within GPU_CHECK_BUDGET_S, 470 s by default):
-#   setup      35 s  install .whl/*.whl into /tmp/site (no index, no deps), import the stack, see the GPU
-#   parity     95 s  bench.gpu_parity: fast vs reference at the seed defaults in bf16 (loss, every gradient),
+# Phases, each under its own time limit (GPU_CHECK_<PHASE>_S), all within GPU_CHECK_BUDGET_S (270 s by default,
+# wheel install included: the whole check fits in 4.5 minutes on a warm machine, twice in a quarter hour):
+#   setup      25 s  install .whl/*.whl into /tmp/site (no index, no deps), import the stack, see the GPU;
+#                    prints the stack (GPU, CUDA, torch, transformers, peft, trl, liger) that the report repeats
+#   parity     45 s  bench.gpu_parity: fast vs reference at the seed defaults in bf16 (loss, every gradient),
 #                    then the default CUDA path (compile + CUDA graphs) vs eager over a few optimizer steps
-#   service   130 s  `python -m cli` (lora-server, embedded Redis) on a free port; the seed's curl POST /train
-#                    with a random-weight Qwen2.5-0.5B-shaped model and 200 generated chats, at the seed's
-#                    defaults, until /status says completed (the worker log is printed on error or timeout)
-#   bench-b4  125 s  bench.train at batch 4: fast, trl, reference (the seed defaults, modules_to_save on)
-#   bench-b16  85 s  bench.train at batch 16: fast, and fast with compile and CUDA graphs off
+#   service    50 s  `python -m cli` (lora-server, embedded Redis) on a free port; the seed's curl POST /train
+#                    with a random-weight Qwen2.5-0.5B-shaped model and GPU_CHECK_RECORDS (64) generated chats,
+#                    at the seed's defaults, until /status says completed (the worker log is printed on error)
+#   tta        70 s  bench.time_to_adapter: job claimed -> adapter saved, cold and warm, fast job path vs TRL,
+#                    GPU_CHECK_TTA_RECORDS (200) chats x GPU_CHECK_TTA_EPOCHS (1; the seed's job has 3) at batch 4
+#   bench-b4   40 s  bench.train at batch 4: fast, trl (the seed defaults, modules_to_save on)
+#   bench-b16  40 s  bench.train at batch 16: fast, trl
 # then one table with PASS/FAIL per check and MET/MISSED per benchmark target (bench.gpu_report).
-# A phase that runs out of time is reported as failed and the next one starts; the bench rows share their
-# phase's time (bench.train --time-budget), each keeping 25 s back for the rows after it.
-# Output goes to stdout and, when $OUT is set, to $OUT/gpu_check.log with the phases' JSON and the service log.
+# The limits are estimates (nothing here has timed them on a GPU yet): each phase's use is in the report.
+# A phase that runs out of time is reported as failed and the next one starts; the rows of a bench phase share
+# its time (--time-budget), each keeping GPU_CHECK_ROW_RESERVE_S (12 s) back for the rows after it.
+# Output goes to stdout and, when $OUT is set, to $OUT: gpu_check.log, and as each phase ends its result files
+# (setup.txt, parity.json, service.json and service.log, tta.json, bench_b4.json, bench_b16.json), phases.tsv
+# (a phase still "running" there was cut off) and report.txt (the table of what has finished so far).
 #
-# One phase again on the same machine (its wheels already in /tmp/site): bash scripts/gpu_check.sh --phase NAME [LIMIT_S]
+# One phase alone, on the same machine (its wheels already in /tmp/site), with the same recording and report:
+#     bash scripts/gpu_check.sh --phase NAME [LIMIT_S]      (GPU_CHECK_WORK=DIR to reuse a work dir's model)
 # A dry run of the same phases on a machine without a GPU, with the project's venv and a tiny model:
 #     GPU_CHECK_DRY_RUN=1 GPU_CHECK_SHAPE=tiny PY=.venv/bin/python bash scripts/gpu_check.sh
 # (no wheels installed, no GPU required; the numbers mean nothing, the plumbing is what it checks).
@@ -29,11 +37,17 @@ SITE=${GPU_CHECK_SITE:-/tmp/site}
 SELF="$ROOT/scripts/gpu_check.sh"
 GPU_CHECK_WORK=${GPU_CHECK_WORK:-$(mktemp -d /tmp/gpu-check.XXXXXX)}  # shared with the phases run below
 WORK=$GPU_CHECK_WORK
-BUDGET=${GPU_CHECK_BUDGET_S:-470}
+BUDGET=${GPU_CHECK_BUDGET_S:-270}
 SHAPE=${GPU_CHECK_SHAPE:-qwen2.5-0.5b}
-RECORDS=${GPU_CHECK_RECORDS:-200}
+RECORDS=${GPU_CHECK_RECORDS:-64}
+TTA_RECORDS=${GPU_CHECK_TTA_RECORDS:-200}
+TTA_EPOCHS=${GPU_CHECK_TTA_EPOCHS:-1}
+ROW_RESERVE=${GPU_CHECK_ROW_RESERVE_S:-12}
+PARITY_STEPS=${GPU_CHECK_PARITY_STEPS:-6}  # optimizer steps of parity's default-vs-eager loop check
+MEAN_LEN=${GPU_CHECK_MEAN_LEN:-386}  # the bench rows' mean chat length in tokens (a dry run may take less)
 DRY_RUN=${GPU_CHECK_DRY_RUN:-0}
-export ROOT PY SITE WORK GPU_CHECK_WORK SHAPE RECORDS DRY_RUN
+PHASES="setup parity service tta bench-b4 bench-b16"
+export ROOT PY SITE WORK GPU_CHECK_WORK SHAPE RECORDS TTA_RECORDS TTA_EPOCHS ROW_RESERVE PARITY_STEPS MEAN_LEN DRY_RUN
 export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 unset WANDB_API_KEY WANDB_MODE LORA_API_KEY  # no W&B run, no auth: the seed's curl as written
@@ -76,20 +90,16 @@ for dist in md.distributions(path=[str(site)]):
             unmet.append(f"{dist.metadata['Name']} needs {req}, have {have}")
 for line in unmet:
     print("warning:", line)
-names = ("torch", "transformers", "peft", "trl", *([] if dry_run else ["liger-kernel"]))
-versions = " ".join(f"{n} {md.version(n)}" for n in names)
-if torch.cuda.is_available():
-    line = f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB); {versions}"
-else:
-    line = f"no GPU (dry run); {versions}"
+from bench.stack import describe
+line = describe() + (" (dry run)" if dry_run else "")
 line += f"; {len(unmet)} unmet requirement(s) of carried wheels" if unmet else ""
-print(line)
+print(f"stack: {line}")
 (Path(os.environ["WORK"]) / "setup.txt").write_text(line + "\n")
 EOF
 }
 
 phase_parity() {
-    "$PY" -m bench.gpu_parity --shape "$SHAPE" --json "$WORK/parity.json"
+    "$PY" -m bench.gpu_parity --shape "$SHAPE" --loop-steps "$PARITY_STEPS" --json "$WORK/parity.json"
 }
 
 # HTTP for the service phase: curl, as the seed's README uses it; where the machine has no curl, the same
@@ -129,9 +139,14 @@ print(r.text + "\n" + str(r.status_code), end="")' "$1" "$2"
     fi
 }
 
+ensure_model() {  # the random-weight model of $SHAPE with its tokenizer, built once per work dir (service, tta)
+    [ -f "$WORK/model-$SHAPE/config.json" ] && return 0
+    "$PY" -m tests.fixtures.tiny_model "$WORK/model-$SHAPE" --shape "$SHAPE" >/dev/null 2>&1
+}
+
 phase_service() {
     local model="$WORK/model-$SHAPE" base="$WORK/base" data="$WORK/train.jsonl" log="$WORK/service.log"
-    local limit=${1:-130} started now status body port="" job="" url
+    local limit=${1:-50} started now status body port="" job="" url
     SERVICE_PID=""  # global: the EXIT trap runs after this function has returned
     started=$(date +%s)
     fail() {  # reason: print it with the job's state and the service log, record it, stop
@@ -155,7 +170,7 @@ phase_service() {
     }
     trap stop_service EXIT
     trap 'fail "stopped by its time limit"' TERM  # runs once the command in progress (short) returns
-    "$PY" -m tests.fixtures.tiny_model "$model" --shape "$SHAPE" >/dev/null || fail "could not build the model"
+    ensure_model || fail "could not build the model"
     "$PY" -m tests.fixtures.chat_data "$data" --records "$RECORDS" >/dev/null || fail "could not write the dataset"
     echo "model ($SHAPE) and $RECORDS chats ready in $(( $(date +%s) - started )) s"
     port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -200,35 +215,89 @@ phase_service() {
     done
 }
 
-# Few distinct batches, repeated: on CUDA the fast engine compiles each new packed shape once (tens of seconds),
-# which the warm-up epochs absorb; the timed epochs then replay captured steps, as a long job does.
+# The seed's job (GPU_CHECK_TTA_RECORDS chats x GPU_CHECK_TTA_EPOCHS epochs at batch 4), twice in one process per
+# engine: cold (the fresh process's first job) and warm (the second), our job path against TRL.
+phase_tta() {
+    ensure_model || { echo "could not build the model"; exit 1; }
+    "$PY" -m bench.time_to_adapter --shape "$SHAPE" --model "$WORK/model-$SHAPE" --records "$TTA_RECORDS" \
+        --epochs "$TTA_EPOCHS" --batch-size 4 --engines fast,trl --row-reserve "$ROW_RESERVE" \
+        --time-budget "$(( ${1:-70} - 5 ))" --json "$WORK/tta.json"
+}
+
+# Few distinct batches, repeated: on CUDA the fast engine compiles each new packed shape once, which the warm-up
+# epochs absorb; the timed epochs then replay captured steps, as a long job does.
 phase_bench_b4() {
-    "$PY" -m bench.train --shape "$SHAPE" --batch-size 4 --batches 2 --warmup-epochs 2 --timed-epochs 8 \
-        --engines fast,trl,reference --time-budget "$(( ${1:-125} - 5 ))" --json "$WORK/bench_b4.json"
+    "$PY" -m bench.train --shape "$SHAPE" --batch-size 4 --batches 2 --warmup-epochs 2 --timed-epochs 6 \
+        --mean-len "$MEAN_LEN" --engines fast,trl --no-time-to-adapter --row-reserve "$ROW_RESERVE" \
+        --time-budget "$(( ${1:-40} - 5 ))" \
+        --json "$WORK/bench_b4.json"
 }
 
 phase_bench_b16() {
-    "$PY" -m bench.train --shape "$SHAPE" --batch-size 16 --batches 2 --warmup-epochs 2 --timed-epochs 6 \
-        --engines fast,fast:eager --time-budget "$(( ${1:-85} - 5 ))" --json "$WORK/bench_b16.json"
+    "$PY" -m bench.train --shape "$SHAPE" --batch-size 16 --batches 2 --warmup-epochs 2 --timed-epochs 4 \
+        --mean-len "$MEAN_LEN" --engines fast,trl --no-time-to-adapter --row-reserve "$ROW_RESERVE" \
+        --time-budget "$(( ${1:-40} - 5 ))" \
+        --json "$WORK/bench_b16.json"
 }
 
-if [ "${1:-}" = --phase ]; then  # one phase, run by the driver below under its time limit
+phase_files() {  # name -> the files in $WORK the phase leaves
+    case $1 in
+        setup) echo setup.txt ;;
+        parity) echo parity.json ;;
+        service) echo service.json service.log ;;
+        tta) echo tta.json ;;
+        bench-b4) echo bench_b4.json ;;
+        bench-b16) echo bench_b16.json ;;
+    esac
+}
+
+phase_limit() {  # name -> its limit in seconds (GPU_CHECK_<NAME>_S, else the default above)
+    local var default
+    var="GPU_CHECK_$(echo "${1//-/_}" | tr '[:lower:]' '[:upper:]')_S"
+    case $1 in
+        setup) default=25 ;; parity) default=45 ;; service) default=50 ;; tta) default=70 ;;
+        bench-b4) default=40 ;; bench-b16) default=40 ;;
+    esac
+    echo "${!var:-$default}"
+}
+
+if [ "${1:-}" = --run-phase ]; then  # one phase's work, run by run_phase below under its time limit
     "phase_${2//-/_}" "${3:-}"
     exit $?
 fi
 
 # ------------------------------------------------------------------------------------------------ driver
 
+ONLY=""
+if [ "${1:-}" = --phase ]; then  # one phase alone: recorded and reported as in a whole check
+    ONLY=${2:-}
+    [[ " $PHASES " == *" $ONLY "* ]] || { echo "--phase: one of $PHASES" >&2; exit 2; }
+    BUDGET=${3:-$(phase_limit "$ONLY")}
+fi
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
     exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 fi
 START=$(date +%s)
-echo "gpu check: $(date -u +%FT%TZ), work dir $WORK, budget $BUDGET s"
-: >"$WORK/phases.tsv"
+echo "gpu check: $(date -u +%FT%TZ), work dir $WORK, budget $BUDGET s${ONLY:+, phase $ONLY alone}"
+[ -f "$WORK/phases.tsv" ] && [ -n "$ONLY" ] || : >"$WORK/phases.tsv"
 
-run_phase() {  # name limit_s
-    local name=$1 limit=$2 left t0 code
+report() {  # the table of what has finished so far (every phase, or the one run alone)
+    "$PY" -m bench.gpu_report "$WORK" ${ONLY:+--phases "$ONLY"}
+}
+
+publish() {  # name: the phase's result files, phases.tsv and the table so far, into $OUT (when set)
+    [ -n "${OUT:-}" ] || return 0
+    local f
+    for f in $(phase_files "$1"); do
+        [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"
+    done
+    cp "$WORK/phases.tsv" "$OUT/phases.tsv"
+    report >"$OUT/report.txt" 2>&1
+}
+
+run_phase() {  # name [limit_s]
+    local name=$1 limit=${2:-$(phase_limit "$1")} left t0 code
     left=$(( BUDGET - ($(date +%s) - START) ))
     (( limit > left )) && limit=$left
     echo
@@ -236,32 +305,40 @@ run_phase() {  # name limit_s
     if (( limit < 20 )); then
         printf '%s\tskip\t0\t%s\n' "$name" "$limit" >>"$WORK/phases.tsv"
         echo "skipped: the time budget is spent"
+        publish "$name"
         return
     fi
+    # A later line for the same phase replaces this one: a check killed now still says which phase it was in.
+    printf '%s\trunning\t0\t%s\n' "$name" "$limit" >>"$WORK/phases.tsv"
+    publish "$name"
     t0=$(date +%s)
-    timeout -k 10 "$limit" bash "$SELF" --phase "$name" "$limit"
+    timeout -k 10 "$limit" bash "$SELF" --run-phase "$name" "$limit"
     code=$?
     printf '%s\t%s\t%s\t%s\n' "$name" "$code" "$(( $(date +%s) - t0 ))" "$limit" >>"$WORK/phases.tsv"
     echo "=== $name: exit $code after $(( $(date +%s) - t0 )) s ==="
+    # The service runs in its own session (setsid): it must not outlive its phase, whatever happened there.
+    if [ "$name" = service ] && [ -f "$WORK/service.pgid" ]; then
+        kill -KILL -- "-$(cat "$WORK/service.pgid")" 2>/dev/null
+    fi
+    publish "$name"
 }
 
-run_phase setup "${GPU_CHECK_SETUP_S:-35}"
-if grep -q $'^setup\t0\t' "$WORK/phases.tsv"; then
-    run_phase parity "${GPU_CHECK_PARITY_S:-95}"
-    run_phase service "${GPU_CHECK_SERVICE_S:-130}"
-    # The service runs in its own session (setsid): it must not outlive its phase, whatever happened there.
-    [ -f "$WORK/service.pgid" ] && kill -KILL -- "-$(cat "$WORK/service.pgid")" 2>/dev/null
-    run_phase bench-b4 "${GPU_CHECK_BENCH_B4_S:-125}"
-    run_phase bench-b16 "${GPU_CHECK_BENCH_B16_S:-85}"
+if [ -n "$ONLY" ]; then
+    # The stack this phase runs on (in a whole check, setup prints it and the report repeats it).
+    "$PY" -m bench.stack --out "$WORK/stack.txt" && [ -n "${OUT:-}" ] && cp "$WORK/stack.txt" "$OUT/"
+    run_phase "$ONLY" "$BUDGET"
+else
+    run_phase setup
+    if grep -q $'^setup\t0\t' "$WORK/phases.tsv"; then
+        for name in ${PHASES#setup }; do
+            run_phase "$name"
+        done
+    fi
 fi
 
 echo
 echo "=== GPU check summary ($(( $(date +%s) - START )) s) ==="
-"$PY" -m bench.gpu_report "$WORK"
+report
 code=$?
-if [ -n "${OUT:-}" ]; then
-    for f in parity.json service.json bench_b4.json bench_b16.json service.log setup.txt; do
-        [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"
-    done
-fi
+[ -z "${OUT:-}" ] || report >"$OUT/report.txt" 2>&1
 exit $code

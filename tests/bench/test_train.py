@@ -14,11 +14,12 @@ from bench.train import SHAPES, EngineSpec
 
 SHAPE = SHAPES["tiny"]
 ARGS = ["--shape", "tiny", "--batches", "2", "--warmup-epochs", "1", "--timed-epochs", "1", "--mean-len", "48"]
+STEADY = [*ARGS, "--no-time-to-adapter"]
 
 
 def run_bench(tmp_path: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[str, dict[str, Any]]:
     out = tmp_path / "bench.json"
-    code = train.main([*ARGS, "--engines", "fast,trl", "--json", str(out), *extra])
+    code = train.main([*STEADY, "--engines", "fast,trl", "--json", str(out), *extra])
     table = capsys.readouterr().out
     assert code == 0, table
     return table, json.loads(out.read_text())
@@ -42,6 +43,9 @@ def test_cpu_table_compares_the_fast_engine_with_trl_at_the_seed_defaults(
         assert float(cells[1].replace(",", "")) > 0, cells  # tokens/s
         assert re.fullmatch(r"\d+\.\d+", cells[2]) and cells[3] == "GiB", cells
     assert re.search(r"^fast vs trl: \d+\.\d+x tokens/s, \d+\.\d+x peak memory$", table, re.M)
+    target = r"^CPU target: fast >= 3x TRL tokens/s at <= 0.5x memory: (MET|MISSED) \(\d+\.\d+x, \d+\.\d+x\)$"
+    assert re.search(target, table, re.M)
+    assert "time to adapter" not in table and report["time_to_adapter"] is None
 
     results = {r["engine"]: r for r in report["results"]}
     # Both train exactly what a job trains: LoRA on every decoder linear, plus the tied vocab matrix in full.
@@ -71,3 +75,26 @@ def test_a_spent_time_budget_reports_rows_not_run(tmp_path: Path, capsys: pytest
     table = capsys.readouterr().out
     assert code == 1
     assert "fast                       ERROR not run: --time-budget spent" in table
+    assert "trl                        ERROR not run: time budget spent" in table.split("time to adapter")[1]
+
+
+def test_make_bench_prints_steady_state_then_time_to_adapter(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench.json"
+    code = train.main([*ARGS, "--engines", "fast,trl", "--tta-records", "6", "--tta-epochs", "1", "--json", str(out)])
+    table = capsys.readouterr().out
+    assert code == 0, table
+    steady, tta = table.split("time to adapter (job claimed -> adapter saved): ")
+    assert re.search(r"^fast vs trl: \d+\.\d+x tokens/s", steady, re.M)
+    assert tta.startswith("6 chats x 1 epochs, batch 4 (2 steps), reduced from the seed's default job")
+    for engine in ("fast", "trl"):
+        cells = _row(tta, engine)
+        cold, startup, warm, steps = float(cells[1]), float(cells[2]), float(cells[3]), int(cells[4])
+        assert cold > startup > 0 and warm > 0 and steps == 2, cells
+    assert re.search(r"^fast vs trl cold: \d+\.\d+x \(GPU target, shown on a CPU <= 1.0x: (MET|MISSED)\)$", tta, re.M)
+    assert re.search(r"^fast vs trl warm: \d+\.\d+x \(GPU target, shown on a CPU <= 0.5x: (MET|MISSED)\)$", tta, re.M)
+    report = json.loads(out.read_text())["time_to_adapter"]
+    assert report["plan"]["records"] == 6 and report["plan"]["shape"] == "tiny"
+    for r in report["results"]:  # every job saved its adapter (the child checks) and trained every step
+        assert [job["steps"] for job in r["jobs"]] == [2, 2] and r["jobs"][1]["started"] >= r["jobs"][0]["saved"]
