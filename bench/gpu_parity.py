@@ -20,14 +20,15 @@ Two checks, each printed as ``PASS``/``FAIL`` with the numbers it judged (exit c
    dropped scale moves gradients far more (the loss of a random-weight model stays near
    ln(vocab) whatever attention does, so the gradients are the sharper test).
 
-2. A few optimizer steps through `worker.training.loop.train_loop`: the default path (on CUDA: static
-   bucketed shapes, compiled layers, whole-step CUDA graphs, capturable AdamW) against the eager
+2. A few optimizer steps through `worker.training.loop.train_loop`: the speed-ups forced on (on CUDA:
+   static bucketed shapes, compiled layers, whole-step CUDA graphs, capturable AdamW, each checked
+   against the eager step on its first compiled step and first replay) against the eager
    path (``compile=False, cuda_graphs=False``) from the same weights on the same batches (of one
    shape, so one compilation). Judged: every step's loss (relative difference <= --loop-rtol), the
    LoRA weights' changes over the run (cosine of all of them together >= --update-cos: AdamW's
    first steps move each weight by about the learning rate in the direction of its gradient's
    sign, and near-zero gradients may flip it), and on CUDA that the default path ran without
-   falling back (no warning event).
+   falling back and without a check disagreeing (no warning event).
 """
 
 from __future__ import annotations
@@ -177,7 +178,9 @@ def loop_run(
         events.append(f"{event_type(event)}: {message}")
 
     before = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
-    speedups = None if default else False  # None: the loop's default (compile + CUDA graphs on CUDA)
+    # On CUDA both speed-ups, forced: a few steps would never repay them by the job's own plan (speedups), and
+    # this check is where they are seen to train like the eager step. On a CPU (dry run): the CPU default.
+    speedups = (True if device.type == "cuda" else None) if default else False
     plan = LoopPlan(epochs=1, batch_size=BATCH, learning_rate=cfg.learning_rate, seed=seed, log_every=1,
                     shuffle=False, compile=speedups, cuda_graphs=speedups)  # fmt: skip
     result = train_loop(model, examples, plan, device=device, engine="fast", control=LocalControl(on_event=on_event))
