@@ -364,9 +364,8 @@ def _plan_speedups(model: nn.Module, examples: Sequence[Example], plan: LoopPlan
     cached = device.type == "cuda" and compile_cached(compile_cache_key(hf_model))
     speedups = plan_speedups(hf_model, examples, _job_batches(len(examples), plan, pos), device=device,
                              compile=plan.compile, cuda_graphs=plan.cuda_graphs, compile_cached=cached)  # fmt: skip
-    if device.type == "cuda" or speedups.compile:  # a CPU job's plain eager steps need no announcement
-        control.emit(events.info(component="speedups", compile=speedups.compile, cuda_graphs=speedups.cuda_graphs,
-                                 step_shapes=len(speedups.expected)), speedups.describe())  # fmt: skip
+    control.emit(events.info(component="speedups", compile=speedups.compile, cuda_graphs=speedups.cuda_graphs,
+                             step_shapes=len(speedups.expected)), speedups.describe())  # fmt: skip
     return speedups
 
 

@@ -59,6 +59,11 @@ class Session:
         return [message for etype, message in self.events if etype == kind]
 
 
+def resumes(session: Session) -> list[str]:
+    """What a session said about resuming (exactly one line where it resumed)."""
+    return [message for message in session.messages("info") if message.startswith("resuming")]
+
+
 def run(
     cfg: TrainConfig,
     folder: Path,
@@ -133,7 +138,7 @@ def test_pause_and_resume_match_an_uninterrupted_run(
 
     second = run(config(tiny_model_dir), tmp_path, state_dir=state_dir)
     assert second.result is not None
-    assert second.messages("info")[-1] == "resuming from step 6/8 (epoch 2)"
+    assert resumes(second) == ["resuming from step 6/8 (epoch 2)"]
     assert second.steps == [7, 8]
     assert [m.split(",")[0] for m in second.messages("epoch")] == ["epoch 2/2 done"]  # epoch 1 is not redone
     assert_same_run(second.result, tmp_path / "adapter", reference)
@@ -154,7 +159,7 @@ def test_a_crashed_run_resumes_from_its_last_saved_step(
 
     second = run(config(tiny_model_dir), tmp_path, state_dir=state_dir, state_every=3)
     assert second.result is not None
-    assert second.messages("info")[-1] == "resuming from step 6/8 (epoch 2)"
+    assert resumes(second) == ["resuming from step 6/8 (epoch 2)"]
     assert second.steps == [7, 8]
     assert_same_run(second.result, tmp_path / "adapter", reference)
 
@@ -174,7 +179,7 @@ def test_saves_by_the_clock_are_written_in_the_background_and_resume_exactly(
 
     second = run(config(tiny_model_dir), tmp_path, state_dir=state_dir, state_every_s=1e-9)
     assert second.result is not None
-    assert second.messages("info")[-1] == f"resuming from step {step}/8 (epoch 1)"
+    assert resumes(second) == [f"resuming from step {step}/8 (epoch 1)"]
     assert second.steps == list(range(step + 1, STEPS + 1))
     assert_same_run(second.result, tmp_path / "adapter", reference)
     assert not second.messages("warning")
@@ -257,7 +262,7 @@ def test_a_half_written_or_damaged_state_is_never_applied(
     assert second.result is not None
     warnings = second.messages("warning")
     assert len(warnings) == 1 and warnings[0].startswith("saved training state not used: step-000007: unreadable")
-    assert second.messages("info")[-1] == "resuming from step 6/8 (epoch 2)"
+    assert resumes(second) == ["resuming from step 6/8 (epoch 2)"]
     # The first save after the resume (step 7) removed the staging folder and every older state.
     assert seen_at_step_8 == ["step-000007"]
     assert_same_run(second.result, tmp_path / "adapter", reference)
