@@ -92,6 +92,12 @@ def unwrap(model: nn.Module) -> Any:
     return get_base_model() if callable(get_base_model) else model
 
 
+def decoder_layers(hf_model: Any) -> list[nn.Module]:
+    """The decoder's layers (what the static step compiles; how deep the model is), or none where it has no list."""
+    layers = getattr(hf_model.get_decoder(), "layers", None)
+    return list(layers) if layers is not None else []
+
+
 def autocast_dtype(hf_model: nn.Module) -> torch.dtype | None:
     """The frozen base weights' half dtype (the matmuls' compute dtype), else None (fp32: no autocast).
 

@@ -172,9 +172,10 @@ def train_loop(
     pos = _Position() if resume is None else _Position.restored(resume, device)
     speedups = None
     if step_fn is None and engine == "fast":
-        engine = _checked_engine(model, examples, plan, pos, device=device, control=control)
-    if step_fn is None and engine == "fast":
-        speedups = _plan_speedups(model, examples, plan, pos, device=device, control=control)
+        remaining = _job_batches(len(examples), plan, pos)
+        engine = _checked_engine(model, examples, remaining, plan, device=device, control=control)
+        if engine == "fast":
+            speedups = _plan_speedups(model, examples, remaining, plan, device=device, control=control)
     train_step = _make_train_step(model, params, plan, engine=engine, device=device, on_event=control.emit,
                                   step_fn=step_fn, speedups=speedups)  # fmt: skip
     if resume is not None:
@@ -332,11 +333,10 @@ def _job_batches(num_examples: int, plan: LoopPlan, pos: _Position) -> list[list
     return batches
 
 
-def _checked_engine(model: nn.Module, examples: Sequence[Example], plan: LoopPlan, pos: _Position, *,
+def _checked_engine(model: nn.Module, examples: Sequence[Example], batches: list[list[int]], plan: LoopPlan, *,
                     device: torch.device, control: RunControl) -> EngineKind:  # fmt: skip
     """ "fast", unless the fast step's loss on the first batch disagrees with the reference's (then "reference")."""
     check = device.type == "cuda" if plan.check_first_step is None else plan.check_first_step
-    batches = _job_batches(len(examples), plan, pos)
     if not check or not batches:
         return "fast"
     try:
@@ -358,11 +358,11 @@ def _checked_engine(model: nn.Module, examples: Sequence[Example], plan: LoopPla
     return "reference"
 
 
-def _plan_speedups(model: nn.Module, examples: Sequence[Example], plan: LoopPlan, pos: _Position, *,
+def _plan_speedups(model: nn.Module, examples: Sequence[Example], batches: list[list[int]], plan: LoopPlan, *,
                    device: torch.device, control: RunControl) -> SpeedupPlan:  # fmt: skip
     hf_model = unwrap(model)
     cached = device.type == "cuda" and compile_cached(compile_cache_key(hf_model))
-    speedups = plan_speedups(hf_model, examples, _job_batches(len(examples), plan, pos), device=device,
+    speedups = plan_speedups(hf_model, examples, batches, device=device,
                              compile=plan.compile, cuda_graphs=plan.cuda_graphs, compile_cached=cached)  # fmt: skip
     control.emit(events.info(component="speedups", compile=speedups.compile, cuda_graphs=speedups.cuda_graphs,
                              step_shapes=len(speedups.expected)), speedups.describe())  # fmt: skip

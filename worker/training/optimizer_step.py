@@ -29,7 +29,7 @@ from torch import nn
 from shared import events
 from shared.events import EventPayload
 from worker.training.example import Example
-from worker.training.forward_backward import FastStep, StepFn, StepInputs, StepOutput, unwrap
+from worker.training.forward_backward import FastStep, StepFn, StepInputs, StepOutput, decoder_layers, unwrap
 from worker.training.graph_cache import GraphCache, Key
 from worker.training.packing import pack_static
 from worker.training.step_check import Tolerance, packed_eval_loss, uncompiled
@@ -143,7 +143,7 @@ class StaticTrainStep:
         # One side stream for every eager step before a capture: a new stream per step costs a
         # stream creation each time, and capture only asks that warm-up ran off the default stream.
         self.side_stream = torch.cuda.Stream(device) if cuda_graphs else None
-        self.layers = _decoder_layers(hf_model)
+        self.layers = decoder_layers(hf_model)
         self.compiled = False
         # A compiled or captured step runs in train mode and its check in eval mode: with attention
         # dropout on they compute different functions, so there is nothing exact to compare. (LoRA
@@ -291,8 +291,3 @@ class StaticTrainStep:
 
 
 _TENSOR_FIELDS = ("input_ids", "position_ids", "segment_ids", "cu_seqlens", "loss_rows", "targets", "loss_scale")
-
-
-def _decoder_layers(hf_model: Any) -> list[nn.Module]:
-    layers = getattr(hf_model.get_decoder(), "layers", None)
-    return list(layers) if layers is not None else []

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from worker.training.example import Example
+from worker.training.forward_backward import decoder_layers
 from worker.training.graph_cache import Key
 from worker.training.packing import bucket_size, count_loss_tokens
 
@@ -85,7 +86,7 @@ def plan_speedups(
     if device.type != "cuda":
         on = bool(compile)  # CPU: only when asked (a test, a benchmark); there are no CUDA graphs
         return SpeedupPlan(on, False, shapes, ("on a CPU, steps are eager unless compile is asked for",))
-    layers = _count_layers(model)
+    layers = max(1, len(decoder_layers(model)))
     launch_s = LAUNCH_S_PER_LAYER * layers + LAUNCH_S_FIXED
     reasons: list[str] = []
     if cuda_graphs is None:
@@ -114,10 +115,6 @@ def plan_speedups(
     else:
         reasons.append(f"compile {'on' if compile else 'off'} as configured")
     return SpeedupPlan(bool(compile), bool(cuda_graphs), shapes, tuple(reasons))
-
-
-def _count_layers(model: nn.Module) -> int:
-    return max(1, sum(1 for name, _ in model.named_modules() if name.rsplit(".", 2)[-2:-1] == ["layers"]))
 
 
 def _count_params(model: nn.Module) -> int:

@@ -23,12 +23,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from worker.training.example import IGNORE_INDEX, Example
-from worker.training.forward_backward import FastStep, StepInputs, autocast_context, pad_batch, unwrap
-from worker.training.packing import count_loss_tokens, pack_examples
+from worker.training.evaluation import evaluate
+from worker.training.example import Example
+from worker.training.forward_backward import FastStep, StepInputs, unwrap
+from worker.training.packing import pack_examples
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,17 +91,6 @@ def packed_eval_loss(fast: FastStep, inputs: StepInputs) -> float:
     return float((sums.loss_sum * inputs.loss_scale).item())
 
 
-def reference_eval_loss(model: nn.Module, examples: Sequence[Example], device: torch.device,
-                        autocast: torch.dtype | None) -> float:  # fmt: skip
-    """The reference engine's mean loss on `examples` (padded batch, full logits), forward only, in eval mode."""
-    batch = pad_batch(examples, device)
-    with torch.no_grad(), eval_mode(model), autocast_context(device, autocast):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        flat = logits.float()[:, :-1].reshape(-1, logits.shape[-1])
-        loss_sum = F.cross_entropy(flat, batch.labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    return float(loss_sum.item()) / max(sum(count_loss_tokens(e) for e in examples), 1)
-
-
 CHECK_MAX_SEQUENCES = 4
 CHECK_MAX_TOKENS = 2048  # the reference's full fp32 logits of this many tokens: ~1.2 GB at a 152k vocabulary
 
@@ -146,5 +135,6 @@ def check_fast_engine(model: nn.Module, examples: Sequence[Example], device: tor
     fast = fast or FastStep(hf_model, device)
     packed = pack_examples(examples)
     fast_loss = packed_eval_loss(fast, fast.inputs(packed, static=False))
-    reference_loss = reference_eval_loss(model, examples, device, fast.autocast)
+    # The reference side is held-out evaluation's own computation: padded batch, full logits, eval mode, no grad.
+    reference_loss = evaluate(model, examples, batch_size=len(examples), device=device).loss
     return EngineCheck(fast_loss, reference_loss, Tolerance.for_dtype(fast.autocast))
