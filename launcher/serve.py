@@ -4,8 +4,9 @@ next to each (chat completions), and the API.
 Each child runs in its own process group so that stopping reaches its whole tree (Celery's
 prefork children included). The launcher is a supervisor: a worker or the API that dies on its own
 (an out-of-memory kill, say) is started again, with exponential backoff, while everything else stays
-up; a job the dead worker held is settled by its lease (failed, or run again where attempts allow).
-Ctrl+C or SIGTERM stops the API first, then the workers, then Redis, and leaves nothing behind.
+up; a job the dead worker held is settled by its lease (run again from its saved state while attempts
+allow). Ctrl+C or SIGTERM stops the API first, then the workers (a running job saves its state and goes
+back to the queue, first in line), then Redis, and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ def _stop(name: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+# A worker asked to stop saves its job's full state and hands the job back (`worker.jobs.shutdown`): for a
+# large model that write takes a while, and cutting it short would lose the steps since the last save.
+WORKER_STOP_GRACE_S = 120.0
+OTHER_STOP_GRACE_S = 15.0
+
 RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # then 30 s between tries
 STABLE_AFTER_S = 60.0  # a child up this long starts its backoff afresh
 
@@ -69,6 +75,7 @@ class Child:
     name: str
     cmd: list[str]
     env: dict[str, str]
+    stop_grace_s: float = OTHER_STOP_GRACE_S
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     restarts: int = 0  # consecutive restarts without a stable run in between
@@ -134,7 +141,7 @@ def serve(opts: ServeOptions) -> int:
             "--loglevel", opts.log_level.upper(), "--concurrency", "1", "--pool", "prefork",
             "-Q", QUEUE, "-n", f"gpu{gpu if gpu is not None else i}@%h",
         ]  # fmt: skip
-        children.append(Child(f"worker {i}", cmd, worker_env))
+        children.append(Child(f"worker {i}", cmd, worker_env, stop_grace_s=WORKER_STOP_GRACE_S))
         # Its generation worker: same GPU, its own long-lived process, so chat never holds up training.
         generate_cmd = [
             sys.executable,
@@ -169,9 +176,9 @@ def serve(opts: ServeOptions) -> int:
         return 0
     finally:
         log.info("stopping")
-        for child in reversed(children):  # the API first, then the workers
+        for child in reversed(children):  # the API first, then the workers (their jobs go back to the queue)
             if child.proc is not None:
-                _stop(child.name, child.proc, timeout=15.0)
+                _stop(child.name, child.proc, timeout=child.stop_grace_s)
         if redis_server is not None:
             redis_server.stop()
         log.info("stopped")

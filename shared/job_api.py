@@ -44,7 +44,7 @@ class TrainAccepted(BaseModel):
 class SeedStatusPublic(BaseModel):
     """The seed's `/status` shape, plus extra fields; `model_path` only when completed, `error` only on error."""
 
-    status: Literal["idle", "training", "completed", "error"]
+    status: Literal["idle", "training", "paused", "completed", "error"]
     message: str
     current_step: int = 0
     total_steps: int = 0
@@ -97,7 +97,7 @@ class JobPublic(BaseModel):
     kind: Literal["train", "merge"]
     source_job: str | None
     status: JobStatus
-    seed_status: Literal["training", "completed", "error"]
+    seed_status: Literal["training", "paused", "completed", "error"]
     created_at: float
     started_at: float | None
     finished_at: float | None

@@ -25,12 +25,12 @@ class JobStatus(StrEnum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
-# The seed's four-valued status, as `/status` reports it.
+# The seed's status, as `/status` reports it (the seed's four values, and `paused`).
 SEED_STATUS: dict[JobStatus, str] = {
     JobStatus.queued: "training",
     JobStatus.running: "training",
     JobStatus.pausing: "training",
-    JobStatus.paused: "training",  # not over: it resumes where it stopped
+    JobStatus.paused: "paused",  # not over, but not training either: it resumes where it stopped
     JobStatus.succeeded: "completed",
     JobStatus.failed: "error",
     JobStatus.cancelled: "error",

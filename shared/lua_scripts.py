@@ -156,6 +156,59 @@ return ARGV[3]
 """
 )
 
+# KEYS: job, active, events, waiting. ARGV: id, token, event_message, count_attempt ('1' or '0'), field, value, ...
+# A runner that stopped for a reason that is not the job's (its worker was asked to stop, or lost Redis)
+# hands the job back: queued again at the head of the waiting line, its slot freed (PROMOTE gives the
+# next free slot to it first), and it continues from the state it saved. A stop on request is not a
+# failed attempt ('0': the attempt is given back). A cancel or pause asked meanwhile wins. Returns 0 (not
+# this runner's to settle), else the status recorded.
+HAND_BACK = (
+    _PRELUDE
+    + """
+local st = redis.call('HGET', KEYS[1], 'status')
+if st ~= 'running' and st ~= 'pausing' then return 0 end
+if redis.call('HGET', KEYS[1], 'run_token') ~= ARGV[2] then return 0 end
+local now = now_ms()
+redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
+  ended(KEYS[1], KEYS[3], now, ARGV[1], 'cancelled', 'Job cancelled while its worker stopped',
+    'error', 'cancelled by request', 'message', 'Cancelled while its worker stopped')
+  return 'cancelled'
+end
+if st == 'pausing' then
+  redis.call('HSET', KEYS[1], 'status', 'paused', 'run_token', '', 'paused_at', stamp(now), unpack(ARGV, 5))
+  redis.call('HSET', KEYS[1], 'message', 'Paused; resume continues from its saved state')
+  event(KEYS[3], now, 'status', 'Job paused (its worker stopped while pausing)', '{"status":"paused"}')
+  return 'paused'
+end
+local score = now
+local head = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+if #head > 0 and tonumber(head[2]) <= score then score = tonumber(head[2]) - 1 end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'run_token', '', 'worker', '', unpack(ARGV, 5))
+if ARGV[4] == '0' then redis.call('HINCRBY', KEYS[1], 'attempts', -1) end
+redis.call('ZADD', KEYS[4], score, ARGV[1])
+event(KEYS[3], now, 'status', ARGV[3], '{"status":"queued"}')
+return 'queued'
+"""
+)
+
+# KEYS: job, active, events. ARGV: id, event_message, field, value, ... A job whose lease lapsed but whose
+# complete adapter is on disk (written by one of its runs, which could not record it): it succeeded.
+# Returns 1 when recorded, 0 when the job is no longer running with a lapsed lease.
+SETTLE_COMPLETE = (
+    _PRELUDE
+    + """
+local st = redis.call('HGET', KEYS[1], 'status')
+if st ~= 'running' and st ~= 'pausing' then return 0 end
+local deadline = redis.call('ZSCORE', KEYS[2], ARGV[1])
+local now = now_ms()
+if deadline and tonumber(deadline) > now then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+ended(KEYS[1], KEYS[3], now, ARGV[1], 'succeeded', ARGV[2], 'run_token', '', unpack(ARGV, 3))
+return 1
+"""
+)
+
 # KEYS: job, active, events, waiting. ARGV: id. Returns 'removed' (was queued or paused), 'requested'
 # (running; the worker stops soon), 'missing' or the terminal status found.
 CANCEL = (

@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 from typing import Literal
 
+from shared.metrics import TrainingSummary
+from shared.volume import TRAINING_SUMMARY
+
 OUTPUT_MARKER = ".lora-server-output.json"
 OutputKind = Literal["adapter", "merged_model", "checkpoint"]
 
@@ -51,3 +54,27 @@ def write_marker(folder: Path, kind: OutputKind, **details: str | int | float | 
     """Mark `folder` as an output of this service (written into the staged folder before the swap)."""
     (folder / OUTPUT_MARKER).write_text(json.dumps({"written_by": "lora-server", "kind": kind,
                                                     "written_at": time.time(), **details}))  # fmt: skip
+
+
+def output_marker(folder: Path) -> dict[str, object] | None:
+    """The marker of an output of this service in `folder`, or None (no marker, or not readable)."""
+    try:
+        marker = json.loads((folder / OUTPUT_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("written_by") == "lora-server" else None
+
+
+def is_jobs_adapter(folder: Path, job_id: str) -> bool:
+    """`folder` holds the complete adapter job `job_id` saved: the marker goes in last, with the job's id,
+    and the folder is swapped into place whole, so a marked folder is never half-written."""
+    marker = output_marker(folder)
+    return marker is not None and marker.get("kind") == "adapter" and marker.get("job") == job_id
+
+
+def adapter_summary(folder: Path) -> TrainingSummary | None:
+    """The training summary saved with an adapter, or None when it is missing or unreadable."""
+    try:
+        return TrainingSummary.model_validate_json((folder / TRAINING_SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None

@@ -47,8 +47,10 @@ class Settings(BaseSettings):
     state_every_s: float = Field(
         default=600.0,
         ge=0,
-        description="Save a training job's full state every this many seconds (and at epoch ends and on a "
-        "pause), so a job whose worker died continues from there; written in the background. 0 = off.",
+        description="Save a training job's full state every this many seconds (and at epoch ends, on a "
+        "pause and when its worker is asked to stop), so a job whose worker died continues from there; "
+        "written in the background. 0 = off. The state is kept only while its job can still continue from it "
+        "(running, queued again or paused) and deleted once the job has ended.",
     )
     state_every_steps: int = Field(
         default=0,
@@ -59,7 +61,13 @@ class Settings(BaseSettings):
     merge_wait_s: float = Field(
         default=600.0, gt=0, description="How long the seed's POST /merge waits for its merge before answering 202."
     )
-    max_attempts: int = Field(default=1, ge=1, description="Runs allowed per job (retries after worker loss).")
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Runs allowed per job: a job whose worker died without warning (a kill, a lost host) runs "
+        "again from its last saved state until this many runs were lost. A worker that is asked to stop "
+        "hands its job back without using a run.",
+    )
     job_time_limit_s: int = Field(default=7 * 24 * 3600, ge=1, description="Hard limit on one job.")
     visibility_timeout_s: int | None = Field(
         default=None,

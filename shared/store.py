@@ -136,6 +136,8 @@ class JobStore:
         self._promote = client.register_script(lua_scripts.PROMOTE)
         self._pause = client.register_script(lua_scripts.PAUSE)
         self._resume = client.register_script(lua_scripts.RESUME)
+        self._hand_back = client.register_script(lua_scripts.HAND_BACK)
+        self._settle_complete = client.register_script(lua_scripts.SETTLE_COMPLETE)
 
     def ping(self) -> bool:
         return bool(self.client.ping())
@@ -278,6 +280,38 @@ class JobStore:
             args=[job_id, token, status.value, event_message, data, *_flatten(fields)],
         )
         return JobStatus(done) if done else None
+
+    def hand_back(
+        self, job_id: str, *, token: str, reason: str, count_attempt: bool, progress: Progress | None = None
+    ) -> JobStatus | None:
+        """Queue a job this runner stopped (for a reason that is not the job's) again, first in line; it
+        continues from its saved state. The status recorded (`paused`/`cancelled` when one was asked
+        meanwhile), None when the job was not this runner's to hand back."""
+        fields = {"message": f"Queued first in line: {reason}"}
+        if progress is not None:
+            fields["progress"] = progress.model_dump_json()
+        done = self._hand_back(
+            keys=[keys.job_key(job_id), keys.ACTIVE, keys.events_key(job_id), keys.WAITING],
+            args=[job_id, token, reason, "1" if count_attempt else "0", *_flatten(fields)],
+        )
+        return JobStatus(done) if done else None
+
+    def lapsed_running(self) -> list[str]:
+        """Jobs holding a slot whose lease (or queue deadline) has passed: what `reap` settles next."""
+        return cast(list[str], self.client.zrangebyscore(keys.ACTIVE, "-inf", self._now_ms()))
+
+    def settle_complete(self, job_id: str, *, model_path: str, metrics: TrainingSummary | None) -> bool:
+        """Record as succeeded a job whose lease lapsed but whose complete adapter one of its runs wrote."""
+        fields = {"message": "Training completed", "model_path": model_path}
+        if metrics is not None:
+            fields["metrics"] = metrics.model_dump_json()
+        message = "Job succeeded: its adapter was complete on disk when its lapsed lease was settled"
+        return bool(
+            self._settle_complete(
+                keys=[keys.job_key(job_id), keys.ACTIVE, keys.events_key(job_id)],
+                args=[job_id, message, *_flatten(fields)],
+            )
+        )
 
     def cancel(self, job_id: str) -> str:
         """'removed' (was queued or paused), 'requested' (running; the worker stops soon), 'missing' or the

@@ -149,6 +149,14 @@ class Volume:
             raise ValueError(f"{job_id!r} is not a job id")
         return self.base / TRAINING_STATE / job_id
 
+    def saved_states(self) -> list[tuple[str, Path]]:
+        """(job id, folder) of every job that has a saved training state here."""
+        try:
+            entries = list((self.base / TRAINING_STATE).iterdir())
+        except OSError:
+            return []
+        return [(entry.name, entry) for entry in entries if is_job_id(entry.name) and entry.is_dir()]
+
     def job_checkpoints(self, job_id: str) -> Path:
         """The folder of a job's checkpoints (it may not exist yet)."""
         if not is_job_id(job_id):

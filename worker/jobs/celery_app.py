@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 
 from shared.celery_factory import make_celery
 from shared.settings import get_settings
@@ -24,6 +24,13 @@ def _on_shutdown(sender: Any = None, **_: Any) -> None:
     from worker.jobs.maintenance import leave
 
     leave(get_settings(), getattr(sender, "hostname", None) or "worker")
+
+
+@worker_shutting_down.connect
+def _on_shutting_down(**_: Any) -> None:
+    from worker.jobs.shutdown import forward_to_children
+
+    forward_to_children()  # a SIGTERM to this process alone (docker stop) reaches the running job too
 
 
 @worker_process_init.connect

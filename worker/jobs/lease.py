@@ -19,6 +19,7 @@ import redis
 from shared.events import EventPayload
 from shared.jobs import Progress
 from shared.store import JobStore
+from worker.jobs import shutdown
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ class LeaseKeeper:
         self.paused = threading.Event()  # a pause was requested: save the full state and stop
         self.fenced = threading.Event()  # another runner owns the job now (or it was settled)
         self.lost = threading.Event()  # Redis unreachable for longer than the lease
+        # This worker was asked to stop (SIGTERM: a restart or a deploy): save the state, hand the job back.
+        self.shutdown = shutdown.requested
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._progress: Progress | None = None
@@ -49,9 +52,18 @@ class LeaseKeeper:
 
     # Called from the training loop.
     def pause_requested(self) -> bool:
-        """The stop is a pause (and not a cancel): the run saves its full state before it ends."""
-        # A runner fenced out (another owns the job now) saves nothing: the state folder is the new owner's.
-        return self.paused.is_set() and not self.cancelled.is_set() and not self.fenced.is_set()
+        """The stop keeps the job going later (a pause, this worker stopping, Redis lost): the run saves
+        its full state before it ends, and the job continues from it."""
+        # A cancel needs no state; a runner fenced out (another owns the job now) saves nothing: the state
+        # folder is the new owner's.
+        if self.cancelled.is_set() or self.fenced.is_set():
+            return False
+        return self.paused.is_set() or self.shutdown.is_set() or self.lost.is_set()
+
+    @property
+    def handing_back(self) -> bool:
+        """The run stopped for a reason that is not the job's: it goes back to the queue, first in line."""
+        return not self.paused.is_set() and (self.shutdown.is_set() or self.lost.is_set())
 
     def publish(self, progress: Progress) -> None:
         with self._lock:
@@ -65,6 +77,8 @@ class LeaseKeeper:
 
     def should_stop(self) -> bool:
         if self.cancelled.is_set() or self.paused.is_set() or self.fenced.is_set() or self.lost.is_set():
+            return True
+        if self.shutdown.is_set():
             return True
         # A dead lease thread renews nothing: the job must not train on unobserved.
         return self._thread.ident is not None and not self._thread.is_alive() and not self._stop.is_set()

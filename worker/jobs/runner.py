@@ -20,6 +20,7 @@ from shared.config import TrainConfig
 from shared.events import InfoNotice
 from shared.jobs import JobRecord, JobStatus, Progress
 from shared.metrics import TrainingSummary
+from shared.outputs import adapter_summary, is_jobs_adapter
 from shared.settings import Settings, get_settings
 from shared.store import JobStore, connect
 from worker.jobs.lease import LeaseKeeper
@@ -36,11 +37,12 @@ def worker_name() -> str:
 
 @dataclass
 class Outcome:
-    status: JobStatus
+    status: JobStatus  # `queued`: handed back to the queue, first in line (see `LeaseKeeper.handing_back`)
     message: str
     error: str | None = None
     model_path: str | None = None
     metrics: TrainingSummary | None = None
+    count_attempt: bool = True  # a hand-back on a worker's stop gives the attempt back
 
 
 def _train(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome:
@@ -65,6 +67,15 @@ def _train(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome
     if lease.cancelled.is_set():
         message = f"Training cancelled at step {result.steps}/{result.total_steps}"
         return Outcome(JobStatus.cancelled, message, error="cancelled by request", metrics=metrics)
+    if lease.handing_back:
+        where = f"step {result.steps}/{result.total_steps}" if result.total_steps else "its start"
+        saved = "continues from its state saved there" if result.paused else "starts again"
+        if lease.shutdown.is_set():
+            why = f"worker {worker_name()} is stopping"
+        else:
+            why = f"worker {worker_name()} lost contact with Redis"
+        return Outcome(JobStatus.queued, f"{why}: handed back at {where}; it {saved} on the next free slot",
+                       count_attempt=not lease.shutdown.is_set())  # fmt: skip
     if result.paused:
         return Outcome(JobStatus.paused, f"Paused at step {result.steps}/{result.total_steps}; resume continues there")
     error = "lost contact with Redis (or the lease thread failed); stopped training"
@@ -88,6 +99,20 @@ def _merge(record: JobRecord, lease: LeaseKeeper) -> Outcome:
     return Outcome(JobStatus.succeeded, "Merge completed", model_path=str(path))
 
 
+def _trained_before(record: JobRecord, lease: LeaseKeeper) -> Outcome | None:
+    """The outcome of a job whose complete adapter an earlier run saved but could not record (its lease
+    lapsed first): succeeded, without training again."""
+    output = Path(record.output_dir)
+    if record.kind != "train" or not is_jobs_adapter(output, record.id):
+        return None
+    lease.emit(InfoNotice(), "an earlier run of this job saved its complete adapter: recorded as succeeded, "
+               "without training again")  # fmt: skip
+    metrics = adapter_summary(output)
+    if metrics is not None:
+        metrics.losses = metrics.losses[-_LOSSES_KEPT:]
+    return Outcome(JobStatus.succeeded, "Training completed", model_path=str(output), metrics=metrics)
+
+
 def run_job(job_id: str) -> None:
     settings = get_settings()
     store = JobStore(connect(settings.redis_url))
@@ -102,12 +127,16 @@ def run_job(job_id: str) -> None:
     log.info("job %s (%s): %s", job_id, record.kind, record.config.model_name)
     with LeaseKeeper(store, job_id, token, settings.lease_ttl_s) as lease:
         try:
-            outcome = _merge(record, lease) if record.kind == "merge" else _train(record, settings, lease)
+            if record.kind == "merge":
+                outcome = _merge(record, lease)
+            else:
+                outcome = _trained_before(record, lease) or _train(record, settings, lease)
         except Exception as exc:
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
             failed = "Merge failed" if record.kind == "merge" else "Training failed"
             outcome = Outcome(JobStatus.failed, failed, error=f"{type(exc).__name__}: {exc}")
         if lease.fenced.is_set():
+            # A complete adapter stays, marked with the job's id: whoever settles the job records it.
             log.warning("job %s: another runner owns it or it was settled; recording nothing", job_id)
             return
         if record.kind == "train":  # whatever the outcome: a failed or cancelled run keeps the steps it logged
@@ -115,10 +144,12 @@ def run_job(job_id: str) -> None:
         # Still under the lease (its thread keeps renewing), so a Redis hiccup here cannot turn a
         # finished job into a "worker lost" one.
         recorded = _record_outcome(store, job_id, token, outcome, lease.latest, patience_s=3 * settings.lease_ttl_s)
-        # Only once the job has ended for good does its saved state go: a job requeued meanwhile by the
+        # Only once the job's end is recorded does its saved state go: a job requeued meanwhile by the
         # reaper (its outcome then not ours to record) continues from it.
         if recorded is not None and recorded.terminal:
             _drop_state(settings.volume.job_state(job_id))
+        if recorded is JobStatus.queued:
+            log.info("job %s: handed back to the queue, first in line", job_id)
     _start_next(store, settings)
 
 
@@ -146,6 +177,9 @@ def _record_outcome(
     delay = 0.5
     while True:
         try:
+            if outcome.status is JobStatus.queued:
+                return store.hand_back(job_id, token=token, reason=outcome.message,
+                                       count_attempt=outcome.count_attempt, progress=progress)  # fmt: skip
             recorded = store.finish(
                 job_id,
                 token=token,

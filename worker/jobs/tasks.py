@@ -11,10 +11,11 @@ from worker.jobs.celery_app import app
 
 @app.task(name=TRAIN_TASK)
 def train(payload: dict[str, Any]) -> None:
-    from worker.jobs import child
+    from worker.jobs import child, shutdown
     from worker.jobs.runner import run_job  # imports torch: only inside the task's child process
 
     try:
-        run_job(TrainTaskPayload.model_validate(payload).job_id)
+        with shutdown.running_job():
+            run_job(TrainTaskPayload.model_validate(payload).job_id)
     finally:  # the job's objects are unreachable here: what memory is still held, the next job would inherit
         child.after_job(get_settings())

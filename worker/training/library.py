@@ -72,7 +72,8 @@ def train_model(
     run only.
 
     A run over a `paths.state` holding a state of the same config and data continues from it; a state
-    of anything else is ignored with a warning event. The state is deleted once the adapter is saved.
+    of anything else is ignored with a warning event. The state is deleted once the adapter is saved
+    (a job's, `paths.job_id` set, by its runner once the outcome is recorded).
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.model_validate(config or {})
     if paths is not None and output_dir is not None:

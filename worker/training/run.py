@@ -428,15 +428,20 @@ class TrainingRun:
 
     def save(self, result: TrainResult) -> None:
         """Write the adapter, tokenizer and summary into a staged folder, then swap it into place
-        (and then delete the run's saved state)."""
+        (and then, in a library call, delete the run's saved state)."""
         assert self.model is not None
         result.output_dir = self.output_dir
         summary = {**result.summary().model_dump(), "config": self.config.model_dump()}
-        with staged_dir(self.output_dir, "adapter", base_model=self.config.model_name) as staging:
+        # The job's id in the marker: a run the job's record could not be told of (its lease lapsed) is
+        # recognised by whoever settles the job next, which records it as succeeded instead of retraining.
+        marker = {"base_model": self.config.model_name, "job": self.paths.job_id}
+        with staged_dir(self.output_dir, "adapter", **marker) as staging:
             self.model.save_pretrained(str(staging))
             if self.config.tokenizer_padding_side is not None:
                 self.tokenizer.padding_side = self.config.tokenizer_padding_side
             self.tokenizer.save_pretrained(str(staging))
             (staging / TRAINING_SUMMARY).write_text(json.dumps(summary, indent=2))
-        if self.paths.state is not None:
-            clear_train_state(self.paths.state)  # the adapter is saved: nothing is left to resume
+        if self.paths.state is not None and self.paths.job_id is None:
+            # A library call's state goes now. A job's stays until its outcome is recorded (the runner
+            # drops it then): were the record lost, the next run would otherwise start from step 1.
+            clear_train_state(self.paths.state)
