@@ -145,7 +145,7 @@ def test_redis_restart_mid_job_never_runs_it_twice(
     server = EmbeddedRedis(tmp_path / "redis-restart", persist=True).start()
     try:
         svc = make_service(redis_url=server.url, LORA_LEASE_TTL_S="8")  # type: ignore[call-arg]
-        job_id = submit_long(svc, tiny_model_dir, epochs=40 if outage_s < 4 else 1000)
+        job_id = submit_long(svc, tiny_model_dir, epochs=40 if outage_s < 4 else 150)
         wait_running(svc, job_id)
         server.stop()
         r = svc.get("/status")
