@@ -15,7 +15,7 @@ from shared.config import TrainConfig
 from shared.events import WarningNotice
 from shared.jobs import JobRecord, JobStatus
 from shared.store import JobStore
-from shared.stream_ids import LAST, StreamIdError, parse_stream_id
+from shared.stream_ids import LAST
 from tests.service import Service, flush
 
 JOB = "job-cursors"
@@ -125,18 +125,3 @@ def test_the_service_serves_normally_after_the_bad_cursors(api: Service) -> None
         api.get(f"/v1/fine_tuning/jobs/{JOB}/events", params={"after": f"ftevent-{value}"})
     _served_normally(api)
     assert "Traceback" not in api.logs("api")
-
-
-@pytest.mark.parametrize(
-    ("text", "canonical"),
-    [("0-0", "0-0"), ("5", "5-0"), ("007-01", "7-1"), (LAST, LAST), ("0" * 30 + "1-0", "1-0")],
-)
-def test_the_parser_gives_the_canonical_id(text: str, canonical: str) -> None:
-    assert parse_stream_id(text) == canonical
-
-
-def test_the_parser_names_the_part_out_of_range() -> None:
-    with pytest.raises(StreamIdError, match="its sequence part exceeds 18446744073709551615"):
-        parse_stream_id("1-18446744073709551616")
-    with pytest.raises(StreamIdError, match="its milliseconds part exceeds"):
-        parse_stream_id("9" * 5000 + "-0")

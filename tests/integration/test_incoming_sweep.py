@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from api.incoming import Swept, sweep_incoming
 from tests.data import easy_records, jsonl
 from tests.service import Service, flush, wait_until
 
@@ -170,17 +169,3 @@ def test_a_live_two_part_upload_is_never_swept_even_past_the_age_bound(
         status, reply = _reply(sock)
     assert status == 202, reply
     assert not list(_incoming(svc).iterdir())
-
-
-def test_only_plain_files_untouched_past_the_bound_are_swept(tmp_path: Path) -> None:
-    folder = tmp_path / ".incoming"
-    assert sweep_incoming(folder, 60) == Swept()  # no folder yet
-    old = _plant(folder, "old.upload", 7, age=HOUR)
-    young = _plant(folder, "young.upload", 5, age=30)
-    (folder / "sub").mkdir()
-    _age(folder / "sub", HOUR)
-    (folder / "link").symlink_to(old)
-    then = time.time() - HOUR
-    os.utime(folder / "link", (then, then), follow_symlinks=False)
-    assert sweep_incoming(folder, 60) == Swept(files=1, bytes=7)
-    assert not old.exists() and young.exists() and (folder / "sub").is_dir() and (folder / "link").is_symlink()
