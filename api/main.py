@@ -16,6 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from api.auth import ApiKeyMiddleware, is_loopback, listening_host
 from api.error_responses import install_handlers
+from api.incoming import sweep_and_report, sweep_periodically
 from api.openai import chat as openai_chat
 from api.openai import files as openai_files
 from api.openai import jobs as openai_jobs
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.base_path.mkdir(parents=True, exist_ok=True)
+        sweep_and_report(settings)  # what an API killed mid-upload left in datasets/.incoming
         host = listening_host(sys.argv)
         if not settings.api_key and not is_loopback(host):
             log.warning("listening on %s without LORA_API_KEY: anyone who can reach it can train and cancel", host)
@@ -62,7 +64,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.generation = GenerationQueue(generation_client, settings)
         # Always running: with no receiver configured it still empties the outbox the job transitions fill.
         dispatcher = WebhookDispatcher(WebhookQueue(app.state.store.client), settings)
-        tasks = [asyncio.create_task(_reaper(app)), asyncio.create_task(dispatcher.run())]
+        tasks = [
+            asyncio.create_task(_reaper(app)),
+            asyncio.create_task(dispatcher.run()),
+            asyncio.create_task(sweep_periodically(settings)),
+        ]
         try:
             yield
         finally:

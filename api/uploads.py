@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from shared.settings import Settings
 _OVERHEAD = 1 << 20  # room for the config part and multipart framing beyond the dataset limit
 _MAX_PARTS = 16  # `POST /train` needs two; a cap keeps a body of tiny parts from piling up names
 _FIELD_LIMIT = 4096  # bytes in a form field other than `config`
+_TOUCH_EVERY_S = 1.0  # how often a receiving request marks its files live (well inside any sweep's age bound)
 
 
 def _too_large(settings: Settings) -> PayloadTooLarge:
@@ -85,6 +87,7 @@ class Receiver:
         self.sink: IO[bytes] | None = None
         self.parts = 0
         self.complete = False  # the closing boundary was seen
+        self._touched = time.monotonic()  # when keep_fresh last marked the files
 
     def callbacks(self) -> dict[str, Callable[..., None]]:
         return {
@@ -173,6 +176,20 @@ class Receiver:
     def on_end(self) -> None:
         self.complete = True
 
+    def keep_fresh(self) -> None:
+        """Mark this request's files modified now (at most every second) while its body arrives: a finished
+        first part too, while a second one streams. A staged file untouched for long is a leftover (api.incoming)."""
+        now = time.monotonic()
+        if now - self._touched < _TOUCH_EVERY_S:
+            return
+        self._touched = now
+        for path in (self.dataset, self.validation):
+            if path is not None:
+                try:
+                    os.utime(path)
+                except OSError as exc:
+                    raise storage_failure(exc, "upload") from exc
+
     def close(self) -> None:
         """Release the open file on a failure path; the file is being discarded, so a failed flush is moot."""
         sink, self.sink = self.sink, None
@@ -219,6 +236,7 @@ async def stream_multipart(request: Request, settings: Settings, receiver: Recei
             if received > limit:
                 raise _too_large(settings)
             parser.write(chunk)
+            receiver.keep_fresh()
         parser.finalize()
         if receiver.sink is not None:
             raise MalformedRequest("the multipart body ended inside the 'file' part")

@@ -33,6 +33,15 @@ class Settings(BaseSettings):
     max_config_kb: int = Field(default=64, ge=1, description="Largest accepted config part.")
     upload_idle_timeout_s: float = Field(default=60.0, gt=0, description="Abandon an upload idle this long.")
     min_free_disk_mb: int = Field(default=256, ge=0, description="Refuse uploads below this free space.")
+    incoming_max_age_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="Remove a staged upload (datasets/.incoming) left untouched this long, such as the partial file "
+        "of an API killed mid-upload; never less than twice upload_idle_timeout_s, so a live upload is never taken.",
+    )
+    incoming_sweep_interval_s: float = Field(
+        default=60.0, gt=0, description="How often the API sweeps datasets/.incoming (it also sweeps at start)."
+    )
     lease_ttl_s: float = Field(default=60.0, gt=0, description="Worker lease on a running job.")
     queue_timeout_s: float = Field(
         default=3600.0,
@@ -178,6 +187,11 @@ class Settings(BaseSettings):
         if self.visibility_timeout_s is not None:
             return self.visibility_timeout_s
         return self.job_time_limit_s + 3600
+
+    @property
+    def effective_incoming_max_age_s(self) -> float:
+        """incoming_max_age_s, raised to twice upload_idle_timeout_s: a receiver still waiting for data is live."""
+        return max(self.incoming_max_age_s, 2 * self.upload_idle_timeout_s)
 
     @property
     def max_upload_bytes(self) -> int:

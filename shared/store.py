@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import redis
 
-from shared import keys, lua_scripts
+from shared import keys, lua_scripts, stream_ids
 from shared.config import TrainConfig
 from shared.events import EventPayload, JobEvent, event_type
 from shared.files import remove_file, result_file_id
@@ -359,14 +359,14 @@ class JobStore:
 
     def events(self, job_id: str, *, after: str | None = None, limit: int = 100) -> list[JobEvent]:
         """Up to `limit` events, oldest first, after the stream id `after`."""
-        if not is_job_id(job_id):
+        if not is_job_id(job_id) or after == stream_ids.LAST:  # Redis refuses a range after the last possible id
             return []
         start = f"({after}" if after else "-"
         return _events(self.client.xrange(keys.events_key(job_id), min=start, max="+", count=limit))
 
     def events_newest_first(self, job_id: str, *, before: str | None = None, limit: int = 100) -> list[JobEvent]:
         """Up to `limit` events, newest first, older than the stream id `before`."""
-        if not is_job_id(job_id):
+        if not is_job_id(job_id) or before == stream_ids.FIRST:  # nor one before the first
             return []
         top = f"({before}" if before else "+"
         return _events(self.client.xrevrange(keys.events_key(job_id), max=top, min="-", count=limit))

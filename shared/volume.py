@@ -1,7 +1,8 @@
 """The layout of the shared volume (`LORA_BASE_PATH`): every path the service writes, named once.
 
     <base>/datasets/<name>.jsonl                 validated datasets: `<job id>`, `<job id>.validation`, `<file id>`
-    <base>/datasets/.incoming/                   uploads being received and validated (never a final name)
+    <base>/datasets/.incoming/                   uploads being received and validated (never a final name);
+                                                 what a killed API left there is swept by age (api.incoming)
     <base>/checkpoints/<job id>/step-000120/     adapter checkpoints; `checkpoint.json` is written last
     <base>/checkpoints/<job id>/.step-000120.*.tmp   a checkpoint being written (hidden: not listed)
     <base>/checkpoints/<job id>/step_metrics.csv     the job's logged steps (its OpenAI result file)

@@ -187,6 +187,10 @@ class Service:
     def stop_api(self) -> None:
         _stop(self.api)
 
+    def kill_api(self) -> None:
+        """SIGKILL the API at once: no lifespan shutdown, no request's own cleanup."""
+        _stop(self.api, signal.SIGKILL)
+
     def stop_worker(self, sig: int = signal.SIGTERM) -> None:
         _stop(self.worker, sig)
 

@@ -37,9 +37,9 @@ from api.openai.schemas import (
 from shared.config import TrainConfig, TrainingMethod
 from shared.events import JobEvent, StatusChanged, StepMetrics, WarningNotice
 from shared.jobs import JobRecord, JobStatus
+from shared.stream_ids import StreamIdError, parse_stream_id
 
 EVENT_ID_PREFIX = "ftevent-"
-_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
 # Our statuses are a subset of OpenAI's (we validate files at upload, so never `validating_files`).
 _STATUS: dict[JobStatus, OpenAIJobStatus] = {
@@ -148,12 +148,11 @@ def stream_cursor(after: str | None) -> str | None:
     """Our stream id from an event id this API returned (`after` of the events list)."""
     if after is None:
         return None
-    cursor = after.removeprefix(EVENT_ID_PREFIX)
-    if not _STREAM_ID.match(cursor):
-        raise MalformedRequest(
-            f"after: {after!r} is not an event id this API returned", problems=[field_error(["after"], "unknown id")]
-        )
-    return cursor
+    try:
+        return parse_stream_id(after.removeprefix(EVENT_ID_PREFIX))
+    except StreamIdError as exc:
+        msg = f"{after[:80]!r} is not an event id this API returned ({exc})"
+        raise MalformedRequest(f"after: {msg}", problems=[field_error(["after"], msg)]) from exc
 
 
 # --------------------------------------------------------------------------- objects out

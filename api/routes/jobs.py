@@ -13,17 +13,30 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CeleryDep, JobDep, SettingsDep, SlotsDep, StoreDep
-from api.errors import InvalidInput
+from api.errors import InvalidInput, MalformedRequest, field_error
 from api.job_actions import SlotKeeper, cancel_job, pause_job, resume_job
 from api.job_actions import get_job as find_job
 from shared.job_api import CancelPublic, EventPage, JobPage, JobPublic
 from shared.jobs import JobStatus
 from shared.store import JobStore
+from shared.stream_ids import StreamIdError, parse_stream_id
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 _STREAM_POLL_S = 0.5
 _KEEPALIVE_S = 15.0
+_ID_FORM = "<ms>-<seq>, each a whole number up to 2^64-1"
+_BAD_CURSOR = {"description": "the event cursor is not a stream id"}
+
+
+def _cursor(value: str | None, where: str, name: str) -> str | None:
+    """The canonical stream id of the cursor `name` a client sent; MalformedRequest (400) naming it otherwise."""
+    if value is None:
+        return None
+    try:
+        return parse_stream_id(value)
+    except StreamIdError as exc:
+        raise MalformedRequest(f"{name}: {exc}", problems=[field_error([where, name], str(exc))]) from exc
 
 
 @router.get("")
@@ -67,14 +80,15 @@ def get_job(job: JobDep, store: StoreDep) -> JobPublic:
     return JobPublic.from_record(job, position)
 
 
-@router.get("/{job_id}/events", responses={404: {"description": "no such job"}})
+@router.get("/{job_id}/events", responses={400: _BAD_CURSOR, 404: {"description": "no such job"}})
 def job_events(
     job: JobDep,
     store: StoreDep,
-    after: Annotated[str | None, Query(pattern=r"^\d{1,20}-\d{1,20}$", description="last event id seen")] = None,
+    after: Annotated[str | None, Query(description=f"last event id seen ({_ID_FORM})")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EventPage:
     """Events in order: state changes, warnings, per-step metrics (payloads: shared.events)."""
+    after = _cursor(after, "query", "after")
     events = store.events(job.id, after=after, limit=limit + 1)
     page = events[:limit]
     return EventPage(data=page, has_more=len(events) > limit, last_id=page[-1].id if page else after)
@@ -83,17 +97,19 @@ def job_events(
 @router.get(
     "/{job_id}/events/stream",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}, 404: {"description": "no such job"}},
+    responses={200: {"content": {"text/event-stream": {}}}, 400: _BAD_CURSOR, 404: {"description": "no such job"}},
 )
 async def stream_events(
     job: JobDep,
     store: StoreDep,
     request: Request,
-    last_event_id: Annotated[str | None, Header(pattern=r"^\d{1,20}-\d{1,20}$")] = None,
-    after: Annotated[str | None, Query(pattern=r"^\d{1,20}-\d{1,20}$")] = None,
+    last_event_id: Annotated[str | None, Header(description=f"last event id seen ({_ID_FORM})")] = None,
+    after: Annotated[str | None, Query(description=f"last event id seen ({_ID_FORM}); Last-Event-ID wins")] = None,
 ) -> StreamingResponse:
     """Server-Sent Events; resume with the `Last-Event-ID` header. Ends when the job has ended."""
-    job_id, cursor = job.id, last_event_id or after
+    # Both are checked before the stream starts: a bad cursor is a 400, never an error mid-stream.
+    header, query = _cursor(last_event_id, "header", "Last-Event-ID"), _cursor(after, "query", "after")
+    job_id, cursor = job.id, header or query
 
     async def generate() -> AsyncIterator[bytes]:
         nonlocal cursor
