@@ -184,10 +184,13 @@ class TrainingRun:
             raise ValueError("no example has an assistant token to train on (check max_length and the dataset)")
         self.model = prepare_model(base, cfg, self.lora_path)
         trainable, total = self.model.get_nb_trainable_parameters()
+        threads = torch.get_num_threads()  # what the worker's CPU budget (worker.cpu_budget) left torch
         self.emit(
             events.info(trainable_params=trainable, total_params=total, examples=len(self.examples),
-                       device=self.device.type, validation_examples=len(self.held_out), engine=self.engine),
-            f"training {trainable:,} of {total:,} parameters on {len(self.examples)} examples ({self.device.type})",
+                       device=self.device.type, validation_examples=len(self.held_out), engine=self.engine,
+                       torch_threads=threads),
+            f"training {trainable:,} of {total:,} parameters on {len(self.examples)} examples ({self.device.type}, "
+            f"{threads} CPU thread{'s' if threads != 1 else ''})",
         )  # fmt: skip
 
     def _load_base(self) -> PreTrainedModel:
