@@ -16,8 +16,9 @@ process (one event loop, so at most about a core of Python) and Redis is single-
 overrides it all; an OMP_NUM_THREADS the operator set is kept.
 
 `configure` applies it in a worker process before torch loads (the pool child's start, the generation
-worker's main): it sets OMP_NUM_THREADS and MKL_NUM_THREADS, which the OpenMP runtime reads as torch is
-imported, and calls `torch.set_num_threads` where torch is loaded already. Nothing here imports torch.
+worker's main): it sets OMP_NUM_THREADS and MKL_NUM_THREADS, which the OpenMP and MKL runtimes read as torch
+is imported; `apply_to_torch`, called once torch is loaded (a run's setup, the generation worker's model
+cache), calls `torch.set_num_threads` with it. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -195,14 +196,28 @@ def thread_env(budget: ThreadBudget, environ: Mapping[str, str]) -> dict[str, st
     }
 
 
+_configured: ThreadBudget | None = None  # this process's budget, once `configure` ran
+
+
 def configure(settings: Settings, environ: MutableMapping[str, str] | None = None) -> ThreadBudget:
     """Plan this worker process's torch threads from `settings`, apply them, and log the decision once."""
+    global _configured
     env = os.environ if environ is None else environ
     budget = plan_threads(setting=settings.torch_threads, api_on_host=settings.api_on_host,
                           workers_on_host=settings.workers_on_host, environ=env)  # fmt: skip
     env.update(thread_env(budget, env))
-    torch = sys.modules.get("torch")
-    if torch is not None and hasattr(torch, "set_num_threads"):  # loaded before us: too late for the variables
-        torch.set_num_threads(budget.threads)
+    _configured = budget
+    apply_to_torch()
     log.info("%s", budget.describe())
     return budget
+
+
+def apply_to_torch() -> None:
+    """Give torch the configured budget, where torch is loaded and `configure` ran (else nothing: a library call
+    keeps torch's own choice). Called where a job or the generation worker has loaded torch: the variables alone
+    only ever lower torch's default (it never starts more threads than the cores it counts)."""
+    torch = sys.modules.get("torch")
+    if _configured is None or torch is None or not hasattr(torch, "set_num_threads"):
+        return
+    if torch.get_num_threads() != _configured.threads:
+        torch.set_num_threads(_configured.threads)

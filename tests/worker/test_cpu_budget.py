@@ -157,7 +157,9 @@ def test_the_decision_reads_as_one_line() -> None:
 def test_configure_sets_the_variables_from_settings(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delitem(sys.modules, "torch", raising=False)  # this test process's own torch keeps its threads
+    # This test process's own torch keeps its threads, and no later run in it picks the budget up.
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.setattr(cpu_budget, "_configured", None)
     env: dict[str, str] = {"OMP_NUM_THREADS": ""}
     settings = Settings(torch_threads=0, api_on_host=True, workers_on_host=1)
     with caplog.at_level("INFO", logger="worker.cpu_budget"):

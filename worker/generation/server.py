@@ -107,6 +107,7 @@ def run(settings: Settings, name: str, stop: threading.Event) -> None:
                      daemon=True).start()  # fmt: skip
     from worker.generation.model_cache import ModelCache, generation_device  # torch: loaded once the heartbeat runs
 
+    cpu_budget.apply_to_torch()
     cache = ModelCache(
         max_bases=settings.generation_max_base_models,
         max_adapters=settings.generation_max_adapters,

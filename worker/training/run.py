@@ -32,6 +32,7 @@ from shared.outputs import check_destination
 from shared.preference import to_preference
 from shared.stored_dataset import read_preference_records, read_records
 from shared.volume import TRAINING_SUMMARY
+from worker import cpu_budget
 from worker.training.checkpoints import Checkpoints
 from worker.training.data import tokenize_dataset
 from worker.training.dpo import DpoStep, dpo_evaluate, tokenize_preferences
@@ -169,6 +170,7 @@ class TrainingRun:
     def setup(self) -> None:
         """Load the base, tokenize the data, put the adapter on. Raises `StoppedEarly` on a stop request."""
         cfg = self.config
+        cpu_budget.apply_to_torch()  # in a worker: its threads as planned when its process started
         check_destination(self.output_dir)  # refuse before any work, not after hours of training
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
