@@ -3,13 +3,18 @@ once in its log and in the job's events, and the generation worker takes the sam
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.service import Service, flush, submit
+from launcher.embedded_redis import free_port
+from tests.service import ROOT, Service, flush, submit, wait_until, wait_until_up
 from worker.cpu_budget import available_cores, reserved_cores
 
 
@@ -60,3 +65,26 @@ def test_lora_torch_threads_is_what_torch_runs_with(start_service: Any, tiny_mod
     svc = start_service(LORA_TORCH_THREADS="3", LORA_API_ON_HOST="true")  # over the test service's OMP_NUM_THREADS=2
     assert _trained_threads(svc, tiny_model_dir) == 3
     assert "torch threads: 3 (set by LORA_TORCH_THREADS" in svc.logs("worker")
+
+
+def test_the_one_command_mode_tells_its_workers_the_api_shares_the_host(tmp_path: Path) -> None:
+    keep_out = ("LORA_REDIS_URL", "LORA_API_KEY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "LORA_TORCH_THREADS")
+    env = {k: v for k, v in os.environ.items() if k not in keep_out}
+    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "LORA_MIN_FREE_DISK_MB": "1"})
+    port, log_path = free_port(), tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "cli", "serve", "--base_path", str(tmp_path / "models"), "--port", str(port)]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    cores = available_cores()
+    line = f"torch threads: {max(1, cores - reserved_cores(cores, True))} (cores available {cores}, reserved "
+    try:
+        assert wait_until_up(f"http://127.0.0.1:{port}/readyz", proc, timeout=90), log_path.read_text()
+        # The training worker's pool child and the generation worker, each once.
+        wait_until(lambda: log_path.read_text().count(line) == 2, timeout=60, what=lambda: log_path.read_text())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
