@@ -87,7 +87,7 @@ class Settings(BaseSettings):
         ge=0,
         description="torch's CPU threads in a training or generation worker. 0 = sized from the cores the "
         "process may use (affinity, cgroup quota), less one for the API where it shares the host "
-        "(shared.cpu_budget); an OMP_NUM_THREADS already set is kept then.",
+        "(worker.cpu_budget); an OMP_NUM_THREADS already set is kept then.",
     )
     api_on_host: bool = Field(
         default=False,
