@@ -5,8 +5,9 @@ torch sizes its intra-op pool from the machine's physical cores; it does not loo
 affinity or its cgroup's CPU quota (a container limited to 2 CPUs on a 64-core host gets 32 threads), nor at
 the other processes of the one-command mode (`launcher.serve`). A training step whose threads all spin on the
 cores the API needs to answer `/status` waits for the slowest of them: on a 2-core host, polling at
-concurrency 20 made a tiny model's step 25-29x slower with torch's default 2 threads, 1.1x with 1
-(`python -m bench.load`). So:
+concurrency 20 made a tiny model's step 25-29x slower with torch's default 2 threads, 1.1x with 1; with
+other load on the machine too, torch's 2 threads were 8-16x slower than 1 even with no polling
+(`python -m bench.load` prints both configurations). So:
 
     threads = max(1, (cores - reserved) // workers_on_host)
 
