@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BASE_PATH ?= ./models
 PORT ?= 8000
 
-.PHONY: install run test test-browser lint bench gpu-wheels gpu-check audit clean
+.PHONY: install run test test-browser lint bench bench-load gpu-wheels gpu-check audit clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ audit: install
 # `python -m bench.train --shape qwen2.5-0.5b --batch-size 16` (time to adapter at 200 chats x 3 epochs, batch 4).
 bench: install
 	$(PY) -m bench.train --shape tiny --tta-records 24 --tta-epochs 1
+
+# Training step time in the one-command mode, idle and under ordinary polling (500 /status + 200
+# /v1/fine_tuning/jobs at concurrency 20): the workers' torch thread budget vs torch's default; about 2 minutes.
+bench-load: install
+	$(PY) -m bench.load
 
 # Wheels a bare GPU machine lacks (no package index there), into .whl/; run here, then carry .whl there.
 gpu-wheels: install

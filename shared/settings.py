@@ -99,6 +99,21 @@ class Settings(BaseSettings):
         description="With keep_base_model: replace the worker's child once its host memory has grown this much "
         "since the first job on its resident base (a leak).",
     )
+    torch_threads: int = Field(
+        default=0,
+        ge=0,
+        description="torch's CPU threads in a training or generation worker. 0 = sized from the cores the "
+        "process may use (affinity, cgroup quota), less one for the API where it shares the host "
+        "(worker.cpu_budget); an OMP_NUM_THREADS already set is kept then.",
+    )
+    api_on_host: bool = Field(
+        default=False,
+        description="The API and Redis run on this worker's host (the one-command launcher sets it): torch "
+        "leaves them a core.",
+    )
+    workers_on_host: int = Field(
+        default=1, ge=1, description="Training workers sharing this host's cores (the one-command launcher sets it)."
+    )
     generation_max_pending: int = Field(
         default=32,
         ge=1,

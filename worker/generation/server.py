@@ -39,6 +39,7 @@ from shared import generation_queue as gq
 from shared.generation import GenerationFailed, GenerationRequest, TextDelta
 from shared.settings import Settings, get_settings
 from shared.store import connect
+from worker import cpu_budget
 
 if TYPE_CHECKING:
     from worker.generation.model_cache import ModelCache
@@ -106,6 +107,7 @@ def run(settings: Settings, name: str, stop: threading.Event) -> None:
                      daemon=True).start()  # fmt: skip
     from worker.generation.model_cache import ModelCache, generation_device  # torch: loaded once the heartbeat runs
 
+    cpu_budget.apply_to_torch()
     cache = ModelCache(
         max_bases=settings.generation_max_base_models,
         max_adapters=settings.generation_max_adapters,
@@ -142,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         name = args.name or f"{socket.gethostname()}-generate:{os.getpid()}"
     if args.check:  # a container healthcheck
         raise SystemExit(0 if _reported_lately(settings, name) else 1)
+    cpu_budget.configure(settings)  # before torch loads
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

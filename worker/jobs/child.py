@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from shared.celery_factory import RECYCLE_THRESHOLD_KB
 from shared.settings import Settings
+from worker import cpu_budget
 from worker.jobs import compile_cache, recycle, shutdown
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ _keep = False
 def start(settings: Settings) -> None:
     """Run in the child as it starts, before anything imports torch."""
     global _keep
+    cpu_budget.configure(settings)  # its thread variables must be set before torch loads
     compile_cache.configure(settings.volume)
     _keep = settings.keep_base_model and recycle.install(RECYCLE_THRESHOLD_KB)
     if settings.keep_base_model and not _keep:

@@ -32,6 +32,7 @@ from shared.outputs import check_destination
 from shared.preference import to_preference
 from shared.stored_dataset import read_preference_records, read_records
 from shared.volume import TRAINING_SUMMARY
+from worker import cpu_budget
 from worker.training.checkpoints import Checkpoints
 from worker.training.data import tokenize_dataset
 from worker.training.dpo import DpoStep, dpo_evaluate, tokenize_preferences
@@ -169,6 +170,7 @@ class TrainingRun:
     def setup(self) -> None:
         """Load the base, tokenize the data, put the adapter on. Raises `StoppedEarly` on a stop request."""
         cfg = self.config
+        cpu_budget.apply_to_torch()  # in a worker: its threads as planned when its process started
         check_destination(self.output_dir)  # refuse before any work, not after hours of training
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -184,10 +186,13 @@ class TrainingRun:
             raise ValueError("no example has an assistant token to train on (check max_length and the dataset)")
         self.model = prepare_model(base, cfg, self.lora_path)
         trainable, total = self.model.get_nb_trainable_parameters()
+        threads = torch.get_num_threads()  # what the worker's CPU budget (worker.cpu_budget) left torch
         self.emit(
             events.info(trainable_params=trainable, total_params=total, examples=len(self.examples),
-                       device=self.device.type, validation_examples=len(self.held_out), engine=self.engine),
-            f"training {trainable:,} of {total:,} parameters on {len(self.examples)} examples ({self.device.type})",
+                       device=self.device.type, validation_examples=len(self.held_out), engine=self.engine,
+                       torch_threads=threads),
+            f"training {trainable:,} of {total:,} parameters on {len(self.examples)} examples ({self.device.type}, "
+            f"{threads} CPU thread{'s' if threads != 1 else ''})",
         )  # fmt: skip
 
     def _load_base(self) -> PreTrainedModel:
