@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from launcher.embedded_redis import EmbeddedRedis
+from shared import keys
 from shared.outputs import OUTPUT_MARKER
 from tests.service import Service, running_events, submit, submit_long, wait_running, wait_until
 
@@ -141,3 +144,32 @@ def test_a_cancelled_paused_jobs_saved_state_is_removed(service: Service, tiny_m
     assert service.get("/status").json()["status"] == "paused"
     assert service.post(f"/jobs/{job_id}/cancel").status_code == 200
     wait_until(lambda: not _state(service, job_id).exists(), timeout=20, what="the cancelled job's state to go")
+
+
+def test_a_job_whose_complete_adapter_a_run_saved_is_recorded_as_succeeded_by_the_next_run(
+    service: Service, tiny_model_dir: Path
+) -> None:
+    """A run saved the adapter but never recorded it (its lease lapsed where no reaper sees its disk): the
+    next run of the job finds the adapter, marked with the job's id, and records it without training."""
+    first = submit(service, tiny_model_dir)
+    assert first.status_code == 202, first.text
+    trained = service.wait_for(first.json()["job_id"], {"succeeded", "failed"})
+    assert trained["status"] == "succeeded", trained
+    service.stop_worker()
+    second = submit(service, tiny_model_dir)
+    assert second.status_code == 202, second.text
+    job_id = second.json()["job_id"]
+    with redis.Redis.from_url(service.redis_url, decode_responses=True) as client:
+        output = Path(str(client.hget(keys.job_key(job_id), "output_dir")))
+    # What the lost run left: a real adapter, swapped into place whole, its marker naming this job.
+    shutil.copytree(trained["model_path"], output)
+    marker = json.loads((output / OUTPUT_MARKER).read_text())
+    (output / OUTPUT_MARKER).write_text(json.dumps({**marker, "job": job_id}))
+
+    service.start_worker()
+    done = service.wait_for(job_id, {"succeeded", "failed"}, timeout=120)
+    assert done["status"] == "succeeded" and Path(done["model_path"]) == output, done
+    assert done["metrics"]["steps"] == trained["metrics"]["steps"]  # the saved run's own summary
+    messages = [e["message"] for e in _events(service, job_id)]
+    assert any("recorded as succeeded, without training again" in m for m in messages), messages
+    assert not any(m.startswith("training ") for m in messages), messages
