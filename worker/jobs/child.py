@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from shared.celery_factory import RECYCLE_THRESHOLD_KB
 from shared.settings import Settings
 from worker import cpu_budget
-from worker.jobs import compile_cache, recycle, shutdown
+from worker.jobs import compile_cache, recycle
 
 if TYPE_CHECKING:
     from worker.training.resident import ResidentBase
@@ -44,12 +44,8 @@ def resident() -> ResidentBase | None:
 
 
 def after_job(settings: Settings) -> None:
-    """Free what the job left; have this child replaced when memory is held beyond the resident base,
-    or when it was asked to stop (its job was handed back: it must not take another)."""
+    """Free what the job left; have this child replaced when memory is held beyond the resident base."""
     if not _keep:
-        return
-    if shutdown.requested.is_set():
-        recycle.request("this worker was asked to stop")
         return
     from worker.training.resident import process_resident
 

@@ -16,6 +16,8 @@ import threading
 from collections.abc import Iterator
 from types import FrameType
 
+from worker.jobs import recycle
+
 log = logging.getLogger(__name__)
 
 requested = threading.Event()  # set once this child was asked to stop; the job's lease reads it
@@ -38,6 +40,9 @@ def running_job() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if requested.is_set():  # honoured: the job went back to the queue
+            requested.clear()  # a child asked alone (its worker stays up) runs the next job normally ...
+            recycle.request("it was asked to stop")  # ... as a fresh child, where billiard can replace it
 
 
 def forward_to_children() -> None:
