@@ -5,6 +5,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -197,10 +198,16 @@ def test_every_healthcheck_is_exec_form_without_variables_or_shell_form() -> Non
 
 
 def _shell_args(script: str, env: dict[str, str], program: str) -> list[str]:
-    """The arguments `script` passes to `program` when a POSIX shell runs it with `env`."""
-    stub = f'{program}() {{ for a in "$@"; do printf "%s\\0" "$a"; done; }}; hostname() {{ echo "$HOSTNAME"; }}; '
-    out = subprocess.run(["sh", "-c", stub + script], env=env, capture_output=True, text=True, check=True).stdout
-    return out.split("\0")[:-1]
+    """The arguments `script` passes to `program` when a POSIX shell runs it with `env` (`program` is a stub
+    on PATH, so `exec program ...` runs it too)."""
+    with tempfile.TemporaryDirectory() as folder:
+        stub = Path(folder, program)
+        stub.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\0" "$a"; done\n')
+        stub.chmod(0o755)
+        shell_env = {**env, "PATH": f"{folder}:{env.get('PATH', '/usr/bin:/bin')}"}
+        host = 'hostname() { echo "$HOSTNAME"; }; '
+        out = subprocess.run(["sh", "-c", host + script], env=shell_env, capture_output=True, text=True, check=True)
+    return out.stdout.split("\0")[:-1]
 
 
 def _option(args: list[str], *flags: str) -> str:
@@ -225,6 +232,8 @@ def test_worker_healthcheck_pings_the_node_name_the_worker_runs_as() -> None:
         next(line for line in _worker_dockerfile() if line.upper().startswith("CMD "))[4:]
     )
     assert cmd[:2] == ["sh", "-c"] and "celery" in cmd[2], f"the worker should start celery through sh -c: {cmd}"
+    # `docker stop` signals the container's first process only: Celery must be it to hand its job back.
+    assert cmd[2].startswith("exec celery "), f"the shell must exec celery, or SIGTERM never reaches it: {cmd}"
     node = host_format(_option(_shell_args(cmd[2], container_env, "celery"), "-n", "--hostname"), host=FAKE_HOSTNAME)
 
     test = worker["healthcheck"]["test"]
