@@ -1,6 +1,6 @@
 """One way to submit a job: `submit_job` validates its paths, stores its data, admits it to a slot and
-publishes its task, and undoes all of it on any failure. The base model goes through api.base_models' rule
-first: a name it refuses leaves nothing behind. `POST /train`, `POST /v1/fine_tuning/jobs`
+publishes its task, and undoes all of it on any failure. The base model goes through api.base_models' rule:
+a name it refuses leaves nothing behind. `POST /train`, `POST /v1/fine_tuning/jobs`
 and `POST /jobs/{id}/merge` all come through here.
 """
 
@@ -93,8 +93,12 @@ def submit_job(store: JobStore, celery: Celery, settings: Settings, request: Job
     else:
         assert request.data is not None
         output, lora = resolve_train_paths(request.config, settings, job_id)
-        model_dir = base_model_location(settings, request)  # last of the checks: it may ask the hub
         data = request.data.place(settings, job_id)
+        try:  # after the dataset's own checks, so a bad dataset is named whatever the model: this may ask the hub
+            model_dir = base_model_location(settings, request)
+        except BaseException:
+            data.remove()
+            raise
     record = JobRecord(
         id=job_id,
         kind="train" if adapter is None else "merge",
