@@ -148,14 +148,17 @@ def hub_offline() -> bool:
 def _check_on_hub(settings: Settings, repo_id: str) -> None:
     """Accept a hub id in the local cache, else one the hub confirms (unless offline)."""
     from huggingface_hub import HfApi, try_to_load_from_cache
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
 
+    offline = f"hub id {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
     if isinstance(try_to_load_from_cache(repo_id, MODEL_CONFIG, cache_dir=hub_cache()), str):
         return
     if hub_offline():
-        raise ModelRefused(f"hub id {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+        raise ModelRefused(offline)
     try:
-        HfApi().model_info(repo_id, timeout=settings.hub_timeout_s)
+        HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).model_info(repo_id, timeout=settings.hub_timeout_s)
+    except OfflineModeIsEnabled as exc:  # offline when huggingface_hub was imported (it reads the variable once)
+        raise ModelRefused(offline) from exc
     except GatedRepoError:
         return  # it exists; the worker's token decides whether it may download it
     except RepositoryNotFoundError as exc:
