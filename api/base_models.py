@@ -63,13 +63,13 @@ def check_base_model(settings: Settings, name: str, *, online: bool = True) -> B
     return BaseModel(name, name, is_folder=False)
 
 
-def is_servable(settings: Settings, name: str) -> bool:
-    """Whether `name` passes the rule today without asking the hub (what /v1/models may list)."""
+def servable_location(settings: Settings, name: str) -> str | None:
+    """What a worker loads for `name` if it passes the rule today without asking the hub (what /v1/models may
+    list), else None."""
     try:
-        check_base_model(settings, name, online=False)
+        return check_base_model(settings, name, online=False).location
     except ModelRefused:
-        return False
-    return True
+        return None
 
 
 # --------------------------------------------------------------------------- the rules

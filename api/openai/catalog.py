@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from api.artifacts import adapter_dir, get_checkpoint, list_checkpoints
-from api.base_models import is_servable
+from api.base_models import servable_location
 from api.errors import ModelNotFound
 from api.openai.convert import name_parts
 from api.openai.model_names import checkpoint_model_name, fine_tuned_model_name, parse_model_name
@@ -99,9 +99,9 @@ def _note_loaded_bases(store: JobStore, records: list[JobRecord]) -> dict[str, i
     return first
 
 
-def _base_model(name: str, first_use_ms: int, settings: Settings) -> ServedModel:
-    # A base model named by a folder under base_path loads from there, as for training.
-    return ServedModel(name, first_use_ms // 1000, BASE_OWNER, model_location(settings.base_path, name), None)
+def _base_model(name: str, first_use_ms: int, location: str) -> ServedModel:
+    # A base model named by a model folder loads from there, as for training (`location`: api.base_models').
+    return ServedModel(name, first_use_ms // 1000, BASE_OWNER, location, None)
 
 
 def list_models(store: JobStore, ostore: OpenAIStore, settings: Settings) -> list[ServedModel]:
@@ -110,9 +110,9 @@ def list_models(store: JobStore, ostore: OpenAIStore, settings: Settings) -> lis
     loaded = _note_loaded_bases(store, records)
     tuned = [model for record in records for model in _job_models(record, ostore, settings)]
     bases = [
-        _base_model(name, ms, settings)
+        _base_model(name, ms, location)
         for name, ms in sorted(loaded.items(), key=lambda item: (item[1], item[0]))
-        if is_servable(settings, name)
+        if (location := servable_location(settings, name)) is not None
     ]
     return bases + tuned
 
@@ -148,11 +148,12 @@ def resolve(store: JobStore, ostore: OpenAIStore, settings: Settings, name: str)
             _loaded_base(record, settings),
             ckpt.path,
         )
-    if not is_servable(settings, name):  # refused today (gone, or no longer allowed): never loaded for chat
+    location = servable_location(settings, name)
+    if location is None:  # refused today (gone, or no longer allowed): never loaded for chat
         raise ModelNotFound(name)
     first_use = store.base_model_first_use(name)  # a base model in use: one lookup...
     if first_use is None:  # ...else one walk, for a name the rule accepts, to note bases loaded since the last
         first_use = _note_loaded_bases(store, list(_training_jobs(store))).get(name)
     if first_use is None:
         raise ModelNotFound(name)
-    return _base_model(name, first_use, settings)
+    return _base_model(name, first_use, location)

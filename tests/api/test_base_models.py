@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from api.base_models import ModelRefused, check_base_model, hub_cache, hub_offline, is_servable
+from api.base_models import ModelRefused, check_base_model, hub_cache, hub_offline, servable_location
 from shared.settings import Settings
 
 
@@ -61,7 +61,8 @@ def test_a_name_outside_the_rule_is_refused_saying_which_rule(settings: Settings
     with pytest.raises(ModelRefused) as refused:
         check_base_model(settings, name)
     assert rule in str(refused.value)
-    assert not is_servable(settings, name) or rule.startswith("is not in the local")  # listing never asks the hub
+    listed = servable_location(settings, name)  # a listing never asks the hub: the form is enough there
+    assert listed is None or (rule.startswith("is not in the local") and listed == name)
 
 
 def test_each_kind_of_model_is_accepted_with_what_the_worker_loads(settings: Settings) -> None:
@@ -166,7 +167,7 @@ def test_online_a_hub_id_not_in_the_cache_is_asked_of_the_hub(settings: Settings
     assert check_base_model(settings, "org/exists").location == "org/exists"
     with pytest.raises(ModelRefused, match="'org/missing' is not a model on the Hugging Face hub"):
         check_base_model(settings, "org/missing")
-    assert is_servable(settings, "org/missing")  # a listing never asks the hub: the form is enough there
+    assert servable_location(settings, "org/missing") == "org/missing"  # a listing never asks the hub
 
 
 def test_online_an_unreachable_hub_is_a_refusal_at_once(
