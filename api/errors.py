@@ -79,6 +79,10 @@ class InvalidInput(ServiceError):
     """A config, path or other field that fails validation (the problems name each field)."""
 
 
+class ModelNotAllowed(InvalidInput):
+    """A base model that does not exist or that this deployment does not allow (api.base_models' rule)."""
+
+
 class InvalidDataset(InvalidInput):
     """A dataset that fails validation (the problems name each line or record)."""
 

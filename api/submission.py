@@ -1,5 +1,6 @@
 """One way to submit a job: `submit_job` validates its paths, stores its data, admits it to a slot and
-publishes its task, and undoes all of it on any failure. `POST /train`, `POST /v1/fine_tuning/jobs`
+publishes its task, and undoes all of it on any failure. The base model goes through api.base_models' rule:
+a name it refuses leaves nothing behind. `POST /train`, `POST /v1/fine_tuning/jobs`
 and `POST /jobs/{id}/merge` all come through here.
 """
 
@@ -16,9 +17,18 @@ import redis
 from celery import Celery
 from pydantic import ValidationError
 
+from api.base_models import ModelRefused, check_base_model
 from api.dataset_validation import reject_json_constant
 from api.datasets import JobData
-from api.errors import BrokerUnavailable, InvalidInput, OutputInUse, QueueFull, SlotsBusy, field_error
+from api.errors import (
+    BrokerUnavailable,
+    InvalidInput,
+    ModelNotAllowed,
+    OutputInUse,
+    QueueFull,
+    SlotsBusy,
+    field_error,
+)
 from api.paths import UnsafePathError, model_location, resolve_inside
 from shared.admission import promote_waiting, publish_or_fail
 from shared.config import TrainConfig
@@ -59,6 +69,7 @@ class JobRequest:
     wandb: WandbSpec | None = None  # the W&B run the job logs to, where the worker has W&B configured
     companion: Companion | None = None
     wait: bool = False  # join the waiting line when every slot is taken, instead of a 409
+    model_field: tuple[str, ...] = ("config", "model_name")  # where the request named the base model
     job_id: str = field(default_factory=new_job_id)
 
 
@@ -73,13 +84,21 @@ def submit_job(store: JobStore, celery: Celery, settings: Settings, request: Job
         assert source.model_path is not None
         adapter = Path(source.model_path)
         output = _merge_output(settings, adapter, request.merge_output)
+        # It folds into the base its job trained on (checked when that job was submitted).
+        model_dir = source.model_dir or model_location(settings.base_path, source.config.model_name)
     elif request.merge_adapter is not None:
         adapter = _adapter_path(settings, request.merge_adapter, "lora_path", loc="body")
         output = _merge_output(settings, adapter, request.merge_output, field="model_output")
+        model_dir = base_model_location(settings, request)
     else:
         assert request.data is not None
         output, lora = resolve_train_paths(request.config, settings, job_id)
         data = request.data.place(settings, job_id)
+        try:  # after the dataset's own checks, so a bad dataset is named whatever the model: this may ask the hub
+            model_dir = base_model_location(settings, request)
+        except BaseException:
+            data.remove()
+            raise
     record = JobRecord(
         id=job_id,
         kind="train" if adapter is None else "merge",
@@ -90,7 +109,7 @@ def submit_job(store: JobStore, celery: Celery, settings: Settings, request: Job
         dataset_path=str(data.dataset) if data is not None else str(adapter),
         validation_path=str(data.validation) if data is not None and data.validation else None,
         source_job=source.id if source is not None else None,
-        model_dir=model_location(settings.base_path, request.config.model_name),
+        model_dir=model_dir,
         adapter_dir=str(lora) if lora is not None else None,
         num_records=data.num_records if data is not None else 0,
         output_dir=str(output),
@@ -110,10 +129,17 @@ def submit_job(store: JobStore, celery: Celery, settings: Settings, request: Job
                 if store.get(job_id) is None:
                     request.companion.detach(job_id)
         raise
-    if admitted.kind == "train":
-        with contextlib.suppress(redis.RedisError):  # the job is accepted; the index is rebuilt if it lacks it
-            store.note_base_model(admitted.config.model_name)
     return admitted
+
+
+def base_model_location(settings: Settings, request: JobRequest) -> str:
+    """What the worker loads for the request's base model; ModelNotAllowed naming the rule it breaks."""
+    try:
+        return check_base_model(settings, request.config.model_name).location
+    except ModelRefused as exc:
+        name = request.model_field[-1]
+        problem = field_error(list(request.model_field), str(exc), type="model_not_allowed")
+        raise ModelNotAllowed(f"{name}: {exc}", problems=[problem]) from exc
 
 
 def _admit(store: JobStore, celery: Celery, settings: Settings, record: JobRecord, *, wait: bool) -> JobRecord:

@@ -143,7 +143,8 @@ def running_stack(upload_mb: float) -> Iterator[Stack]:
     """Temp dir, embedded Redis, the API (no worker yet) and the tiny model; all removed on exit."""
     tmp = Path(tempfile.mkdtemp(prefix="lora-bench-service-"))
     redis_server = EmbeddedRedis(tmp / "redis", persist=False)
-    limits = {"LORA_MAX_UPLOAD_MB": str(max(512, int(upload_mb * 2))), "LORA_MAX_RECORDS": "100000000"}
+    limits = {"LORA_MAX_UPLOAD_MB": str(max(512, int(upload_mb * 2))), "LORA_MAX_RECORDS": "100000000",
+              "LORA_MODELS_DIR": str(tmp / "models")}  # fmt: skip
     service = Service(base_path=tmp / "base", redis_url="", log_dir=tmp / "logs", env_extra=limits)
     try:
         redis_server.start()
@@ -151,7 +152,7 @@ def running_stack(upload_mb: float) -> Iterator[Stack]:
         service.base_path.mkdir(parents=True)
         service.log_dir.mkdir(parents=True)
         service.start_api()
-        model_dir = tmp / "tiny_model"
+        model_dir = tmp / "models" / "tiny_model"  # in the service's models directory (LORA_MODELS_DIR)
         build = [sys.executable, "-m", "tests.fixtures.tiny_model", str(model_dir)]
         subprocess.run(build, check=True, capture_output=True, env=service.env())  # torch stays out of this process
         yield Stack(tmp, redis_server, service, model_dir)

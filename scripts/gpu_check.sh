@@ -175,7 +175,8 @@ phase_service() {
     echo "model ($SHAPE) and $RECORDS chats ready in $(( $(date +%s) - started )) s"
     port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     url="http://127.0.0.1:$port"
-    setsid "$PY" -m cli --base_path "$base" --port "$port" >"$log" 2>&1 &
+    # The model is outside base_path: its folder is a models directory of the service's (LORA_MODELS_DIR).
+    LORA_MODELS_DIR="$WORK" setsid "$PY" -m cli --base_path "$base" --port "$port" >"$log" 2>&1 &
     SERVICE_PID=$!
     echo "$SERVICE_PID" >"$WORK/service.pgid"
     for _ in $(seq 1 120); do  # the API up and a worker registered

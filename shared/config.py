@@ -28,7 +28,8 @@ class TrainConfig(BaseModel):
     model_name: str = Field(
         default="Qwen/Qwen2.5-0.5B",
         min_length=1,
-        description="Hub id, a model folder under base_path (by its name there), or a directory on the worker.",
+        description="Hub id (org/name), a model folder under base_path (by its name there), or one in a models "
+        "directory (LORA_MODELS_DIR); the service refuses anything else at submission (api.base_models).",
     )
     lora_path: str | None = Field(default=None, description="Existing adapter to continue (inside base_path).")
     lora_rank: int = Field(default=8, ge=1, le=1024, description="LoRA rank r.")

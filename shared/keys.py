@@ -30,8 +30,10 @@ def openai_job_key(job_id: str) -> str:
     return JOB_PREFIX + job_id + OPENAI_SUFFIX
 
 
+# zset: base model name -> first use (ms) by a training job that loaded it (the older "base_models", noted at
+# submission, also held names no worker ever loaded: it is left unread)
+BASE_MODELS = PREFIX + "loaded_base_models"
 # Waiting for a slot, and what is due to be told about jobs.
-BASE_MODELS = PREFIX + "base_models"  # zset: base model name -> first used by a training job, ms
 WAITING = PREFIX + "waiting"  # zset: job id -> arrival time, ms; jobs queued beyond the slots, FIFO
 WEBHOOK_OUTBOX = PREFIX + "webhooks:outbox"  # list: JSON {event_id, job_id, status, created_at} per ended job
 # The API's dispatcher fans each outbox entry out to one pending delivery per receiver URL (api.webhooks.queue).

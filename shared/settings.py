@@ -88,6 +88,23 @@ class Settings(BaseSettings):
     api_key: str | None = Field(default=None, description="Bearer token required by the API when set.")
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins (closed by default).")
     worker_name: str | None = Field(default=None, description="Name a worker reports (defaults to host:pid).")
+    # NoDecode: `_split_list` takes a JSON list or commas (pydantic-settings alone would take JSON only).
+    models_dir: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Folders besides base_path whose model folders may be trained on (by their path, or their name "
+        "relative to the folder): one path, comma-separated paths or a JSON list.",
+    )
+    allowed_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="When set, the only base models jobs may use: fnmatch patterns (`Qwen/*`, `bases/*`) matched "
+        "against model_name as given; comma-separated or a JSON list. Empty: any model that exists.",
+    )
+    hub_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How long a submission waits for the Hugging Face hub to confirm a hub id that is not in the "
+        "local cache (never asked with HF_HUB_OFFLINE=1).",
+    )
     keep_base_model: bool = Field(
         default=True,
         description="Keep the base model loaded in the worker's child between jobs of the same model (one "
@@ -142,7 +159,7 @@ class Settings(BaseSettings):
         description="Where a generation worker runs its models: 'auto' (the worker's GPU, else the CPU), "
         "'cpu', or a torch device such as 'cuda:1'.",
     )
-    # NoDecode: pydantic-settings would parse the variable as JSON only; `_split_urls` takes a JSON list or commas.
+    # NoDecode: pydantic-settings would parse the variable as JSON only; `_split_list` takes a JSON list or commas.
     webhook_url: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Receivers of the fine_tuning.job.* webhooks: one URL, comma-separated URLs or a JSON list.",
@@ -164,9 +181,9 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="How often the API looks for new events and retries due."
     )
 
-    @field_validator("webhook_url", mode="before")
+    @field_validator("webhook_url", "models_dir", "allowed_models", mode="before")
     @classmethod
-    def _split_urls(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
         if not isinstance(value, str):
             return value
         text = value.strip()

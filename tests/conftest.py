@@ -2,6 +2,11 @@
 
 Redis: `LORA_TEST_REDIS_URL` names a server to use (its database is flushed between tests);
 otherwise an embedded one is started for the session, so the suite runs on a bare machine.
+
+Base models: for the whole session the hub is off (HF_HUB_OFFLINE=1), the Hugging Face cache is an empty
+folder of the session's own (HF_HUB_CACHE: a developer's warm cache changes no result), and the tiny model is
+built in a models directory every service of the session allows (LORA_MODELS_DIR). Processes the tests start
+inherit all three.
 """
 
 from __future__ import annotations
@@ -15,6 +20,17 @@ import redis
 
 from launcher.embedded_redis import EmbeddedRedis
 from tests.service import Service, flush
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_sources(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The session's models directory (LORA_MODELS_DIR), with an empty hub cache and the hub offline."""
+    models = tmp_path_factory.mktemp("models")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LORA_MODELS_DIR", str(models))
+        env.setenv("HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf-hub-cache")))
+        env.setenv("HF_HUB_OFFLINE", "1")
+        yield models
 
 
 @pytest.fixture(scope="session")
@@ -41,11 +57,12 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Qwen2 chat model and ChatML tokenizer, built locally once per session."""
+def tiny_model_dir(model_sources: Path) -> Path:
+    """A tiny random Qwen2 chat model and ChatML tokenizer, built locally once per session, in the models
+    directory (so services accept it by its absolute path)."""
     from tests.fixtures.tiny_model import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+    return build_tiny_model(model_sources / "tiny")
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """The models this service can chat with, and what each name stands for.
 
-- base models in use: every distinct `config.model_name` of a training job (the base alone);
+- base models in use: every distinct `config.model_name` of a training job that got past loading it (it
+  trained a step, or succeeded) and that api.base_models' rule still accepts (the base alone): a name
+  that was refused, or that no worker ever loaded, is never listed;
 - every succeeded training job's model, by its `ft:` name (api.openai.model_names), its adapter folder;
 - each checkpoint of those jobs, `ft:...:ckpt-step-N`, the checkpoint's folder.
 
@@ -14,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from api.artifacts import adapter_dir, get_checkpoint, list_checkpoints
+from api.base_models import servable_location
 from api.errors import ModelNotFound
 from api.openai.convert import name_parts
 from api.openai.model_names import checkpoint_model_name, fine_tuned_model_name, parse_model_name
@@ -78,22 +81,38 @@ def _job_models(record: JobRecord, ostore: OpenAIStore, settings: Settings) -> l
     return served
 
 
-def _base_index(store: JobStore) -> None:
-    """The index of base models in use (`JobStore.note_base_model`, kept at each submission), built from
-    the job history once when it is missing (jobs submitted before it existed)."""
-    if store.has_base_model_index():
-        return
-    for record in _training_jobs(store):
-        store.note_base_model(record.config.model_name, at_ms=int(record.created_at * 1000))
+def loaded_its_base(record: JobRecord) -> bool:
+    """Whether a worker got past loading the job's base model: it trained a step, or the job succeeded."""
+    return record.kind == "train" and (record.status is JobStatus.succeeded or record.progress.current_step > 0)
+
+
+def _note_loaded_bases(store: JobStore, records: list[JobRecord]) -> dict[str, int]:
+    """Each base model the jobs loaded, with its first use (ms), noted in the index of loaded bases
+    (`JobStore.note_base_model`) that lets `resolve` find one without walking every job."""
+    first: dict[str, int] = {}
+    for record in records:
+        if loaded_its_base(record):
+            name, ms = record.config.model_name, int(record.created_at * 1000)
+            first[name] = min(ms, first.get(name, ms))
+    for name, ms in first.items():
+        store.note_base_model(name, at_ms=ms)
+    return first
+
+
+def _base_model(name: str, first_use_ms: int, location: str) -> ServedModel:
+    # A base model named by a model folder loads from there, as for training (`location`: api.base_models').
+    return ServedModel(name, first_use_ms // 1000, BASE_OWNER, location, None)
 
 
 def list_models(store: JobStore, ostore: OpenAIStore, settings: Settings) -> list[ServedModel]:
     """Base models first (oldest use first), then fine-tuned models newest first, each followed by its checkpoints."""
-    _base_index(store)
-    tuned = [model for record in _training_jobs(store) for model in _job_models(record, ostore, settings)]
+    records = list(_training_jobs(store))
+    loaded = _note_loaded_bases(store, records)
+    tuned = [model for record in records for model in _job_models(record, ostore, settings)]
     bases = [
-        ServedModel(name, ms // 1000, BASE_OWNER, model_location(settings.base_path, name), None)
-        for name, ms in store.base_models()
+        _base_model(name, ms, location)
+        for name, ms in sorted(loaded.items(), key=lambda item: (item[1], item[0]))
+        if (location := servable_location(settings, name)) is not None
     ]
     return bases + tuned
 
@@ -129,9 +148,12 @@ def resolve(store: JobStore, ostore: OpenAIStore, settings: Settings, name: str)
             _loaded_base(record, settings),
             ckpt.path,
         )
-    _base_index(store)  # a base model in use: one lookup, never a walk through every job
-    first_use = store.base_model_first_use(name)
+    location = servable_location(settings, name)
+    if location is None:  # refused today (gone, or no longer allowed): never loaded for chat
+        raise ModelNotFound(name)
+    first_use = store.base_model_first_use(name)  # a base model in use: one lookup...
+    if first_use is None:  # ...else one walk, for a name the rule accepts, to note bases loaded since the last
+        first_use = _note_loaded_bases(store, list(_training_jobs(store))).get(name)
     if first_use is None:
         raise ModelNotFound(name)
-    # A base model named by a folder under base_path loads from there, as for training.
-    return ServedModel(name, first_use // 1000, BASE_OWNER, model_location(settings.base_path, name), None)
+    return _base_model(name, first_use, location)

@@ -39,6 +39,7 @@ SHAPES: dict[type[e.ServiceError], Shape] = {
     e.UnsupportedOption: Shape(400, _INVALID, "unsupported_method"),
     e.UnsupportedParameter: Shape(400, _INVALID, "unsupported_parameter"),
     e.InvalidInput: Shape(400, _INVALID),
+    e.ModelNotAllowed: Shape(400, _INVALID, "model_not_available", "model"),
     e.InvalidDataset: Shape(400, _INVALID, "invalid_file_format"),
     e.UnknownFile: Shape(400, _INVALID, "invalid_file"),
     e.WrongDataKind: Shape(400, _INVALID, "invalid_file_kind"),

@@ -107,6 +107,7 @@ async def create_job(
         wandb=body.integrations[0].wandb if body.integrations else None,
         companion=JobFields(ostore, extra),
         wait=True,
+        model_field=("model",),
     )
     record = await run_in_threadpool(submit_job, store, celery, settings, job)
     return await run_in_threadpool(_public, store, ostore, record)

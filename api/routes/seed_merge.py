@@ -51,7 +51,9 @@ async def seed_merge(
         config = TrainConfig(model_name=body.model_name)
     except ValueError as exc:
         raise InvalidInput(f"model_name: {exc}", problems=[field_error(["body", "model_name"], str(exc))]) from exc
-    job = JobRequest(config=config, merge_adapter=body.lora_path, merge_output=body.model_output)
+    job = JobRequest(
+        config=config, merge_adapter=body.lora_path, merge_output=body.model_output, model_field=("body", "model_name")
+    )
     record = await run_in_threadpool(submit_job, store, celery, settings, job)
     job_url = f"{str(request.base_url).rstrip('/')}/jobs/{record.id}"
     deadline = time.monotonic() + settings.merge_wait_s

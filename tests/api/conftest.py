@@ -1,6 +1,7 @@
 """The fast tier: the ASGI app in this process (Starlette's TestClient, which runs its lifespan) over the
 real Redis-compatible server; no worker and no subprocess. Admitted jobs stay queued, their tasks in
-the broker's queue."""
+the broker's queue. The hub ids these tests train on (the seed's default, `some/model`) are in a Hugging Face
+cache of the test's own, as on a host that downloaded them; the hub itself stays offline."""
 
 from __future__ import annotations
 
@@ -14,6 +15,18 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from shared.settings import Settings
 from shared.store import JobStore
+from tests.fixtures.hub_cache import add_cached_model
+
+CACHED_MODELS = ("Qwen/Qwen2.5-0.5B", "some/model")
+
+
+@pytest.fixture(autouse=True)
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "hf-hub-cache"
+    for repo_id in CACHED_MODELS:
+        add_cached_model(cache, repo_id)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return cache
 
 
 @pytest.fixture

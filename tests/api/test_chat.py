@@ -16,7 +16,9 @@ from api.main import create_app
 from shared import keys
 from shared.generation import GenerationRequest
 from shared.generation_queue import heartbeat
+from shared.jobs import Progress
 from shared.settings import Settings
+from shared.store import JobStore
 from tests.data import easy_records, jsonl
 
 BASE = "tiny-base"
@@ -26,10 +28,20 @@ BASE = "tiny-base"
 def api(tmp_path: Path, redis_client: redis.Redis, redis_url: str) -> Iterator[TestClient]:
     settings = Settings(base_path=tmp_path / "base", redis_url=redis_url, min_free_disk_mb=1,
                         generation_max_pending=1, generation_timeout_s=1.0, generation_max_tokens=100)  # fmt: skip
+    (settings.base_path / BASE).mkdir(parents=True)
+    (settings.base_path / BASE / "config.json").write_text("{}")
     with TestClient(create_app(settings)) as client:
         files = {"config": (None, json.dumps({"model_name": BASE})), "file": ("d.jsonl", jsonl(easy_records(8)))}
-        assert client.post("/train", files=files).status_code == 202  # the base model is now "in use"
+        r = client.post("/train", files=files)
+        assert r.status_code == 202, r.text
+        _trains_a_step(JobStore(redis_client), r.json()["job_id"])  # the base model is now "in use"
         yield client
+
+
+def _trains_a_step(store: JobStore, job_id: str) -> None:
+    """What a worker does once it has loaded the job's base: claim the job, report a step."""
+    assert store.claim(job_id, token="t", lease_s=60, worker="w") == "ok"
+    store.renew(job_id, token="t", lease_s=60, progress=Progress(current_step=1, total_steps=8))
 
 
 def _chat(api: TestClient, **body: object) -> tuple[int, dict[str, object]]:
@@ -48,11 +60,30 @@ def test_models_lists_the_base_in_use_and_nothing_unknown(api: TestClient) -> No
 def test_base_models_come_from_an_index_rebuilt_from_the_history_when_missing(
     api: TestClient, redis_client: redis.Redis
 ) -> None:
+    assert api.get(f"/v1/models/{BASE}").status_code == 200
     assert [name for name, _ in redis_client.zrange(keys.BASE_MODELS, 0, -1, withscores=True)] == [BASE]
-    redis_client.delete(keys.BASE_MODELS)  # as on a volume whose jobs were submitted before the index existed
+    redis_client.delete(keys.BASE_MODELS)  # as on a volume whose jobs ran before the index existed
     assert api.get(f"/v1/models/{BASE}").status_code == 200
     assert redis_client.zscore(keys.BASE_MODELS, BASE) is not None
     assert api.get("/v1/models/tiny-typo").status_code == 404
+
+
+def test_a_base_no_job_has_loaded_is_not_a_model(api: TestClient, redis_client: redis.Redis) -> None:
+    settings: Settings = api.app.state.settings  # type: ignore[attr-defined]
+    (settings.base_path / "other-base").mkdir()
+    (settings.base_path / "other-base" / "config.json").write_text("{}")
+    files = {"config": (None, json.dumps({"model_name": "other-base"})), "file": ("d.jsonl", jsonl(easy_records(8)))}
+    assert api.post("/train?queue=true", files=files).status_code == 202  # waits: no worker ever loads it
+    assert [m["id"] for m in api.get("/v1/models").json()["data"]] == [BASE]
+    assert api.get("/v1/models/other-base").status_code == 404
+    assert redis_client.zscore(keys.BASE_MODELS, "other-base") is None
+
+
+def test_a_base_the_rule_no_longer_accepts_is_not_listed(api: TestClient) -> None:
+    settings: Settings = api.app.state.settings  # type: ignore[attr-defined]
+    (settings.base_path / BASE / "config.json").unlink()  # the folder is no longer a model
+    assert api.get("/v1/models").json()["data"] == []
+    assert api.get(f"/v1/models/{BASE}").status_code == 404
 
 
 def test_unsupported_parameters_and_limits_are_refused_by_name(api: TestClient) -> None:
@@ -80,5 +111,6 @@ def test_a_full_queue_is_a_429_and_a_late_answer_a_504_that_cancels(api: TestCli
     status, answer = _chat(api, stream=True)
     assert status == 504 and answer["error"]["type"] == "timeout"  # type: ignore[index]
     queued = GenerationRequest.model_validate_json(str(redis_client.lpop(keys.GENERATE_QUEUE)))
-    assert queued.base_model == BASE and queued.adapter_path is None and queued.sampling.max_tokens == 100
+    folder = (api.app.state.settings.base_path / BASE).resolve()  # type: ignore[attr-defined]
+    assert queued.base_model == str(folder) and queued.adapter_path is None and queued.sampling.max_tokens == 100
     assert redis_client.exists(keys.generation_cancel_key(queued.id))  # the worker that pops it skips it

@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,19 +91,21 @@ def test_seed_curl_trains_a_working_adapter(service: Service, tiny_model_dir: Pa
     assert not [p for p in service.base_path.iterdir() if p.name.startswith(".my_lora_model")]
 
 
-def test_seed_curl_verbatim_is_accepted_and_an_unreachable_model_fails_clearly(
+def test_seed_curl_verbatim_on_a_host_without_the_default_model_is_refused_at_once(
     service: Service, tmp_path: Path
 ) -> None:
-    """The README's command, unchanged: the default hub model cannot load offline, and says so."""
+    """The README's command, unchanged, offline with an empty hub cache: the default hub model could never
+    load, so the submission is a 422 saying why, at once, and no job is left behind."""
     data = write_jsonl(tmp_path / "training_data.json", easy_records(2))
-    accepted = _curl_train(service, {"epochs": 3, "batch_size": 4}, data)
-    assert accepted["status"] == "training"
-    final = _wait_status(service, {"completed", "error"}, timeout=120)
-    assert final["status"] == "error"
-    assert "Qwen/Qwen2.5-0.5B" in str(final["error"])
-    assert "model_path" not in final
-    job = service.get(f"/jobs/{accepted['job_id']}").json()
-    assert job["status"] == "failed"
+    started = time.monotonic()
+    refused = _curl_train(service, {"epochs": 3, "batch_size": 4}, data)
+    assert time.monotonic() - started < 5
+    assert "'Qwen/Qwen2.5-0.5B' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set" in str(
+        refused["detail"]
+    ), refused
+    assert refused["errors"][0]["loc"] == ["config", "model_name"]  # type: ignore[index]
+    assert service.get("/status").json()["status"] == "idle"
+    assert service.get("/jobs").json()["data"] == []
 
 
 def test_twenty_simultaneous_submissions_admit_exactly_one(

@@ -539,7 +539,7 @@ def _dataset_of(size: int) -> bytes:
     return line * (size // len(line) + 1)
 
 
-def test_a_full_volume_is_a_507_with_no_partial_file(full_disk: Service) -> None:
+def test_a_full_volume_is_a_507_with_no_partial_file(full_disk: Service, tiny_model_dir: Path) -> None:
     import os
 
     stat = os.statvfs(full_disk.base_path)
@@ -561,7 +561,7 @@ def test_a_full_volume_is_a_507_with_no_partial_file(full_disk: Service) -> None
         "not enough disk space on the volume to store the dataset",
     }, seen
     # The service is fine afterwards: a dataset that fits is accepted and stored.
-    reply = _post(full_disk, _multipart(_config({"epochs": 1}), _file()))
+    reply = _post(full_disk, _multipart(_config({"epochs": 1, "model_name": str(tiny_model_dir)}), _file()))
     assert reply.status == 202, reply.text
     job_id = json.loads(reply.text)["job_id"]
     assert (full_disk.base_path / "datasets" / f"{job_id}.jsonl").read_bytes() == GOOD

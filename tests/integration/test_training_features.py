@@ -77,6 +77,11 @@ def test_merge_job_writes_a_model_that_matches_base_plus_adapter(service: Servic
     missing = service.post("/merge", json={**body, "lora_path": "nowhere"})
     assert missing.status_code == 422 and "no adapter (adapter_config.json) at 'nowhere'" in missing.json()["detail"]
     assert service.post("/merge", json={**body, "push_to_hub": True}).status_code == 422
+    jobs = service.get("/jobs").json()["data"]
+    refused = service.post("/merge", json={**body, "model_name": "/etc"})  # the base-model rule, as for training
+    assert refused.status_code == 422 and refused.json()["errors"][0]["loc"] == ["body", "model_name"]
+    assert "absolute path outside base_path and every models directory" in refused.json()["detail"]
+    assert service.get("/jobs").json()["data"] == jobs
 
 
 @pytest.fixture
