@@ -6,6 +6,7 @@ Real processes only: the API alone (uvicorn, no worker), raw HTTP over a socket,
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -142,7 +143,7 @@ def test_a_stale_file_planted_while_the_api_runs_is_swept_within_the_period_and_
 
 
 def test_a_live_two_part_upload_is_never_swept_even_past_the_age_bound(
-    tmp_path: Path, redis_url: str, service_factory: list[Service]
+    tmp_path: Path, redis_url: str, service_factory: list[Service], tiny_model_dir: Path
 ) -> None:
     """The bound is 4 s here (twice the idle timeout); the upload takes about 8 s, its first part done at once."""
     env = {"LORA_UPLOAD_IDLE_TIMEOUT_S": "2", "LORA_INCOMING_MAX_AGE_S": "0.5", "LORA_INCOMING_SWEEP_INTERVAL_S": "0.2"}
@@ -152,7 +153,9 @@ def test_a_live_two_part_upload_is_never_swept_even_past_the_age_bound(
     pieces = [
         validation[i : i + len(validation) // 20 + 1] for i in range(0, len(validation), len(validation) // 20 + 1)
     ]
-    body = _file_part_head("file") + jsonl(easy_records(8)) + b"\r\n" + _file_part_head("validation_file")
+    config = json.dumps({"model_name": str(tiny_model_dir), "epochs": 1})
+    config_part = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="config"\r\n\r\n{config}\r\n'.encode()
+    body = config_part + _file_part_head("file") + jsonl(easy_records(8)) + b"\r\n" + _file_part_head("validation_file")
     tail = f"\r\n--{BOUNDARY}--\r\n".encode()
     length = len(body) + len(validation) + len(tail)
     with socket.create_connection(("127.0.0.1", svc.port), timeout=30) as sock:

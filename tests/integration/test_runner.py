@@ -158,7 +158,7 @@ def test_ctrl_c_mid_job_and_a_restart_continue_the_job_where_it_stopped(tmp_path
     try:
         r = httpx.post(
             url + "/train",
-            files={"config": (None, f'{{"epochs": 40, "batch_size": 2, "model_name": "{tiny_model_dir}"}}'),
+            files={"config": (None, f'{{"epochs": 150, "batch_size": 2, "model_name": "{tiny_model_dir}"}}'),
                    "file": ("training_data.json", jsonl(easy_records(8)), "application/json")},
             timeout=30,
         )  # fmt: skip

@@ -109,6 +109,8 @@ class LeaseKeeper:
                 progress = self._progress
             try:
                 self._flush_events()
+                if stopping:  # the outcome is recorded (or not this runner's): a renewal would only be refused
+                    return
                 state = self.store.renew(self.job_id, token=self.token, lease_s=self.lease_s, progress=progress)
                 last_ok = time.monotonic()
                 if state < 0 and not self.fenced.is_set():

@@ -39,10 +39,14 @@ def running_job() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
         if requested.is_set():  # honoured: the job went back to the queue
-            requested.clear()  # a child asked alone (its worker stays up) runs the next job normally ...
-            recycle.request("it was asked to stop")  # ... as a fresh child, where billiard can replace it
+            # This child is done: it ends with its worker (the pool closes) or is replaced. It keeps this
+            # handler: the same stop arrives twice (the group's signal, then the main process passing it on),
+            # and billiard's would exit mid-cleanup with a traceback.
+            requested.clear()  # a child asked alone (its worker stays up) runs a next job normally
+            recycle.request("it was asked to stop")
+        else:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def forward_to_children() -> None:

@@ -14,8 +14,10 @@ def train(payload: dict[str, Any]) -> None:
     from worker.jobs import child, shutdown
     from worker.jobs.runner import run_job  # imports torch: only inside the task's child process
 
-    try:
-        with shutdown.running_job():
+    # The clean-up after the job stays under the job's SIGTERM handler too: billiard's would exit from inside
+    # whatever finalizer its garbage collection runs, with a traceback.
+    with shutdown.running_job():
+        try:
             run_job(TrainTaskPayload.model_validate(payload).job_id)
-    finally:  # the job's objects are unreachable here: what memory is still held, the next job would inherit
-        child.after_job(get_settings())
+        finally:  # the job's objects are unreachable here: what memory is still held, the next job would inherit
+            child.after_job(get_settings())
