@@ -68,7 +68,7 @@ def service_env(config: Config, base: Path) -> dict[str, str]:
     drop = {"OMP_NUM_THREADS", "MKL_NUM_THREADS", "LORA_TORCH_THREADS", "LORA_REDIS_URL", "TORCHINDUCTOR_CACHE_DIR"}
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               LORA_MIN_FREE_DISK_MB="1", LORA_BASE_PATH=str(base))  # fmt: skip
+               LORA_MIN_FREE_DISK_MB="1", LORA_BASE_PATH=str(base), LORA_MODELS_DIR=str(models_dir(base.parent)))  # fmt: skip
     if config.torch_threads is not None:
         env["LORA_TORCH_THREADS"] = str(config.torch_threads)
     return env
@@ -116,8 +116,13 @@ def _wait(check: Any, timeout: float, what: str, proc: subprocess.Popen[bytes] |
     raise RuntimeError(f"gave up waiting for {what} after {timeout:.0f} s")
 
 
+def models_dir(tmp: Path) -> Path:
+    """The service's models directory (LORA_MODELS_DIR): a base model must be in one to be accepted."""
+    return tmp / "models"
+
+
 def build_tiny_model(tmp: Path) -> Path:
-    out = tmp / "tiny_model"
+    out = models_dir(tmp) / "tiny_model"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-m", "tests.fixtures.tiny_model", str(out)], check=True, capture_output=True,
                    env=env, cwd=ROOT)  # fmt: skip

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from bench.load import Config, Job, _parse, configs, default_torch_threads
+from pathlib import Path
+
+import pytest
+
+from api.base_models import check_base_model
+from bench.load import Config, Job, _parse, configs, default_torch_threads, models_dir, service_env
+from shared.settings import Settings
 
 
 def test_both_configurations_by_default_and_one_on_request() -> None:
@@ -24,3 +30,16 @@ def test_a_window_takes_the_steps_that_ended_in_it() -> None:
     ]
     assert job.step_seconds(10.0, 12.0) == [0.01, 0.02]
     assert job.torch_threads() == 1
+
+
+def test_the_service_it_starts_accepts_the_model_it_builds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The benchmark's job names its tiny model by absolute path: the service must find it in a models directory.
+    base = tmp_path / "base-budget"
+    model = models_dir(tmp_path) / "tiny_model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    for key, value in service_env(Config("budget", None), base).items():
+        if key.startswith("LORA_"):
+            monkeypatch.setenv(key, value)
+    accepted = check_base_model(Settings(), str(model))
+    assert accepted.is_folder and accepted.location == str(model.resolve())
