@@ -35,14 +35,16 @@ async def readyz(request: Request, store: StoreDep, settings: SettingsDep) -> JS
     The probe stays open (orchestrators ask without secrets), but with LORA_API_KEY set only a caller with the
     key learns the details (worker names, where Redis is): the status code alone is what a probe needs."""
     given = dict(request.scope["headers"]).get(b"authorization", b"")
-    detailed = settings.api_key is None or key_matches(given, settings.api_key)
+    detailed = not settings.api_key or key_matches(given, settings.api_key)  # "" (compose's unset) is no key
     try:
         workers = await run_in_threadpool(store.workers_alive, within_s=worker_fresh_s(settings))
     except REDIS_DOWN as exc:
         reason = store_unavailable(exc, settings.redis_url).message
         return _unavailable(reason if detailed else None)
     if not workers:
-        return _unavailable(f"no worker has reported in the last {worker_fresh_s(settings):.0f} s" if detailed else None)
+        return _unavailable(
+            f"no worker has reported in the last {worker_fresh_s(settings):.0f} s" if detailed else None
+        )
     return JSONResponse(content={"status": "ready", "workers": workers} if detailed else {"status": "ready"})
 
 

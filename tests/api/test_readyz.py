@@ -22,7 +22,9 @@ def _readyz(settings: Settings, headers: dict[str, str] | None = None) -> tuple[
     return r.status_code, r.json()
 
 
-def test_without_a_key_configured_the_details_are_shown(settings: Settings, store: JobStore) -> None:
+@pytest.mark.parametrize("key", [None, ""], ids=["unset", "empty"])  # compose passes an unset key as ""
+def test_without_a_key_configured_the_details_are_shown(settings: Settings, store: JobStore, key: str | None) -> None:
+    settings = settings.model_copy(update={"api_key": key})
     status, body = _readyz(settings)
     assert status == 503 and str(body.pop("reason")).startswith("no worker has reported in the last")
     assert body == {"status": "unavailable"}
