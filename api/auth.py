@@ -32,10 +32,17 @@ def listening_host(argv: list[str]) -> str:
     return os.environ.get("UVICORN_HOST", "127.0.0.1")
 
 
+def key_matches(authorization: bytes, api_key: str) -> bool:
+    """Whether an Authorization header carries `api_key` as a bearer token.
+
+    Constant-time comparison: response timing must not reveal how much of the key matched."""
+    return hmac.compare_digest(authorization, f"Bearer {api_key}".encode())
+
+
 class ApiKeyMiddleware:
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.api_key = api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan" or (
@@ -44,8 +51,7 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization", b"")
-        # Constant-time comparison: response timing must not reveal how much of the key matched.
-        if hmac.compare_digest(given, self.expected):
+        if key_matches(given, self.api_key):
             await self.app(scope, receive, send)
             return
         body = json.dumps({"detail": "missing or wrong API key: send 'Authorization: Bearer <LORA_API_KEY>'"}).encode()

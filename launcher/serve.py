@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,11 +22,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis
 from pydantic import ValidationError
 
+from launcher.banner import BannerFacts, ReadyWatch, api_url, gpu_names, ready_banner, worker_devices
 from launcher.embedded_redis import EmbeddedRedis
 from launcher.process import own_group_dies_with_parent
+from shared import generation_queue as gq
 from shared.settings import Settings
+from shared.store import connect
 from shared.tasks import QUEUE
 
 log = logging.getLogger("lora-server")
@@ -40,6 +45,9 @@ class ServeOptions:
     gpus: list[str] | None = None  # one worker per listed GPU, pinned with CUDA_VISIBLE_DEVICES
     workers: int = 1
     log_level: str = "info"
+    # How long the API and the workers get to come up before the launcher says which one has not (a first
+    # start on a busy machine imports torch in every worker).
+    ready_timeout_s: float = 180.0
 
 
 def _stop(name: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -102,10 +110,24 @@ class Child:
         self.restart_at = now + delay
 
 
+def _cli_command() -> str:
+    """How to run the CLI from the current directory: by name when it is on PATH, else by its path (the venv's)."""
+    if shutil.which("lora-server"):
+        return "lora-server"
+    beside = Path(sys.executable).parent / "lora-server"
+    if not beside.exists():
+        return f"{sys.executable} -m cli"
+    with contextlib.suppress(ValueError):
+        return str(beside.relative_to(Path.cwd()))
+    return str(beside)
+
+
 def serve(opts: ServeOptions) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        Settings()  # a bad LORA_* setting (a malformed webhook secret, say) is told once here, not as a restart loop
+        settings = (
+            Settings()
+        )  # a bad LORA_* setting (a malformed webhook secret, say) is told once here, not as a restart loop
     except ValidationError as exc:
         log.error("configuration error: %s", exc)
         return 2
@@ -135,6 +157,8 @@ def serve(opts: ServeOptions) -> int:
     env.setdefault("LORA_WORKERS_ON_HOST", str(len(gpus)))
 
     children: list[Child] = []
+    prefixes: list[tuple[str, str | None]] = []  # each worker's node-name prefix and the GPU it is pinned to
+    generators: list[str] = []  # the generation workers' names (their heartbeats are in Redis)
     for i, gpu in enumerate(gpus):
         worker_env = dict(env)
         if gpu is not None:
@@ -144,25 +168,62 @@ def serve(opts: ServeOptions) -> int:
             "--loglevel", opts.log_level.upper(), "--concurrency", "1", "--pool", "prefork",
             "-Q", QUEUE, "-n", f"gpu{gpu if gpu is not None else i}@%h",
         ]  # fmt: skip
+        prefixes.append((f"gpu{gpu if gpu is not None else i}", None if gpu is None else str(gpu)))
         children.append(Child(f"worker {i}", cmd, worker_env, stop_grace_s=WORKER_STOP_GRACE_S))
         # Its generation worker: same GPU, its own long-lived process, so chat never holds up training.
-        generate_cmd = [
-            sys.executable,
-            "-m",
-            "worker.generation",
-            "--name",
-            f"generate{gpu if gpu is not None else i}",
-        ]
+        generators.append(f"generate{gpu if gpu is not None else i}")
+        generate_cmd = [sys.executable, "-m", "worker.generation", "--name", generators[-1]]
         children.append(Child(f"generation worker {i}", generate_cmd, worker_env))
     api_cmd = [
         sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory",
         "--host", opts.host, "--port", str(opts.port), "--log-level", opts.log_level,
     ]  # fmt: skip
     children.append(Child("api", api_cmd, env))
+
+    def generators_pending() -> list[str]:
+        try:
+            client = connect(redis_url, timeout=1)
+            try:
+                return [f"{name} (chat completions)" for name in generators if not gq.reported_lately(client, name)]
+            finally:
+                client.close()
+        except redis.RedisError as exc:
+            return [f"Redis ({exc})"]
+
+    def print_banner(workers: list[str] | None, pending: list[str]) -> None:
+        facts = BannerFacts(
+            host=opts.host,
+            port=opts.port,
+            base_path=base,
+            redis_url=redis_url,
+            redis_embedded=redis_server is not None,
+            workers=workers,
+            devices=worker_devices(prefixes, gpu_names(), os.environ.get("CUDA_VISIBLE_DEVICES")),
+            api_key_set=bool(settings.api_key),
+            expected_workers=len(gpus),
+            pending=pending,
+            cli=_cli_command(),
+        )
+        # stdout, after the children's start-up noise (theirs goes to stderr mostly, and is done by now).
+        print("\n" + ready_banner(facts) + "\n", flush=True)
+
+    def say_late(missing: str) -> None:
+        log.error("not ready yet: %s; still waiting (the banner follows once it is)", missing)
+
+    watch = ReadyWatch(
+        url=api_url(opts.host, opts.port),
+        api_key=settings.api_key,
+        expected_workers=len(gpus),
+        timeout_s=opts.ready_timeout_s,
+        on_ready=print_banner,
+        on_late=say_late,
+        pending=generators_pending,
+    )
     try:
         for child in children:
             child.start()
-        log.info("lora-server on http://%s:%d (base path %s)", opts.host, opts.port, base)
+        log.info("starting lora-server on %s (base path %s)", api_url(opts.host, opts.port), base)
+        watch.started_at = time.monotonic()
         while not stopping:
             if redis_server is not None and not redis_server.alive():
                 # Same port, same data (append-only file): the API and workers reconnect on their own.
@@ -175,6 +236,7 @@ def serve(opts: ServeOptions) -> int:
             now = time.monotonic()
             for child in children:
                 child.supervise(now)
+            watch.poll(now)
             time.sleep(0.2)
         return 0
     finally:

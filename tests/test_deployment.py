@@ -1,14 +1,17 @@
 """Docker cannot run here: parse the compose file and images and check what deployment relies on."""
 
 import json
+import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,3 +249,73 @@ def test_worker_healthcheck_pings_the_node_name_the_worker_runs_as() -> None:
         f"the worker's healthcheck pings {pinged!r} but the worker runs as {node!r} "
         f"(LORA_WORKER_NAME={container_env['LORA_WORKER_NAME']}, hostname {FAKE_HOSTNAME})"
     )
+
+
+# --------------------------------------------------------------------------- compose: Flower is optional
+
+
+def _flower_start(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run Flower's container entrypoint under a POSIX shell, with `celery` a stub that prints its arguments."""
+    flower = _compose()["services"]["flower"]
+    entrypoint = flower["entrypoint"]
+    assert entrypoint[:2] == ["sh", "-c"], entrypoint
+    script = _compose_literal(entrypoint[2], "flower entrypoint")
+    assert "exec celery " in script, "the shell must exec celery, or `docker compose stop` never reaches it"
+    with tempfile.TemporaryDirectory() as folder:
+        stub = Path(folder, "celery")
+        stub.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\0" "$a"; done\n')
+        stub.chmod(0o755)
+        return subprocess.run(
+            ["sh", "-c", script], env={**env, "PATH": f"{folder}:/usr/bin:/bin"}, capture_output=True, text=True
+        )
+
+
+def test_flower_is_behind_a_profile_and_needs_no_auth_variable_to_parse() -> None:
+    flower = _compose()["services"]["flower"]
+    assert flower["profiles"] == ["flower"]
+
+    def values(node: Any) -> list[str]:
+        if isinstance(node, dict):
+            return [v for child in node.values() for v in values(child)]
+        if isinstance(node, list):
+            return [v for child in node for v in values(child)]
+        return [str(node)]
+
+    # `${VAR:?...}` fails `docker compose config`/`up` for every service, profiled or not.
+    required = [v for v in values(_compose()) if re.search(r"(?<!\$)\$\{[A-Za-z_]+:?\?", v)]
+    assert not required, f"a required variable in the compose file stops every command: {required}"
+    assert flower["environment"]["FLOWER_BASIC_AUTH"] == "${FLOWER_BASIC_AUTH:-}"
+
+
+def test_flower_refuses_to_start_without_a_login() -> None:
+    env = {k: str(v) for k, v in _compose()["services"]["flower"]["environment"].items()}
+    started = _flower_start({**env, "FLOWER_BASIC_AUTH": ""})
+    assert started.returncode != 0 and started.stdout == ""
+    assert "FLOWER_BASIC_AUTH" in started.stderr
+
+
+def test_flower_uses_the_same_redis_url_as_the_other_services() -> None:
+    services = _compose()["services"]
+    url = services["api"]["environment"]["LORA_REDIS_URL"]
+    assert (
+        services["flower"]["environment"]["LORA_REDIS_URL"]
+        == url
+        == services["worker"]["environment"]["LORA_REDIS_URL"]
+    )
+    # A password in the URL (which compose files commonly set) reaches Flower's broker unchanged.
+    with_password = "redis://:s3cret@redis:6379/0"
+    started = _flower_start({"LORA_REDIS_URL": with_password, "FLOWER_BASIC_AUTH": "admin:pw"})
+    assert started.returncode == 0, started.stderr
+    args = started.stdout.split("\0")[:-1]
+    assert _option(args, "--broker", "-b") == with_password and "flower" in args
+
+
+def test_docker_compose_config_works_without_flower_auth() -> None:
+    if not shutil.which("docker") or subprocess.run(["docker", "compose", "version"], capture_output=True).returncode:
+        pytest.skip("docker compose is not installed here (the YAML checks above still ran)")
+    env = {k: v for k, v in os.environ.items() if k != "FLOWER_BASIC_AUTH"}
+    done = subprocess.run(["docker", "compose", "config", "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    with_flower = ["docker", "compose", "--profile", "flower", "config", "--quiet"]
+    done = subprocess.run(with_flower, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
+from api.auth import key_matches
 from api.deps import SettingsDep, StoreDep
 from api.errors import REDIS_DOWN, store_unavailable
 from shared.jobs import JobStatus
@@ -28,17 +29,28 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", response_model=None, responses={503: {"description": "Redis or workers unavailable"}})
-async def readyz(store: StoreDep, settings: SettingsDep) -> JSONResponse:
-    """Redis reachable and at least one worker alive."""
+async def readyz(request: Request, store: StoreDep, settings: SettingsDep) -> JSONResponse:
+    """Redis reachable and at least one worker alive.
+
+    The probe stays open (orchestrators ask without secrets), but with LORA_API_KEY set only a caller with the
+    key learns the details (worker names, where Redis is): the status code alone is what a probe needs."""
+    given = dict(request.scope["headers"]).get(b"authorization", b"")
+    detailed = not settings.api_key or key_matches(given, settings.api_key)  # "" (compose's unset) is no key
     try:
         workers = await run_in_threadpool(store.workers_alive, within_s=worker_fresh_s(settings))
     except REDIS_DOWN as exc:
         reason = store_unavailable(exc, settings.redis_url).message
-        return JSONResponse(status_code=503, content={"status": "unavailable", "reason": reason})
+        return _unavailable(reason if detailed else None)
     if not workers:
-        reason = f"no worker has reported in the last {worker_fresh_s(settings):.0f} s"
-        return JSONResponse(status_code=503, content={"status": "unavailable", "reason": reason})
-    return JSONResponse(content={"status": "ready", "workers": workers})
+        return _unavailable(
+            f"no worker has reported in the last {worker_fresh_s(settings):.0f} s" if detailed else None
+        )
+    return JSONResponse(content={"status": "ready", "workers": workers} if detailed else {"status": "ready"})
+
+
+def _unavailable(reason: str | None) -> JSONResponse:
+    content = {"status": "unavailable"} if reason is None else {"status": "unavailable", "reason": reason}
+    return JSONResponse(status_code=503, content=content)
 
 
 def _metrics_text(store: JobStore, settings: Settings) -> str:
