@@ -33,6 +33,7 @@ from shared.preference import to_preference
 from shared.stored_dataset import read_preference_records, read_records
 from shared.volume import TRAINING_SUMMARY
 from worker import cpu_budget
+from worker.training.base_name import recorded_base, save_adapter
 from worker.training.checkpoints import Checkpoints
 from worker.training.data import tokenize_dataset
 from worker.training.dpo import DpoStep, dpo_evaluate, tokenize_preferences
@@ -146,8 +147,11 @@ class TrainingRun:
         self.wandb_spec = wandb
         self.resident = resident  # keeps the base loaded for the next run in this process (see `close`)
         self.lora_path = Path(config.lora_path) if config.lora_path else None  # resolved by whoever made the config
+        # What the adapter and its checkpoints record as their base (not the name a continued adapter brings,
+        # perhaps a relative one): the hub id, or the folder's absolute path.
+        self.base_name = recorded_base(config.model_name)
         self._fingerprint = ""
-        self.checkpoints = Checkpoints(paths.checkpoints, config.keep_checkpoints)
+        self.checkpoints = Checkpoints(paths.checkpoints, config.keep_checkpoints, base=self.base_name)
         self.results = ResultsLog(paths.results)
         self.device = pick_device()
         self.started = time.monotonic()
@@ -439,9 +443,9 @@ class TrainingRun:
         summary = {**result.summary().model_dump(), "config": self.config.model_dump()}
         # The job's id in the marker: a run the job's record could not be told of (its lease lapsed) is
         # recognised by whoever settles the job next, which records it as succeeded instead of retraining.
-        marker = {"base_model": self.config.model_name, "job": self.paths.job_id}
+        marker = {"base_model": self.base_name, "job": self.paths.job_id}
         with staged_dir(self.output_dir, "adapter", **marker) as staging:
-            self.model.save_pretrained(str(staging))
+            save_adapter(self.model, staging, self.base_name)
             if self.config.tokenizer_padding_side is not None:
                 self.tokenizer.padding_side = self.config.tokenizer_padding_side
             self.tokenizer.save_pretrained(str(staging))
