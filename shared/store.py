@@ -239,15 +239,18 @@ class JobStore:
             )
         )
 
-    def renew(self, job_id: str, *, token: str, lease_s: float, progress: Progress | None) -> int:
-        """Extend the lease (and store progress): -1 fenced out, 1 cancel requested, 2 pause requested, 0 carry on."""
+    def renew(
+        self, job_id: str, *, token: str, lease_s: float, progress: Progress | None, message: str | None = None
+    ) -> int:
+        """Extend the lease (and store progress, and `message`, what the run is doing now, unless a cancel or a
+        pause was asked): -1 fenced out, 1 cancel requested, 2 pause requested, 0 carry on."""
         payload = progress.model_dump_json() if progress is not None else ""
         return int(
             cast(
                 int,
                 self._renew(
                     keys=[keys.job_key(job_id), keys.ACTIVE],
-                    args=[job_id, token, int(lease_s * 1000), payload],
+                    args=[job_id, token, int(lease_s * 1000), payload, message or ""],
                 ),
             )
         )

@@ -202,6 +202,12 @@ class TrainingRun:
     def _load_base(self) -> PreTrainedModel:
         """The base model (loaded, or the resident one reused) and the tokenizer; an event says which and why."""
         cfg = self.config
+        # Loading takes seconds to minutes before the first step: say so (the event stays in the job's
+        # stream; the status line is the job's message, /status's, until training starts).
+        loading = f"Loading model {self.base_name}..."
+        self.control.status(loading)
+        self.emit(events.info(model=self.base_name, phase="loading_model"), loading[0].lower() + loading[1:])
+        started = time.monotonic()
         if self.resident is None:
             base, self.tokenizer, self.engine = load_base_model(cfg, self.device, self.emit)
             reused, reason = False, "the base is not kept between jobs"
@@ -209,12 +215,15 @@ class TrainingRun:
             got = self.resident.acquire(cfg, self.device, self.emit)
             base, self.tokenizer, self.engine = got.model, got.tokenizer, got.engine
             reused, reason = got.reused, got.reason
+        seconds = round(time.monotonic() - started, 2)
         cache = compile_cache_location()
-        how = "reused from the previous job" if reused else f"loaded ({reason})"
+        how = "reused from the previous job" if reused else f"loaded in {seconds:.1f} s ({reason})"
         self.emit(
-            events.info(base_model="reused" if reused else "loaded", reason=reason or None, **cache),
-            f"base model {how}; compile cache at {cache['compile_cache']}",
-        )
+            events.info(base_model="reused" if reused else "loaded", reason=reason or None, load_seconds=seconds,
+                        **cache),
+            f"model {how}; compile cache at {cache['compile_cache']}",
+        )  # fmt: skip
+        self.control.status("Training...")
         return base
 
     def close(self) -> None:
