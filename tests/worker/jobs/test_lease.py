@@ -102,3 +102,16 @@ def test_a_recorded_outcome_ends_the_lease_quietly_and_a_lost_lease_still_warns(
         with LeaseKeeper(store, "b", "other-token", lease_s=30) as lease:  # another runner's lease
             assert _until(lease.should_stop) and lease.fenced.is_set()
         assert [r.levelname for r in caplog.records] == ["WARNING"], caplog.text
+
+
+def test_the_runs_status_line_becomes_the_jobs_message_but_never_over_a_cancel(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    _running(store, "a", "t", lease_s=30)
+    with LeaseKeeper(store, "a", "t", lease_s=30) as lease:
+        lease.status("Loading model /models/tiny...")
+        assert _until(lambda: store.get("a").message == "Loading model /models/tiny...")  # type: ignore[union-attr]
+        store.cancel("a")
+        assert _until(lease.should_stop)
+        lease.status("Training...")
+        time.sleep(0.5)
+    assert store.get("a").message == "Cancelling..."  # type: ignore[union-attr]
