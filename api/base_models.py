@@ -12,6 +12,13 @@ A base model is, in this order:
 A folder is a model when it holds a `config.json`; symlinks are followed and must stay inside the folder
 they start from. With LORA_ALLOWED_MODELS set, the name as given must also match one of its patterns.
 Anything else is refused with `ModelRefused`, whose message says which rule failed.
+
+One model has one name, decided here (`BaseModel.canonical`) and stored on the job: whatever spelling
+reached it (`tiny`, `/abs/base/tiny`, `/abs/base/./tiny/`, a symlink to it), a folder is named by its path
+relative to the first root that leads to it (its absolute path when no relative name does), and a hub id
+by the spelling the hub (or the local cache) uses, without a trailing slash: the hub treats repo ids
+case-insensitively. `/v1/models` lists one entry per canonical name and `ft:` names are built from it.
+Where an allow-list is set, the canonical name is one it allows (else the name as given stays the name).
 """
 
 from __future__ import annotations
@@ -38,11 +45,13 @@ class ModelRefused(ValueError):
 
 @dataclass(frozen=True)
 class BaseModel:
-    """An accepted base model: the name the user gave and what the worker loads (a folder, or the hub id)."""
+    """An accepted base model: the name the user gave, what the worker loads (a folder, or the hub id) and the
+    one name the service uses for it (the module's docstring)."""
 
     name: str
     location: str
     is_folder: bool
+    canonical: str
 
 
 def check_base_model(settings: Settings, name: str, *, online: bool = True) -> BaseModel:
@@ -52,15 +61,19 @@ def check_base_model(settings: Settings, name: str, *, online: bool = True) -> B
     _check_allowed(settings, name)
     folder = _model_folder(settings, name)
     if folder is not None:
-        return BaseModel(name, str(folder), is_folder=True)
-    if not HUB_ID.fullmatch(name) or "--" in name or ".." in name:
+        return BaseModel(name, str(folder), is_folder=True, canonical=_folder_name(settings, folder, name))
+    repo_id = name[:-1] if name.endswith("/") else name  # `org/name/` is the hub's `org/name`
+    if not HUB_ID.fullmatch(repo_id) or "--" in repo_id or ".." in repo_id:
         raise ModelRefused(
             f"{_quoted(name)} is neither a model folder under base_path or a models directory (LORA_MODELS_DIR) "
             "nor a hub id of the form 'org/name'"
         )
-    if online:
-        _check_on_hub(settings, name)
-    return BaseModel(name, name, is_folder=False)
+    spelled = _cached_spelling(repo_id)
+    if online and spelled is None:
+        spelled = _check_on_hub(settings, repo_id)
+    # The worker loads the hub's spelling: the cache keeps a model's files under it.
+    location = spelled or repo_id
+    return BaseModel(name, location, is_folder=False, canonical=_allowed_or(settings, [location], name))
 
 
 def servable_location(settings: Settings, name: str) -> str | None:
@@ -86,10 +99,38 @@ def _check_form(name: str) -> None:
         raise ModelRefused(f"{_quoted(name)} contains a '..' component: a model folder is named from inside its root")
 
 
-def _check_allowed(settings: Settings, name: str) -> None:
+def _allowed(settings: Settings, name: str) -> bool:
     patterns = settings.allowed_models
-    if patterns and not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+    return not patterns or any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _check_allowed(settings: Settings, name: str) -> None:
+    if not _allowed(settings, name):
         raise ModelRefused(f"{_quoted(name)} is not in this deployment's allowed models (LORA_ALLOWED_MODELS)")
+
+
+def _allowed_or(settings: Settings, candidates: list[str], given: str) -> str:
+    """The first candidate name the allow-list accepts (any, without one), else the name as given (which it
+    accepted): the canonical name must itself be one a client may use."""
+    return next((c for c in candidates if _allowed(settings, c)), given)
+
+
+def _folder_name(settings: Settings, folder: Path, given: str) -> str:
+    """A model folder's one name: its path relative to the first root the rule finds it under by that name
+    (`tiny`, `bases/tiny`), else its absolute path."""
+    candidates: list[str] = []
+    for root, _ in _roots(settings):
+        resolved_root = root.resolve()
+        if not folder.is_relative_to(resolved_root) or folder == resolved_root:
+            continue
+        relative = folder.relative_to(resolved_root).as_posix()
+        try:
+            if _model_folder(settings, relative) == folder:
+                candidates.append(relative)
+                break
+        except ModelRefused:
+            continue
+    return _allowed_or(settings, [*candidates, str(folder)], given)
 
 
 def _roots(settings: Settings) -> list[tuple[Path, str]]:
@@ -145,22 +186,43 @@ def hub_offline() -> bool:
     return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def _check_on_hub(settings: Settings, repo_id: str) -> None:
-    """Accept a hub id in the local cache, else one the hub confirms (unless offline)."""
-    from huggingface_hub import HfApi, try_to_load_from_cache
+_CACHE_PREFIX = "models--"
+
+
+def _cached_spelling(repo_id: str) -> str | None:
+    """How the local hub cache spells `repo_id` (the hub's own spelling, as it was downloaded), when it holds
+    the model's config under any capitalisation of it; else None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cache = hub_cache()
+    if isinstance(try_to_load_from_cache(repo_id, MODEL_CONFIG, cache_dir=cache), str):
+        return repo_id
+    wanted = (_CACHE_PREFIX + repo_id.replace("/", "--")).casefold()
+    try:
+        folders = sorted(entry.name for entry in os.scandir(cache) if entry.name.casefold() == wanted)
+    except OSError:
+        return None
+    for folder in folders:
+        spelled = folder[len(_CACHE_PREFIX) :].replace("--", "/", 1)
+        if isinstance(try_to_load_from_cache(spelled, MODEL_CONFIG, cache_dir=cache), str):
+            return spelled
+    return None
+
+
+def _check_on_hub(settings: Settings, repo_id: str) -> str:
+    """A hub id the hub confirms (unless offline), as the hub spells it; ModelRefused otherwise."""
+    from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
 
     offline = f"hub id {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
-    if isinstance(try_to_load_from_cache(repo_id, MODEL_CONFIG, cache_dir=hub_cache()), str):
-        return
     if hub_offline():
         raise ModelRefused(offline)
     try:
-        HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).model_info(repo_id, timeout=settings.hub_timeout_s)
+        info = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).model_info(repo_id, timeout=settings.hub_timeout_s)
     except OfflineModeIsEnabled as exc:  # offline when huggingface_hub was imported (it reads the variable once)
         raise ModelRefused(offline) from exc
     except GatedRepoError:
-        return  # it exists; the worker's token decides whether it may download it
+        return repo_id  # it exists; the worker's token decides whether it may download it
     except RepositoryNotFoundError as exc:
         raise ModelRefused(f"hub id {repo_id!r} is not a model on the Hugging Face hub") from exc
     except Exception as exc:  # no connection, a timeout, the hub failing: all mean "cannot confirm"
@@ -168,6 +230,8 @@ def _check_on_hub(settings: Settings, repo_id: str) -> None:
             f"hub id {repo_id!r} is not in the local Hugging Face cache and the hub could not be reached "
             f"({exc.__class__.__name__})"
         ) from exc
+    spelled = getattr(info, "id", None)
+    return spelled if isinstance(spelled, str) and spelled.casefold() == repo_id.casefold() else repo_id
 
 
 def _quoted(name: str, limit: int = 80) -> str:

@@ -17,7 +17,7 @@ import redis
 from celery import Celery
 from pydantic import ValidationError
 
-from api.base_models import ModelRefused, check_base_model
+from api.base_models import BaseModel, ModelRefused, check_base_model
 from api.dataset_validation import reject_json_constant
 from api.datasets import JobData
 from api.errors import (
@@ -86,19 +86,22 @@ def submit_job(store: JobStore, celery: Celery, settings: Settings, request: Job
         output = _merge_output(settings, adapter, request.merge_output)
         # It folds into the base its job trained on (checked when that job was submitted).
         model_dir = source.model_dir or model_location(settings.base_path, source.config.model_name)
+        base_name = source.base_model or source.config.model_name
     elif request.merge_adapter is not None:
         adapter = _adapter_path(settings, request.merge_adapter, "lora_path", loc="body")
         output = _merge_output(settings, adapter, request.merge_output, field="model_output")
-        model_dir = base_model_location(settings, request)
+        base = accepted_base_model(settings, request)
+        model_dir, base_name = base.location, base.canonical
     else:
         assert request.data is not None
         output, lora = resolve_train_paths(request.config, settings, job_id)
         data = request.data.place(settings, job_id)
         try:  # after the dataset's own checks, so a bad dataset is named whatever the model: this may ask the hub
-            model_dir = base_model_location(settings, request)
+            base = accepted_base_model(settings, request)
         except BaseException:
             data.remove()
             raise
+        model_dir, base_name = base.location, base.canonical
     record = JobRecord(
         id=job_id,
         kind="train" if adapter is None else "merge",
@@ -110,6 +113,7 @@ def submit_job(store: JobStore, celery: Celery, settings: Settings, request: Job
         validation_path=str(data.validation) if data is not None and data.validation else None,
         source_job=source.id if source is not None else None,
         model_dir=model_dir,
+        base_model=base_name,
         adapter_dir=str(lora) if lora is not None else None,
         num_records=data.num_records if data is not None else 0,
         output_dir=str(output),
@@ -132,10 +136,10 @@ def submit_job(store: JobStore, celery: Celery, settings: Settings, request: Job
     return admitted
 
 
-def base_model_location(settings: Settings, request: JobRequest) -> str:
-    """What the worker loads for the request's base model; ModelNotAllowed naming the rule it breaks."""
+def accepted_base_model(settings: Settings, request: JobRequest) -> BaseModel:
+    """The request's base model (what the worker loads, its one name); ModelNotAllowed naming the rule it breaks."""
     try:
-        return check_base_model(settings, request.config.model_name).location
+        return check_base_model(settings, request.config.model_name)
     except ModelRefused as exc:
         name = request.model_field[-1]
         problem = field_error(list(request.model_field), str(exc), type="model_not_allowed")

@@ -13,6 +13,7 @@ from typing import Any
 
 from cli.progress import LiveProgress, ProgressView, progress_line
 from client import LoraClient
+from client.chat import TerminalStream
 from shared.jobs import JobStatus, Progress
 from shared.metrics import EpochEnd, StepMetrics
 
@@ -172,14 +173,15 @@ def _cmd_chat(client: LoraClient, args: argparse.Namespace) -> int:
         args.model, question, system=args.system, max_tokens=args.max_tokens, temperature=args.temperature
     )
     wrote = False
+    safe = TerminalStream()  # the model's text, never its escape sequences or control characters
     try:
         for piece in pieces:  # each piece as it arrives: the answer reads like it is typed
-            sys.stdout.write(piece)
+            sys.stdout.write(safe.feed(piece))
             sys.stdout.flush()
             wrote = True
     finally:
         if wrote:  # ends the line even when the stream breaks, so the error starts on its own
-            sys.stdout.write("\n")
+            sys.stdout.write(safe.flush() + "\n")
             sys.stdout.flush()
     return 0
 

@@ -28,6 +28,7 @@ import httpx
 
 from cli.commands import COMMANDS, EXIT_FAILED, EXIT_INTERRUPTED
 from client import DEFAULT_URL, ApiClientError, ChatStreamError, LoraClient, UnsafeArchiveError
+from client.chat import terminal_safe
 from launcher.serve import ServeOptions, serve
 from shared.jobs import JobStatus
 
@@ -156,7 +157,7 @@ def _run_client(args: argparse.Namespace) -> int:
     except UnsafeArchiveError as exc:
         print(f"error: refused archive: {exc}", file=sys.stderr)
     except ChatStreamError as exc:
-        print(f"error: the answer failed: {exc}", file=sys.stderr)
+        print(f"error: the answer failed: {terminal_safe(str(exc))}", file=sys.stderr)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     return EXIT_FAILED

@@ -85,6 +85,8 @@ class JobRecord(BaseModel):
     source_job: str | None = None  # for merge jobs: the training job whose adapter is merged
     # Resolved once, at submission; the worker loads these and never resolves `config`'s names again.
     model_dir: str | None = None  # the base model as loaded: its folder under base_path, else the name (hub id)
+    # The base's one name however it was spelled (api.base_models' canonical name): `ft:` names use it.
+    base_model: str | None = None
     adapter_dir: str | None = None  # the adapter a training job continues: `config.lora_path` inside base_path
     num_records: int = 0
     output_dir: str

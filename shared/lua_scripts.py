@@ -125,6 +125,8 @@ redis.call('ZADD', KEYS[2], 'XX', now_ms() + tonumber(ARGV[3]), ARGV[1])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'progress', ARGV[4]) end
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 1 end
 if st == 'pausing' then return 2 end
+-- what the run is doing now (loading its model, training): never over a cancel's or a pause's message
+if ARGV[5] and ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'message', ARGV[5]) end
 return 0
 """
 )

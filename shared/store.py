@@ -51,6 +51,7 @@ def _record_to_fields(record: JobRecord) -> dict[str, str]:
         "validation_path": record.validation_path or "",
         "source_job": record.source_job or "",
         "model_dir": record.model_dir or "",
+        "base_model": record.base_model or "",
         "adapter_dir": record.adapter_dir or "",
         "num_records": str(record.num_records),
         "output_dir": record.output_dir,
@@ -81,6 +82,7 @@ def _record_from_fields(fields: dict[str, str]) -> JobRecord:
         validation_path=fields.get("validation_path") or None,
         source_job=fields.get("source_job") or None,
         model_dir=fields.get("model_dir") or None,
+        base_model=fields.get("base_model") or None,
         adapter_dir=fields.get("adapter_dir") or None,
         num_records=int(fields.get("num_records") or 0),
         output_dir=fields["output_dir"],
@@ -237,15 +239,18 @@ class JobStore:
             )
         )
 
-    def renew(self, job_id: str, *, token: str, lease_s: float, progress: Progress | None) -> int:
-        """Extend the lease (and store progress): -1 fenced out, 1 cancel requested, 2 pause requested, 0 carry on."""
+    def renew(
+        self, job_id: str, *, token: str, lease_s: float, progress: Progress | None, message: str | None = None
+    ) -> int:
+        """Extend the lease (and store progress, and `message`, what the run is doing now, unless a cancel or a
+        pause was asked): -1 fenced out, 1 cancel requested, 2 pause requested, 0 carry on."""
         payload = progress.model_dump_json() if progress is not None else ""
         return int(
             cast(
                 int,
                 self._renew(
                     keys=[keys.job_key(job_id), keys.ACTIVE],
-                    args=[job_id, token, int(lease_s * 1000), payload],
+                    args=[job_id, token, int(lease_s * 1000), payload, message or ""],
                 ),
             )
         )

@@ -1,8 +1,8 @@
 """The models this service can chat with, and what each name stands for.
 
-- base models in use: every distinct `config.model_name` of a training job that got past loading it (it
-  trained a step, or succeeded) and that api.base_models' rule still accepts (the base alone): a name
-  that was refused, or that no worker ever loaded, is never listed;
+- base models in use: every distinct base of a training job that got past loading it (it trained a step, or
+  succeeded) and that api.base_models' rule still accepts (the base alone), once, by its one (canonical)
+  name however the jobs spelled it: a name that was refused, or that no worker ever loaded, is never listed;
 - every succeeded training job's model, by its `ft:` name (api.openai.model_names), its adapter folder;
 - each checkpoint of those jobs, `ft:...:ckpt-step-N`, the checkpoint's folder.
 
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from api.artifacts import adapter_dir, get_checkpoint, list_checkpoints
-from api.base_models import servable_location
+from api.base_models import ModelRefused, check_base_model
 from api.errors import ModelNotFound
 from api.openai.convert import name_parts
 from api.openai.model_names import checkpoint_model_name, fine_tuned_model_name, parse_model_name
@@ -86,15 +86,37 @@ def loaded_its_base(record: JobRecord) -> bool:
     return record.kind == "train" and (record.status is JobStatus.succeeded or record.progress.current_step > 0)
 
 
-def _note_loaded_bases(store: JobStore, records: list[JobRecord]) -> dict[str, int]:
-    """Each base model the jobs loaded, with its first use (ms), noted in the index of loaded bases
-    (`JobStore.note_base_model`) that lets `resolve` find one without walking every job."""
-    first: dict[str, int] = {}
+def _servable(settings: Settings, name: str) -> tuple[str, str] | None:
+    """A base model name's one name and what a worker loads for it, if the rule accepts it today without
+    asking the hub; else None."""
+    try:
+        base = check_base_model(settings, name, online=False)
+    except ModelRefused:
+        return None
+    return base.canonical, base.location
+
+
+def _note_loaded_bases(store: JobStore, records: list[JobRecord], settings: Settings) -> dict[str, tuple[int, str]]:
+    """Each base model the jobs loaded that the rule accepts today, by its one name, with its first use (ms)
+    and what a worker loads for it, noted in the index of loaded bases (`JobStore.note_base_model`) that
+    lets `resolve` find one without walking every job. A job's base is named again by today's rule (its
+    spelling as sent): the allow-list or the folders may have changed since it was submitted."""
+    first: dict[str, tuple[int, str]] = {}
+    spellings: dict[str, tuple[str, str] | None] = {}
     for record in records:
-        if loaded_its_base(record):
-            name, ms = record.config.model_name, int(record.created_at * 1000)
-            first[name] = min(ms, first.get(name, ms))
-    for name, ms in first.items():
+        if not loaded_its_base(record):
+            continue
+        given = record.config.model_name
+        if given not in spellings:
+            spellings[given] = _servable(settings, given)
+        servable = spellings[given]
+        if servable is None:
+            continue
+        name, location = servable
+        ms = int(record.created_at * 1000)
+        if name not in first or ms < first[name][0]:
+            first[name] = (ms, location)
+    for name, (ms, _) in first.items():
         store.note_base_model(name, at_ms=ms)
     return first
 
@@ -107,12 +129,11 @@ def _base_model(name: str, first_use_ms: int, location: str) -> ServedModel:
 def list_models(store: JobStore, ostore: OpenAIStore, settings: Settings) -> list[ServedModel]:
     """Base models first (oldest use first), then fine-tuned models newest first, each followed by its checkpoints."""
     records = list(_training_jobs(store))
-    loaded = _note_loaded_bases(store, records)
+    loaded = _note_loaded_bases(store, records, settings)
     tuned = [model for record in records for model in _job_models(record, ostore, settings)]
     bases = [
         _base_model(name, ms, location)
-        for name, ms in sorted(loaded.items(), key=lambda item: (item[1], item[0]))
-        if (location := servable_location(settings, name)) is not None
+        for name, (ms, location) in sorted(loaded.items(), key=lambda item: (item[1][0], item[0]))
     ]
     return bases + tuned
 
@@ -148,12 +169,14 @@ def resolve(store: JobStore, ostore: OpenAIStore, settings: Settings, name: str)
             _loaded_base(record, settings),
             ckpt.path,
         )
-    location = servable_location(settings, name)
-    if location is None:  # refused today (gone, or no longer allowed): never loaded for chat
+    servable = _servable(settings, name)
+    if servable is None:  # refused today (gone, or no longer allowed): never loaded for chat
         raise ModelNotFound(name)
-    first_use = store.base_model_first_use(name)  # a base model in use: one lookup...
+    canonical, location = servable  # any spelling of a base in use names it
+    first_use = store.base_model_first_use(canonical)  # a base model in use: one lookup...
     if first_use is None:  # ...else one walk, for a name the rule accepts, to note bases loaded since the last
-        first_use = _note_loaded_bases(store, list(_training_jobs(store))).get(name)
+        noted = _note_loaded_bases(store, list(_training_jobs(store)), settings).get(canonical)
+        first_use = noted[0] if noted is not None else None
     if first_use is None:
         raise ModelNotFound(name)
-    return _base_model(name, first_use, location)
+    return _base_model(canonical, first_use, location)

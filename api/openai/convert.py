@@ -187,8 +187,14 @@ def job_error(message: str) -> JobErrorPublic:
 
 
 def name_parts(record: JobRecord, extra: OpenAIJobRecord | None) -> tuple[str, str | None]:
-    """The model and suffix a job's `ft:` names are built from: a /v1 job's as the client sent them."""
-    return (extra.model, extra.suffix) if extra else (record.config.model_name, None)
+    """The base and suffix a job's `ft:` names are built from: the base's one name (api.base_models' canonical
+    name, recorded at submission: two spellings of one base give one name), a /v1 job's suffix as sent."""
+    return (record.base_model or requested_model(record, extra), extra.suffix if extra else None)
+
+
+def requested_model(record: JobRecord, extra: OpenAIJobRecord | None) -> str:
+    """The base model as the client named it (a job's `model`)."""
+    return extra.model if extra else record.config.model_name
 
 
 def job_public(
@@ -208,7 +214,7 @@ def job_public(
         id=record.id,
         created_at=int(record.created_at),
         finished_at=int(record.finished_at) if record.finished_at is not None else None,
-        model=model,
+        model=requested_model(record, extra),
         fine_tuned_model=fine_tuned_model_name(model, suffix, record.id) if succeeded else None,
         result_files=result_files or [],
         status=_STATUS[record.status],

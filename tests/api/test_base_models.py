@@ -126,7 +126,7 @@ class _Hub(http.server.BaseHTTPRequestHandler):
     """`GET /api/models/org/exists` is a model; any other repo is not (the hub's 404 with RepoNotFound)."""
 
     def do_GET(self) -> None:
-        if self.path.startswith("/api/models/org/exists"):
+        if self.path.lower().startswith("/api/models/org/exists"):  # the hub finds a repo whatever its case
             body = json.dumps({"id": "org/exists", "sha": "a" * 40, "private": False}).encode()
             self.send_response(200)
             self.send_header("content-type", "application/json")
@@ -176,3 +176,50 @@ def test_online_an_unreachable_hub_is_a_refusal_at_once(
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")  # nothing listens there
     with pytest.raises(ModelRefused, match="is not in the local Hugging Face cache and the hub could not be reached"):
         check_base_model(settings, "org/exists")
+
+
+# --------------------------------------------------------------------------- one name per model
+
+
+def test_every_spelling_of_a_folder_gives_one_canonical_name(settings: Settings) -> None:
+    base, (models,) = settings.base_path, settings.models_dir
+    (base / "alias").symlink_to(base / "bases")  # a link inside base_path, to the same folder
+    under_base = str((base / "bases" / "tiny").resolve())
+    for name in ("bases/tiny", "bases/tiny/", "./bases/tiny", under_base, under_base + "/", f"{base}/./bases/tiny",
+                 "alias/tiny"):  # fmt: skip
+        accepted = check_base_model(settings, name)
+        assert (accepted.canonical, accepted.location) == ("bases/tiny", under_base), name
+    in_models = str((models / "shared-tiny").resolve())
+    for name in ("shared-tiny", in_models, "link-in", f"{models}/link-in/"):
+        accepted = check_base_model(settings, name)
+        assert (accepted.canonical, accepted.location) == ("shared-tiny", in_models), name
+
+
+def test_a_folder_whose_relative_name_means_another_folder_is_named_by_its_absolute_path(settings: Settings) -> None:
+    (models,) = settings.models_dir
+    _model(models / "bases" / "tiny")  # "bases/tiny" names base_path's folder: the rule looks there first
+    shadowed = str((models / "bases" / "tiny").resolve())
+    assert check_base_model(settings, shadowed).canonical == shadowed
+
+
+def test_the_canonical_name_is_one_the_allow_list_accepts(settings: Settings) -> None:
+    absolute = str((settings.base_path / "bases" / "tiny").resolve())
+    only_paths = settings.model_copy(update={"allowed_models": ["/*"]})
+    assert check_base_model(only_paths, absolute).canonical == absolute  # "bases/tiny" is not allowed
+    both = settings.model_copy(update={"allowed_models": ["/*", "bases/*"]})
+    assert check_base_model(both, absolute).canonical == "bases/tiny"
+
+
+def test_a_hub_id_is_named_as_the_cache_spells_it(settings: Settings) -> None:
+    for name in ("Qwen/Qwen2.5-0.5B", "qwen/qwen2.5-0.5b", "QWEN/Qwen2.5-0.5B/", "Qwen/Qwen2.5-0.5B/"):
+        accepted = check_base_model(settings, name)  # in the test's hub cache (tests/api/conftest.py)
+        assert (accepted.canonical, accepted.location, accepted.is_folder) == (
+            "Qwen/Qwen2.5-0.5B",
+            "Qwen/Qwen2.5-0.5B",
+            False,
+        ), name
+
+
+def test_online_a_hub_id_is_named_as_the_hub_spells_it(settings: Settings, online: str) -> None:
+    accepted = check_base_model(settings, "ORG/Exists")  # the stand-in hub answers any case with its id
+    assert (accepted.canonical, accepted.location) == ("org/exists", "org/exists")

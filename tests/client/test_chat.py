@@ -6,13 +6,16 @@ the format's corners (an error inside the stream, a stream cut short) that a rea
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 from typing import Any
 
 import httpx
 import pytest
 
 from client import ApiClientError, ChatStreamError, LoraClient
+from client.chat import TerminalStream, terminal_safe
 
 
 def _sse(*payloads: Any) -> bytes:
@@ -106,3 +109,66 @@ def test_models_lists_ids_with_owner_and_creation_time() -> None:
         ("ft:tiny::job-abc", "org-lora-server", 1700000000),
         ("Qwen/Qwen2.5-0.5B", "system", 1690000000),
     ]
+
+
+# --------------------------------------------------------------------------- what reaches the terminal
+
+HOSTILE = [
+    ("red \x1b[31mtext\x1b[0m", "red text"),  # colours
+    ("\x1b]0;owned\x07title", "title"),  # the window's title
+    ("\x1b]8;;http://evil\x1b\\link\x1b]8;;\x1b\\", "link"),  # a hyperlink
+    ("bell\x07 back\x08space", "bell backspace"),
+    ("over\rwrite", "overwrite"),  # \r would print over the line
+    ("line\r\nnext", "line\nnext"),
+    ("\x1bcreset", "reset"),  # ESC c resets the terminal
+    ("\x9b2Jc1 csi", "c1 csi"),  # the one-byte C1 form of ESC [
+    ("nul\x00 del\x7f", "nul del"),
+    ("\u202eright-to-left override", "right-to-left override"),
+    ("tab\tand\nnewline kept; é 中 😀 too", "tab\tand\nnewline kept; é 中 😀 too"),
+]
+
+
+@pytest.mark.parametrize(("text", "shown"), HOSTILE, ids=[repr(t) for t, _ in HOSTILE])
+def test_terminal_safe_drops_escape_sequences_and_controls_but_newlines_and_tabs(text: str, shown: str) -> None:
+    assert terminal_safe(text) == shown
+
+
+def test_a_sequence_split_across_pieces_is_dropped_whole() -> None:
+    stream = TerminalStream()
+    pieces = ["hi \x1b", "[3", "1mred\x1b]0;ti", "tle\x07 done", "\x1b"]
+    assert "".join(stream.feed(p) for p in pieces) + stream.flush() == "hi red done"
+
+
+class _Chat(http.server.BaseHTTPRequestHandler):
+    """A chat completions endpoint whose model answers with escape sequences and control characters."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["content-length"]))
+        pieces = ["It \x1b[2J\x1b[H", "is \x1b]0;pwned\x07blue", ".\x07\r\nDone\x1b", "[0m\tok"]
+        body = _sse(*(_delta(p) for p in pieces), "[DONE]")
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_the_chat_command_prints_the_answer_without_its_control_characters(
+    capsysbinary: pytest.CaptureFixture[bytes],
+) -> None:
+    from cli.main import main
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Chat)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        code = main(["chat", "job-abc", "What color?", "--url", f"http://127.0.0.1:{server.server_port}"])
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+    assert code == 0
+    assert capsysbinary.readouterr().out.decode() == "It is blue.\nDone\tok\n"

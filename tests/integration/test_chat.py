@@ -58,10 +58,10 @@ def test_a_fine_tuned_model_answers_what_it_learned_and_the_base_does_not(
     )
     assert job.status == "succeeded", job
     tuned = job.fine_tuned_model
-    assert tuned == f"ft:{tiny_model_dir}:qa:{job.id}"
+    assert tuned == f"ft:{tiny_model_dir.name}:qa:{job.id}"  # the base's one name: its name in LORA_MODELS_DIR
 
     listed = {m.id: m for m in client.models.list()}
-    assert str(tiny_model_dir) in listed and tuned in listed
+    assert tiny_model_dir.name in listed and tuned in listed
     assert listed[tuned].object == "model" and listed[tuned].owned_by and listed[tuned].created > 0
     assert any(name.startswith(f"{tuned}:ckpt-step-") for name in listed)
     assert client.models.retrieve(tuned).id == tuned

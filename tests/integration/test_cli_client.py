@@ -13,6 +13,7 @@ from typing import Any
 
 from api.openai.model_names import fine_tuned_model_name
 from cli.main import build_parser
+from client.chat import terminal_safe
 from launcher.embedded_redis import free_port
 from tests.data import easy_records, write_jsonl
 from tests.service import Service, assert_chat_served, flush, wait_running, wait_until, wait_until_up
@@ -239,7 +240,7 @@ def test_chat_streams_the_answer_and_models_lists_the_jobs_fine_tuned_name(
     done = cli(service, "submit", str(data), "--set", f"model_name={tiny_model_dir}", "--set", "epochs=1", "--follow")
     assert done.returncode == 0, done.stdout + done.stderr
     job_id = done.stdout.splitlines()[0]
-    ft_name = fine_tuned_model_name(str(tiny_model_dir), None, job_id)
+    ft_name = fine_tuned_model_name(tiny_model_dir.name, None, job_id)  # the base's one name
 
     models = cli(service, "models")
     assert models.returncode == 0, models.stderr
@@ -251,7 +252,7 @@ def test_chat_streams_the_answer_and_models_lists_the_jobs_fine_tuned_name(
 
     # Greedy, so the streamed answer adds up to the one-piece answer, whichever name the model goes by.
     question = [{"role": "user", "content": "What color is the sky?"}]
-    expected = _completion(service, job_id, question, 12)
+    expected = terminal_safe(_completion(service, job_id, question, 12))  # what a terminal may be shown
     by_job = cli(service, "chat", job_id, "What color is the sky?", "--max-tokens", "12", "--temperature", "0")
     assert by_job.returncode == 0, by_job.stderr
     assert by_job.stdout == expected + "\n" and expected, (by_job.stdout, expected)  # (a tiny random model: any text)
@@ -260,7 +261,7 @@ def test_chat_streams_the_answer_and_models_lists_the_jobs_fine_tuned_name(
 
     # The question from stdin, with a system prompt; and the base model alone.
     with_system = [{"role": "system", "content": "Answer briefly."}, *question]
-    expected = _completion(service, ft_name, with_system, 8)
+    expected = terminal_safe(_completion(service, ft_name, with_system, 8))
     piped = cli(service, "chat", ft_name, "-", "--system", "Answer briefly.", "--max-tokens", "8",
                 "--temperature", "0", stdin="What color is the sky?")  # fmt: skip
     assert piped.returncode == 0 and piped.stdout == expected + "\n", (piped.stdout, piped.stderr, expected)

@@ -78,7 +78,8 @@ def test_upload_train_follow_and_list_a_job(client: OpenAI, service: Service, ti
     assert job.status == "succeeded", job
     assert job.error is None and job.trained_tokens and job.trained_tokens > 0
     assert job.finished_at is not None and job.finished_at >= job.created_at
-    assert job.fine_tuned_model == f"ft:{tiny_model_dir}:tiny bot:{job.id}"  # OpenAI's naming
+    # OpenAI's naming, with the base's one name (its name in the models directory, however the job spelled it)
+    assert job.fine_tuned_model == f"ft:{tiny_model_dir.name}:tiny bot:{job.id}"
     adapter = Path(service.job(job.id)["model_path"])
     assert adapter.parent == service.base_path.resolve() and adapter.name.startswith("ft-tiny-bot-")
     assert (adapter / "adapter_config.json").is_file()
@@ -219,7 +220,7 @@ def test_a_dpo_job_trains_on_a_preference_file(client: OpenAI, service: Service,
     assert job.method is not None and job.method.type == "dpo" and job.method.dpo is not None
     assert job.method.dpo.hyperparameters is not None
     assert (job.method.dpo.hyperparameters.beta, job.method.dpo.hyperparameters.n_epochs) == (0.1, 2)
-    assert job.fine_tuned_model == f"ft:{tiny_model_dir}::{job.id}"
+    assert job.fine_tuned_model == f"ft:{tiny_model_dir.name}::{job.id}"
     native = service.get(f"/jobs/{job.id}").json()
     assert (native["config"]["method"], native["config"]["dpo_beta"]) == ("dpo", 0.1)
     assert (Path(native["model_path"]) / "adapter_config.json").is_file()

@@ -40,6 +40,7 @@ from shared.generation import GenerationFailed, GenerationRequest, TextDelta
 from shared.settings import Settings, get_settings
 from shared.store import connect
 from worker import cpu_budget
+from worker.quiet import disable_progress_bars
 
 if TYPE_CHECKING:
     from worker.generation.model_cache import ModelCache
@@ -145,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.check:  # a container healthcheck
         raise SystemExit(0 if _reported_lately(settings, name) else 1)
     cpu_budget.configure(settings)  # before torch loads
+    disable_progress_bars()  # its log is a file, not a terminal (worker.quiet)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -8,7 +8,9 @@ from celery.signals import worker_process_init, worker_ready, worker_shutdown, w
 
 from shared.celery_factory import make_celery
 from shared.settings import get_settings
+from worker.quiet import disable_progress_bars
 
+disable_progress_bars()  # before any library loads: Celery would log each bar's line as a WARNING
 app = make_celery(get_settings(), include=["worker.jobs.tasks"])
 
 

@@ -15,6 +15,7 @@ from shared.celery_factory import RECYCLE_THRESHOLD_KB
 from shared.settings import Settings
 from worker import cpu_budget
 from worker.jobs import compile_cache, recycle
+from worker.quiet import disable_progress_bars
 
 if TYPE_CHECKING:
     from worker.training.resident import ResidentBase
@@ -28,6 +29,7 @@ def start(settings: Settings) -> None:
     """Run in the child as it starts, before anything imports torch."""
     global _keep
     cpu_budget.configure(settings)  # its thread variables must be set before torch loads
+    disable_progress_bars()  # a forked child inherits it; set again in case a library was imported since
     compile_cache.configure(settings.volume)
     _keep = settings.keep_base_model and recycle.install(RECYCLE_THRESHOLD_KB)
     if settings.keep_base_model and not _keep:

@@ -30,12 +30,16 @@ class LeaseKeeper:
         self.cancelled = threading.Event()  # a cancel was requested
         self.paused = threading.Event()  # a pause was requested: save the full state and stop
         self.fenced = threading.Event()  # another runner owns the job now (or it was settled)
+        # The runner is recording the job's outcome: a refused renewal then means it is recorded, the
+        # ordinary end of every job, not a lease lost (the runner itself says when someone else settled it).
+        self.recording = threading.Event()
         self.lost = threading.Event()  # Redis unreachable for longer than the lease
         # This worker was asked to stop (SIGTERM: a restart or a deploy): save the state, hand the job back.
         self.shutdown = shutdown.requested
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._progress: Progress | None = None
+        self._message: str | None = None  # what the run is doing now, written with the next renewal
         self._events: queue.Queue[tuple[EventPayload, str]] = queue.Queue()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
@@ -70,10 +74,19 @@ class LeaseKeeper:
             self._progress = progress
         self._wake.set()
 
+    def status(self, message: str) -> None:
+        with self._lock:
+            self._message = message
+        self._wake.set()
+
     def emit(self, event: EventPayload, message: str) -> None:
         """Append an event to the job's stream (its type is the payload's: see shared.events)."""
         self._events.put((event, message))
         self._wake.set()
+
+    def recording_outcome(self) -> None:
+        """Say the job's outcome is being recorded: its lease ends with it, quietly."""
+        self.recording.set()
 
     def should_stop(self) -> bool:
         if self.cancelled.is_set() or self.paused.is_set() or self.fenced.is_set() or self.lost.is_set():
@@ -101,18 +114,30 @@ class LeaseKeeper:
         # Give up at half the lease: the server-side lease must not lapse (and the job be handed to
         # another worker) while this one still trains.
         give_up_after = self.lease_s / 2
+        settled = False  # the runner recorded the outcome: only events are left to flush
         while True:
             self._wake.wait(self._interval)
             self._wake.clear()
             stopping = self._stop.is_set()
             with self._lock:
-                progress = self._progress
+                progress, message = self._progress, self._message
             try:
                 self._flush_events()
                 if stopping:  # the outcome is recorded (or not this runner's): a renewal would only be refused
                     return
-                state = self.store.renew(self.job_id, token=self.token, lease_s=self.lease_s, progress=progress)
+                if settled:
+                    continue
+                state = self.store.renew(
+                    self.job_id, token=self.token, lease_s=self.lease_s, progress=progress, message=message
+                )
                 last_ok = time.monotonic()
+                with self._lock:  # written: not again on every round (a newer one replaced it meanwhile)
+                    if self._message == message:
+                        self._message = None
+                if state < 0 and self.recording.is_set():
+                    log.debug("job %s: its outcome is recorded; the lease ends with it", self.job_id)
+                    settled = True
+                    continue
                 if state < 0 and not self.fenced.is_set():
                     log.warning("job %s: lease lost to another runner or settled; stopping", self.job_id)
                     self.fenced.set()

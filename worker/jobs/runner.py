@@ -143,6 +143,7 @@ def run_job(job_id: str) -> None:
             register_results(store.client, job_id, settings.volume.step_metrics(job_id))
         # Still under the lease (its thread keeps renewing), so a Redis hiccup here cannot turn a
         # finished job into a "worker lost" one.
+        lease.recording_outcome()
         recorded = _record_outcome(store, job_id, token, outcome, lease.latest, patience_s=3 * settings.lease_ttl_s)
         # Only once the job's end is recorded does its saved state go: a job requeued meanwhile by the
         # reaper (its outcome then not ours to record) continues from it.

@@ -18,6 +18,7 @@ import torch
 from peft import PeftConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from worker.training.base_name import recorded_base
 from worker.training.staged_dir import staged_dir
 
 
@@ -42,15 +43,18 @@ def merge_adapter(
     base = base_model or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
     if not base:
         raise ValueError(f"{adapter_dir}: the adapter does not name its base model; pass base_model")
-    with staged_dir(dest, "merged_model", base_model=base, adapter=str(adapter_dir)) as staging:
+    recorded = recorded_base(base)  # the hub id or an absolute path: found from any working directory
+    adapter = str(adapter_dir.resolve())
+    with staged_dir(dest, "merged_model", base_model=recorded, adapter=adapter) as staging:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto")
         merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+        merged.config.name_or_path = recorded  # `_name_or_path`, where a transformers version saves it
         tokenizer_src = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else Path(base)
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_src))
         merged.save_pretrained(str(staging), max_shard_size=max_shard_size, safe_serialization=safe_serialization)
         if save_tokenizer:
             tokenizer.save_pretrained(str(staging))
-        (staging / "merge_summary.json").write_text(json.dumps({"base_model": base, "adapter": str(adapter_dir)}))
+        (staging / "merge_summary.json").write_text(json.dumps({"base_model": recorded, "adapter": adapter}))
     return dest, merged, tokenizer
 
 

@@ -33,6 +33,7 @@ from shared.preference import to_preference
 from shared.stored_dataset import read_preference_records, read_records
 from shared.volume import TRAINING_SUMMARY
 from worker import cpu_budget
+from worker.training.base_name import recorded_base, save_adapter
 from worker.training.checkpoints import Checkpoints
 from worker.training.data import tokenize_dataset
 from worker.training.dpo import DpoStep, dpo_evaluate, tokenize_preferences
@@ -146,8 +147,11 @@ class TrainingRun:
         self.wandb_spec = wandb
         self.resident = resident  # keeps the base loaded for the next run in this process (see `close`)
         self.lora_path = Path(config.lora_path) if config.lora_path else None  # resolved by whoever made the config
+        # What the adapter and its checkpoints record as their base (not the name a continued adapter brings,
+        # perhaps a relative one): the hub id, or the folder's absolute path.
+        self.base_name = recorded_base(config.model_name)
         self._fingerprint = ""
-        self.checkpoints = Checkpoints(paths.checkpoints, config.keep_checkpoints)
+        self.checkpoints = Checkpoints(paths.checkpoints, config.keep_checkpoints, base=self.base_name)
         self.results = ResultsLog(paths.results)
         self.device = pick_device()
         self.started = time.monotonic()
@@ -198,6 +202,12 @@ class TrainingRun:
     def _load_base(self) -> PreTrainedModel:
         """The base model (loaded, or the resident one reused) and the tokenizer; an event says which and why."""
         cfg = self.config
+        # Loading takes seconds to minutes before the first step: say so (the event stays in the job's
+        # stream; the status line is the job's message, /status's, until training starts).
+        loading = f"Loading model {self.base_name}..."
+        self.control.status(loading)
+        self.emit(events.info(model=self.base_name, phase="loading_model"), loading[0].lower() + loading[1:])
+        started = time.monotonic()
         if self.resident is None:
             base, self.tokenizer, self.engine = load_base_model(cfg, self.device, self.emit)
             reused, reason = False, "the base is not kept between jobs"
@@ -205,12 +215,15 @@ class TrainingRun:
             got = self.resident.acquire(cfg, self.device, self.emit)
             base, self.tokenizer, self.engine = got.model, got.tokenizer, got.engine
             reused, reason = got.reused, got.reason
+        seconds = round(time.monotonic() - started, 2)
         cache = compile_cache_location()
-        how = "reused from the previous job" if reused else f"loaded ({reason})"
+        how = "reused from the previous job" if reused else f"loaded in {seconds:.1f} s ({reason})"
         self.emit(
-            events.info(base_model="reused" if reused else "loaded", reason=reason or None, **cache),
-            f"base model {how}; compile cache at {cache['compile_cache']}",
-        )
+            events.info(base_model="reused" if reused else "loaded", reason=reason or None, load_seconds=seconds,
+                        **cache),
+            f"model {how}; compile cache at {cache['compile_cache']}",
+        )  # fmt: skip
+        self.control.status("Training...")
         return base
 
     def close(self) -> None:
@@ -439,9 +452,9 @@ class TrainingRun:
         summary = {**result.summary().model_dump(), "config": self.config.model_dump()}
         # The job's id in the marker: a run the job's record could not be told of (its lease lapsed) is
         # recognised by whoever settles the job next, which records it as succeeded instead of retraining.
-        marker = {"base_model": self.config.model_name, "job": self.paths.job_id}
+        marker = {"base_model": self.base_name, "job": self.paths.job_id}
         with staged_dir(self.output_dir, "adapter", **marker) as staging:
-            self.model.save_pretrained(str(staging))
+            save_adapter(self.model, staging, self.base_name)
             if self.config.tokenizer_padding_side is not None:
                 self.tokenizer.padding_side = self.config.tokenizer_padding_side
             self.tokenizer.save_pretrained(str(staging))

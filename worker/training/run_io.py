@@ -66,6 +66,10 @@ class RunControl(Protocol):
     def emit(self, event: EventPayload, message: str) -> None:
         """A typed event (`shared.events`) with its human-readable line."""
 
+    def status(self, message: str) -> None:
+        """What the run is doing now, in a line (a job's message, as /status shows it): the latest replaces
+        the one before."""
+
     def should_stop(self) -> bool:
         """Polled before every step (and while data is read): true ends the run without saving."""
 
@@ -92,6 +96,9 @@ class LocalControl:
             self.on_event(event, message)
         else:
             log.info("%s: %s", type(event).__name__, message)
+
+    def status(self, message: str) -> None:
+        log.debug("%s", message)  # a library call's events say it too
 
     def should_stop(self) -> bool:
         return self.stop is not None and self.stop()

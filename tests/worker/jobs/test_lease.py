@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
+import pytest
 import redis
 
 from shared.config import TrainConfig
@@ -79,3 +81,37 @@ def test_redis_gone_for_half_the_lease_stops_the_job(redis_client: redis.Redis) 
         started = time.monotonic()
         assert _until(lease.should_stop) and lease.lost.is_set()
         assert time.monotonic() - started < 1.0  # before the server-side lease could lapse
+
+
+def test_a_recorded_outcome_ends_the_lease_quietly_and_a_lost_lease_still_warns(
+    redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = JobStore(redis_client)
+    _running(store, "a", "t", lease_s=0.6)
+    with caplog.at_level(logging.DEBUG, logger="worker.jobs.lease"):
+        with LeaseKeeper(store, "a", "t", lease_s=0.6) as lease:
+            lease.recording_outcome()
+            assert store.finish("a", token="t", status=JobStatus.succeeded, message="done") is JobStatus.succeeded
+            time.sleep(1.0)  # several renewal rounds after the job ended
+            lease.emit(info(after="recorded"), "an event after the outcome still reaches the stream")
+        assert not lease.fenced.is_set()
+        assert [r.levelname for r in caplog.records] == ["DEBUG"], caplog.text
+        assert any(e.message.startswith("an event after the outcome") for e in store.events("a"))
+        caplog.clear()
+        _running(store, "b", "t", lease_s=30)
+        with LeaseKeeper(store, "b", "other-token", lease_s=30) as lease:  # another runner's lease
+            assert _until(lease.should_stop) and lease.fenced.is_set()
+        assert [r.levelname for r in caplog.records] == ["WARNING"], caplog.text
+
+
+def test_the_runs_status_line_becomes_the_jobs_message_but_never_over_a_cancel(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    _running(store, "a", "t", lease_s=30)
+    with LeaseKeeper(store, "a", "t", lease_s=30) as lease:
+        lease.status("Loading model /models/tiny...")
+        assert _until(lambda: store.get("a").message == "Loading model /models/tiny...")  # type: ignore[union-attr]
+        store.cancel("a")
+        assert _until(lease.should_stop)
+        lease.status("Training...")
+        time.sleep(0.5)
+    assert store.get("a").message == "Cancelling..."  # type: ignore[union-attr]
