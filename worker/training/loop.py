@@ -57,6 +57,7 @@ class StepInfo:
     accuracy: float | None  # fraction of loss tokens predicted right (argmax); same rule, None where not computed
     tokens_per_second: float  # real tokens since the loop started / seconds since then
     eta_seconds: float | None  # smoothed (shared.eta); None while the rate is not known yet
+    elapsed_s: float  # seconds in the loop so far, across every session of a resumed run
     num_tokens: int  # real tokens in this step
     metrics: dict[str, float] | None = None  # the step's further figures (DPO's reward margin); as `loss`
 
@@ -246,6 +247,7 @@ def train_loop(
                         accuracy=accuracy,
                         tokens_per_second=result.total_tokens / elapsed if elapsed > 0 else 0.0,
                         eta_seconds=eta.update(step, now),
+                        elapsed_s=elapsed,
                         num_tokens=out.num_tokens,
                         metrics={k: float(v) for k, v in out.metrics.items()} if logging_step and out.metrics else None,
                     )
