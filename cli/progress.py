@@ -21,9 +21,7 @@ def _duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
 
-def progress_line(
-    p: Progress, width: int = 24, eval_loss: float | None = None, status: JobStatus | None = None
-) -> str:
+def progress_line(p: Progress, width: int = 24, eval_loss: float | None = None, status: JobStatus | None = None) -> str:
     """`[#####-----]  40/200  20%  epoch 3/10  loss 5.1234  eval 5.3  1234 tok/s  ETA 0:12`; with the job's
     `status` when it is known: no ETA unless it is running (an ended or paused job has no time left)."""
     frac = min(1.0, p.current_step / p.total_steps) if p.total_steps else 0.0

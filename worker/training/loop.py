@@ -23,8 +23,8 @@ from torch import nn
 
 from shared import events
 from shared.config import TrainConfig
-from shared.eta import EtaEstimator
 from worker.training.attention import EngineKind
+from worker.training.eta import EtaEstimator
 from worker.training.example import Example
 from worker.training.forward_backward import make_step_fn, unwrap
 from worker.training.optimizer_step import (
@@ -56,7 +56,7 @@ class StepInfo:
     grad_norm: float | None  # before clipping; same rule as `loss`
     accuracy: float | None  # fraction of loss tokens predicted right (argmax); same rule, None where not computed
     tokens_per_second: float  # real tokens since the loop started / seconds since then
-    eta_seconds: float | None  # smoothed (shared.eta); None while the rate is not known yet
+    eta_seconds: float | None  # smoothed (worker.training.eta); None while the rate is not known yet
     elapsed_s: float  # seconds in the loop so far, across every session of a resumed run
     num_tokens: int  # real tokens in this step
     metrics: dict[str, float] | None = None  # the step's further figures (DPO's reward margin); as `loss`

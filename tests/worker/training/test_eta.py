@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from shared.eta import EtaEstimator
+from worker.training.eta import EtaEstimator
 
 
 def _run(durations: list[float], **options: float) -> list[float | None]:
@@ -27,7 +27,7 @@ def _noisy(n: int, mean: float, seed: int = 0) -> list[float]:
 
 def test_a_slow_first_step_and_noise_give_a_steady_countdown() -> None:
     # 30 s of loading and compiling in step 1, then ~0.5 s steps with +-40% noise and a 6 s checkpoint write.
-    durations = [30.0, 2.0] + _noisy(198, 0.5)
+    durations = [30.0, 2.0, *_noisy(198, 0.5)]
     durations[100] = 6.0
     shown = _run(durations)
     assert shown[0] is None and shown[1] is None  # warm-up steps are not a rate
@@ -48,7 +48,7 @@ def test_a_slow_first_step_and_noise_give_a_steady_countdown() -> None:
 def test_the_naive_estimate_it_replaces_jumps() -> None:
     # The same steps through elapsed / step * steps left (what the loop did before): the 30 s warm-up
     # weighs on every value, so the early ETAs are several times the truth.
-    durations = [30.0, 2.0] + _noisy(198, 0.5)
+    durations = [30.0, 2.0, *_noisy(198, 0.5)]
     elapsed = list(itertools.accumulate(durations))
     naive = [elapsed[i] / (i + 1) * (len(durations) - i - 1) for i in range(len(durations))]
     truth = [sum(durations[i + 1 :]) for i in range(len(durations))]
@@ -58,7 +58,7 @@ def test_the_naive_estimate_it_replaces_jumps() -> None:
 
 
 def test_a_real_slowdown_is_followed() -> None:
-    durations = [5.0] + [0.2] * 149 + [0.6] * 150  # steps get three times slower at step 151
+    durations = [5.0, *[0.2] * 149, *[0.6] * 150]  # steps get three times slower at step 151
     shown = _run(durations)
     truth = [sum(durations[i + 1 :]) for i in range(len(durations))]
     assert shown[140] == pytest.approx((300 - 141) * 0.2, rel=0.1)  # before: right for the rate then
@@ -68,7 +68,7 @@ def test_a_real_slowdown_is_followed() -> None:
 
 
 def test_a_real_speedup_is_followed() -> None:
-    durations = [5.0] + [0.6] * 99 + [0.2] * 400  # three times faster from step 101
+    durations = [5.0, *[0.6] * 99, *[0.2] * 400]  # three times faster from step 101
     shown = _run(durations)
     truth = [sum(durations[i + 1 :]) for i in range(len(durations))]
     assert shown[250] == pytest.approx(truth[250], rel=0.2)  # 150 steps (30 s, 15 samples) after
@@ -77,7 +77,7 @@ def test_a_real_speedup_is_followed() -> None:
 def test_fast_steps_are_timed_in_samples() -> None:
     # GPU steps that only queue work (~0 s) and a logging step every 10 that waits for them all: timed one
     # by one the rate would swing tenfold; timed over seconds it is steady.
-    durations = [10.0] + ([0.001] * 9 + [0.5]) * 60
+    durations = [10.0, *([0.001] * 9 + [0.5]) * 60]
     durations = durations[: len(durations) - 1]
     shown = _run(durations)
     values = [v for v in shown if v is not None]
