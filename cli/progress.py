@@ -123,11 +123,11 @@ class LiveProgress:
         """The record's progress moved on to the step `metrics` reports (totals stay the record's)."""
         base = self._record()
         step, total = metrics.step, base.total_steps
+        # The record's smoothed ETA, carried on to this step; none until the worker knows the rate (one
+        # step's own time would bring back the jumps the smoothing is there to avoid).
         eta = base.eta_seconds
         if total and base.eta_seconds is not None and 0 < base.current_step < step:
             eta = base.eta_seconds * (total - step) / max(1, total - base.current_step)
-        elif total and metrics.step_seconds:
-            eta = metrics.step_seconds * (total - step)
         return base.model_copy(
             update={
                 "current_step": step,
