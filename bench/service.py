@@ -188,12 +188,12 @@ class WorkerClock:
 
 
 def worker_clock(service: Service, job_id: str) -> WorkerClock:
-    """From the job's progress: tokens/s is tokens / loop seconds, eta is loop seconds / step * steps left."""
+    """From the job's progress: loop seconds are its `elapsed_seconds`, tokens/s is tokens / loop seconds."""
     p = service.get(f"/jobs/{job_id}").json()["progress"]
     step, total = int(p["current_step"]), int(p["total_steps"])
-    if step == 0 or step >= total or p.get("eta_seconds") is None:
+    if step == 0 or step >= total or p.get("elapsed_seconds") is None:
         raise RuntimeError(f"job {job_id} is not mid-training: {p}")
-    loop_s = float(p["eta_seconds"]) * step / (total - step)
+    loop_s = float(p["elapsed_seconds"])
     return WorkerClock(step, float(p["tokens_per_second"]) * loop_s, loop_s)
 
 

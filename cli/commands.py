@@ -1,5 +1,6 @@
-"""The client commands (`submit`, `status`, `jobs`, `cancel`, `pause`, `resume`, `download`, `chat`, `models`):
-each one HTTP call or a few, through client.LoraClient, printed for a person (or as JSON with --json)."""
+"""The client commands (`submit`, `status`, `jobs`, `watch`, `logs`, `cancel`, `pause`, `resume`, `download`,
+`chat`, `models`): each one HTTP call or a few, through client.LoraClient, printed for a person (or as JSON
+with --json)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Any
 from cli.progress import LiveProgress, ProgressView, progress_line
 from client import LoraClient
 from client.chat import TerminalStream
+from shared.events import JobEvent
+from shared.job_api import JobPublic
 from shared.jobs import JobStatus, Progress
 from shared.metrics import EpochEnd, StepMetrics
 
@@ -63,13 +66,66 @@ def _follow(client: LoraClient, job_id: str) -> int:
         view.end_line()
         print(f"stopped following; the job goes on (lora-server cancel {job_id} stops it)", file=sys.stderr)
         return EXIT_INTERRUPTED
-    view.end_line()
     job = client.job(job_id)
+    view.finish(job.status)
+    return _outcome(job)
+
+
+def _outcome(job: JobPublic) -> int:
+    """Say how an ended job ended; its exit code (0 succeeded, 3 cancelled, 1 failed)."""
     if job.status is JobStatus.succeeded:
-        print(f"{job_id} succeeded: adapter at {job.model_path}", file=sys.stderr)
+        where = f"adapter at {job.model_path}" if job.kind == "train" else f"merged model at {job.model_path}"
+        named = f" ({job.fine_tuned_model})" if job.fine_tuned_model else ""
+        print(f"{job.id} succeeded: {where}{named}", file=sys.stderr)
         return 0
-    print(f"{job_id} {job.status.value}: {job.error or job.message}", file=sys.stderr)
+    print(f"{job.id} {job.status.value}: {job.error or job.message}", file=sys.stderr)
     return EXIT_CANCELLED if job.status is JobStatus.cancelled else EXIT_FAILED
+
+
+def _job_id(text: str) -> str:
+    """A job id as given, or the job a `ft:` model name names (`ft:{base}:{suffix}:{job}[:ckpt-step-N]`)."""
+    if not text.startswith("ft:"):
+        return text
+    parts = text.split(":")
+    if parts[-1].startswith("ckpt-step-"):
+        parts = parts[:-1]
+    return parts[-1]
+
+
+def _cmd_watch(client: LoraClient, args: argparse.Namespace) -> int:
+    """Follow any job (however and by whoever it was started) until it ends; exit with its outcome."""
+    job = client.job(_job_id(args.job_id))  # an unknown id is a 404 here, before anything is drawn
+    what = "merge of " + (job.source_job or "?") if job.kind == "merge" else "training"
+    print(f"{job.id}  {what}  {job.model or ''}  ({job.status.value})", file=sys.stderr)
+    if job.status.terminal:
+        print("  " + progress_line(job.progress, status=job.status), file=sys.stderr)
+        return _outcome(job)
+    return _follow(client, job.id)
+
+
+def _event_line(event: JobEvent) -> str:
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.created_at))
+    return f"{at}  {event.type:<16} {event.message}"
+
+
+def _cmd_logs(client: LoraClient, args: argparse.Namespace) -> int:
+    """The job's events, oldest first; with --follow, as they happen until the job ends (exit: its outcome)."""
+    job_id = _job_id(args.job_id)
+    if args.follow:
+        try:
+            for event in client.stream(job_id):
+                print(_event_line(event), flush=True)
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+        return _outcome(client.job(job_id))
+    cursor: str | None = None
+    while True:
+        page = client.events(job_id, after=cursor, limit=1000)
+        for event in page.data:
+            print(_event_line(event))
+        cursor = page.last_id
+        if not page.has_more:
+            return 0
 
 
 def _cmd_submit(client: LoraClient, args: argparse.Namespace) -> int:
@@ -88,8 +144,8 @@ def _cmd_status(client: LoraClient, args: argparse.Namespace) -> int:
         if args.json:
             print(job.model_dump_json(indent=2))
             return 0
-        print(f"{job.id}  {job.status.value}")
-        print("  " + progress_line(job.progress))
+        print(f"{job.id}  {job.status.value}" + (f"  ({job.kind})" if job.kind != "train" else ""))
+        print("  " + progress_line(job.progress, status=job.status))
         detail = job.error or job.message
         if detail:
             print(f"  {detail}")
@@ -106,7 +162,7 @@ def _cmd_status(client: LoraClient, args: argparse.Namespace) -> int:
         print(status.status)
     if status.job_id:
         p = Progress.model_validate(status.model_dump())
-        print("  " + progress_line(p))
+        print("  " + progress_line(p, status=status.job_status))
     print(f"  {status.error or status.message}")
     if status.model_path:
         print(f"  adapter: {status.model_path}")
@@ -206,6 +262,8 @@ COMMANDS = {
     "submit": _cmd_submit,
     "status": _cmd_status,
     "jobs": _cmd_jobs,
+    "watch": _cmd_watch,
+    "logs": _cmd_logs,
     "cancel": _cmd_cancel,
     "pause": _cmd_pause,
     "resume": _cmd_resume,

@@ -4,6 +4,8 @@
     lora-server submit DATA.jsonl [--config FILE] [--set key=value ...] [--queue] [--follow]
     lora-server status [JOB_ID]
     lora-server jobs [--status S]
+    lora-server watch JOB_ID                    follow any job until it ends (exit code: its outcome)
+    lora-server logs JOB_ID [--follow]          its events; --follow: as they happen, until it ends
     lora-server cancel JOB_ID
     lora-server pause JOB_ID | resume JOB_ID
     lora-server download JOB_ID DIR
@@ -103,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", choices=[s.value for s in JobStatus])
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("watch", parents=[common],
+                       help="follow a job (any: /train, /v1, a merge; whoever started it) with a progress bar "
+                            "until it ends; the exit code says how it ended")  # fmt: skip
+    p.add_argument("job_id", metavar="JOB_ID", help="a job id (or a ft: model name)")
+
+    p = sub.add_parser("logs", parents=[common], help="a job's events, oldest first")
+    p.add_argument("job_id", metavar="JOB_ID", help="a job id (or a ft: model name)")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="keep printing events as they happen until the job ends; the exit code says how it ended")  # fmt: skip
 
     p = sub.add_parser("cancel", parents=[common], help="cancel a job")
     p.add_argument("job_id")

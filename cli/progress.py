@@ -9,7 +9,7 @@ from typing import TextIO
 import httpx
 
 from client import ApiClientError, LoraClient
-from shared.jobs import Progress
+from shared.jobs import JobStatus, Progress
 from shared.metrics import StepMetrics
 
 
@@ -21,8 +21,9 @@ def _duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
 
-def progress_line(p: Progress, width: int = 24, eval_loss: float | None = None) -> str:
-    """`[#####-----]  40/200  20%  epoch 3/10  loss 5.1234  eval 5.3  1234 tok/s  ETA 0:12`"""
+def progress_line(p: Progress, width: int = 24, eval_loss: float | None = None, status: JobStatus | None = None) -> str:
+    """`[#####-----]  40/200  20%  epoch 3/10  loss 5.1234  eval 5.3  1234 tok/s  ETA 0:12`; with the job's
+    `status` when it is known: no ETA unless it is running (an ended or paused job has no time left)."""
     frac = min(1.0, p.current_step / p.total_steps) if p.total_steps else 0.0
     filled = round(frac * width)
     parts = [
@@ -37,7 +38,10 @@ def progress_line(p: Progress, width: int = 24, eval_loss: float | None = None) 
         parts.append(f"eval {eval_loss:.4f}")
     if p.tokens_per_second:
         parts.append(f"{p.tokens_per_second:.0f} tok/s")
-    parts.append(f"ETA {_duration(p.eta_seconds)}")
+    if status is None or status in (JobStatus.running, JobStatus.pausing):
+        parts.append(f"ETA {_duration(p.eta_seconds)}")
+    else:
+        parts.append(status.value)
     return "  ".join(parts)
 
 
@@ -52,9 +56,11 @@ class ProgressView:
         self._last = 0.0
         self._drawn = False  # terminal: a bar is on the current line
         self._pending: str | None = None  # log: the latest line not written yet
+        self._latest: tuple[Progress, float | None] | None = None  # what the last update showed
 
     def update(self, p: Progress, eval_loss: float | None = None) -> None:
         now = time.monotonic()
+        self._latest = (p, eval_loss)
         line = progress_line(p, eval_loss=eval_loss)
         final = bool(p.total_steps) and p.current_step >= p.total_steps
         if self.tty:
@@ -72,6 +78,18 @@ class ProgressView:
     def message(self, text: str) -> None:
         self.end_line()
         self.out.write(text + "\n")
+        self.out.flush()
+
+    def finish(self, status: JobStatus) -> None:
+        """The job ended (as `status`): its last line, drawn again with the outcome in place of an ETA."""
+        if self._latest is not None and (self._drawn or self._pending is not None):
+            p, eval_loss = self._latest
+            line = progress_line(p, eval_loss=eval_loss, status=status)
+            if self._drawn:
+                self.out.write("\r\033[K" + line)
+            else:
+                self._pending = line
+        self.end_line()
         self.out.flush()
 
     def end_line(self) -> None:
@@ -105,11 +123,11 @@ class LiveProgress:
         """The record's progress moved on to the step `metrics` reports (totals stay the record's)."""
         base = self._record()
         step, total = metrics.step, base.total_steps
+        # The record's smoothed ETA, carried on to this step; none until the worker knows the rate (one
+        # step's own time would bring back the jumps the smoothing is there to avoid).
         eta = base.eta_seconds
         if total and base.eta_seconds is not None and 0 < base.current_step < step:
             eta = base.eta_seconds * (total - step) / max(1, total - base.current_step)
-        elif total and metrics.step_seconds:
-            eta = metrics.step_seconds * (total - step)
         return base.model_copy(
             update={
                 "current_step": step,

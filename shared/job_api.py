@@ -16,6 +16,14 @@ from shared.jobs import SEED_STATUS, JobRecord, JobStatus, Progress
 from shared.metrics import TrainingSummary
 
 
+def shown_progress(record: JobRecord) -> Progress:
+    """The progress to show: a job that is not running has no time left, whatever an older record holds
+    (records written before the store cleared it on every stop still carry their last ETA)."""
+    if record.status in (JobStatus.running, JobStatus.pausing) or record.progress.eta_seconds is None:
+        return record.progress
+    return record.progress.model_copy(update={"eta_seconds": None})
+
+
 class FileEntry(BaseModel):
     path: str = Field(description="POSIX path relative to the folder listed")
     size: int = Field(ge=0, description="bytes")
@@ -67,7 +75,7 @@ class SeedStatusPublic(BaseModel):
 
     @classmethod
     def from_record(cls, record: JobRecord) -> SeedStatusPublic:
-        p = record.progress
+        p = shown_progress(record)
         seed_status = SEED_STATUS[record.status]
         message = record.message or {"training": "Training...", "completed": "Training completed"}.get(seed_status, "")
         if record.status is JobStatus.queued:
@@ -113,13 +121,28 @@ class JobPublic(BaseModel):
     worker: str | None
     cancel_requested: bool
     queue_position: int | None = Field(default=None, description="While it waits for a slot: its place (1 = next).")
+    model: str | None = Field(default=None, description="the base model (for a /v1 job, as the client named it)")
+    fine_tuned_model: str | None = Field(
+        default=None, description="a succeeded training job's `ft:` name (what chat and /v1/models call it)"
+    )
 
     @classmethod
-    def from_record(cls, record: JobRecord, queue_position: int | None = None) -> JobPublic:
+    def from_record(
+        cls,
+        record: JobRecord,
+        queue_position: int | None = None,
+        *,
+        model: str | None = None,
+        fine_tuned_model: str | None = None,
+    ) -> JobPublic:
+        fields = record.model_dump(exclude={"dataset_path", "output_dir", "validation_path", "progress"})
         return cls(
             seed_status=SEED_STATUS[record.status],  # type: ignore[arg-type]
             queue_position=queue_position,
-            **record.model_dump(exclude={"dataset_path", "output_dir", "validation_path"}),
+            progress=shown_progress(record),
+            model=model or record.config.model_name,
+            fine_tuned_model=fine_tuned_model,
+            **fields,
         )
 
 

@@ -51,7 +51,9 @@ class Progress(BaseModel):
     grad_norm: float | None = None
     tokens_per_second: float | None = None
     step_seconds: float | None = None
+    # Smoothed (worker.training.eta); None until the rate is known, and once the job stops running.
     eta_seconds: float | None = None
+    elapsed_seconds: float | None = None  # in the training loop, across the sessions of a resumed run
     allocated_gpu_memory: float | None = None  # MiB held by tensors on the worker's GPU (0 on a CPU worker)
     reserved_gpu_memory: float | None = None  # MiB reserved by PyTorch's caching allocator there
 

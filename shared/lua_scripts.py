@@ -22,10 +22,20 @@ local function event(stream, now, etype, message, data)
     'type', etype, 'ts', string.format('%.3f', now / 1000), 'message', message, 'data', data)
 end
 local function stamp(now) return string.format('%.3f', now / 1000) end
+-- A job that is not running has no time left to show: its progress keeps every figure but the ETA
+-- (the JSON is edited as text, so the other figures keep their exact digits).
+local function no_eta(key)
+  local p = redis.call('HGET', key, 'progress')
+  if p and p ~= '' then
+    local cleared = string.gsub(p, '"eta_seconds":[^,}]*', '"eta_seconds":null')
+    redis.call('HSET', key, 'progress', cleared)
+  end
+end
 -- A job ended: its status, end time and the other fields given (name, value, ...), its status event, and
 -- its webhook due in the outbox (api.webhooks.events reads it).
 local function ended(key, stream, now, job_id, status, message, ...)
   redis.call('HSET', key, 'status', status, 'finished_at', stamp(now), ...)
+  no_eta(key)
   local id = event(stream, now, 'status', message, '{"status":"' .. status .. '"}')
   redis.call('RPUSH', '"""
     + keys.WEBHOOK_OUTBOX
@@ -150,6 +160,7 @@ if ARGV[3] == 'paused' then
     return 'cancelled'
   end
   redis.call('HSET', KEYS[1], 'status', 'paused', 'run_token', '', 'paused_at', stamp(now), unpack(ARGV, 6))
+  no_eta(KEYS[1])
   event(KEYS[3], now, 'status', ARGV[4], ARGV[5])
   return 'paused'
 end
@@ -179,6 +190,7 @@ if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
 end
 if st == 'pausing' then
   redis.call('HSET', KEYS[1], 'status', 'paused', 'run_token', '', 'paused_at', stamp(now), unpack(ARGV, 5))
+  no_eta(KEYS[1])
   redis.call('HSET', KEYS[1], 'message', 'Paused; resume continues from its saved state')
   event(KEYS[3], now, 'status', 'Job paused (its worker stopped while pausing)', '{"status":"paused"}')
   return 'paused'
@@ -187,6 +199,7 @@ local score = now
 local head = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
 if #head > 0 and tonumber(head[2]) <= score then score = tonumber(head[2]) - 1 end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'run_token', '', 'worker', '', unpack(ARGV, 5))
+no_eta(KEYS[1])
 if ARGV[4] == '0' then redis.call('HINCRBY', KEYS[1], 'attempts', -1) end
 redis.call('ZADD', KEYS[4], score, ARGV[1])
 event(KEYS[3], now, 'status', ARGV[3], '{"status":"queued"}')
@@ -306,11 +319,13 @@ for _, id in ipairs(lapsed) do
     elseif st == 'pausing' then
       redis.call('HSET', key, 'status', 'paused', 'run_token', '', 'paused_at', stamp(now),
         'message', 'Paused (its worker was lost while pausing; it resumes from its last saved state)')
+      no_eta(key)
       redis.call('ZREM', KEYS[1], id)
       event(stream, now, 'status', 'Worker ' .. who .. ' lost while pausing; job paused', '{"status":"paused"}')
     elseif attempts < max then
       redis.call('HSET', key, 'status', 'queued', 'run_token', '', 'worker', '',
         'message', 'Worker lost; queued for another attempt')
+      no_eta(key)
       redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), id)
       event(stream, now, 'status', 'Worker ' .. who .. ' lost; job queued for attempt ' .. (attempts + 1),
         '{"status":"queued"}')

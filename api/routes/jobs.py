@@ -16,8 +16,11 @@ from api.deps import CeleryDep, JobDep, SettingsDep, SlotsDep, StoreDep
 from api.errors import InvalidInput, MalformedRequest, field_error
 from api.job_actions import SlotKeeper, cancel_job, pause_job, resume_job
 from api.job_actions import get_job as find_job
+from api.openai.convert import name_parts
+from api.openai.model_names import fine_tuned_model_name
+from api.openai.store import OpenAIStore
 from shared.job_api import CancelPublic, EventPage, JobPage, JobPublic
-from shared.jobs import JobStatus
+from shared.jobs import JobRecord, JobStatus
 from shared.store import JobStore
 from shared.stream_ids import StreamIdError, parse_stream_id
 
@@ -27,6 +30,15 @@ _STREAM_POLL_S = 0.5
 _KEEPALIVE_S = 15.0
 _ID_FORM = "<ms>-<seq>, each a whole number up to 2^64-1"
 _BAD_CURSOR = {"description": "the event cursor is not a stream id"}
+
+
+def job_public(store: JobStore, record: JobRecord, queue_position: int | None = None) -> JobPublic:
+    """The job as this API shows it: with its base model and, once a training job succeeded, its `ft:`
+    name (a /v1 job's built from the model and suffix the client sent, as /v1 and chat name it)."""
+    model, suffix = name_parts(record, OpenAIStore(store.client).get_job(record.id))
+    named = record.kind == "train" and record.status is JobStatus.succeeded
+    ft_name = fine_tuned_model_name(model, suffix, record.id) if named else None
+    return JobPublic.from_record(record, queue_position, model=model, fine_tuned_model=ft_name)
 
 
 def _cursor(value: str | None, where: str, name: str) -> str | None:
@@ -66,7 +78,7 @@ def list_jobs(
             record = store.get(job_id)
             if record is None or (status is not None and record.status is not status):
                 continue
-            data.append(JobPublic.from_record(record))
+            data.append(job_public(store, record))
             if len(data) == limit:
                 next_cursor = repr(created)
                 break
@@ -77,7 +89,7 @@ def list_jobs(
 @router.get("/{job_id}", responses={404: {"description": "no such job"}})
 def get_job(job: JobDep, store: StoreDep) -> JobPublic:
     position = store.queue_position(job.id) if job.status is JobStatus.queued else None
-    return JobPublic.from_record(job, position)
+    return job_public(store, job, position)
 
 
 @router.get("/{job_id}/events", responses={400: _BAD_CURSOR, 404: {"description": "no such job"}})
@@ -162,7 +174,7 @@ def pause(job_id: str, store: StoreDep, slots: SlotsDep) -> JobPublic:
     """Pause a job: a running one saves its full state at the next step and frees its slot (`pausing`,
     then `paused`); a queued one is paused at once. `POST .../resume` continues it where it stopped."""
     pause_job(store, job_id, slots)
-    return JobPublic.from_record(find_job(store, job_id))
+    return job_public(store, find_job(store, job_id))
 
 
 @router.post(
@@ -173,4 +185,4 @@ def resume(job_id: str, store: StoreDep, celery: CeleryDep, settings: SettingsDe
     """Queue a paused job again: it waits for a free slot, then continues from its saved state."""
     resume_job(store, celery, settings, job_id)
     job = find_job(store, job_id)
-    return JobPublic.from_record(job, store.queue_position(job_id))
+    return job_public(store, job, store.queue_position(job_id))

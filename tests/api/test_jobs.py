@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from shared import keys
 from shared.config import TrainConfig
 from shared.events import StatusChanged
 from shared.job_api import EventPage
@@ -154,3 +155,31 @@ def test_checkpoints_in_the_shared_layout_are_listed(api: TestClient, store: Job
     )
     assert ckpt["total_bytes"] == 10 + len(meta.model_dump_json())
     assert ckpt["archive_url"] == "http://testserver/jobs/job-done/artifacts/archive?checkpoint=12"
+
+
+def test_a_job_names_its_model_and_once_it_succeeded_its_ft_name(
+    api: TestClient, store: JobStore, settings: Settings
+) -> None:
+    _finished(store, settings, "job-ok", status=JobStatus.succeeded)
+    _finished(store, settings, "job-bad", status=JobStatus.failed)
+    base = TrainConfig(epochs=1).model_name
+    ok, bad = api.get("/jobs/job-ok").json(), api.get("/jobs/job-bad").json()
+    assert ok["model"] == bad["model"] == base
+    assert ok["fine_tuned_model"] == f"ft:{base}::job-ok" and bad["fine_tuned_model"] is None
+    listed = {job["id"]: job for job in api.get("/jobs").json()["data"]}
+    assert listed["job-ok"]["fine_tuned_model"] == ok["fine_tuned_model"]
+    merge = api.get(f"/jobs/{api.post('/jobs/job-ok/merge').json()['job_id']}").json()
+    assert merge["kind"] == "merge" and merge["model"] == base and merge["fine_tuned_model"] is None
+
+
+def test_an_ended_job_shows_no_eta_even_from_an_older_record(api: TestClient, store: JobStore) -> None:
+    _queued(store, "job-old")
+    assert store.claim("job-old", token="t", lease_s=30, worker="w") == "ok"
+    assert store.cancel("job-old") == "requested"
+    store.finish("job-old", token="t", status=JobStatus.cancelled, message="Cancelled")
+    # What a record written before the store cleared the ETA on every stop still holds.
+    store.client.hset(keys.job_key("job-old"), "progress", '{"current_step":5,"total_steps":9,"eta_seconds":175.0}')
+    job = api.get("/jobs/job-old").json()
+    assert job["status"] == "cancelled" and job["progress"]["current_step"] == 5
+    assert job["progress"]["eta_seconds"] is None
+    assert "eta_seconds" not in api.get("/status").json()

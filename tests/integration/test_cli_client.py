@@ -16,7 +16,16 @@ from cli.main import build_parser
 from client.chat import terminal_safe
 from launcher.embedded_redis import free_port
 from tests.data import easy_records, write_jsonl
-from tests.service import Service, assert_chat_served, flush, wait_running, wait_until, wait_until_up
+from tests.service import (
+    Service,
+    assert_chat_served,
+    flush,
+    submit,
+    submit_long,
+    wait_running,
+    wait_until,
+    wait_until_up,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,6 +44,83 @@ def cli(
         text=True,
         timeout=timeout,
     )
+
+
+def cli_started(service: Service, *args: str) -> subprocess.Popen[str]:
+    """The CLI running in the background (what a second terminal would be)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LORA_API_KEY", "LORA_URL")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli", *args], cwd=ROOT, env={**env, "LORA_URL": service.url, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def ended(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, out, err
+
+
+def test_watch_and_logs_follow_a_job_started_over_plain_http(service: Service, tiny_model_dir: Path) -> None:
+    r = submit(service, tiny_model_dir, epochs=30, batch_size=2, model_save_path="by_curl")  # not the CLI's job
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    watch = cli_started(service, "watch", job_id)
+    logs = cli_started(service, "logs", job_id, "--follow")
+    code, _, err = ended(watch)
+    assert code == 0, err
+    assert f"{job_id}  training  {tiny_model_dir}" in err and "120/120" in err and "100%" in err, err
+    assert f"{job_id} succeeded: adapter at " in err and f"(ft:{tiny_model_dir}::{job_id})" in err, err
+    code, out, err = ended(logs)
+    assert code == 0, err
+    events = service.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
+    assert len(out.splitlines()) == len(events) > 10  # every event, one line each, and then it ended
+    assert "Job queued" in out and "Job running on" in out and "step 120/120 loss " in out, out
+    assert out.splitlines()[-1].split()[2:4] == ["status", "Training"], out  # the outcome came last
+    # Without --follow: what there is so far, and done; the same lines once the job is over.
+    again = cli(service, "logs", job_id)
+    assert again.returncode == 0 and again.stdout == out
+
+    # A job that ended is said at once; an unknown one is a clear error.
+    done = cli(service, "watch", job_id)
+    assert done.returncode == 0 and "succeeded" in done.stderr and "ETA" not in done.stderr, done.stderr
+    by_name = cli(service, "watch", f"ft:{tiny_model_dir}::{job_id}")
+    assert by_name.returncode == 0 and job_id in by_name.stderr
+    unknown = cli(service, "watch", "job-nope")
+    assert unknown.returncode == 1 and "404" in unknown.stderr
+
+
+def test_ended_jobs_show_no_eta_and_watch_exits_with_their_outcome(service: Service, tiny_model_dir: Path) -> None:
+    # Fails as it starts: no such module to save.
+    failing = submit(service, tiny_model_dir, lora_modules_to_save=["nope"]).json()["job_id"]
+    code, _, err = ended(cli_started(service, "watch", failing))
+    assert code == 1 and f"{failing} failed" in err and "nope" in err, err
+    assert service.job(failing)["progress"]["eta_seconds"] is None
+    assert service.get("/status").json()["status"] == "error" and "eta_seconds" not in service.get("/status").json()
+
+    job_id = submit_long(service, tiny_model_dir)
+
+    def eta_shown() -> dict[str, Any] | None:  # once the rate is known (a warm-up, then ~2 s of steps)
+        status = service.get("/status").json()
+        return status if status.get("eta_seconds") is not None else None
+
+    assert wait_until(eta_shown, timeout=120)["job_id"] == job_id
+    watch = cli_started(service, "watch", job_id)
+    wait_until(lambda: service.job(job_id)["progress"]["current_step"] >= 20, timeout=60)
+    assert service.post(f"/jobs/{job_id}/cancel").status_code == 202
+    code, _, err = ended(watch)
+    assert code == 3 and f"{job_id} cancelled" in err, err
+    assert "ETA" not in err.strip().splitlines()[-2], err  # the last progress line says `cancelled` instead
+    status = service.get("/status").json()
+    assert status["job_id"] == job_id and status["job_status"] == "cancelled" and "eta_seconds" not in status
+    job = service.job(job_id)
+    assert job["progress"]["eta_seconds"] is None and job["progress"]["current_step"] >= 20
+    shown = cli(service, "status", job_id)
+    assert "ETA" not in shown.stdout and "cancelled" in shown.stdout, shown.stdout
 
 
 def test_submit_follow_trains_then_status_jobs_and_download_work(

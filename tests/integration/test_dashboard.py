@@ -405,3 +405,69 @@ def test_dashboard_chat_box_streams_an_answer_from_the_fine_tuned_model(
         raise AssertionError(f"four answers, none shown in pieces: {lengths}")
     assert browser.eval("state.chat.length") == 2 * turn  # each question carries the conversation
     assert not browser.errors, browser.errors
+
+
+def test_dashboard_shows_each_jobs_own_figures_model_and_ft_name_and_a_merge_as_a_merge(
+    service: Service, tiny_model_dir: Path, browser: Page
+) -> None:
+    # Two real short jobs, one after the other (one slot), of different lengths; then a merge of the first.
+    first = _submit(service, tiny_model_dir, epochs=1, batch_size=4)  # 2 steps
+    assert service.wait_for(first, {"succeeded", "failed"})["status"] == "succeeded"
+    second = _submit(service, tiny_model_dir, epochs=3, batch_size=2)  # 12 steps
+    assert service.wait_for(second, {"succeeded", "failed"})["status"] == "succeeded"
+    r = service.post(f"/jobs/{first}/merge")
+    assert r.status_code == 202, r.text
+    merge = r.json()["job_id"]
+    assert service.wait_for(merge, {"succeeded", "failed"})["status"] == "succeeded"
+    jobs = {job_id: service.job(job_id) for job_id in (first, second)}
+    model = str(tiny_model_dir)
+
+    def losses(job_id: str) -> int:
+        events = service.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
+        return sum(1 for e in events if e["type"] == "metrics" and e["data"].get("loss") is not None)
+
+    def shows(job_id: str) -> None:
+        """The panel shows this job's own figures (waiting for them), model and ft: name; no ETA: it ended."""
+        p = jobs[job_id]["progress"]
+        browser.wait_for(f"document.getElementById('job-id').textContent === {job_id!r}")
+        browser.wait_for(f"document.getElementById('step-text').textContent === 'step {p['total_steps']} / "
+                         f"{p['total_steps']}'")  # fmt: skip
+        browser.wait_for(f"document.getElementById('loss').textContent === Number({p['loss']!r}).toFixed(4)")
+        browser.wait_for(f"Number(document.getElementById('loss-chart').dataset.points) === {losses(job_id)}")
+        browser.wait_for(f"document.getElementById('job-ft').textContent === {jobs[job_id]['fine_tuned_model']!r}")
+        assert jobs[job_id]["fine_tuned_model"] == f"ft:{model}::{job_id}"
+        assert browser.text("job-model") == model
+        assert browser.eval("document.getElementById('job-ft-row').hidden") is False
+        assert browser.text("eta") == "–"
+        assert browser.text("epoch") == f"{p['current_epoch']} / {p['total_epochs']}"
+
+    browser.goto(f"{service.url}/dashboard#{first}")
+    shows(first)
+    assert jobs[first]["progress"]["loss"] != jobs[second]["progress"]["loss"]
+    browser.eval(f"document.querySelector('#jobs tr[data-id=\"{second}\"]').click()")  # another job, from the list
+    shows(second)
+    # The figures are the second job's own: its chart has its own (more) points, not the first's added to them.
+    assert losses(second) != losses(first)
+
+    # A merge is shown as a merge (no steps, loss or ETA of its own, and none left over from the job before).
+    browser.eval(f"location.hash = {merge!r}")
+    browser.wait_for("document.getElementById('step-text').textContent === 'merge: succeeded'")
+    for figure in ("loss", "eta", "epoch", "tps"):
+        assert browser.text(figure) == "–", figure
+    assert browser.eval("Number(document.getElementById('loss-chart').dataset.points)") == 0
+    browser.wait_for("document.getElementById('job-kind').textContent !== ''")
+    assert browser.text("job-kind") == f"merge of {first}" and browser.text("job-model") == model
+    assert browser.eval("document.getElementById('job-ft-row').hidden") is True
+    browser.wait_for(f"!!document.querySelector('#jobs tr[data-id=\"{merge}\"]')")
+    row = f"document.querySelector('#jobs tr[data-id=\"{merge}\"]')"
+    assert browser.eval(f"{row}.children[2].textContent") == "merge"
+
+    # Ids are whole, monospace, and titled with the full id; the panel's can be copied.
+    for job_id in (first, second, merge):
+        cell = f"document.querySelector('#jobs tr[data-id=\"{job_id}\"] td.id')"
+        assert browser.eval(f"{cell}.textContent") == browser.eval(f"{cell}.title") == job_id
+        assert browser.eval(f"{cell}.scrollWidth <= {cell}.clientWidth"), job_id  # not cut short
+        assert "monospace" in browser.eval(f"getComputedStyle({cell}).fontFamily")
+    assert browser.eval("document.getElementById('job-id').title") == merge
+    browser.click("copy-id")
+    assert not browser.errors, browser.errors

@@ -182,3 +182,43 @@ def test_a_job_whose_task_could_not_be_published_leaves_the_waiting_line(redis_c
     assert waiting.waiting == 1 and store.waiting_ids() == ["b"]
     assert store.abort("b", "could not enqueue the job: broker down")
     assert store.waiting_ids() == [] and store.promote(max_slots=2, queue_timeout_s=60) == []
+
+
+def test_a_job_that_stops_running_keeps_its_figures_but_no_eta(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    live = Progress(current_step=4, total_steps=9, loss=1.2345678901234567, eta_seconds=151.8)
+
+    def running(job_id: str, **update: object) -> None:
+        assert store.admit(_record(job_id).model_copy(update=update), max_slots=9, queue_timeout_s=60).admitted
+        assert store.claim(job_id, token="t", lease_s=30, worker="w") == "ok"
+        assert store.renew(job_id, token="t", lease_s=30, progress=live) == 0
+        assert store.get(job_id).progress.eta_seconds == 151.8  # type: ignore[union-attr]
+
+    def progress(job_id: str) -> Progress:
+        rec = store.get(job_id)
+        assert rec is not None
+        return rec.progress
+
+    running("done")  # the worker's last progress, with its ETA, comes with the outcome
+    store.finish("done", token="t", status=JobStatus.succeeded, message="ok", progress=live)
+    running("failed")
+    store.finish("failed", token="t", status=JobStatus.failed, message="x", error="boom")
+    running("cancelled")
+    assert store.cancel("cancelled") == "requested"
+    store.finish("cancelled", token="t", status=JobStatus.cancelled, message="Cancelled")
+    running("paused")
+    assert store.pause("paused") == "pausing"
+    store.finish("paused", token="t", status=JobStatus.paused, message="Paused", progress=live)
+    running("lost", max_attempts=2)
+    running("lost-for-good")
+    redis_client.zadd(keys.ACTIVE, {"lost": 0, "lost-for-good": 0})  # their leases lapse
+    assert store.reap(queue_timeout_s=60) == ["lost"]
+    running("handed")  # last: a job handed back waits first in line, and the others would queue behind it
+    store.hand_back("handed", token="t", reason="worker stopping", count_attempt=False, progress=live)
+    expected = {"done": "succeeded", "failed": "failed", "cancelled": "cancelled", "paused": "paused",
+                "handed": "queued", "lost": "queued", "lost-for-good": "failed"}  # fmt: skip
+    for job_id, status in expected.items():
+        assert store.get(job_id).status.value == status, job_id  # type: ignore[union-attr]
+        p = progress(job_id)
+        assert p.eta_seconds is None, job_id
+        assert (p.current_step, p.total_steps, p.loss) == (4, 9, live.loss), job_id  # exact digits kept

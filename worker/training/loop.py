@@ -24,6 +24,7 @@ from torch import nn
 from shared import events
 from shared.config import TrainConfig
 from worker.training.attention import EngineKind
+from worker.training.eta import EtaEstimator
 from worker.training.example import Example
 from worker.training.forward_backward import make_step_fn, unwrap
 from worker.training.optimizer_step import (
@@ -55,7 +56,8 @@ class StepInfo:
     grad_norm: float | None  # before clipping; same rule as `loss`
     accuracy: float | None  # fraction of loss tokens predicted right (argmax); same rule, None where not computed
     tokens_per_second: float  # real tokens since the loop started / seconds since then
-    eta_seconds: float
+    eta_seconds: float | None  # smoothed (worker.training.eta); None while the rate is not known yet
+    elapsed_s: float  # seconds in the loop so far, across every session of a resumed run
     num_tokens: int  # real tokens in this step
     metrics: dict[str, float] | None = None  # the step's further figures (DPO's reward margin); as `loss`
 
@@ -185,6 +187,7 @@ def train_loop(
         result.steps_done, result.total_tokens = resume.step, resume.total_tokens
         result.logged_losses, result.final_loss = list(resume.logged_losses), resume.final_loss
     start = time.perf_counter() - (resume.elapsed_s if resume is not None else 0.0)  # elapsed spans sessions
+    eta = EtaEstimator(total_steps)  # per session: a resumed run's first steps warm up again
 
     def snapshot() -> LoopState:
         last = float(pos.last_loss) if pos.last_loss is not None else result.final_loss
@@ -230,7 +233,8 @@ def train_loop(
             if loss_value is not None:
                 result.logged_losses.append((step, loss_value))
             if hooks.on_step is not None:
-                elapsed = time.perf_counter() - start
+                now = time.perf_counter()
+                elapsed = now - start
                 hooks.on_step(
                     StepInfo(
                         step=step,
@@ -242,7 +246,8 @@ def train_loop(
                         grad_norm=grad_norm,
                         accuracy=accuracy,
                         tokens_per_second=result.total_tokens / elapsed if elapsed > 0 else 0.0,
-                        eta_seconds=elapsed / step * (total_steps - step),
+                        eta_seconds=eta.update(step, now),
+                        elapsed_s=elapsed,
                         num_tokens=out.num_tokens,
                         metrics={k: float(v) for k, v in out.metrics.items()} if logging_step and out.metrics else None,
                     )

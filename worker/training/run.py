@@ -365,6 +365,7 @@ class TrainingRun:
                 grad_norm=info.grad_norm,
                 tokens_per_second=info.tokens_per_second,
                 eta_seconds=info.eta_seconds,
+                elapsed_seconds=info.elapsed_s,
                 **self._gpu_memory(),
             )
         )
