@@ -73,8 +73,8 @@ def test_watch_and_logs_follow_a_job_started_over_plain_http(service: Service, t
     logs = cli_started(service, "logs", job_id, "--follow")
     code, _, err = ended(watch)
     assert code == 0, err
-    assert f"{job_id}  training  {tiny_model_dir}" in err and "120/120" in err and "100%" in err, err
-    assert f"{job_id} succeeded: adapter at " in err and f"(ft:{tiny_model_dir}::{job_id})" in err, err
+    assert f"{job_id}  training  {tiny_model_dir.name}" in err and "120/120" in err and "100%" in err, err
+    assert f"{job_id} succeeded: adapter at " in err and f"(ft:{tiny_model_dir.name}::{job_id})" in err, err
     code, out, err = ended(logs)
     assert code == 0, err
     events = service.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
@@ -88,7 +88,7 @@ def test_watch_and_logs_follow_a_job_started_over_plain_http(service: Service, t
     # A job that ended is said at once; an unknown one is a clear error.
     done = cli(service, "watch", job_id)
     assert done.returncode == 0 and "succeeded" in done.stderr and "ETA" not in done.stderr, done.stderr
-    by_name = cli(service, "watch", f"ft:{tiny_model_dir}::{job_id}")
+    by_name = cli(service, "watch", f"ft:{tiny_model_dir.name}::{job_id}")
     assert by_name.returncode == 0 and job_id in by_name.stderr
     unknown = cli(service, "watch", "job-nope")
     assert unknown.returncode == 1 and "404" in unknown.stderr
