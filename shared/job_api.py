@@ -102,7 +102,7 @@ class SeedStatusPublic(BaseModel):
 
 class JobPublic(BaseModel):
     id: str
-    kind: Literal["train", "merge"]
+    kind: Literal["train", "merge", "tinker"]
     source_job: str | None
     status: JobStatus
     seed_status: Literal["training", "paused", "completed", "error"]

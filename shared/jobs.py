@@ -76,7 +76,9 @@ class JobRecord(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     id: str
-    kind: Literal["train", "merge"] = "train"  # merge: fold a finished job's adapter into its base model
+    # merge: fold a finished job's adapter into its base model; tinker: host a Tinker training client's model
+    # (shared.tinker_store), running the calls its client sends until the client goes idle or its session ends
+    kind: Literal["train", "merge", "tinker"] = "train"
     status: JobStatus
     created_at: float
     started_at: float | None = None

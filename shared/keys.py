@@ -55,3 +55,48 @@ def generation_output_key(request_id: str) -> str:
 def generation_cancel_key(request_id: str) -> str:
     """Set (with an expiry) when the API no longer wants a request's output: the worker stops generating."""
     return GENERATION_PREFIX + request_id + ":cancel"
+
+
+# The Tinker-compatible API (api.tinker, worker.tinker): sessions, each training model's calls, and futures.
+TINKER_PREFIX = PREFIX + "tinker:"
+TINKER_SESSIONS = TINKER_PREFIX + "sessions"  # zset: session id -> last heartbeat, ms
+
+
+def tinker_session_key(session_id: str) -> str:
+    """Hash per client session: its tags, creation time, and whether it ended."""
+    return TINKER_PREFIX + "session:" + session_id
+
+
+def tinker_model_key(model_id: str) -> str:
+    """Hash per training model: its base, rank, session, the job hosting it, its last call (shared.tinker_store)."""
+    return TINKER_PREFIX + "model:" + model_id
+
+
+def tinker_calls_key(model_id: str) -> str:
+    """List of a training model's queued calls (shared.tinker_ops.TinkerCall JSON), for the worker hosting it."""
+    return TINKER_PREFIX + "model:" + model_id + ":calls"
+
+
+def tinker_seq_key(model_id: str) -> str:
+    """The next seq_id a training model's host runs (the ones before it have run), across hostings."""
+    return TINKER_PREFIX + "model:" + model_id + ":seq"
+
+
+def tinker_checkpoints_key(model_id: str) -> str:
+    """Hash of a training model's checkpoints: tinker path -> shared.tinker_store.CheckpointInfo JSON."""
+    return TINKER_PREFIX + "model:" + model_id + ":checkpoints"
+
+
+def tinker_future_key(request_id: str) -> str:
+    """Hash per accepted call: pending until the worker (or the API, for a model that is gone) settles it."""
+    return TINKER_PREFIX + "future:" + request_id
+
+
+def tinker_sampler_key(sampling_session_id: str) -> str:
+    """A sampling session (shared.tinker_store.SamplingSession JSON)."""
+    return TINKER_PREFIX + "sampler:" + sampling_session_id
+
+
+# Sampling requests (shared.tinker_ops.SampleOp JSON) wait here; every generation worker pops from it as
+# from GENERATE_QUEUE, and settles the request's future (shared.tinker_store).
+TINKER_SAMPLE_QUEUE = TINKER_PREFIX + "sample:queue"

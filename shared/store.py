@@ -72,7 +72,7 @@ def _record_from_fields(fields: dict[str, str]) -> JobRecord:
 
     return JobRecord(
         id=fields["id"],
-        kind="merge" if fields.get("kind") == "merge" else "train",
+        kind=fields["kind"] if fields.get("kind") in ("merge", "tinker") else "train",  # type: ignore[arg-type]
         status=JobStatus(fields["status"]),
         created_at=float(fields.get("created_at") or 0.0),
         started_at=opt_float("started_at"),

@@ -1,0 +1,213 @@
+"""The Tinker-compatible API's state in Redis, both sides of it: futures, training models and their queued
+calls, checkpoints.
+
+A call the API accepts gets a future (pending) and goes on its model's call list; the worker hosting the
+model runs it and settles the future with its result or its error. Futures outlive an API restart (they
+are in Redis), and a future whose model's host is gone is failed by whoever reads it (`api.tinker`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Literal
+
+import redis
+from pydantic import BaseModel, ConfigDict, TypeAdapter
+
+from shared import keys
+from shared.tinker_ops import TinkerCall, TinkerResult
+
+FUTURE_TTL_S = 7 * 24 * 3600  # a settled (or never settled) future is kept this long for the client to read
+FutureState = Literal["pending", "done", "failed"]
+ErrorCategory = Literal["user", "server", "unknown"]
+_RESULT = TypeAdapter(TinkerResult)
+
+
+class Future(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    request_id: str
+    model_id: str | None = None
+    state: FutureState = "pending"
+    result: TinkerResult | None = None
+    error: str | None = None
+    category: ErrorCategory = "unknown"
+    created_ms: int = 0
+
+
+class TinkerModel(BaseModel):
+    """A training model (one `create_lora_training_client`): hosted by the job of the same id."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model_id: str
+    session_id: str
+    base_model: str  # the name the client gave
+    rank: int
+    seed: int = 0
+    train_attn: bool = True
+    train_mlp: bool = True
+    train_unembed: bool = True
+    vocab_size: int | None = None  # read from the base's config.json at creation (token ids are checked against it)
+    user_metadata: dict[str, str] | None = None
+    created_ms: int = 0
+    # The job hosting the model now (a job of kind "tinker"). A host that went idle saved the model's state
+    # and ended its job; the next call starts a new hosting job (api.tinker), which loads `load_from`.
+    job_id: str | None = None
+    create_request_id: str | None = None  # the create_model / load_weights future the first host settles
+    load_from: str | None = None  # a checkpoint folder the next host loads before running calls
+    load_optimizer: bool = False  # ... with its optimizer state
+    closed: bool = False  # its session finished: no more calls are taken
+
+
+class CheckpointInfo(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    tinker_path: str  # tinker://<model_id>/weights/<name> or .../sampler_weights/<name>
+    checkpoint_type: Literal["training", "sampler"]
+    name: str
+    folder: str  # the adapter folder on the volume
+    created_ms: int
+    size_bytes: int | None = None
+
+
+class SamplingSession(BaseModel):
+    """What a sampling client samples from: a base, and the sampler weights' adapter folder when it has one."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    sampling_session_id: str
+    session_id: str
+    base_model: str  # the name the client gave (get_info's model_name)
+    model_dir: str  # the base as the generation worker loads it
+    adapter_dir: str | None = None
+    model_path: str | None = None  # tinker://... of the sampler weights
+    created_ms: int = 0
+
+
+def save_sampling_session(client: redis.Redis, session: SamplingSession) -> None:
+    client.set(keys.tinker_sampler_key(session.sampling_session_id), session.model_dump_json())
+
+
+def get_sampling_session(client: redis.Redis, sampling_session_id: str) -> SamplingSession | None:
+    raw = client.get(keys.tinker_sampler_key(sampling_session_id))
+    return SamplingSession.model_validate_json(raw) if raw else None  # type: ignore[arg-type]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_future(client: redis.Redis, request_id: str, model_id: str | None) -> None:
+    key = keys.tinker_future_key(request_id)
+    client.hset(key, mapping={"request_id": request_id, "model_id": model_id or "", "state": "pending",
+                              "created_ms": now_ms()})  # fmt: skip
+    client.expire(key, FUTURE_TTL_S)
+
+
+def complete(client: redis.Redis, request_id: str, result: BaseModel) -> None:
+    key = keys.tinker_future_key(request_id)
+    client.hset(key, mapping={"state": "done", "result": result.model_dump_json()})
+    client.expire(key, FUTURE_TTL_S)
+
+
+def fail(client: redis.Redis, request_id: str, error: str, category: ErrorCategory = "server") -> None:
+    key = keys.tinker_future_key(request_id)
+    client.hset(key, mapping={"state": "failed", "error": error, "category": category})
+    client.expire(key, FUTURE_TTL_S)
+
+
+def read_future(fields: dict[str, str]) -> Future | None:
+    """A future from its hash's fields (None for an unknown request id)."""
+    if not fields:
+        return None
+    result = _RESULT.validate_json(fields["result"]) if fields.get("result") else None
+    return Future(
+        request_id=fields.get("request_id", ""),
+        model_id=fields.get("model_id") or None,
+        state=fields.get("state", "pending"),  # type: ignore[arg-type]
+        result=result,
+        error=fields.get("error"),
+        category=fields.get("category", "unknown"),  # type: ignore[arg-type]
+        created_ms=int(fields.get("created_ms", 0) or 0),
+    )
+
+
+def get_future(client: redis.Redis, request_id: str) -> Future | None:
+    return read_future(client.hgetall(keys.tinker_future_key(request_id)))  # type: ignore[arg-type]
+
+
+def save_model(client: redis.Redis, model: TinkerModel) -> None:
+    client.set(keys.tinker_model_key(model.model_id), model.model_dump_json())
+
+
+def get_model(client: redis.Redis, model_id: str) -> TinkerModel | None:
+    raw = client.get(keys.tinker_model_key(model_id))
+    return TinkerModel.model_validate_json(raw) if raw else None  # type: ignore[arg-type]
+
+
+def next_seq_id(client: redis.Redis, model_id: str) -> int:
+    """The seq_id the model's host runs next (calls before it have run); 1 for a new model."""
+    raw = client.get(keys.tinker_seq_key(model_id))
+    return int(raw) if raw else 1  # type: ignore[arg-type]
+
+
+def set_next_seq_id(client: redis.Redis, model_id: str, seq_id: int) -> None:
+    client.set(keys.tinker_seq_key(model_id), seq_id)
+
+
+def push_call(client: redis.Redis, call: TinkerCall) -> None:
+    """Queue `call` for its model's host, its future pending (one transaction: never a call without a future)."""
+    pipe = client.pipeline()
+    key = keys.tinker_future_key(call.request_id)
+    pipe.hset(key, mapping={"request_id": call.request_id, "model_id": call.model_id, "state": "pending",
+                            "created_ms": now_ms()})  # fmt: skip
+    pipe.expire(key, FUTURE_TTL_S)
+    pipe.rpush(keys.tinker_calls_key(call.model_id), call.model_dump_json())
+    pipe.execute()
+
+
+def pop_call(client: redis.Redis, model_id: str, timeout_s: float) -> TinkerCall | None:
+    reply = client.blpop([keys.tinker_calls_key(model_id)], timeout=timeout_s)
+    if reply is None:
+        return None
+    return TinkerCall.model_validate_json(reply[1])  # type: ignore[index]
+
+
+def pending_calls(client: redis.Redis, model_id: str) -> list[TinkerCall]:
+    """The calls still queued for a model (not yet taken by a host)."""
+    raw = client.lrange(keys.tinker_calls_key(model_id), 0, -1)
+    return [TinkerCall.model_validate_json(item) for item in raw]  # type: ignore[union-attr]
+
+
+def drop_calls(client: redis.Redis, model_id: str) -> list[TinkerCall]:
+    """Take every queued call off a model's list (its host is gone: the caller fails their futures)."""
+    pipe = client.pipeline()
+    pipe.lrange(keys.tinker_calls_key(model_id), 0, -1)
+    pipe.delete(keys.tinker_calls_key(model_id))
+    raw, _ = pipe.execute()
+    return [TinkerCall.model_validate_json(item) for item in raw]
+
+
+def add_checkpoint(client: redis.Redis, model_id: str, info: CheckpointInfo) -> None:
+    client.hset(keys.tinker_checkpoints_key(model_id), info.tinker_path, info.model_dump_json())
+
+
+def checkpoints(client: redis.Redis, model_id: str) -> list[CheckpointInfo]:
+    raw = client.hgetall(keys.tinker_checkpoints_key(model_id))
+    found = [CheckpointInfo.model_validate_json(v) for v in raw.values()]  # type: ignore[union-attr]
+    return sorted(found, key=lambda c: c.created_ms)
+
+
+def checkpoint(client: redis.Redis, model_id: str, tinker_path: str) -> CheckpointInfo | None:
+    raw = client.hget(keys.tinker_checkpoints_key(model_id), tinker_path)
+    return CheckpointInfo.model_validate_json(raw) if raw else None  # type: ignore[arg-type]
+
+
+def remove_checkpoint(client: redis.Redis, model_id: str, tinker_path: str) -> None:
+    client.hdel(keys.tinker_checkpoints_key(model_id), tinker_path)
+
+
+def dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
