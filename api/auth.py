@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import os
 
@@ -11,15 +10,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 # Probes must answer orchestrators without secrets; the dashboard page asks for the key itself.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/dashboard", "/"})
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def listening_host(argv: list[str]) -> str:

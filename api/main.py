@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
-from api.auth import ApiKeyMiddleware, is_loopback, listening_host
+from api.auth import ApiKeyMiddleware, listening_host
 from api.error_responses import install_handlers
 from api.incoming import sweep_and_report, sweep_periodically
 from api.openai import chat as openai_chat
@@ -25,6 +25,7 @@ from api.openai.generation import GenerationQueue, connect_async
 from api.routes import artifacts, dashboard, health, jobs, merge, seed_merge, status, train
 from api.webhooks.dispatcher import WebhookDispatcher
 from api.webhooks.queue import WebhookQueue
+from shared.addresses import is_loopback
 from shared.celery_factory import make_celery
 from shared.reaper import reap_once
 from shared.settings import Settings, get_settings

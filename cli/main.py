@@ -13,7 +13,7 @@
     lora-server models
 
 The client commands use only the HTTP API: `--url` (or LORA_URL), key from `--api-key` (or LORA_API_KEY).
-Exit codes: 0 ok; 1 error or failed job; 3 cancelled job; 130 interrupted.
+Exit codes: 0 ok; 1 error or failed job; 3 cancelled job; 130 interrupted; 141 output closed early (`| head`).
 """
 
 from __future__ import annotations
@@ -158,10 +158,30 @@ def _run_merge(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
 
 
+# What a shell reports for a command that SIGPIPE ended (128 + 13), as `yes | head` does. Not 0: the command
+# stopped before it finished, and for `watch`/`logs --follow` 0 would claim the job succeeded; `set -o pipefail`
+# scripts get the same answer they get from any Unix tool whose reader left.
+EXIT_OUTPUT_CLOSED = 141
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout left (`lora-server logs JOB | head`): stop quietly, as the Python docs' "Note on
+    SIGPIPE" advises. Stdout goes to /dev/null so the interpreter's last flush of what is still buffered does
+    not raise again at exit. SIGPIPE is not restored to its default instead: it would also kill the CLI,
+    silently, on a write to a server that dropped the connection, which httpx reports as an error."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_OUTPUT_CLOSED
+
+
 def _run_client(args: argparse.Namespace) -> int:
     try:
         with LoraClient(args.url, api_key=args.api_key) as client:
-            return COMMANDS[args.command](client, args)
+            code = COMMANDS[args.command](client, args)
+            sys.stdout.flush()  # a closed reader is met here, not in the interpreter's flush at exit
+            return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except ApiClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
     except httpx.TransportError as exc:

@@ -18,20 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from shared.addresses import is_loopback
+
 # The environment variable the CLI reads for the server's address (cli/main.py: `--url`, default LORA_URL).
 CLI_URL_VAR = "LORA_URL"
 DASHBOARD_PATH = "/dashboard"  # api/routes/dashboard.py
 OPENAI_PATH = "/v1"
 ALL_INTERFACES = frozenset({"0.0.0.0", "::", ""})
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def reachable_host(host: str) -> str:

@@ -94,6 +94,53 @@ def test_watch_and_logs_follow_a_job_started_over_plain_http(service: Service, t
     assert unknown.returncode == 1 and "404" in unknown.stderr
 
 
+def _cli_env(service: Service) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("LORA_API_KEY", "LORA_URL")}
+    return {**env, "LORA_URL": service.url, "PYTHONPATH": str(ROOT)}
+
+
+def _assert_left_quietly(code: int, err: str) -> None:
+    assert code == 141, f"exit {code}: {err}"  # what a shell reports for `yes | head`
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err, err
+
+
+def test_output_into_a_reader_that_leaves_ends_quietly(service: Service, tiny_model_dir: Path) -> None:
+    job_id = submit_long(service, tiny_model_dir)
+    wait_running(service, job_id)
+    # `lora-server logs JOB --follow | head -1`: head takes one line and leaves while the job still logs.
+    logs = subprocess.Popen(
+        [sys.executable, "-m", "cli", "logs", job_id, "--follow"], cwd=ROOT, env=_cli_env(service),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert logs.stdout is not None and logs.stderr is not None
+    head = subprocess.Popen(["head", "-1"], stdin=logs.stdout, stdout=subprocess.PIPE, text=True)
+    logs.stdout.close()  # head alone reads the pipe now, so its leaving closes it
+    first, _ = head.communicate(timeout=60)
+    with logs:  # closes its stderr pipe
+        try:
+            code = logs.wait(timeout=60)  # the next event's line meets the closed pipe
+        finally:
+            if logs.poll() is None:
+                logs.kill()
+        err = logs.stderr.read()
+    _assert_left_quietly(code, err)
+    assert len(first.splitlines()) == 1 and "status" in first, first
+
+    # `jobs | head` and `logs JOB | head` where head left first: buffered output meets the closed pipe at the end.
+    for args in (["jobs"], ["logs", job_id]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "cli", *args], cwd=ROOT, env=_cli_env(service),
+                stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
+            )  # fmt: skip
+        finally:
+            os.close(write_end)
+        _assert_left_quietly(done.returncode, done.stderr)
+    assert service.post(f"/jobs/{job_id}/cancel").status_code == 202
+
+
 def test_ended_jobs_show_no_eta_and_watch_exits_with_their_outcome(service: Service, tiny_model_dir: Path) -> None:
     # Fails as it starts: no such module to save.
     failing = submit(service, tiny_model_dir, lora_modules_to_save=["nope"]).json()["job_id"]

@@ -10,6 +10,10 @@ every slow step (a checkpoint written, an evaluation) shows at once. Here:
   longer). On a GPU most steps only queue work and return at once, and the step that reads the loss
   back waits for all of it: timed one by one, steps alternate between ~0 and many times their cost.
   Timed over a second or more, the queue evens out.
+- Until the first whole sample, the part gathered so far gives the rate, read at the steps that end in a
+  host sync: the logging steps (every `log_every`-th, and the last; every step on a CPU). There the queue
+  has drained, so the time is the steps' real cost. A short job (a few steps, or a few seconds) thus
+  shows an ETA from its first logging step after the warm-up, not only at the end.
 - A sample's seconds per step is smoothed exponentially (`alpha`), after clipping it to at most
   `max_ratio` times (and at least 1/`max_ratio` of) the smoothed value: one checkpoint write moves the
   rate a little, not by its whole length, while a lasting change still gets through in a few samples.
@@ -37,17 +41,19 @@ class EtaEstimator:
     max_ratio: float = 2.0
     max_rise: float = 0.05  # of the shown value, per update
     max_fall: float = 0.25
+    log_every: int = 1  # the loop's: every `log_every`-th step reads the loss back, so its time is real
     _seen: int = field(default=0, init=False)  # updates so far
     _last_at: float | None = field(default=None, init=False)  # time of the last update
     _last_step: int = field(default=0, init=False)
     _sample_steps: int = field(default=0, init=False)  # the sample being gathered
     _sample_s: float = field(default=0.0, init=False)
     _step_s: float | None = field(default=None, init=False)  # smoothed seconds per step
+    _early_step_s: float | None = field(default=None, init=False)  # the partial first sample's, at a sync
     _shown: float | None = field(default=None, init=False)
 
     def update(self, step: int, now: float) -> float | None:
         """The ETA (seconds) after `step` (1-based, across epochs) finished at time `now`; None while the
-        rate is not known yet (the warm-up steps, then until `min_sample_s` of steps were timed). 0 once
+        rate is not known yet (the warm-up steps, then until a timed step ends at a logging step). 0 once
         the last step is done."""
         self._seen += 1
         steps = step - self._last_step
@@ -64,9 +70,12 @@ class EtaEstimator:
         if self._sample_s >= self.min_sample_s:
             self._add_sample(self._sample_s / self._sample_steps)
             self._sample_steps, self._sample_s = 0, 0.0
-        step_s = self._step_s
+        elif self._step_s is None and step % self.log_every == 0:
+            # No whole sample yet, but this step waited for the queue: the part so far is a real rate.
+            self._early_step_s = self._sample_s / self._sample_steps
+        step_s = self._step_s if self._step_s is not None else self._early_step_s
         if step_s is None:
-            return None  # no whole sample yet: a part of one may be steps that only queued GPU work
+            return None  # no synced step timed yet: the steps so far may only have queued GPU work
         raw = (self.total_steps - step) * step_s
         if self._shown is None:
             self._shown = raw

@@ -187,7 +187,8 @@ def train_loop(
         result.steps_done, result.total_tokens = resume.step, resume.total_tokens
         result.logged_losses, result.final_loss = list(resume.logged_losses), resume.final_loss
     start = time.perf_counter() - (resume.elapsed_s if resume is not None else 0.0)  # elapsed spans sessions
-    eta = EtaEstimator(total_steps)  # per session: a resumed run's first steps warm up again
+    # Per session (a resumed run's first steps warm up again); timed at the logging steps, which sync.
+    eta = EtaEstimator(total_steps, log_every=plan.log_every)
 
     def snapshot() -> LoopState:
         last = float(pos.last_loss) if pos.last_loss is not None else result.final_loss

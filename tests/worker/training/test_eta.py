@@ -87,9 +87,34 @@ def test_fast_steps_are_timed_in_samples() -> None:
     assert shown[300] == pytest.approx(truth[300], rel=0.2)
 
 
-def test_the_last_step_shows_zero_and_a_short_run_may_show_none_before() -> None:
-    assert _run([0.01] * 5) == [None, None, None, None, 0.0]
+def test_the_last_step_shows_zero_and_a_short_run_an_eta_from_its_first_timed_step() -> None:
+    assert _run([0.01] * 5) == pytest.approx([None, None, 0.02, 0.01, 0.0])
     assert _run([1.0]) == [0.0]
+
+
+def test_a_short_job_logged_every_step_gets_an_eta_at_its_first_timed_step() -> None:
+    # 6 steps of 0.2 s (far less than a whole sample's 2 s) after a 2 s first step: step 3 is the first timed.
+    shown = _run([2.0, 0.2, 0.2, 0.2, 0.2, 0.2], log_every=1)
+    assert shown == pytest.approx([None, None, 3 * 0.2, 2 * 0.2, 0.2, 0.0])
+
+
+def test_a_short_job_logged_every_5_steps_gets_an_eta_at_its_first_logging_step() -> None:
+    # A GPU's steps 3 and 4 only queue work (~1 ms); step 5 reads the loss back and waits for all three.
+    shown = _run([5.0, 0.3, 0.001, 0.001, 0.4, 0.14], log_every=5)
+    assert shown[:4] == [None, None, None, None]  # warm-up, then steps whose time is not their cost
+    assert shown[4] == pytest.approx((0.001 + 0.001 + 0.4) / 3)  # one step left, at the rate steps 3-5 took
+    assert shown[5] == 0.0
+
+
+def test_steps_between_logging_steps_give_no_early_rate() -> None:
+    # Log every 10, the logging step (sync) paying for the nine queued before it: the first ETA comes at
+    # step 10, from steps 3-10's real time, not at step 3 from a step that took ~0 s.
+    durations = [10.0, *([0.001] * 8 + [0.5]), *([0.001] * 9 + [0.5]) * 30]
+    shown = _run(durations, log_every=10)
+    assert shown[:9] == [None] * 9
+    truth = [sum(durations[i + 1 :]) for i in range(len(durations))]
+    assert shown[9] == pytest.approx(truth[9], rel=0.3)
+    assert all(v is not None for v in shown[9:])
 
 
 def test_a_resumed_session_times_from_its_own_first_steps() -> None:

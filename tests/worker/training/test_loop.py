@@ -69,7 +69,9 @@ def test_train_loop_reports_steps_and_epochs() -> None:
     assert steps[0].learning_rate == pytest.approx(1e-3)
     assert all(a.learning_rate > b.learning_rate > 0 for a, b in itertools.pairwise(steps))
     assert all(s.tokens_per_second > 0 and (s.eta_seconds is None or s.eta_seconds >= 0) for s in steps)
-    assert steps[0].eta_seconds is None and steps[-1].eta_seconds == 0  # the first steps warm up: no rate yet
+    # Steps 1-2 warm up; step 3's time is real only at the next logging step (4), which gives the first ETA.
+    assert [s.eta_seconds is not None for s in steps] == [False, False, False, True, True, True]
+    assert steps[3].eta_seconds is not None and steps[3].eta_seconds > 0 and steps[-1].eta_seconds == 0
     assert all(s.elapsed_s > 0 for s in steps)
     assert sum(s.num_tokens for s in steps[:3]) == sum(s.num_tokens for s in steps[3:]) == 40
     assert sum(s.num_tokens for s in steps) == result.total_tokens == 80
