@@ -87,6 +87,7 @@ class JobRecord(BaseModel):
     dataset_path: str
     validation_path: str | None = None
     source_job: str | None = None  # for merge jobs: the training job whose adapter is merged
+    tinker_model: str | None = None  # for tinker jobs: the Tinker model id the job hosts (shared.tinker_store)
     # Resolved once, at submission; the worker loads these and never resolves `config`'s names again.
     model_dir: str | None = None  # the base model as loaded: its folder under base_path, else the name (hub id)
     # The base's one name however it was spelled (api.base_models' canonical name): `ft:` names use it.

@@ -180,6 +180,12 @@ class Settings(BaseSettings):
     webhook_poll_interval_s: float = Field(
         default=1.0, gt=0, description="How often the API looks for new events and retries due."
     )
+    tinker_idle_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="A Tinker training client's model idle this long (no call) is saved and its slot and memory "
+        "freed; its next call loads it again on a free slot.",
+    )
 
     @field_validator("webhook_url", "models_dir", "allowed_models", mode="before")
     @classmethod

@@ -99,6 +99,21 @@ def _merge(record: JobRecord, lease: LeaseKeeper) -> Outcome:
     return Outcome(JobStatus.succeeded, "Merge completed", model_path=str(path))
 
 
+def _host_tinker(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome:
+    from worker.jobs import child
+    from worker.tinker.host import host_model
+
+    ended = host_model(record, settings, lease, child.resident())
+    calls = f" after {ended.calls} call{'s' if ended.calls != 1 else ''}"
+    if ended.kind == "handed_back":
+        return Outcome(JobStatus.queued, ended.message, count_attempt=False)
+    if ended.kind == "cancelled":
+        return Outcome(JobStatus.cancelled, f"Hosting cancelled{calls}", error=ended.message)
+    if ended.kind == "stopped":
+        return Outcome(JobStatus.failed, f"Hosting stopped{calls}", error=ended.message)
+    return Outcome(JobStatus.succeeded, f"Hosting ended{calls}: {ended.message}")
+
+
 def _trained_before(record: JobRecord, lease: LeaseKeeper) -> Outcome | None:
     """The outcome of a job whose complete adapter an earlier run saved but could not record (its lease
     lapsed first): succeeded, without training again."""
@@ -129,11 +144,13 @@ def run_job(job_id: str) -> None:
         try:
             if record.kind == "merge":
                 outcome = _merge(record, lease)
+            elif record.kind == "tinker":
+                outcome = _host_tinker(record, settings, lease)
             else:
                 outcome = _trained_before(record, lease) or _train(record, settings, lease)
         except Exception as exc:
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
-            failed = "Merge failed" if record.kind == "merge" else "Training failed"
+            failed = {"merge": "Merge failed", "tinker": "Hosting failed"}.get(record.kind, "Training failed")
             outcome = Outcome(JobStatus.failed, failed, error=f"{type(exc).__name__}: {exc}")
         if lease.fenced.is_set():
             # A complete adapter stays, marked with the job's id: whoever settles the job records it.

@@ -27,7 +27,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from shared.config import EngineName
-from shared.tinker_ops import ForwardOp, ForwardResult, OptimStepOp, OptimStepResult, TinkerDatum
+from shared.tinker_ops import LOSS_INPUTS, ForwardOp, ForwardResult, OptimStepOp, OptimStepResult, TinkerDatum
 from worker.tinker.losses import LossInputs, bearing_rows, elementwise_loss
 from worker.training.base_name import save_adapter
 from worker.training.example import IGNORE_INDEX, Example
@@ -71,9 +71,10 @@ class TinkerTrainer:
     # ------------------------------------------------------------------ forward / backward
 
     def forward(self, op: ForwardOp) -> ForwardResult:
+        self._check(op.data)
         backward = op.op == "forward_backward"
         lengths = [len(d.tokens) for d in op.data]
-        inputs = self._loss_inputs(op.data)
+        inputs = self._loss_inputs(op)
         targets = self._flat([d.target_tokens for d in op.data], torch.long)
         with torch.set_grad_enabled(backward):
             mask = bearing_rows(op.loss_fn, inputs) if backward else None
@@ -90,16 +91,42 @@ class TinkerTrainer:
         ]
         return ForwardResult(loss_fn_outputs=outputs, metrics={"loss:sum": float(loss.detach())})
 
+    def _check(self, data: Sequence[TinkerDatum]) -> None:
+        """Token ids the model has, and aligned inputs: on a GPU an id past the embedding is a device-side assert
+        that takes the whole process down, so it is refused here even though the API checks it too."""
+        for i, datum in enumerate(data):
+            if not datum.tokens or len(datum.target_tokens) != len(datum.tokens):
+                raise ValueError(f"data[{i}]: target_tokens has {len(datum.target_tokens)} entries for "
+                                 f"{len(datum.tokens)} input tokens")  # fmt: skip
+            for name in ("tokens", "target_tokens"):
+                bad = next((t for t in getattr(datum, name) if not 0 <= t < self.vocab_size), None)
+                if bad is not None:
+                    raise ValueError(
+                        f"data[{i}].{name}: token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})"
+                    )
+            for name in ("weights", "logprobs", "advantages"):
+                values = getattr(datum, name)
+                if values is not None and len(values) != len(datum.tokens):
+                    raise ValueError(f"data[{i}].loss_fn_inputs[{name!r}] has {len(values)} entries for "
+                                     f"{len(datum.tokens)} input tokens")  # fmt: skip
+
     def _flat(self, rows: Sequence[Sequence[float]], dtype: torch.dtype) -> torch.Tensor:
         flat = [x for row in rows for x in row]
         return torch.tensor(flat, dtype=dtype).to(self.device)
 
-    def _loss_inputs(self, data: Sequence[TinkerDatum]) -> LossInputs:
+    def _loss_inputs(self, op: ForwardOp) -> LossInputs:
+        """The loss's inputs; cross-entropy without weights weighs every token 1 (the SDK's default)."""
+
         def column(name: str) -> torch.Tensor | None:
-            values = [getattr(d, name) for d in data]
-            if any(v is None for v in values):
-                return None
-            return self._flat(values, torch.float32)
+            values = [getattr(d, name) for d in op.data]
+            if name == "weights" and op.loss_fn == "cross_entropy":
+                values = [v if v is not None else [1.0] * len(d.tokens) for v, d in zip(values, op.data, strict=True)]
+            missing = next((i for i, v in enumerate(values) if v is None), None)
+            if missing is None:
+                return self._flat(values, torch.float32)
+            if name in LOSS_INPUTS[op.loss_fn]:
+                raise ValueError(f"data[{missing}].loss_fn_inputs: {op.loss_fn} needs {name!r}")
+            return None
 
         return LossInputs(weights=column("weights"), logprobs=column("logprobs"), advantages=column("advantages"))
 
