@@ -1,0 +1,209 @@
+"""The Tinker SDK (`tinker`, the official client) against the real API, training worker and generation worker,
+with the tiny model: a supervised loop learns, forward logprobs match transformers, each RL loss equals its
+formula, save_state/load_state continue exactly, two clients stay independent, a killed worker fails futures."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import tinker
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.service import Service, flush
+
+types = tinker.types
+
+pytestmark = [
+    pytest.mark.timeout(600),
+    # The SDK leaves its event-loop thread's sockets to the garbage collector.
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
+
+PAIRS = [
+    ("What colour is the sky?", "Blue, on a clear day."),
+    ("Name a prime number.", "Seven is prime."),
+    ("What do cows drink?", "Cows drink water."),
+    ("Capital of France?", "Paris, of course."),
+    ("How many legs has a spider?", "A spider has eight."),
+    ("What is ice?", "Frozen water."),
+    ("Say hello.", "Hello there!"),
+    ("Which planet is red?", "Mars looks red."),
+]
+
+
+@pytest.fixture
+def tinker_service(tmp_path: Path, redis_url: str) -> Iterator[Service]:
+    flush(redis_url)
+    svc = Service(base_path=tmp_path / "base", redis_url=redis_url, log_dir=tmp_path / "logs",
+                  env_extra={"LORA_MAX_CONCURRENT_JOBS": "2", "LORA_TINKER_IDLE_TIMEOUT_S": "300"})  # fmt: skip
+    svc.start()
+    os.environ["TINKER_TELEMETRY"] = "0"
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+def _client(service: Service) -> tinker.ServiceClient:
+    return tinker.ServiceClient(base_url=service.url, api_key="tml-test")
+
+
+def _datum(tokens: list[int], prompt_len: int) -> types.Datum:
+    weights = [0.0] * (prompt_len - 1) + [1.0] * (len(tokens) - prompt_len)
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights},
+    )
+
+
+def _conversations(model_dir: Path) -> list[tuple[list[int], list[int]]]:
+    """(prompt tokens, answer tokens ending in the end-of-turn token) for each pair."""
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    out = []
+    for question, answer in PAIRS:
+        prompt = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                         return_dict=True)["input_ids"]  # fmt: skip
+        reply = [*tok.encode(answer, add_special_tokens=False), tok.convert_tokens_to_ids("<|im_end|>")]
+        out.append((list(prompt), reply))
+    return out
+
+
+def test_a_supervised_loop_learns_eight_conversations_and_samples_them_back(
+    tinker_service: Service, tiny_model_dir: Path
+) -> None:
+    service_client = _client(tinker_service)
+    training = service_client.create_lora_training_client(base_model=tiny_model_dir.name, rank=16)
+    convs = _conversations(tiny_model_dir)
+    data = [_datum(p + a, len(p)) for p, a in convs]
+    losses = []
+    for _ in range(60):
+        fb = training.forward_backward(data, "cross_entropy")
+        step = training.optim_step(types.AdamParams(learning_rate=2e-2))
+        losses.append(fb.result().metrics["loss:sum"])
+        step.result()
+    assert losses[-1] < losses[0] / 20, losses
+    sampler = training.save_weights_and_get_sampling_client(name="sft")
+    params = types.SamplingParams(max_tokens=24, temperature=0.0, stop=[convs[0][1][-1]])
+    futures = [sampler.sample(types.ModelInput.from_ints(p), 1, params) for p, _ in convs]
+    for (_, answer), future in zip(convs, futures, strict=True):
+        seq = future.result().sequences[0]
+        assert seq.tokens == answer
+        assert seq.stop_reason == "stop"
+        assert len(seq.logprobs) == len(seq.tokens)
+
+
+def test_forward_logprobs_before_any_step_equal_transformers(tinker_service: Service, tiny_model_dir: Path) -> None:
+    training = _client(tinker_service).create_lora_training_client(base_model=tiny_model_dir.name, rank=8)
+    convs = _conversations(tiny_model_dir)[:3]
+    data = [_datum(p + a, len(p)) for p, a in convs]
+    result = training.forward(data, "cross_entropy").result()
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    for (p, a), out in zip(convs, result.loss_fn_outputs, strict=True):
+        tokens = p + a
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([tokens[:-1]])).logits[0]
+        want = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
+        assert out["logprobs"].to_torch().tolist() == pytest.approx(want.tolist(), abs=1e-4)
+
+
+def _rl_formula(name: str, lp: list[float], s: list[float], adv: list[float], cfg: dict[str, float]) -> float:
+    total = 0.0
+    for x, q, a in zip(lp, s, adv, strict=True):
+        r = math.exp(x - q)
+        lo, hi = cfg.get("clip_low_threshold", 0.8), cfg.get("clip_high_threshold", 1.2)
+        total -= {
+            "importance_sampling": r * a,
+            "ppo": min(r * a, min(max(r, lo), hi) * a),
+            "cispo": min(max(r, lo), hi) * x * a,
+            "dro": x * a - 0.5 * cfg.get("beta", 0.0) * (x - q) ** 2,
+        }[name]
+    return total
+
+
+def test_each_rl_loss_reports_its_formula_and_save_load_state_continues_exactly(
+    tinker_service: Service, tiny_model_dir: Path
+) -> None:
+    training = _client(tinker_service).create_lora_training_client(base_model=tiny_model_dir.name, rank=8)
+    convs = _conversations(tiny_model_dir)[:2]
+    data = []
+    for i, (p, a) in enumerate(convs):
+        tokens = p + a
+        n = len(tokens) - 1
+        adv = [0.0] * (len(p) - 1) + [(-1.0) ** (i + j) * 0.5 for j in range(n - len(p) + 1)]
+        sampled = [-3.0 + 0.05 * j for j in range(n)]
+        data.append(types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                                loss_fn_inputs={"target_tokens": tokens[1:], "logprobs": sampled, "advantages": adv}))  # fmt: skip
+    configs: list[tuple[str, dict[str, float] | None]] = [
+        ("importance_sampling", None), ("ppo", None), ("ppo", {"clip_low_threshold": 0.5, "clip_high_threshold": 1.5}),
+        ("cispo", None), ("dro", {"beta": 0.2}),
+    ]  # fmt: skip
+    for name, cfg in configs:
+        out = training.forward_backward(data, name, loss_fn_config=cfg).result()
+        expected = sum(
+            _rl_formula(name, o["logprobs"].to_torch().tolist(), d.loss_fn_inputs["logprobs"].to_torch().tolist(),
+                        d.loss_fn_inputs["advantages"].to_torch().tolist(), cfg or {})
+            for d, o in zip(data, out.loss_fn_outputs, strict=True)
+        )  # fmt: skip
+        assert out.metrics["loss:sum"] == pytest.approx(expected, rel=1e-4, abs=1e-5), name
+    training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+
+    sft = [_datum(p + a, len(p)) for p, a in convs]
+    saved = training.save_state("after-rl").result().path
+    assert saved.startswith("tinker://") and saved.endswith("/weights/after-rl")
+
+    def two_steps(client: tinker.TrainingClient) -> list[float]:
+        out = []
+        for _ in range(2):
+            out.append(client.forward_backward(sft, "cross_entropy").result().metrics["loss:sum"])
+            client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        return out
+
+    continued = two_steps(training)
+    restored = _client(tinker_service).create_training_client_from_state_with_optimizer(saved)
+    assert two_steps(restored) == pytest.approx(continued, rel=1e-5)
+    training.load_state_with_optimizer(saved).result()
+    assert two_steps(training) == pytest.approx(continued, rel=1e-5)
+
+
+def test_two_training_clients_on_one_base_train_independently(tinker_service: Service, tiny_model_dir: Path) -> None:
+    service_client = _client(tinker_service)
+    a = service_client.create_lora_training_client(base_model=tiny_model_dir.name, rank=8, seed=1)
+    b = service_client.create_lora_training_client(base_model=tiny_model_dir.name, rank=8, seed=1)
+    convs = _conversations(tiny_model_dir)
+    data_a = [_datum(p + ans, len(p)) for p, ans in convs[:4]]
+    probe = [_datum(p + ans, len(p)) for p, ans in convs[4:]]
+    before = b.forward(probe, "cross_entropy").result().metrics["loss:sum"]
+    for _ in range(5):
+        a.forward_backward(data_a, "cross_entropy")
+        a.optim_step(types.AdamParams(learning_rate=2e-2)).result()
+    assert a.forward(probe, "cross_entropy").result().metrics["loss:sum"] != pytest.approx(before, rel=1e-6)
+    assert b.forward(probe, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(before, rel=1e-6)
+
+
+def test_a_killed_worker_fails_pending_futures_and_the_last_save_state_still_loads(
+    tinker_service: Service, tiny_model_dir: Path
+) -> None:
+    service_client = _client(tinker_service)
+    training = service_client.create_lora_training_client(base_model=tiny_model_dir.name, rank=8)
+    data = [_datum(p + a, len(p)) for p, a in _conversations(tiny_model_dir)[:2]]
+    training.forward_backward(data, "cross_entropy").result()
+    training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    saved = training.save_state("before-crash").result().path
+    expected = training.forward(data, "cross_entropy").result().metrics["loss:sum"]
+    tinker_service.kill_worker_tree()
+    pending = training.forward(data, "cross_entropy")
+    with pytest.raises(tinker.RequestFailedError, match="lost") as failed:
+        pending.result(timeout=90)
+    assert "before-crash" in str(failed.value)
+    tinker_service.start_worker()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        restored = service_client.create_training_client_from_state(saved)
+    assert restored.forward(data, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(expected, rel=1e-5)
