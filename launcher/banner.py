@@ -92,6 +92,9 @@ def ready_banner(facts: BannerFacts) -> str:
         f"  API:        {url}{listen}",
         f"  Dashboard:  {url}{DASHBOARD_PATH}",
         f"  OpenAI API: {url}{OPENAI_PATH}   (base_url for OpenAI clients; models at {url}{OPENAI_PATH}/models)",
+        f"  Tinker API: {url}   (export TINKER_BASE_URL={url} TINKER_API_KEY=tml-"
+        + ("<LORA_API_KEY>" if facts.api_key_set else "local")
+        + " for the tinker SDK)",
         f'  Base path:  {facts.base_path}   ("model_name": "<folder>" trains the model in <base path>/<folder>)',
     ]
     if facts.workers is None:

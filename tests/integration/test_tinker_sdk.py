@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,7 @@ def tinker_service(tmp_path: Path, redis_url: str) -> Iterator[Service]:
     svc = Service(base_path=tmp_path / "base", redis_url=redis_url, log_dir=tmp_path / "logs",
                   env_extra={"LORA_MAX_CONCURRENT_JOBS": "2", "LORA_TINKER_IDLE_TIMEOUT_S": "300"})  # fmt: skip
     svc.start()
+    svc.start_worker()  # two worker processes: two training clients hosted at once
     os.environ["TINKER_TELEMETRY"] = "0"
     try:
         yield svc
@@ -79,7 +81,7 @@ def test_a_supervised_loop_learns_eight_conversations_and_samples_them_back(
     tinker_service: Service, tiny_model_dir: Path
 ) -> None:
     service_client = _client(tinker_service)
-    training = service_client.create_lora_training_client(base_model=tiny_model_dir.name, rank=16)
+    training = service_client.create_lora_training_client(base_model=tiny_model_dir.name, rank=16).result()
     convs = _conversations(tiny_model_dir)
     data = [_datum(p + a, len(p)) for p, a in convs]
     losses = []
@@ -89,7 +91,7 @@ def test_a_supervised_loop_learns_eight_conversations_and_samples_them_back(
         losses.append(fb.result().metrics["loss:sum"])
         step.result()
     assert losses[-1] < losses[0] / 20, losses
-    sampler = training.save_weights_and_get_sampling_client(name="sft")
+    sampler = training.save_weights_and_get_sampling_client().result()
     params = types.SamplingParams(max_tokens=24, temperature=0.0, stop=[convs[0][1][-1]])
     futures = [sampler.sample(types.ModelInput.from_ints(p), 1, params) for p, _ in convs]
     for (_, answer), future in zip(convs, futures, strict=True):
@@ -100,7 +102,7 @@ def test_a_supervised_loop_learns_eight_conversations_and_samples_them_back(
 
 
 def test_forward_logprobs_before_any_step_equal_transformers(tinker_service: Service, tiny_model_dir: Path) -> None:
-    training = _client(tinker_service).create_lora_training_client(base_model=tiny_model_dir.name, rank=8)
+    training = _client(tinker_service).create_lora_training_client(base_model=tiny_model_dir.name, rank=8).result()
     convs = _conversations(tiny_model_dir)[:3]
     data = [_datum(p + a, len(p)) for p, a in convs]
     result = training.forward(data, "cross_entropy").result()
@@ -130,7 +132,7 @@ def _rl_formula(name: str, lp: list[float], s: list[float], adv: list[float], cf
 def test_each_rl_loss_reports_its_formula_and_save_load_state_continues_exactly(
     tinker_service: Service, tiny_model_dir: Path
 ) -> None:
-    training = _client(tinker_service).create_lora_training_client(base_model=tiny_model_dir.name, rank=8)
+    training = _client(tinker_service).create_lora_training_client(base_model=tiny_model_dir.name, rank=8).result()
     convs = _conversations(tiny_model_dir)[:2]
     data = []
     for i, (p, a) in enumerate(convs):
@@ -166,7 +168,7 @@ def test_each_rl_loss_reports_its_formula_and_save_load_state_continues_exactly(
         return out
 
     continued = two_steps(training)
-    restored = _client(tinker_service).create_training_client_from_state_with_optimizer(saved)
+    restored = _client(tinker_service).create_training_client_from_state_with_optimizer(saved).result()
     assert two_steps(restored) == pytest.approx(continued, rel=1e-5)
     training.load_state_with_optimizer(saved).result()
     assert two_steps(training) == pytest.approx(continued, rel=1e-5)
@@ -174,8 +176,8 @@ def test_each_rl_loss_reports_its_formula_and_save_load_state_continues_exactly(
 
 def test_two_training_clients_on_one_base_train_independently(tinker_service: Service, tiny_model_dir: Path) -> None:
     service_client = _client(tinker_service)
-    a = service_client.create_lora_training_client(base_model=tiny_model_dir.name, rank=8, seed=1)
-    b = service_client.create_lora_training_client(base_model=tiny_model_dir.name, rank=8, seed=1)
+    a = service_client.create_lora_training_client(base_model=tiny_model_dir.name, rank=8, seed=1).result()
+    b = service_client.create_lora_training_client(base_model=tiny_model_dir.name, rank=8, seed=1).result()
     convs = _conversations(tiny_model_dir)
     data_a = [_datum(p + ans, len(p)) for p, ans in convs[:4]]
     probe = [_datum(p + ans, len(p)) for p, ans in convs[4:]]
@@ -191,13 +193,15 @@ def test_a_killed_worker_fails_pending_futures_and_the_last_save_state_still_loa
     tinker_service: Service, tiny_model_dir: Path
 ) -> None:
     service_client = _client(tinker_service)
-    training = service_client.create_lora_training_client(base_model=tiny_model_dir.name, rank=8)
+    training = service_client.create_lora_training_client(base_model=tiny_model_dir.name, rank=8).result()
     data = [_datum(p + a, len(p)) for p, a in _conversations(tiny_model_dir)[:2]]
     training.forward_backward(data, "cross_entropy").result()
     training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
     saved = training.save_state("before-crash").result().path
     expected = training.forward(data, "cross_entropy").result().metrics["loss:sum"]
-    tinker_service.kill_worker_tree()
+    for worker in tinker_service.workers:  # whichever hosts the model: SIGKILL, like a host losing power
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
     pending = training.forward(data, "cross_entropy")
     with pytest.raises(tinker.RequestFailedError, match="lost") as failed:
         pending.result(timeout=90)
@@ -205,5 +209,5 @@ def test_a_killed_worker_fails_pending_futures_and_the_last_save_state_still_loa
     tinker_service.start_worker()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        restored = service_client.create_training_client_from_state(saved)
+        restored = service_client.create_training_client_from_state(saved).result()
     assert restored.forward(data, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(expected, rel=1e-5)

@@ -40,6 +40,7 @@ def test_the_banner_says_where_everything_is() -> None:
     assert "API:        http://127.0.0.1:8000\n" in text
     assert "Dashboard:  http://127.0.0.1:8000/dashboard" in text
     assert "OpenAI API: http://127.0.0.1:8000/v1 " in text and "http://127.0.0.1:8000/v1/models" in text
+    assert "Tinker API: http://127.0.0.1:8000   (export TINKER_BASE_URL=http://127.0.0.1:8000 TINKER_API_KEY=tml-" in text
     assert "Base path:  /srv/models" in text
     assert "gpu0@box (CPU)" in text
     assert "Redis:      redis://127.0.0.1:6390/0   (embedded, data in /srv/models/.redis)" in text
