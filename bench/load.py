@@ -75,11 +75,13 @@ def service_env(config: Config, base: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def one_command_service(config: Config, tmp: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+def one_command_service(
+    config: Config, tmp: Path, extra_args: Sequence[str] = ()
+) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
     """`python -m cli serve` on a fresh base path and port; its URL, process and log. Stopped on exit."""
     base, port = tmp / f"base-{config.name.replace(' ', '-')}", free_port()
     log_path = tmp / f"serve-{config.name.replace(' ', '-')}.log"
-    cmd = [sys.executable, "-m", "cli", "serve", "--base_path", str(base), "--port", str(port)]
+    cmd = [sys.executable, "-m", "cli", "serve", "--base_path", str(base), "--port", str(port), *extra_args]
     with log_path.open("ab") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=service_env(config, base), stdout=log, stderr=log,
                                 preexec_fn=own_group_dies_with_parent)  # fmt: skip
