@@ -114,16 +114,13 @@ def serve_one(client: redis.Redis, cache: ModelCache, request: GenerationRequest
     out.send(done)
 
 
-class SampleExpired(Exception):
-    """A Tinker sample's deadline passed before or while it ran."""
-
-
 def serve_sample(client: redis.Redis, cache: ModelCache, op: SampleOp) -> None:
     """Sample one Tinker request and settle its future (shared.tinker_store) with the result or the error."""
     from worker.generation.model_cache import ModelNotFoundError, inference
     from worker.generation.token_sampling import SampleInputError, sample
 
-    deadline = None
+    # The deadline is when the request stops being worth starting (the API's client has given up by then);
+    # once started, a sample runs to its end: its result is still wanted.
     if op.deadline_ms:
         late_ms = int(gq.server_time(client) * 1000) - op.deadline_ms
         if late_ms > 0:
@@ -131,20 +128,15 @@ def serve_sample(client: redis.Redis, cache: ModelCache, op: SampleOp) -> None:
             tinker_store.fail(client, op.request_id, f"the sample request expired: its deadline passed {late_ms} ms "
                               "before a generation worker was free to run it", "server")  # fmt: skip
             return
-        deadline = time.monotonic() - late_ms / 1000  # on this host's clock: hosts' wall clocks may disagree
-
-    def check_stop() -> None:
-        if deadline is not None and time.monotonic() >= deadline:
-            raise SampleExpired("the sample request's deadline passed while it was being sampled")
 
     try:
         base, adapter = cache.get(op.model_dir, op.adapter_dir)
         with inference(), base.use(adapter):
-            result = sample(base.model, base.tokenizer, op, cache_arg=base.cache_arg, check_stop=check_stop)
+            result = sample(base.model, base.tokenizer, op, cache_arg=base.cache_arg)
     except SampleInputError as exc:
         tinker_store.fail(client, op.request_id, str(exc), "user")
         return
-    except (SampleExpired, ModelNotFoundError) as exc:
+    except ModelNotFoundError as exc:
         tinker_store.fail(client, op.request_id, str(exc), "server")
         return
     except redis.RedisError:
