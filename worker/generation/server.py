@@ -1,4 +1,5 @@
-"""The generation worker: a long-lived process per worker host that answers chat completions.
+"""The generation worker: a long-lived process per worker host that answers chat completions and the
+Tinker API's samples.
 
     python -m worker.generation [--name NAME]
 
@@ -15,6 +16,12 @@ reads as it grows, on whatever host it runs. A request whose deadline passed, or
 cancelled, is stopped between two tokens. A worker that dies mid-request loses only that request:
 its caller gets a timeout.
 
+Tinker samples (`shared.tinker_ops.SampleOp`, token ids in and out) come on their own list
+(keys.TINKER_SAMPLE_QUEUE), popped in the same BLPOP as chat requests, and run on the same model cache
+(worker.generation.token_sampling); the worker settles the sample's future in Redis
+(shared.tinker_store) with the result or the error. A sample taken past its `deadline_ms` (Redis server
+time) is failed without being run.
+
 It is a separate process from the Celery training worker, so training is never slowed by it beyond
 sharing the GPU, and training admission never waits on it. A heartbeat (LORA_GENERATORS in Redis)
 lets the API answer 503 at once when no generation worker is running.
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -31,14 +39,17 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import redis
+from pydantic import ValidationError
 
 from shared import generation_queue as gq
+from shared import keys, tinker_store
 from shared.generation import GenerationFailed, GenerationRequest, TextDelta
 from shared.settings import Settings, get_settings
 from shared.store import connect
+from shared.tinker_ops import SampleOp
 from worker import cpu_budget
 from worker.quiet import disable_progress_bars
 
@@ -103,6 +114,66 @@ def serve_one(client: redis.Redis, cache: ModelCache, request: GenerationRequest
     out.send(done)
 
 
+def serve_sample(client: redis.Redis, cache: ModelCache, op: SampleOp) -> None:
+    """Sample one Tinker request and settle its future (shared.tinker_store) with the result or the error."""
+    from worker.generation.model_cache import ModelNotFoundError, inference
+    from worker.generation.token_sampling import SampleInputError, sample
+
+    # The deadline is when the request stops being worth starting (the API's client has given up by then);
+    # once started, a sample runs to its end: its result is still wanted.
+    if op.deadline_ms:
+        late_ms = int(gq.server_time(client) * 1000) - op.deadline_ms
+        if late_ms > 0:
+            log.info("sample %s expired %d ms before it was taken", op.request_id, late_ms)
+            tinker_store.fail(client, op.request_id, f"the sample request expired: its deadline passed {late_ms} ms "
+                              "before a generation worker was free to run it", "server")  # fmt: skip
+            return
+
+    try:
+        base, adapter = cache.get(op.model_dir, op.adapter_dir)
+        with inference(), base.use(adapter):
+            result = sample(base.model, base.tokenizer, op, cache_arg=base.cache_arg)
+    except SampleInputError as exc:
+        tinker_store.fail(client, op.request_id, str(exc), "user")
+        return
+    except ModelNotFoundError as exc:
+        tinker_store.fail(client, op.request_id, str(exc), "server")
+        return
+    except redis.RedisError:
+        raise  # nowhere to report it: the caller's future stays pending until the API gives up on it
+    except Exception as exc:  # out of memory, a model that cannot generate: this request fails, the worker goes on
+        log.exception("sample %s failed", op.request_id)
+        tinker_store.fail(client, op.request_id, f"sampling failed: {type(exc).__name__}: {exc}", "server")
+        return
+    tinker_store.complete(client, op.request_id, result)
+
+
+Work = GenerationRequest | SampleOp
+
+
+def pop_work(client: redis.Redis, timeout_s: float, sample_first: bool) -> Work | None:
+    """The next chat completion or Tinker sample, waiting up to `timeout_s` for either (one BLPOP).
+
+    BLPOP takes from the first non-empty list it is given, so the caller alternates `sample_first`:
+    a steady stream of one kind never starves the other.
+    """
+    queues = [keys.TINKER_SAMPLE_QUEUE, keys.GENERATE_QUEUE]
+    item = cast(tuple[str, str] | None, client.blpop(queues if sample_first else queues[::-1], timeout=timeout_s))
+    if item is None:
+        return None
+    queue, raw = item
+    try:
+        if queue == keys.TINKER_SAMPLE_QUEUE:
+            return SampleOp.model_validate_json(raw)
+        return GenerationRequest.model_validate_json(raw)
+    except ValidationError as exc:  # not ours, or from an incompatible version: nobody can answer it
+        log.error("dropping an unreadable request from %s: %s", queue, exc)
+        with contextlib.suppress(Exception):  # a sample whose id can be read still gets its future failed
+            request_id = json.loads(raw)["request_id"]
+            tinker_store.fail(client, str(request_id), f"unreadable sample request: {exc}", "server")
+        return None
+
+
 def run(settings: Settings, name: str, stop: threading.Event) -> None:
     threading.Thread(target=_heartbeat, args=(settings, name, stop), name="lora-generation-heartbeat",
                      daemon=True).start()  # fmt: skip
@@ -116,11 +187,15 @@ def run(settings: Settings, name: str, stop: threading.Event) -> None:
     )
     client = connect(settings.redis_url, timeout=POP_WAIT_S + 10)
     log.info("generation worker %s ready on %s", name, cache.device)
+    sample_first = False
     while not stop.is_set():
         try:
-            request = gq.pop_request(client, POP_WAIT_S)
-            if request is not None:
-                serve_one(client, cache, request)
+            sample_first = not sample_first
+            work = pop_work(client, POP_WAIT_S, sample_first)
+            if isinstance(work, SampleOp):
+                serve_sample(client, cache, work)
+            elif work is not None:
+                serve_one(client, cache, work)
         except redis.RedisError as exc:
             log.warning("Redis: %s; retrying", exc)
             stop.wait(1.0)
