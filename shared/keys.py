@@ -100,3 +100,12 @@ def tinker_sampler_key(sampling_session_id: str) -> str:
 # Sampling requests (shared.tinker_ops.SampleOp JSON) wait here; every generation worker pops from it as
 # from GENERATE_QUEUE, and settles the request's future (shared.tinker_store).
 TINKER_SAMPLE_QUEUE = TINKER_PREFIX + "sample:queue"
+
+
+# Hosting jobs that take more clients on their base (shared.tinker_store.HostInfo), and each one's attach list.
+TINKER_HOSTS = TINKER_PREFIX + "hosts"  # hash: hosting job id -> HostInfo JSON, while the job runs
+
+
+def tinker_host_attach_key(job_id: str) -> str:
+    """List of model ids the API sent to a running hosting job to join it (its base is theirs, it has room)."""
+    return TINKER_PREFIX + "host:" + job_id + ":attach"

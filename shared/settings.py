@@ -186,6 +186,12 @@ class Settings(BaseSettings):
         description="A Tinker training client's model idle this long (no call) is saved and its slot and memory "
         "freed; its next call loads it again on a free slot.",
     )
+    tinker_clients_per_worker: int = Field(
+        default=4,
+        ge=1,
+        description="Tinker training clients one hosting job (one slot, one loaded base) takes on the same base "
+        "model, each with its own adapter and optimizer; a client past this takes a slot of its own.",
+    )
 
     @field_validator("webhook_url", "models_dir", "allowed_models", mode="before")
     @classmethod

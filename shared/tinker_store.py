@@ -95,6 +95,34 @@ def get_sampling_session(client: redis.Redis, sampling_session_id: str) -> Sampl
     return SamplingSession.model_validate_json(raw) if raw else None  # type: ignore[arg-type]
 
 
+class HostInfo(BaseModel):
+    """A running hosting job: its base, its clients and how many it takes (what the API places new clients by)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: str
+    model_dir: str
+    clients: list[str]
+    capacity: int
+
+    @property
+    def has_room(self) -> bool:
+        return len(self.clients) < self.capacity
+
+
+def save_host(client: redis.Redis, host: HostInfo) -> None:
+    client.hset(keys.TINKER_HOSTS, host.job_id, host.model_dump_json())
+
+
+def drop_host(client: redis.Redis, job_id: str) -> None:
+    client.hdel(keys.TINKER_HOSTS, job_id)
+
+
+def hosts(client: redis.Redis) -> list[HostInfo]:
+    raw = client.hgetall(keys.TINKER_HOSTS)
+    return [HostInfo.model_validate_json(v) for v in raw.values()]  # type: ignore[union-attr]
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 

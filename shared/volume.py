@@ -37,6 +37,7 @@ TRAINING_SUMMARY = "training_summary.json"
 ADAPTER_CONFIG = "adapter_config.json"
 STEP_METRICS = "step_metrics.csv"
 MERGED_SUFFIX = "-merged"
+TINKER = "tinker"  # Tinker training models' checkpoints: tinker/<model id, ':' as '-'>/{weights,sampler_weights}/<name>
 
 # Top-level folders the service writes itself; an adapter saved over one would replace (and delete) it.
 RESERVED_DIRS = frozenset({DATASETS, CHECKPOINTS})
@@ -174,6 +175,10 @@ class Volume:
     def default_output(self, job_id: str) -> str:
         """A job's adapter folder, relative to the base, when the config names none."""
         return job_id
+
+    def tinker_model(self, model_id: str) -> Path:
+        """A Tinker training model's folder (its hosting job's output_dir): its checkpoints go under it."""
+        return self.base / TINKER / model_id.replace(":", "-")
 
     @property
     def redis_data(self) -> Path:

@@ -1,17 +1,24 @@
-"""A hosting job's life: a Tinker training client's model resident in this worker child, running its calls.
+"""A hosting job's life: Tinker training clients' models resident in this worker child, running their calls.
 
-The API queues a model's calls on its Redis list (`shared.tinker_store`); this loop pops them and runs them
-strictly in the client's `seq_id` order (a call that arrives early waits for the ones before it; a seq_id the
-API refused never arrives, so a gap that stays open past `GAP_WAIT_S` is skipped), settling each call's
-future with its result, or its error (category "user" for a call the model cannot run, "server" otherwise).
+One hosting job holds one training slot and one loaded base model. Its first client is the job's own
+(`JobRecord.tinker_model`); more clients on the same base join it while it has room
+(`LORA_TINKER_CLIENTS_PER_WORKER`): the API pushes their model ids on the host's attach list. Each client is a
+named adapter on the shared base, with its own AdamW state (`worker.tinker.trainer`); its calls run with its
+adapter active.
 
-The job ends, its slot and memory freed, when:
-- the client goes idle (`LORA_TINKER_IDLE_TIMEOUT_S` without a call): the model's full state (adapter and
-  optimizer) is saved and recorded as the model's `load_from`, so the next call hosts it again from there;
-- the worker stops (SIGTERM): the same save, and the job goes back to the queue, first in line;
-- its session finishes, or the job is cancelled: nothing is saved.
-A killed worker saves nothing: its pending futures are failed by the API (the job's lease lapses), and the
-client's last `save_state` is what a new training client loads.
+The API queues each model's calls on its own Redis list (`shared.tinker_store`); this loop pops from all of them
+(and the attach list) at once and runs each model's calls strictly in the client's `seq_id` order (a call that
+arrives early waits for the ones before it; a seq_id the API refused never arrives, so a gap that stays open past
+`GAP_WAIT_S` is skipped), settling each call's future with its result, or its error (category "user" for a call
+the model cannot run, "server" otherwise).
+
+A client leaves the host, its adapter and optimizer state saved (recorded as its model's `load_from`, its
+`job_id` cleared, so its next call hosts it again from there, here or on another slot) when it goes idle
+(`LORA_TINKER_IDLE_TIMEOUT_S` without a call) or the worker stops (SIGTERM); without a save when its session
+finishes. The job ends once no client is left (after the idle timeout, so a returning client finds the base
+still loaded), when the worker stops, or when it is cancelled. A killed worker saves nothing: the API fails its
+clients' pending futures (the job's lease lapses), and each client's last `save_state` is what a new training
+client loads.
 """
 
 from __future__ import annotations
@@ -19,13 +26,15 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 import torch
 from pydantic import BaseModel
 
+from shared import keys
 from shared import tinker_store as ts
 from shared.config import TrainConfig
 from shared.events import InfoNotice
@@ -43,11 +52,12 @@ from shared.tinker_ops import (
     UnloadOp,
     UnloadResult,
 )
-from shared.tinker_store import CheckpointInfo, SamplingSession, TinkerModel
+from shared.tinker_store import CheckpointInfo, HostInfo, SamplingSession, TinkerModel
 from worker.jobs.lease import LeaseKeeper
-from worker.tinker.lora import apply_lora
+from worker.tinker.lora import add_client_adapter
 from worker.tinker.trainer import CheckpointError, TinkerTrainer
 from worker.training.base_name import recorded_base
+from worker.training.forward_backward import FastStep
 from worker.training.model_loading import load_base_model, pick_device
 from worker.training.resident import ResidentBase
 
@@ -55,61 +65,92 @@ log = logging.getLogger(__name__)
 
 POP_WAIT_S = 0.5  # one BLPOP's wait: how soon a stop request or an idle timeout is noticed
 GAP_WAIT_S = 1.0  # how long a missing seq_id holds back the calls after it (see the module docstring)
-MODEL_CHECK_S = 2.0  # how often the model's record is read again (its session may have finished)
-IDLE_STATE = ".idle-state"  # the model's state saved when its host stops, in the job's output folder
+MODEL_CHECK_S = 2.0  # how often the clients' records are read again (a session may have finished)
+IDLE_STATE = ".idle-state"  # a client's state saved when it leaves its host, in its model's folder
 
 
 @dataclass
 class HostOutcome:
-    """How the hosting ended: `kind` is "idle", "handed_back", "closed", "cancelled" or "stopped"."""
+    """How the hosting ended: `kind` is "idle", "stopping", "cancelled" or "stopped"."""
 
     kind: str
     message: str
     calls: int
 
 
+@dataclass
+class Client:
+    """One training client on this host: its model's record, its trainer, and where its calls stand."""
+
+    model: TinkerModel
+    trainer: TinkerTrainer
+    folder: Path  # the model's own folder on the volume (checkpoints, its idle state)
+    next_seq: int
+    waiting: dict[int, TinkerCall] = field(default_factory=dict)
+    gap_since: float | None = None
+    last_call: float = field(default_factory=time.monotonic)
+    losses: list[float] = field(default_factory=list)
+
+
 class ModelHost:
     def __init__(self, record: JobRecord, settings: Settings, lease: LeaseKeeper, client: redis.Redis) -> None:
-        assert record.tinker_model is not None
         self.record, self.settings, self.lease, self.client = record, settings, lease, client
-        self.model_id = record.tinker_model
-        self.output = Path(record.output_dir)
-        self.trainer: TinkerTrainer | None = None
+        self.base_dir = record.model_dir or record.config.model_name
+        self.clients: dict[str, Client] = {}
+        self.peft: Any = None  # the PeftModel the clients' adapters share
+        self.base: Any = None
+        self.engine: Any = None
+        self.fast: FastStep | None = None
+        self.device = pick_device()
         self.calls = 0
-        self.losses: list[float] = []
+        self.empty_since = time.monotonic()
 
-    # ------------------------------------------------------------------ loading
+    # ------------------------------------------------------------------ the base and the clients
 
-    def load(self, resident: ResidentBase | None) -> TinkerModel:
-        model = self._model()
-        base_dir = self.record.model_dir or self.record.config.model_name
-        self.lease.status(f"Loading model {self.record.base_model or base_dir}...")
-        config = TrainConfig(model_name=base_dir, engine="fast")
-        device = pick_device()
+    def load_base(self, resident: ResidentBase | None) -> None:
+        self.lease.status(f"Loading model {self.record.base_model or self.base_dir}...")
+        config = TrainConfig(model_name=self.base_dir, engine="fast")
         started = time.monotonic()
         if resident is not None:
-            got = resident.acquire(config, device, self.lease.emit)
-            base, engine = got.model, got.engine
+            got = resident.acquire(config, self.device, self.lease.emit)
+            self.base, self.engine = got.model, got.engine
         else:
-            base, _tokenizer, engine = load_base_model(config, device, self.lease.emit)
-        peft_model = apply_lora(base, rank=model.rank, seed=model.seed, attn=model.train_attn, mlp=model.train_mlp,
-                                unembed=model.train_unembed)  # fmt: skip
-        self.trainer = TinkerTrainer(peft_model, engine=engine, base=recorded_base(base_dir), rank=model.rank)
-        if model.load_from:
-            self.trainer.load(Path(model.load_from), optimizer=model.load_optimizer)
-        seconds = time.monotonic() - started
+            self.base, _tokenizer, self.engine = load_base_model(config, self.device, self.lease.emit)
+        self.lease.emit(InfoNotice(), f"base {self.record.base_model or self.base_dir} ready on {self.device.type} "
+                        f"in {time.monotonic() - started:.1f} s")  # fmt: skip
+
+    def attach(self, model_id: str) -> None:
+        """Put a client's adapter on the base (loading its saved state, if any) and answer its create future."""
+        model = ts.get_model(self.client, model_id)
+        if model is None or model.closed or model_id in self.clients:
+            return
+        adapter = f"client{len(self.clients)}_{abs(hash(model_id)) % 10**8}"
+        try:
+            self.peft = add_client_adapter(self.peft if self.peft is not None else self.base, adapter,
+                                           rank=model.rank, seed=model.seed, attn=model.train_attn,
+                                           mlp=model.train_mlp, unembed=model.train_unembed)  # fmt: skip
+            trainer = TinkerTrainer(self.peft, engine=self.engine, base=recorded_base(self.base_dir), rank=model.rank,
+                                    adapter=adapter, fast=self.fast)  # fmt: skip
+            self.fast = trainer.fast
+            if model.load_from:
+                trainer.load(Path(model.load_from), optimizer=model.load_optimizer)
+        except Exception as exc:
+            log.error("model %s: could not host it:\n%s", model_id, traceback.format_exc())
+            if self.peft is not None and adapter in self.peft.peft_config:
+                self.peft.delete_adapter(adapter)
+            self._settle_created(model, f"could not load the model: {type(exc).__name__}: {exc}")
+            ts.save_model(self.client, model.model_copy(update={"job_id": None}))
+            return
+        folder = self.settings.volume.tinker_model(model_id)
+        self.clients[model_id] = Client(model, trainer, folder, ts.next_seq_id(self.client, model_id))
+        ts.save_model(self.client, model.model_copy(update={"job_id": self.record.id}))
+        self._register()
         loaded = f" from {model.load_from}" if model.load_from else ""
-        self.lease.emit(InfoNotice(), f"Tinker model {self.model_id} ready on {device.type} in {seconds:.1f} s{loaded}")
-        self.lease.status(f"Hosting Tinker model {self.model_id}")
-        return model
+        self.lease.emit(InfoNotice(), f"Tinker model {model_id} hosted (rank {model.rank}){loaded}")
+        self._settle_created(model)
+        self._status()
 
-    def _model(self) -> TinkerModel:
-        model = ts.get_model(self.client, self.model_id)
-        if model is None:
-            raise RuntimeError(f"Tinker model {self.model_id} is not known (its record is gone)")
-        return model
-
-    def settle_created(self, model: TinkerModel, error: str | None = None) -> None:
+    def _settle_created(self, model: TinkerModel, error: str | None = None) -> None:
         """Answer the create (or create-from-state) future, once: the model is ready, or could not be."""
         request_id = model.create_request_id
         if not request_id:
@@ -118,48 +159,101 @@ class ModelHost:
         if future is None or future.state != "pending":
             return
         if error is None:
-            ts.complete(self.client, request_id, CreatedResult(model_id=self.model_id))
+            ts.complete(self.client, request_id, CreatedResult(model_id=model.model_id))
         else:
             ts.fail(self.client, request_id, error, "user")
+
+    def detach(self, model_id: str, *, save: bool) -> None:
+        """Take a client off this host; with `save`, its state first, for whoever hosts it next."""
+        client = self.clients.pop(model_id)
+        update: dict[str, Any] = {"job_id": None}
+        if save:
+            folder = client.folder / IDLE_STATE
+            client.trainer.save(folder, optimizer=True, model_id=model_id, tinker_path=f"tinker://{model_id}/state")
+            update.update(load_from=str(folder), load_optimizer=True)
+        client.trainer.remove()
+        current = ts.get_model(self.client, model_id) or client.model
+        if current.job_id == self.record.id:
+            ts.save_model(self.client, current.model_copy(update=update))
+        if not self.clients:
+            self.empty_since = time.monotonic()
+        self._register()
+        self._status()
+
+    def _register(self) -> None:
+        """What the API reads to send a new client on the same base here (shared.tinker_store.HostInfo)."""
+        info = HostInfo(job_id=self.record.id, model_dir=self.base_dir, clients=sorted(self.clients),
+                        capacity=self.settings.tinker_clients_per_worker)  # fmt: skip
+        ts.save_host(self.client, info)
+
+    def _status(self) -> None:
+        n = len(self.clients)
+        self.lease.status(
+            f"Hosting {n} Tinker training client{'s' if n != 1 else ''} on {self.record.base_model or self.base_dir}"
+        )
 
     # ------------------------------------------------------------------ the loop
 
     def serve(self) -> HostOutcome:
-        next_seq = ts.next_seq_id(self.client, self.model_id)
-        waiting: dict[int, TinkerCall] = {}
-        gap_since: float | None = None
-        last_call = last_check = time.monotonic()
+        last_check = time.monotonic()
+        attach_key = keys.tinker_host_attach_key(self.record.id)
         while True:
             if self.lease.should_stop():
                 return self._stop()
             now = time.monotonic()
             if now - last_check >= MODEL_CHECK_S:
                 last_check = now
-                if self._model().closed:
-                    return HostOutcome("closed", f"the session of Tinker model {self.model_id} finished", self.calls)
-            if not waiting and now - last_call >= self.settings.tinker_idle_timeout_s:
-                return self._idle()
-            call = ts.pop_call(self.client, self.model_id, POP_WAIT_S if not waiting else 0.05)
-            if call is not None:
-                if call.seq_id < next_seq:
-                    log.info("model %s: seq_id %d ran already; ignoring its repeat", self.model_id, call.seq_id)
+                self._check_clients()
+            for model_id, client in list(self.clients.items()):
+                if not client.waiting and now - client.last_call >= self.settings.tinker_idle_timeout_s:
+                    self.detach(model_id, save=True)
+            if not self.clients and now - self.empty_since >= self.settings.tinker_idle_timeout_s:
+                return self._end("idle", f"no client for {self.settings.tinker_idle_timeout_s:g} s")
+            busy = any(c.waiting for c in self.clients.values())
+            watched = [attach_key] + [keys.tinker_calls_key(m) for m in self.clients]
+            reply = self.client.blpop(watched, timeout=0.05 if busy else POP_WAIT_S)
+            if reply is not None:
+                key, raw = reply  # type: ignore[misc]
+                if key == attach_key:
+                    self.attach(str(raw))
                 else:
-                    waiting[call.seq_id] = call
-            if waiting and next_seq not in waiting:
-                gap_since = gap_since or time.monotonic()
-                if time.monotonic() - gap_since >= GAP_WAIT_S:
-                    log.warning("model %s: seq_id %d never came; going on at %d", self.model_id, next_seq, min(waiting))
-                    next_seq = min(waiting)
-            while next_seq in waiting:
-                gap_since = None
-                self.run(waiting.pop(next_seq))
-                next_seq += 1
-                ts.set_next_seq_id(self.client, self.model_id, next_seq)
-                last_call = time.monotonic()
+                    self._arrived(TinkerCall.model_validate_json(raw))
+            for client in list(self.clients.values()):
+                self._run_ready(client)
 
-    def run(self, call: TinkerCall) -> None:
-        trainer = self.trainer
-        assert trainer is not None
+    def _arrived(self, call: TinkerCall) -> None:
+        client = self.clients.get(call.model_id)
+        if client is None:  # left meanwhile: back on its list, for its next host
+            self.client.lpush(keys.tinker_calls_key(call.model_id), call.model_dump_json())
+            return
+        if call.seq_id < client.next_seq:
+            log.info("model %s: seq_id %d ran already; ignoring its repeat", call.model_id, call.seq_id)
+            return
+        client.waiting[call.seq_id] = call
+
+    def _run_ready(self, client: Client) -> None:
+        if client.waiting and client.next_seq not in client.waiting:
+            client.gap_since = client.gap_since or time.monotonic()
+            if time.monotonic() - client.gap_since >= GAP_WAIT_S:
+                log.warning("model %s: seq_id %d never came; going on at %d", client.model.model_id, client.next_seq,
+                            min(client.waiting))  # fmt: skip
+                client.next_seq = min(client.waiting)
+        while client.next_seq in client.waiting:
+            client.gap_since = None
+            self.run(client, client.waiting.pop(client.next_seq))
+            client.next_seq += 1
+            ts.set_next_seq_id(self.client, client.model.model_id, client.next_seq)
+            client.last_call = time.monotonic()
+
+    def _check_clients(self) -> None:
+        for model_id in list(self.clients):
+            model = ts.get_model(self.client, model_id)
+            if model is None or model.closed:
+                log.info("model %s: its session finished; it leaves the host", model_id)
+                self.detach(model_id, save=False)
+
+    def run(self, client: Client, call: TinkerCall) -> None:
+        trainer = client.trainer
         op = call.op
         name = op.op
         result: BaseModel
@@ -167,23 +261,23 @@ class ModelHost:
             if isinstance(op, ForwardOp):
                 result = trainer.forward(op)
                 if op.op == "forward_backward":
-                    self.losses.append(result.metrics["loss:sum"])
+                    client.losses.append(result.metrics["loss:sum"])
             elif isinstance(op, OptimStepOp):
                 result = trainer.optim_step(op)
-                self._publish(op.learning_rate, result.metrics.get("grad_norm:mean"))
+                self._publish(client, op.learning_rate, result.metrics.get("grad_norm:mean"))
             elif isinstance(op, SaveOp):
-                result = self._save(op)
+                result = self._save(client, op)
             elif isinstance(op, LoadOp):
                 trainer.load(Path(op.folder), optimizer=op.optimizer)
                 result = LoadResult(path=op.tinker_path)
             else:
                 assert isinstance(op, UnloadOp)
-                result = UnloadResult(model_id=self.model_id)
+                result = UnloadResult(model_id=client.model.model_id)
         except (CheckpointError, ValueError, IndexError) as exc:
-            log.info("model %s: %s (seq %d) refused: %s", self.model_id, name, call.seq_id, exc)
+            log.info("model %s: %s (seq %d) refused: %s", call.model_id, name, call.seq_id, exc)
             ts.fail(self.client, call.request_id, f"{name}: {exc}", "user")
         except Exception as exc:
-            log.error("model %s: %s (seq %d) failed:\n%s", self.model_id, name, call.seq_id, traceback.format_exc())
+            log.error("model %s: %s (seq %d) failed:\n%s", call.model_id, name, call.seq_id, traceback.format_exc())
             ts.fail(self.client, call.request_id, f"{name} failed on the worker: {type(exc).__name__}: {exc}", "server")
             if isinstance(exc, torch.OutOfMemoryError):
                 torch.cuda.empty_cache()
@@ -191,72 +285,70 @@ class ModelHost:
             ts.complete(self.client, call.request_id, result)
         self.calls += 1
 
-    def _save(self, op: SaveOp) -> SaveResult:
-        trainer = self.trainer
-        assert trainer is not None
+    def _save(self, client: Client, op: SaveOp) -> SaveResult:
         training = op.op == "save_weights"
         folder = Path(op.folder)
-        trainer.save(folder, optimizer=training, model_id=self.model_id, tinker_path=op.tinker_path)
+        model_id = client.model.model_id
+        client.trainer.save(folder, optimizer=training, model_id=model_id, tinker_path=op.tinker_path)
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         info = CheckpointInfo(tinker_path=op.tinker_path, checkpoint_type="training" if training else "sampler",
                               name=op.name, folder=str(folder), created_ms=ts.now_ms(), size_bytes=size)  # fmt: skip
-        ts.add_checkpoint(self.client, self.model_id, info)
+        ts.add_checkpoint(self.client, model_id, info)
         if op.sampling_session_id is not None:
-            model = self._model()
             ts.save_sampling_session(self.client, SamplingSession(
-                sampling_session_id=op.sampling_session_id, session_id=model.session_id, base_model=model.base_model,
-                model_dir=self.record.model_dir or self.record.config.model_name, adapter_dir=str(folder),
+                sampling_session_id=op.sampling_session_id, session_id=client.model.session_id,
+                base_model=client.model.base_model, model_dir=self.base_dir, adapter_dir=str(folder),
                 model_path=op.tinker_path, created_ms=ts.now_ms(),
             ))  # fmt: skip
         return SaveResult(path=op.tinker_path, sampling_session_id=op.sampling_session_id)
 
-    def _publish(self, lr: float, grad_norm: float | None) -> None:
-        trainer = self.trainer
-        assert trainer is not None
-        loss = self.losses[-1] if self.losses else None
-        self.lease.publish(Progress(current_step=trainer.steps, loss=loss, learning_rate=lr, grad_norm=grad_norm))
+    def _publish(self, client: Client, lr: float, grad_norm: float | None) -> None:
+        loss = client.losses[-1] if client.losses else None
+        steps = sum(c.trainer.steps for c in self.clients.values())
+        self.lease.publish(Progress(current_step=steps, loss=loss, learning_rate=lr, grad_norm=grad_norm))
 
     # ------------------------------------------------------------------ endings
 
-    def _save_state(self) -> Path:
-        """The model's full state, for the next host: recorded as the model's `load_from`."""
-        trainer = self.trainer
-        assert trainer is not None
-        folder = self.output / IDLE_STATE
-        trainer.save(folder, optimizer=True, model_id=self.model_id, tinker_path=f"tinker://{self.model_id}/state")
-        model = self._model()
-        ts.save_model(self.client, model.model_copy(update={"load_from": str(folder), "load_optimizer": True}))
-        return folder
-
-    def _idle(self) -> HostOutcome:
-        self._save_state()
-        idle = self.settings.tinker_idle_timeout_s
-        return HostOutcome("idle", f"no call for {idle:g} s: the model's state is saved and its slot freed; "
-                           "its next call loads it again", self.calls)  # fmt: skip
-
     def _stop(self) -> HostOutcome:
         if self.lease.cancelled.is_set():
-            return HostOutcome("cancelled", "cancelled by request", self.calls)
-        if self.lease.pause_requested() and self.trainer is not None:
-            self._save_state()
-            if self.lease.handing_back:
-                return HostOutcome("handed_back", "the worker is stopping: the model's state is saved; it is "
-                                   "hosted again on the next free slot", self.calls)  # fmt: skip
-            return HostOutcome("idle", "paused: the model's state is saved; its next call loads it again", self.calls)
-        return HostOutcome("stopped", "stopped (lost its lease)", self.calls)
+            for model_id in list(self.clients):
+                self.detach(model_id, save=False)
+            return self._end("cancelled", "cancelled by request")
+        if self.lease.pause_requested():
+            for model_id in list(self.clients):
+                self.detach(model_id, save=True)
+            why = "the worker is stopping" if self.lease.shutdown.is_set() else "paused"
+            return self._end("stopping", f"{why}: each client's state is saved; its next call hosts it again")
+        return self._end("stopped", "stopped (lost its lease)")
+
+    def _end(self, kind: str, message: str) -> HostOutcome:
+        """Unregister; clients sent here meanwhile go back to being unhosted (their next call hosts them)."""
+        ts.drop_host(self.client, self.record.id)
+        while (raw := self.client.lpop(keys.tinker_host_attach_key(self.record.id))) is not None:
+            model = ts.get_model(self.client, str(raw))
+            if model is not None and model.job_id == self.record.id:
+                ts.save_model(self.client, model.model_copy(update={"job_id": None}))
+        return HostOutcome(kind, message, self.calls)
 
 
 def host_model(record: JobRecord, settings: Settings, lease: LeaseKeeper, resident: ResidentBase | None) -> HostOutcome:
-    """Load the job's Tinker model and serve its calls until the hosting ends (see the module docstring)."""
+    """Load the base, host the job's client and those that join, until the hosting ends (the module docstring)."""
     from shared.store import connect
 
+    assert record.tinker_model is not None
     client = connect(settings.redis_url)
     host = ModelHost(record, settings, lease, client)
-    model = host._model()
     try:
-        model = host.load(resident)
-    except Exception as exc:
-        host.settle_created(model, f"could not load the model: {type(exc).__name__}: {exc}")
-        raise
-    host.settle_created(model)
-    return host.serve()
+        try:
+            host.load_base(resident)
+        except Exception as exc:
+            model = ts.get_model(client, record.tinker_model)
+            if model is not None:
+                host._settle_created(model, f"could not load the model: {type(exc).__name__}: {exc}")
+            raise
+        host.attach(record.tinker_model)
+        return host.serve()
+    finally:
+        ts.drop_host(client, record.id)
+        if resident is not None:
+            resident.release()

@@ -14,8 +14,10 @@ A datum's `target_tokens[i]` is what position `i` predicts. The packed engine's 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,12 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from shared.config import EngineName
 from shared.tinker_ops import LOSS_INPUTS, ForwardOp, ForwardResult, OptimStepOp, OptimStepResult, TinkerDatum
+from worker.tinker.lora import adapter_parameters
 from worker.tinker.losses import LossInputs, bearing_rows, elementwise_loss
-from worker.training.base_name import save_adapter
 from worker.training.example import IGNORE_INDEX, Example
 from worker.training.forward_backward import FastStep, autocast_context, autocast_dtype, pad_batch, unwrap
 from worker.training.loss import chunked_token_logps
@@ -48,20 +50,33 @@ class CheckpointError(ValueError):
 class TinkerTrainer:
     """A PEFT model in training and its optimizer; every call runs on the device the model is on."""
 
-    def __init__(self, model: PeftModel, *, engine: EngineName, base: str, rank: int) -> None:
+    def __init__(
+        self, model: PeftModel, *, engine: EngineName, base: str, rank: int, adapter: str = "default",
+        fast: FastStep | None = None,
+    ) -> None:  # fmt: skip
+        """`adapter` names this client's adapter on `model` (others may be there too); `fast`: the packed engine of
+        the clients sharing the base, when one exists already."""
         self.model = model
+        self.adapter = adapter
         self.base = base
         self.rank = rank
         hf_model = unwrap(model)
         self.device = next(model.parameters()).device
         self.head = hf_model.get_output_embeddings()
         self.vocab_size = int(hf_model.get_input_embeddings().weight.shape[0])
-        self.fast = FastStep(hf_model, self.device) if engine == "fast" else None
+        self.fast = fast or (FastStep(hf_model, self.device) if engine == "fast" else None)
         self.autocast = autocast_dtype(hf_model)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = adapter_parameters(model, adapter)
         self.optimizer = self._new_optimizer()
         self.steps = 0  # optimizer steps taken (restored with a training checkpoint)
         model.train()
+
+    def activate(self) -> None:
+        """Make this client's adapter the one the model runs (and the only one that trains)."""
+        if self.model.active_adapter != self.adapter:
+            self.model.set_adapter(self.adapter)
+        for param in self.params:
+            param.requires_grad_(True)
 
     def _new_optimizer(self) -> torch.optim.AdamW:
         fused = self.device.type == "cuda"
@@ -72,6 +87,7 @@ class TinkerTrainer:
 
     def forward(self, op: ForwardOp) -> ForwardResult:
         self._check(op.data)
+        self.activate()
         backward = op.op == "forward_backward"
         lengths = [len(d.tokens) for d in op.data]
         inputs = self._loss_inputs(op)
@@ -178,6 +194,7 @@ class TinkerTrainer:
             group["eps"] = op.eps
             group["weight_decay"] = op.weight_decay
         max_norm = op.grad_clip_norm if op.grad_clip_norm > 0 else math.inf
+        self.activate()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -190,12 +207,32 @@ class TinkerTrainer:
         """An adapter folder (loadable by PEFT, chat completions and merge), with the optimizer's state when
         `optimizer`; written beside `folder` and swapped in whole."""
         with staged_dir(folder, "adapter", job=model_id) as staging:
-            save_adapter(self.model, staging, self.base, embedding_layers=False)
+            self._save_adapter(staging)
             meta: dict[str, Any] = {"model_id": model_id, "base_model": self.base, "rank": self.rank,
                                     "steps": self.steps, "tinker_path": tinker_path, "optimizer": optimizer}  # fmt: skip
             if optimizer:
                 torch.save(self.optimizer.state_dict(), staging / OPTIMIZER_FILE)
             (staging / STATE_FILE).write_text(json.dumps(meta, indent=2))
+
+    def _save_adapter(self, folder: Path) -> None:
+        """This client's adapter alone, as a top-level PEFT adapter folder naming the base (whatever its name here)."""
+        config = copy.copy(self.model.peft_config[self.adapter])
+        config.base_model_name_or_path = self.base
+        config.inference_mode = True
+        config.save_pretrained(str(folder))
+        state = get_peft_model_state_dict(self.model, adapter_name=self.adapter, save_embedding_layers=False)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / ADAPTER_WEIGHTS),
+                  metadata={"format": "pt"})  # fmt: skip
+
+    def remove(self) -> None:
+        """Take this client's adapter (and its optimizer state) off the shared model."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.params = []
+        self.optimizer = torch.optim.AdamW([torch.zeros(1)])
+        if self.adapter in self.model.peft_config:
+            with warnings.catch_warnings():  # PEFT says so when the adapter was the active one: expected here
+                warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
+                self.model.delete_adapter(self.adapter)
 
     def load(self, folder: Path, *, optimizer: bool) -> None:
         """The adapter weights (and the optimizer's state when `optimizer`, else a fresh optimizer) from `folder`."""
@@ -208,10 +245,10 @@ class TinkerTrainer:
         if not weights.is_file():
             raise CheckpointError(f"no adapter weights in the checkpoint ({ADAPTER_WEIGHTS} is missing)")
         state = {k: v.to(self.device) for k, v in load_file(str(weights)).items()}
-        expected = set(get_peft_model_state_dict(self.model, save_embedding_layers=False))
+        expected = set(get_peft_model_state_dict(self.model, adapter_name=self.adapter, save_embedding_layers=False))
         if set(state) != expected:
             raise CheckpointError("the checkpoint's adapter does not fit this model (its LoRA modules differ)")
-        set_peft_model_state_dict(self.model, state)
+        set_peft_model_state_dict(self.model, state, adapter_name=self.adapter)
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer = self._new_optimizer()
         self.steps = int(meta.get("steps", 0)) if optimizer else 0

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from shared import keys
 from shared import tinker_store as ts
 from shared.config import TrainConfig
 from shared.jobs import JobRecord, JobStatus
@@ -117,7 +118,9 @@ def test_calls_run_in_seq_order_and_an_idle_host_saves_what_the_next_continues_f
         wait_until(lambda: hosting.outcome is not None, timeout=30, every=0.1, what="the host to go idle")
     assert hosting.outcome is not None and hosting.outcome.kind == "idle", hosting.error
     saved = ts.get_model(redis_client, mid)
-    assert saved is not None and saved.load_from == str(tmp_path / "m" / IDLE_STATE) and saved.load_optimizer
+    assert saved is not None and saved.job_id is None and saved.load_optimizer
+    assert saved.load_from == str(settings.volume.tinker_model(mid) / IDLE_STATE)
+    assert ts.hosts(redis_client) == []
     assert ts.next_seq_id(redis_client, mid) == 6
 
     # the next hosting continues where the idle one stopped: same loss, same optimizer state
@@ -133,7 +136,7 @@ def test_bad_calls_fail_their_futures_and_saves_are_listed(
     model = _model(redis_client, tiny_model_dir)
     mid = model.model_id
     out = tmp_path / "m"
-    with Hosting(redis_client, settings.model_copy(update={"tinker_idle_timeout_s": 60}), mid, tiny_model_dir, out) as h:
+    with Hosting(redis_client, settings.model_copy(update={"tinker_idle_timeout_s": 3}), mid, tiny_model_dir, out) as h:
         bad = _call(mid, 1, ForwardOp(op="forward", loss_fn="cross_entropy",
                                       data=[TinkerDatum(tokens=[1, 10**7], target_tokens=[2, 3], weights=[1, 1])]))  # fmt: skip
         save = _call(mid, 2, SaveOp(op="save_weights", folder=str(out / "weights" / "a"), name="a",
@@ -148,4 +151,40 @@ def test_bad_calls_fail_their_futures_and_saves_are_listed(
         assert (out / "weights" / "a" / "adapter_config.json").is_file()
         ts.save_model(redis_client, model.model_copy(update={"closed": True}))
         wait_until(lambda: h.outcome is not None, timeout=30, every=0.1, what="the host to end with its session")
-    assert h.outcome is not None and h.outcome.kind == "closed"
+    assert h.outcome is not None and h.outcome.kind == "idle"  # its only client left; then the idle timeout
+
+
+def test_two_clients_share_one_base_and_train_independently(
+    redis_client: redis.Redis, settings: Settings, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    first = _model(redis_client, tiny_model_dir)
+    second = _model(redis_client, tiny_model_dir)
+    fb = ForwardOp(op="forward_backward", loss_fn="cross_entropy", data=DATA)
+    forward = ForwardOp(op="forward", loss_fn="cross_entropy", data=DATA)
+    busy = settings.model_copy(update={"tinker_idle_timeout_s": 60})
+    with Hosting(redis_client, busy, first.model_id, tiny_model_dir, tmp_path / "m") as hosting:
+        redis_client.rpush(keys.tinker_host_attach_key(hosting.job_id), second.model_id)
+        joined = _result(redis_client, TinkerCall(request_id=second.create_request_id or "", model_id=second.model_id,
+                                                  seq_id=0, op=OptimStepOp(learning_rate=0)))  # fmt: skip
+        assert joined.state == "done", joined.error
+        (host,) = ts.hosts(redis_client)
+        assert host.job_id == hosting.job_id and host.clients == sorted([first.model_id, second.model_id])
+        b_before = _call(second.model_id, 1, forward)
+        ts.push_call(redis_client, b_before)
+        before = _loss(redis_client, b_before)
+        steps = [_call(first.model_id, 1, fb), _call(first.model_id, 2, OptimStepOp(learning_rate=0.1)),
+                 _call(first.model_id, 3, forward)]  # fmt: skip
+        for call in steps:
+            ts.push_call(redis_client, call)
+        assert _loss(redis_client, steps[2]) < _loss(redis_client, steps[0])  # the first client learned
+        b_after = _call(second.model_id, 2, forward)
+        ts.push_call(redis_client, b_after)
+        assert _loss(redis_client, b_after) == pytest.approx(before, rel=1e-6)  # the second did not move
+
+        # the second's session finishes: it leaves without a save, the first stays
+        ts.save_model(redis_client, second.model_copy(update={"closed": True}))
+        wait_until(lambda: hosting.error is not None or ts.hosts(redis_client)[0].clients == [first.model_id], timeout=20, every=0.1,
+                   what="the closed client to leave the host")  # fmt: skip
+        assert hosting.error is None, repr(hosting.error)
+        left = ts.get_model(redis_client, second.model_id)
+        assert left is not None and left.load_from is None
