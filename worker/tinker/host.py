@@ -28,7 +28,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 import torch
@@ -55,6 +55,7 @@ from shared.tinker_ops import (
 from shared.tinker_store import CheckpointInfo, HostInfo, SamplingSession, TinkerModel
 from worker.jobs.lease import LeaseKeeper
 from worker.tinker.lora import add_client_adapter
+from worker.tinker.together import forward_together
 from worker.tinker.trainer import CheckpointError, TinkerTrainer
 from worker.training.base_name import recorded_base
 from worker.training.forward_backward import FastStep
@@ -66,6 +67,8 @@ log = logging.getLogger(__name__)
 POP_WAIT_S = 0.5  # one BLPOP's wait: how soon a stop request or an idle timeout is noticed
 GAP_WAIT_S = 1.0  # how long a missing seq_id holds back the calls after it (see the module docstring)
 MODEL_CHECK_S = 2.0  # how often the clients' records are read again (a session may have finished)
+TOGETHER_WAIT_S = 0.02  # the longest a lone forward call waits for another client's (see _hold_for_company)
+ACTIVE_S = 2.0  # a client with a call this recent is in the middle of a loop
 IDLE_STATE = ".idle-state"  # a client's state saved when it leaves its host, in its model's folder
 
 
@@ -103,6 +106,8 @@ class ModelHost:
         self.fast: FastStep | None = None
         self.device = pick_device()
         self.calls = 0
+        self.together = 0  # steps that ran several clients' calls at once
+        self.hold_since: float | None = None
         self.empty_since = time.monotonic()
 
     # ------------------------------------------------------------------ the base and the clients
@@ -210,14 +215,18 @@ class ModelHost:
             if not self.clients and now - self.empty_since >= self.settings.tinker_idle_timeout_s:
                 return self._end("idle", f"no client for {self.settings.tinker_idle_timeout_s:g} s")
             busy = any(c.waiting for c in self.clients.values())
+            wait = 0.01 if self.hold_since is not None else 0.05 if busy else POP_WAIT_S
             watched = [attach_key] + [keys.tinker_calls_key(m) for m in self.clients]
-            reply = self.client.blpop(watched, timeout=0.05 if busy else POP_WAIT_S)
+            reply = self.client.blpop(watched, timeout=wait)
             if reply is not None:
                 key, raw = reply  # type: ignore[misc]
                 if key == attach_key:
                     self.attach(str(raw))
                 else:
                     self._arrived(TinkerCall.model_validate_json(raw))
+            if self._hold_for_company():
+                continue
+            self._run_together()
             for client in list(self.clients.values()):
                 self._run_ready(client)
 
@@ -230,6 +239,63 @@ class ModelHost:
             log.info("model %s: seq_id %d ran already; ignoring its repeat", call.model_id, call.seq_id)
             return
         client.waiting[call.seq_id] = call
+
+    def _ready_forwards(self) -> list[tuple[Client, TinkerCall]]:
+        """Each client's next call, where it has arrived and is a forward or forward_backward."""
+        ready = []
+        for client in self.clients.values():
+            call = client.waiting.get(client.next_seq)
+            if call is not None and isinstance(call.op, ForwardOp):
+                ready.append((client, call))
+        return ready
+
+    def _hold_for_company(self) -> bool:
+        """Wait a moment (`TOGETHER_WAIT_S`) before running a lone forward call while another client that is
+        in the middle of a loop (a call within `ACTIVE_S`) has none ready: its call likely arrives within
+        milliseconds, and the two then run as one step (`worker.tinker.together`)."""
+        if self.fast is None or len(self.clients) < 2:
+            return False
+        ready = self._ready_forwards()
+        if len(ready) != 1:
+            self.hold_since = None
+            return False
+        now = time.monotonic()
+        others_active = any(
+            c is not ready[0][0] and c.next_seq not in c.waiting and now - c.last_call < ACTIVE_S
+            for c in self.clients.values()
+        )
+        if not others_active:
+            self.hold_since = None
+            return False
+        self.hold_since = self.hold_since or now
+        if now - self.hold_since >= TOGETHER_WAIT_S:
+            self.hold_since = None
+            return False
+        return True
+
+    def _run_together(self) -> None:
+        """The clients' ready forward calls of one kind (two or more) as one packed step on the shared base."""
+        ready = self._ready_forwards()
+        for kind in ("forward_backward", "forward"):
+            group = [(c, call) for c, call in ready if call.op.op == kind]
+            if len(group) < 2 or self.fast is None:
+                continue
+            try:
+                results = forward_together([(c.trainer, cast(ForwardOp, call.op)) for c, call in group])
+            except Exception:  # refused or failed as a group: each call runs alone and answers for itself
+                log.info("running %d %s calls together failed; running them one by one:\n%s", len(group), kind,
+                         traceback.format_exc())  # fmt: skip
+                continue
+            for (client, call), result in zip(group, results, strict=True):
+                if kind == "forward_backward":
+                    client.losses.append(result.metrics["loss:sum"])
+                ts.complete(self.client, call.request_id, result)
+                client.waiting.pop(call.seq_id)
+                client.next_seq += 1
+                ts.set_next_seq_id(self.client, client.model.model_id, client.next_seq)
+                client.last_call = time.monotonic()
+                self.calls += 1
+            self.together += 1
 
     def _run_ready(self, client: Client) -> None:
         if client.waiting and client.next_seq not in client.waiting:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from shared.config import EngineName
 from shared.tinker_ops import LOSS_INPUTS, ForwardOp, ForwardResult, OptimStepOp, OptimStepResult, TinkerDatum
@@ -99,6 +100,10 @@ class TinkerTrainer:
             loss = terms.sum()
             if backward and loss.requires_grad:
                 loss.backward()
+        return self._result(logprobs, terms, loss, lengths)
+
+    @staticmethod
+    def _result(logprobs: torch.Tensor, terms: torch.Tensor, loss: torch.Tensor, lengths: list[int]) -> ForwardResult:
         host_logprobs = logprobs.detach().float().cpu().split(lengths)
         host_terms = terms.detach().float().cpu().split(lengths)
         outputs = [
@@ -160,15 +165,18 @@ class TinkerTrainer:
             rows = hidden.index_select(0, step_inputs.loss_rows)
             return self._head_logprobs(rows, step_inputs.targets, mask)
 
-    def _head_logprobs(self, rows: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _head_logprobs(
+        self, rows: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None, head: nn.Module | None = None
+    ) -> torch.Tensor:
+        head = head or self.head
         if mask is None or not torch.is_grad_enabled():
             with torch.no_grad():
-                return chunked_token_logps(self.head, rows, targets)
+                return chunked_token_logps(head, rows, targets)
         bearing = mask.nonzero().squeeze(1)
         rest = (~mask).nonzero().squeeze(1)
-        with_grad = chunked_token_logps(self.head, rows.index_select(0, bearing), targets.index_select(0, bearing))
+        with_grad = chunked_token_logps(head, rows.index_select(0, bearing), targets.index_select(0, bearing))
         with torch.no_grad():
-            without = chunked_token_logps(self.head, rows.index_select(0, rest).detach(), targets.index_select(0, rest))
+            without = chunked_token_logps(head, rows.index_select(0, rest).detach(), targets.index_select(0, rest))
         out = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)
         return out.index_copy(0, rest, without).index_copy(0, bearing, with_grad)
 

@@ -181,6 +181,13 @@ def test_two_clients_share_one_base_and_train_independently(
         ts.push_call(redis_client, b_after)
         assert _loss(redis_client, b_after) == pytest.approx(before, rel=1e-6)  # the second did not move
 
+        # both clients' forward calls, queued together, run as one step with the same results as alone
+        pair = [_call(first.model_id, 4, forward), _call(second.model_id, 3, forward)]
+        for call in pair:
+            ts.push_call(redis_client, call)
+        assert _loss(redis_client, pair[0]) == pytest.approx(_loss(redis_client, steps[2]), rel=1e-6)
+        assert _loss(redis_client, pair[1]) == pytest.approx(before, rel=1e-6)
+
         # the second's session finishes: it leaves without a save, the first stays
         ts.save_model(redis_client, second.model_copy(update={"closed": True}))
         wait_until(lambda: hosting.error is not None or ts.hosts(redis_client)[0].clients == [first.model_id], timeout=20, every=0.1,

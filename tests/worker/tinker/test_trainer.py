@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from shared.config import TrainConfig
 from shared.tinker_ops import ForwardOp, OptimStepOp, TinkerDatum
-from worker.tinker.lora import apply_lora
+from worker.tinker.lora import add_client_adapter, apply_lora
+from worker.tinker.together import forward_together
 from worker.tinker.trainer import CheckpointError, TinkerTrainer
 from worker.training.model_loading import load_base_model
 
@@ -143,3 +144,42 @@ def test_save_and_load_state_continue_with_identical_losses(tiny_model_dir: Path
     first.save(tmp_path / "sampler", optimizer=False, model_id="m1", tinker_path="tinker://m1/sampler_weights/a")
     with pytest.raises(CheckpointError, match="optimizer"):
         _trainer(tiny_model_dir).load(tmp_path / "sampler", optimizer=True)
+
+
+def _shared(model_dir: Path, n: int) -> list[TinkerTrainer]:
+    """`n` clients on one loaded base, each with its own adapter (as a hosting job holds them)."""
+    config = TrainConfig(model_name=str(model_dir))
+    base, _tokenizer, engine = load_base_model(config, torch.device("cpu"))
+    model, trainers = None, []
+    for i in range(n):
+        model = add_client_adapter(model if model is not None else base, f"c{i}", rank=4 + 4 * i, seed=i,
+                                   unembed=i % 2 == 0)  # fmt: skip
+        trainers.append(TinkerTrainer(model, engine=engine, base=str(model_dir), rank=4 + 4 * i, adapter=f"c{i}",
+                                      fast=trainers[0].fast if trainers else None))  # fmt: skip
+    return trainers
+
+
+@pytest.mark.parametrize("kind", ["forward", "forward_backward"])
+def test_calls_run_together_equal_the_calls_run_one_by_one(tiny_model_dir: Path, kind: str) -> None:
+    ops = [ForwardOp(op=kind, loss_fn="cross_entropy", data=_data(2, seed=5)),  # type: ignore[arg-type]
+           ForwardOp(op=kind, loss_fn="importance_sampling", data=_data(3, seed=6))]  # type: ignore[arg-type]  # fmt: skip
+    alone = _shared(tiny_model_dir, 2)
+    for trainer in alone:  # make the adapters differ from the base (LoRA B starts at zero)
+        trainer.forward(ForwardOp(op="forward_backward", loss_fn="cross_entropy", data=_data(1, seed=7)))
+        trainer.optim_step(OptimStepOp(learning_rate=0.05))
+    together = _shared(tiny_model_dir, 2)
+    for trainer in together:
+        trainer.forward(ForwardOp(op="forward_backward", loss_fn="cross_entropy", data=_data(1, seed=7)))
+        trainer.optim_step(OptimStepOp(learning_rate=0.05))
+    expected = [trainer.forward(op) for trainer, op in zip(alone, ops, strict=True)]
+    got = forward_together(list(zip(together, ops, strict=True)))
+    for want, have in zip(expected, got, strict=True):
+        assert have.metrics["loss:sum"] == pytest.approx(want.metrics["loss:sum"], rel=1e-5)
+        for w, h in zip(want.loss_fn_outputs, have.loss_fn_outputs, strict=True):
+            assert h["logprobs"] == pytest.approx(w["logprobs"], abs=1e-5)
+    if kind == "forward_backward":
+        for a, b in zip(alone, together, strict=True):
+            for p, q in zip(a.params, b.params, strict=True):
+                assert (p.grad is None) == (q.grad is None)
+                if p.grad is not None:
+                    assert torch.allclose(p.grad, q.grad, atol=1e-5)  # type: ignore[arg-type]
