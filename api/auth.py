@@ -1,4 +1,7 @@
-"""Bearer-token access control: with LORA_API_KEY set, every endpoint but the probes needs the key."""
+"""Bearer-token access control: with LORA_API_KEY set, every endpoint but the probes needs the key.
+
+The Tinker-compatible routes (`/api/v1/...`) also take it the way the `tinker` SDK sends it: `X-API-Key`, as the
+key itself or as `tml-<key>` (the SDK refuses keys without that prefix)."""
 
 from __future__ import annotations
 
@@ -29,6 +32,16 @@ def key_matches(authorization: bytes, api_key: str) -> bool:
     return hmac.compare_digest(authorization, f"Bearer {api_key}".encode())
 
 
+TINKER_PREFIX = "/api/v1/"
+
+
+def tinker_key_matches(x_api_key: bytes, api_key: str) -> bool:
+    """Whether an X-API-Key header carries `api_key` or `tml-<api_key>` (both compared in constant time)."""
+    plain = hmac.compare_digest(x_api_key, api_key.encode())
+    prefixed = hmac.compare_digest(x_api_key, f"tml-{api_key}".encode())
+    return plain or prefixed
+
+
 class ApiKeyMiddleware:
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
@@ -40,11 +53,16 @@ class ApiKeyMiddleware:
         ):
             await self.app(scope, receive, send)
             return
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if key_matches(given, self.api_key):
+        headers = dict(scope["headers"])
+        given = headers.get(b"authorization", b"")
+        tinker = scope["path"].startswith(TINKER_PREFIX)
+        if key_matches(given, self.api_key) or (
+            tinker and tinker_key_matches(headers.get(b"x-api-key", b""), self.api_key)
+        ):
             await self.app(scope, receive, send)
             return
-        body = json.dumps({"detail": "missing or wrong API key: send 'Authorization: Bearer <LORA_API_KEY>'"}).encode()
+        how = "TINKER_API_KEY=tml-<LORA_API_KEY>" if tinker else "'Authorization: Bearer <LORA_API_KEY>'"
+        body = json.dumps({"detail": f"missing or wrong API key: send {how}"}).encode()
         if scope["type"] != "http":  # a websocket without the key: refuse the handshake
             await send({"type": "websocket.close", "code": 1008})
             return

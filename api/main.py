@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
+from api import tinker
 from api.auth import ApiKeyMiddleware, listening_host
 from api.error_responses import install_handlers
 from api.incoming import sweep_and_report, sweep_periodically
@@ -95,4 +96,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     routers = (train, status, jobs, merge, seed_merge, health, artifacts, dashboard)
     for module in (*routers, openai_files, openai_jobs, openai_models, openai_chat):
         app.include_router(module.router)
+    tinker.install(app)
     return app

@@ -146,6 +146,11 @@ def accepted_base_model(settings: Settings, request: JobRequest) -> BaseModel:
         raise ModelNotAllowed(f"{name}: {exc}", problems=[problem]) from exc
 
 
+def admit_job(store: JobStore, celery: Celery, settings: Settings, record: JobRecord, *, wait: bool) -> JobRecord:
+    """Admit an already-built record under the one rule every job follows (a Tinker model's hosting job, say)."""
+    return _admit(store, celery, settings, record, wait=wait)
+
+
 def _admit(store: JobStore, celery: Celery, settings: Settings, record: JobRecord, *, wait: bool) -> JobRecord:
     """Take a slot and enqueue (or, with `wait`, join the waiting line): SlotsBusy / QueueFull when
     refused, BrokerUnavailable when the task cannot be published (the job is then recorded as failed)."""

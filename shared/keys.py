@@ -109,3 +109,31 @@ TINKER_HOSTS = TINKER_PREFIX + "hosts"  # hash: hosting job id -> HostInfo JSON,
 def tinker_host_attach_key(job_id: str) -> str:
     """List of model ids the API sent to a running hosting job to join it (its base is theirs, it has room)."""
     return TINKER_PREFIX + "host:" + job_id + ":attach"
+
+
+TINKER_MODELS = TINKER_PREFIX + "models"  # zset: every training model id -> its creation time, ms
+
+
+def tinker_session_models_key(session_id: str) -> str:
+    """Set of the training model ids a session created."""
+    return TINKER_PREFIX + "session:" + session_id + ":models"
+
+
+def tinker_session_samplers_key(session_id: str) -> str:
+    """Set of the sampling session ids a session opened."""
+    return TINKER_PREFIX + "session:" + session_id + ":samplers"
+
+
+def tinker_requests_key(model_id: str) -> str:
+    """Hash of a training model's accepted calls: seq_id -> request id (a re-sent call gets the same future)."""
+    return TINKER_PREFIX + "model:" + model_id + ":requests"
+
+
+def tinker_host_lock_key(model_id: str) -> str:
+    """Held (SET NX, with an expiry) while one API request starts a hosting job for a model: never two hosts."""
+    return TINKER_PREFIX + "model:" + model_id + ":hosting"
+
+
+def tinker_job_model_key(job_id: str) -> str:
+    """The training model a hosting job (kind "tinker") hosts: its model id."""
+    return TINKER_PREFIX + "job:" + job_id

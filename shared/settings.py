@@ -159,6 +159,28 @@ class Settings(BaseSettings):
         description="Where a generation worker runs its models: 'auto' (the worker's GPU, else the CPU), "
         "'cpu', or a torch device such as 'cuda:1'.",
     )
+    tinker_max_request_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body the Tinker-compatible API (/api/v1) reads; a forward_backward over it is a 400.",
+    )
+    tinker_max_call_tokens: int = Field(
+        default=1_048_576,
+        ge=1,
+        description="Most input tokens one Tinker forward / forward_backward call may carry (all its data together).",
+    )
+    tinker_poll_s: float = Field(
+        default=25.0,
+        gt=0,
+        le=40,
+        description="How long one Tinker retrieve_future waits for its result before answering try_again (the SDK "
+        "waits 45 s for an answer).",
+    )
+    tinker_sample_max_pending: int = Field(
+        default=256,
+        ge=1,
+        description="Tinker sampling requests that may wait for a generation worker; past it, 429.",
+    )
     # NoDecode: pydantic-settings would parse the variable as JSON only; `_split_list` takes a JSON list or commas.
     webhook_url: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -237,5 +237,98 @@ def remove_checkpoint(client: redis.Redis, model_id: str, tinker_path: str) -> N
     client.hdel(keys.tinker_checkpoints_key(model_id), tinker_path)
 
 
+class TinkerSession(BaseModel):
+    """A client session (one ServiceClient): what it created, and whether it ended."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    session_id: str
+    created_ms: int = 0
+    tags: list[str] = []
+    user_metadata: dict[str, str] | None = None
+    finished: bool = False
+
+
+def save_session(client: redis.Redis, session: TinkerSession) -> None:
+    pipe = client.pipeline()
+    pipe.hset(keys.tinker_session_key(session.session_id), mapping={
+        "session_id": session.session_id, "created_ms": session.created_ms, "tags": dumps(session.tags),
+        "user_metadata": dumps(session.user_metadata), "finished": "1" if session.finished else "0"})  # fmt: skip
+    pipe.zadd(keys.TINKER_SESSIONS, {session.session_id: now_ms()})
+    pipe.execute()
+
+
+def get_session(client: redis.Redis, session_id: str) -> TinkerSession | None:
+    fields: dict[str, str] = client.hgetall(keys.tinker_session_key(session_id))  # type: ignore[assignment]
+    if not fields.get("session_id"):
+        return None
+    return TinkerSession(
+        session_id=fields["session_id"],
+        created_ms=int(fields.get("created_ms") or 0),
+        tags=json.loads(fields.get("tags") or "[]"),
+        user_metadata=json.loads(fields.get("user_metadata") or "null"),
+        finished=fields.get("finished") == "1",
+    )
+
+
+def touch_session(client: redis.Redis, session_id: str) -> None:
+    """A heartbeat: the session's last sign of life (the score in keys.TINKER_SESSIONS)."""
+    client.zadd(keys.TINKER_SESSIONS, {session_id: now_ms()})
+
+
+def finish_session(client: redis.Redis, session_id: str) -> None:
+    client.hset(keys.tinker_session_key(session_id), "finished", "1")
+
+
+def add_session_model(client: redis.Redis, session_id: str, model_id: str, created_ms: int) -> None:
+    pipe = client.pipeline()
+    pipe.sadd(keys.tinker_session_models_key(session_id), model_id)
+    pipe.zadd(keys.TINKER_MODELS, {model_id: created_ms})
+    pipe.execute()
+
+
+def session_models(client: redis.Redis, session_id: str) -> list[str]:
+    return sorted(client.smembers(keys.tinker_session_models_key(session_id)))  # type: ignore[arg-type]
+
+
+def add_session_sampler(client: redis.Redis, session_id: str, sampling_session_id: str) -> None:
+    client.sadd(keys.tinker_session_samplers_key(session_id), sampling_session_id)
+
+
+def session_samplers(client: redis.Redis, session_id: str) -> list[str]:
+    return sorted(client.smembers(keys.tinker_session_samplers_key(session_id)))  # type: ignore[arg-type]
+
+
+def model_ids(client: redis.Redis) -> list[str]:
+    """Every training model, oldest first."""
+    return list(client.zrange(keys.TINKER_MODELS, 0, -1))  # type: ignore[arg-type]
+
+
+def claim_seq_id(client: redis.Redis, model_id: str, seq_id: int, request_id: str) -> str | None:
+    """Note `request_id` as the call `seq_id` of a model; None when it is new, else the request id the same
+    seq_id already has (a client re-sending a call it got no answer for gets the same future)."""
+    key = keys.tinker_requests_key(model_id)
+    if client.hsetnx(key, str(seq_id), request_id):
+        return None
+    return client.hget(key, str(seq_id))  # type: ignore[return-value]
+
+
+def release_seq_id(client: redis.Redis, model_id: str, seq_id: int, request_id: str) -> None:
+    """Forget a claimed seq_id whose call was not queued after all (only if it is still `request_id`'s)."""
+    key = keys.tinker_requests_key(model_id)
+    if client.hget(key, str(seq_id)) == request_id:
+        client.hdel(key, str(seq_id))
+
+
+def set_job_model(client: redis.Redis, job_id: str, model_id: str) -> None:
+    """Record which model a hosting job hosts (written before the job is admitted)."""
+    client.set(keys.tinker_job_model_key(job_id), model_id)
+
+
+def job_model(client: redis.Redis, job_id: str) -> str | None:
+    """The model id a hosting job (kind "tinker") hosts."""
+    return client.get(keys.tinker_job_model_key(job_id))  # type: ignore[return-value]
+
+
 def dumps(value: object) -> str:
     return json.dumps(value, separators=(",", ":"))

@@ -8,11 +8,12 @@
     <base>/checkpoints/<job id>/step_metrics.csv     the job's logged steps (its OpenAI result file)
     <base>/<model_save_path or job id>/          a trained adapter, with `training_summary.json`
     <base>/<adapter name>-merged/                a merged model (the default output of a merge job)
+    <base>/tinker/<model id>/weights/<name>/     a Tinker training model's checkpoints (and sampler_weights/<name>)
     <base>/.redis/                               the embedded Redis's data (one-machine mode)
     <base>/.cache/torch-compile/                 torch.compile's on-disk caches (inductor, Triton), shared by hosts
 
-Names starting with "." are the service's own staging and data folders; `datasets` and `checkpoints`
-are reserved too, so a user's output folder can never replace one of them.
+Names starting with "." are the service's own staging and data folders; `datasets`, `checkpoints` and
+`tinker` are reserved too, so a user's output folder can never replace one of them.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ MERGED_SUFFIX = "-merged"
 TINKER = "tinker"  # Tinker training models' checkpoints: tinker/<model id, ':' as '-'>/{weights,sampler_weights}/<name>
 
 # Top-level folders the service writes itself; an adapter saved over one would replace (and delete) it.
-RESERVED_DIRS = frozenset({DATASETS, CHECKPOINTS})
-RESERVED_HELP = "datasets/, checkpoints/ and names starting with '.', such as the embedded Redis's .redis/"
+RESERVED_DIRS = frozenset({DATASETS, CHECKPOINTS, TINKER})
+RESERVED_HELP = "datasets/, checkpoints/, tinker/ and names starting with '.', such as the embedded Redis's .redis/"
 
 _CHECKPOINT_NAME = re.compile(r"^step-(\d{1,12})$")
 
