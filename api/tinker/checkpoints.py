@@ -24,7 +24,7 @@ OWNER = "local"  # one owner: everyone with the key
 
 
 def _page(limit: int, offset: int) -> tuple[int, int]:
-    return max(1, min(limit, 1000)), max(0, offset)
+    return max(1, min(limit, 1000)), max(0, min(offset, 10**9))
 
 
 def _run(store: JobStore, call: str, run_id: str) -> ts.TinkerModel:
@@ -104,7 +104,9 @@ async def delete_checkpoint(run_id: str, checkpoint_id: str, store: StoreDep, se
     return {}
 
 
-@router.api_route("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}", methods=["GET", "POST", "PUT"])
+@router.api_route(
+    "/training_runs/{run_id}/checkpoints/{checkpoint_id:path}", methods=["GET", "POST", "PUT"], include_in_schema=False
+)
 async def checkpoint_extras(run_id: str, checkpoint_id: str) -> None:
     """publish, ttl, external_weights_urls: not implemented here."""
     action = checkpoint_id.rsplit("/", 1)[-1]

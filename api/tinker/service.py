@@ -102,7 +102,7 @@ async def finish_session(session_id: str, store: StoreDep) -> dict[str, Any]:
 
 @router.get("/sessions")
 async def list_sessions(store: StoreDep, limit: int = 20, offset: int = 0) -> dict[str, Any]:
-    limit, offset = max(1, min(limit, 1000)), max(0, offset)
+    limit, offset = max(1, min(limit, 1000)), max(0, min(offset, 10**9))
     ids = await run_in_threadpool(store.client.zrevrange, ts.keys.TINKER_SESSIONS, offset, offset + limit - 1)
     return {"sessions": ids}
 
