@@ -15,6 +15,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeVar
@@ -28,6 +29,7 @@ from tinker.proto.request_conv import forward_backward_request_to_proto
 
 from shared import keys
 from shared import tinker_store as ts
+from shared.jobs import JobStatus
 from shared.store import JobStore
 from shared.tinker_ops import CreatedResult
 from tests.service import Service, flush, wait_until
@@ -365,3 +367,72 @@ def test_checkpoint_calls_and_unsupported_calls(api: Service) -> None:
         assert refused.json() == {"detail": f"{path[1:]} is not supported by this server", "type": "unsupported"} or (
             "not supported" in refused.json()["detail"]
         )
+
+
+# --------------------------------------------------------------------------- hosting
+
+
+def _host_goes_idle(store: JobStore, job_id: str) -> None:
+    """What a host does when its client went quiet: it saved the model's state and ends its job, succeeded."""
+    assert store.claim(job_id, token="host", lease_s=60, worker="test-host") == "ok"
+    assert store.finish(job_id, token="host", status=JobStatus.succeeded, message="idle") is JobStatus.succeeded
+
+
+def test_an_idle_host_is_started_again_once_and_a_full_slot_is_reported(api: Service, rclient: redis.Redis) -> None:
+    store = JobStore(rclient)
+    session_id = _session(api)
+    assert _create(api, session_id).status_code == 200
+    model_id = f"{session_id}:train:0"
+    first = ts.get_model(rclient, model_id)
+    assert first is not None and first.job_id is not None
+    _host_goes_idle(store, first.job_id)
+    # Another model takes the only slot: the idle model's next host has to wait in line for it.
+    other = _create(api, session_id, seq=1).json()
+    polled = _post(api, "/retrieve_future", json={"request_id": other["request_id"]}).json()
+    assert polled["type"] == "try_again" and polled["queue_state"] == "active", polled
+    steps = [{"model_id": model_id, "seq_id": seq, "type": "optim_step", "adam_params": {"learning_rate": 1e-4}}
+             for seq in (1, 2)]  # fmt: skip
+    with ThreadPoolExecutor(2) as pool:  # two calls at once start one host, not two
+        answers = list(pool.map(lambda step: _post(api, "/optim_step", json=step), steps))
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    again = ts.get_model(rclient, model_id)
+    assert again is not None and again.job_id not in (None, first.job_id)
+    tinker_jobs = [j for j in (store.get(i) for i, _ in store.list_ids(limit=10)) if j and j.kind == "tinker"]
+    assert len(tinker_jobs) == 3, [(j.id, j.status) for j in tinker_jobs]  # the first, the other model's, the new one
+    assert store.queue_position(again.job_id) == 1
+    polled = _post(api, "/retrieve_future", json={"request_id": answers[0].json()["request_id"]}).json()
+    assert polled["type"] == "try_again" and polled["queue_state"] == "paused_capacity", polled
+    assert "training slot" in polled["queue_state_reason"]
+
+
+def test_a_training_client_from_a_saved_state(api: Service, rclient: redis.Redis, tmp_path: Path) -> None:
+    trained = Trained(api, rclient)
+    saved = f"tinker://{trained.model_id}/weights/step-1"
+    folder = api.base_path / "tinker" / trained.model_id.replace(":", "-") / "weights" / "step-1"
+    # What the host records once it saved the state.
+    ts.add_checkpoint(rclient, trained.model_id, ts.CheckpointInfo(tinker_path=saved, checkpoint_type="training",
+                      name="step-1", folder=str(folder), created_ms=ts.now_ms()))  # fmt: skip
+    listed = _rest(api).list_checkpoints(trained.model_id).result().checkpoints
+    assert [(c.checkpoint_id, c.checkpoint_type, c.tinker_path) for c in listed] == [
+        ("weights/step-1", "training", saved)
+    ]
+    made: dict[str, Any] = {}
+
+    def create() -> None:
+        made["client"] = trained.service.create_training_client_from_state_with_optimizer(saved).result()
+
+    thread = threading.Thread(target=create, daemon=True)
+    thread.start()
+    model_id = trained.service.holder.get_session_id() + ":train:1"
+    model = wait_until(lambda: ts.get_model(rclient, model_id), timeout=30, what=f"model {model_id}")
+    assert (model.load_from, model.load_optimizer, model.rank, model.base_model) == (str(folder), True, 4, "tiny")
+    assert model.create_request_id is not None and model.job_id is not None
+    ts.complete(rclient, model.create_request_id, CreatedResult(model_id=model_id))
+    thread.join(30)
+    assert made["client"].model_id == model_id
+    # A name already saved is refused unless overwrite is asked for.
+    again = _post(api, "/save_weights", json={"model_id": trained.model_id, "seq_id": 1, "path": "step-1"})
+    assert again.status_code == 400 and "overwrite" in again.json()["detail"], again.text
+    assert _post(api, "/save_weights", json={"model_id": trained.model_id, "seq_id": 1, "path": "step-1",
+                                             "overwrite": True}).status_code == 200  # fmt: skip
+    assert _rest(api).get_weights_info_by_tinker_path(saved).result().lora_rank == 4
