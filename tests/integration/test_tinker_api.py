@@ -435,4 +435,10 @@ def test_a_training_client_from_a_saved_state(api: Service, rclient: redis.Redis
     assert again.status_code == 400 and "overwrite" in again.json()["detail"], again.text
     assert _post(api, "/save_weights", json={"model_id": trained.model_id, "seq_id": 1, "path": "step-1",
                                              "overwrite": True}).status_code == 200  # fmt: skip
-    assert _rest(api).get_weights_info_by_tinker_path(saved).result().lora_rank == 4
+    rest = _rest(api)
+    assert rest.get_weights_info_by_tinker_path(saved).result().lora_rank == 4
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text("{}")
+    rest.delete_checkpoint_from_tinker_path(saved).result()
+    assert not folder.exists() and rest.list_checkpoints(trained.model_id).result().checkpoints == []
+    _raises_fast(tinker.NotFoundError, lambda: rest.delete_checkpoint_from_tinker_path(saved).result(), "step-1")
