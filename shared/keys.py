@@ -132,8 +132,3 @@ def tinker_requests_key(model_id: str) -> str:
 def tinker_host_lock_key(model_id: str) -> str:
     """Held (SET NX, with an expiry) while one API request starts a hosting job for a model: never two hosts."""
     return TINKER_PREFIX + "model:" + model_id + ":hosting"
-
-
-def tinker_job_model_key(job_id: str) -> str:
-    """The training model a hosting job (kind "tinker") hosts: its model id."""
-    return TINKER_PREFIX + "job:" + job_id

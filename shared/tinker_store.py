@@ -320,15 +320,5 @@ def release_seq_id(client: redis.Redis, model_id: str, seq_id: int, request_id: 
         client.hdel(key, str(seq_id))
 
 
-def set_job_model(client: redis.Redis, job_id: str, model_id: str) -> None:
-    """Record which model a hosting job hosts (written before the job is admitted)."""
-    client.set(keys.tinker_job_model_key(job_id), model_id)
-
-
-def job_model(client: redis.Redis, job_id: str) -> str | None:
-    """The model id a hosting job (kind "tinker") hosts."""
-    return client.get(keys.tinker_job_model_key(job_id))  # type: ignore[return-value]
-
-
 def dumps(value: object) -> str:
     return json.dumps(value, separators=(",", ":"))

@@ -1,10 +1,12 @@
 """Which job hosts a Tinker training model, and what the API does about it.
 
-A model is hosted by a job of kind "tinker" admitted like any training job (the same slots, the same waiting
-line). A host that went idle saves the model's state into `model.load_from` and ends its job (succeeded): the
-next call starts a new hosting job (`rehost_if_idle`). A host that was lost (its job failed or was cancelled)
-takes its model's queued calls with it: their futures are failed saying where the last saved state is
-(`settle_if_host_lost`), and the model takes no more calls.
+A model is hosted by a job of kind "tinker" (`JobRecord.tinker_model`: the model it was started for) admitted like
+any training job (the same slots, the same waiting line). A running host on the same base with room
+(shared.tinker_store.HostInfo) takes more clients: the API pushes the model id on its attach list instead of
+starting a job. A client that went idle is saved into `model.load_from` and its `job_id` cleared: its next call
+hosts it again (`rehost_if_idle`). A host that was lost (its job failed or was cancelled) takes its models' queued
+calls with it: their futures are failed saying where the last saved state is (`check_pending`, `refuse_if_lost`), and the
+model takes no more calls.
 """
 
 from __future__ import annotations
@@ -40,10 +42,29 @@ CALL_NAMES = {
 }
 
 
-def ensure_hosted(store: JobStore, celery: Celery, settings: Settings, model: ts.TinkerModel, call: str) -> JobRecord:
-    """Start a hosting job for `model` (admitted like a training job: a slot, or the waiting line) and record it
-    on the model. 429 when the waiting line is full, 503 when the broker refuses the task."""
+def _join_running_host(store: JobStore, model: ts.TinkerModel, location: str) -> str | None:
+    """Send the model to a running host on its base that has room (it attaches it); that host's job id."""
+    for host in ts.hosts(store.client):
+        if host.model_dir != location or not host.has_room:
+            continue
+        job = store.get(host.job_id)
+        if job is None or job.status.terminal:
+            continue
+        model.job_id = host.job_id
+        ts.save_model(store.client, model)  # before the push: the host reads the model when it attaches it
+        store.client.rpush(keys.tinker_host_attach_key(host.job_id), model.model_id)
+        return host.job_id
+    return None
+
+
+def ensure_hosted(store: JobStore, celery: Celery, settings: Settings, model: ts.TinkerModel, call: str) -> str:
+    """Host `model`: on a running host of its base with room, else on a new hosting job (admitted like a training
+    job: a slot, or the waiting line); recorded on the model. 429 when the waiting line is full, 503 when the
+    broker refuses the task. Returns the hosting job's id."""
     base = accepted_base(settings, model.base_model, call)
+    joined = _join_running_host(store, model, base.location)
+    if joined is not None:
+        return joined
     job_id = new_job_id()
     config = TrainConfig(model_name=model.base_model, lora_rank=model.rank, lora_dropout=0.0, seed=model.seed)
     record = JobRecord(
@@ -53,6 +74,7 @@ def ensure_hosted(store: JobStore, celery: Celery, settings: Settings, model: ts
         created_at=0.0,
         config=config,
         dataset_path="",
+        tinker_model=model.model_id,
         model_dir=base.location,
         base_model=base.canonical,
         output_dir=str(settings.volume.tinker_model(model.model_id)),
@@ -60,42 +82,47 @@ def ensure_hosted(store: JobStore, celery: Celery, settings: Settings, model: ts
         max_attempts=1,
     )
     previous = model.job_id
-    ts.set_job_model(store.client, job_id, model.model_id)
     model.job_id = job_id
     ts.save_model(store.client, model)  # before admission: the host reads the model as soon as it starts
     try:
-        return admit_job(store, celery, settings, record, wait=True)
+        admit_job(store, celery, settings, record, wait=True)
     except (QueueFull, SlotsBusy) as exc:
-        _undo(store, model, previous, job_id)
+        _undo(store, model, previous)
         raise busy(call, f"no training slot for model {model.model_id}: {exc}", retry_after_s=10) from exc
     except BrokerUnavailable as exc:
-        _undo(store, model, previous, job_id)
+        _undo(store, model, previous)
         raise unavailable(call, exc.message) from exc
+    return job_id
 
 
-def _undo(store: JobStore, model: ts.TinkerModel, previous: str | None, job_id: str) -> None:
+def _undo(store: JobStore, model: ts.TinkerModel, previous: str | None) -> None:
     model.job_id = previous
     ts.save_model(store.client, model)
-    store.client.delete(keys.tinker_job_model_key(job_id))
+
+
+def unhosted(store: JobStore, model: ts.TinkerModel) -> bool:
+    """Whether no host has the model now: it left its host (idle, or the worker stopped: `job_id` cleared) or its
+    hosting job ended succeeded. A lost host (failed, cancelled) is not "unhosted": its state went with it."""
+    if model.job_id is None:
+        return True
+    job = store.get(model.job_id)
+    return job is None or job.status is JobStatus.succeeded
 
 
 def rehost_if_idle(store: JobStore, celery: Celery, settings: Settings, model_id: str, call: str) -> None:
-    """Start a new hosting job for a model whose host went idle (its job succeeded) while calls wait for it.
-    One request does it: the others find the lock taken, or the model already hosted again."""
+    """Host again a model that left its host (idle) while calls wait for it. One request does it: the others find
+    the lock taken, or the model hosted again."""
     model = ts.get_model(store.client, model_id)
-    if model is None or model.closed or model.job_id is None:
-        return
-    job = store.get(model.job_id)
-    if job is None or job.status is not JobStatus.succeeded:
+    if model is None or model.closed or not unhosted(store, model):
         return
     lock = keys.tinker_host_lock_key(model_id)
-    if not store.client.set(lock, model.job_id, nx=True, ex=HOST_LOCK_S):
+    if not store.client.set(lock, "1", nx=True, ex=HOST_LOCK_S):
         return
     try:
         model = ts.get_model(store.client, model_id)
-        if model is None or model.job_id != job.id:  # someone hosted it again meanwhile
+        if model is None or not unhosted(store, model):  # someone hosted it again meanwhile
             return
-        log.info("model %s: its host went idle; starting a new hosting job", model_id)
+        log.info("model %s: no host has it; hosting it again", model_id)
         ensure_hosted(store, celery, settings, model, call)
     finally:
         store.client.delete(lock)
@@ -143,6 +170,16 @@ def refuse_if_lost(store: JobStore, model: ts.TinkerModel, call: str) -> None:
         raise TinkerRefusal(400, lost_message(store, model, job, call), "model_lost")
 
 
+def _host_again(store: JobStore, celery: Celery, settings: Settings, model_id: str, call: str) -> HostState:
+    if not ts.pending_calls(store.client, model_id):
+        return HostState("active")
+    try:
+        rehost_if_idle(store, celery, settings, model_id, call)
+    except TinkerRefusal as exc:  # no room now: the next poll tries again
+        return HostState("paused_capacity", exc.detail)
+    return HostState("active", "hosting the model again")
+
+
 @dataclass(frozen=True)
 class HostState:
     queue_state: Literal["active", "paused_capacity"]
@@ -155,11 +192,13 @@ def check_pending(
     """What a pending future of `model_id` waits on; fails it (and the model's queued calls) when its host was
     lost, and starts a new host when the last one went idle with calls still queued."""
     model = ts.get_model(store.client, model_id)
-    if model is None or model.job_id is None:
+    if model is None:
         return HostState("active")
+    if model.job_id is None:
+        return _host_again(store, celery, settings, model_id, call)
     job = store.get(model.job_id)
     if job is None:
-        return HostState("active")
+        return _host_again(store, celery, settings, model_id, call)
     if job.status in (JobStatus.failed, JobStatus.cancelled):
         fail_queued_calls(store, model, job)
         future = ts.get_future(store.client, request_id)
@@ -168,11 +207,7 @@ def check_pending(
         return HostState("active")
     if job.status is JobStatus.succeeded:
         if ts.pending_calls(store.client, model_id):
-            try:
-                rehost_if_idle(store, celery, settings, model_id, call)
-            except TinkerRefusal as exc:  # no room now: the next poll tries again
-                return HostState("paused_capacity", exc.detail)
-            return HostState("active", "starting a worker to host the model again")
+            return _host_again(store, celery, settings, model_id, call)
         future = ts.get_future(store.client, request_id)  # read after the job: a host settles before it ends
         if future is not None and future.state == "pending":
             ts.fail(store.client, request_id, f"{call} was not run: the host of model {model_id} ended without it; "
@@ -183,4 +218,6 @@ def check_pending(
         return HostState("paused_capacity", f"waiting for a training slot ({position - 1} jobs ahead)")
     if job.status is JobStatus.queued:
         return HostState("active", "waiting for a worker to load the model")
+    if job.status is JobStatus.paused:
+        return HostState("paused_capacity", "its hosting job is paused")
     return HostState("active")

@@ -217,9 +217,9 @@ def test_a_created_model_waits_for_its_hosting_job(api: Service, rclient: redis.
     assert _create(api, session_id).json() == future  # the SDK's retry of the same create: the same future
     model = ts.get_model(rclient, model_id)
     assert model is not None and model.job_id is not None and model.vocab_size is not None
-    assert ts.job_model(rclient, model.job_id) == model_id
     job = JobStore(rclient).get(model.job_id)
     assert job is not None and job.kind == "tinker" and job.status.value == "queued"
+    assert job.tinker_model == model_id
     assert job.output_dir == str(api.base_path / "tinker" / model_id.replace(":", "-"))
     assert job.config.lora_rank == 4 and job.max_attempts == 1
     assert api.get(f"/jobs/{model.job_id}", headers={"Authorization": f"Bearer {KEY}"}).json()["status"] == "queued"
@@ -372,9 +372,15 @@ def test_checkpoint_calls_and_unsupported_calls(api: Service) -> None:
 # --------------------------------------------------------------------------- hosting
 
 
-def _host_goes_idle(store: JobStore, job_id: str) -> None:
-    """What a host does when its client went quiet: it saved the model's state and ends its job, succeeded."""
+def _host_goes_idle(store: JobStore, model_id: str, job_id: str) -> None:
+    """What a host does when its client went quiet: it saves the model's state, takes it off (its job_id cleared)
+    and, with no client left, ends its job, succeeded."""
     assert store.claim(job_id, token="host", lease_s=60, worker="test-host") == "ok"
+    model = ts.get_model(store.client, model_id)
+    assert model is not None
+    ts.save_model(
+        store.client, model.model_copy(update={"job_id": None, "load_from": "/saved", "load_optimizer": True})
+    )
     assert store.finish(job_id, token="host", status=JobStatus.succeeded, message="idle") is JobStatus.succeeded
 
 
@@ -385,7 +391,7 @@ def test_an_idle_host_is_started_again_once_and_a_full_slot_is_reported(api: Ser
     model_id = f"{session_id}:train:0"
     first = ts.get_model(rclient, model_id)
     assert first is not None and first.job_id is not None
-    _host_goes_idle(store, first.job_id)
+    _host_goes_idle(store, model_id, first.job_id)
     # Another model takes the only slot: the idle model's next host has to wait in line for it.
     other = _create(api, session_id, seq=1).json()
     polled = _post(api, "/retrieve_future", json={"request_id": other["request_id"]}).json()
@@ -442,3 +448,26 @@ def test_a_training_client_from_a_saved_state(api: Service, rclient: redis.Redis
     rest.delete_checkpoint_from_tinker_path(saved).result()
     assert not folder.exists() and rest.list_checkpoints(trained.model_id).result().checkpoints == []
     _raises_fast(tinker.NotFoundError, lambda: rest.delete_checkpoint_from_tinker_path(saved).result(), "step-1")
+
+
+def test_a_new_model_joins_a_running_host_on_its_base(api: Service, rclient: redis.Redis, tiny_model_dir: Path) -> None:
+    store = JobStore(rclient)
+    session_id = _session(api)
+    assert _create(api, session_id).status_code == 200
+    first = ts.get_model(rclient, f"{session_id}:train:0")
+    assert first is not None and first.job_id is not None
+    host_job = store.get(first.job_id)
+    assert host_job is not None and host_job.model_dir is not None
+    # The worker took the job and registered it: one client, room for more on this base.
+    assert store.claim(host_job.id, token="host", lease_s=60, worker="test-host") == "ok"
+    ts.save_host(rclient, ts.HostInfo(job_id=host_job.id, model_dir=host_job.model_dir, clients=[first.model_id],
+                                      capacity=2))  # fmt: skip
+    assert _create(api, session_id, seq=1).status_code == 200
+    second = ts.get_model(rclient, f"{session_id}:train:1")
+    assert second is not None and second.job_id == host_job.id  # no job of its own
+    assert rclient.lrange(keys.tinker_host_attach_key(host_job.id), 0, -1) == [second.model_id]
+    ts.save_host(rclient, ts.HostInfo(job_id=host_job.id, model_dir=host_job.model_dir,
+                                      clients=[first.model_id, second.model_id], capacity=2))  # fmt: skip
+    assert _create(api, session_id, seq=2).status_code == 200  # a full host: a job of its own
+    third = ts.get_model(rclient, f"{session_id}:train:2")
+    assert third is not None and third.job_id not in (None, host_job.id)
