@@ -8,12 +8,9 @@ once the model is loaded (shared.tinker_store.complete with a CreatedResult): th
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +30,7 @@ from shared.jobs import JobStatus
 from shared.store import JobStore
 from shared.tinker_ops import CreatedResult
 from tests.service import Service, flush, wait_until
+from tests.tinker_clients import close_all, track
 
 # The SDK's HTTP pools leave sockets for the garbage collector even after its clients are closed (its own
 # leak, not the server's): their ResourceWarnings are not this module's failures.
@@ -63,27 +61,8 @@ def api(tmp_path: Path, redis_url: str, tiny_model_dir: Path, monkeypatch: pytes
     try:
         yield svc
     finally:
-        _close_sdk_clients()
+        close_all()
         svc.stop()
-
-
-_SDK_CLIENTS: list[tinker.ServiceClient | tinker.RestClient] = []
-
-
-def _close_sdk_clients() -> None:
-    """Stop the SDK clients' background loops (heartbeats, pools) while the API still answers, and collect what
-    they leave: the SDK keeps sockets open until its objects are gone."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        while _SDK_CLIENTS:
-            client = _SDK_CLIENTS.pop()
-            with contextlib.suppress(Exception):  # already closed by its test
-                if isinstance(client, tinker.ServiceClient):
-                    client.close("success").result(timeout=10)
-                else:
-                    client.holder.close()
-        time.sleep(0.2)
-        gc.collect()
 
 
 @pytest.fixture
@@ -95,13 +74,13 @@ def rclient(redis_url: str) -> Iterator[redis.Redis]:
 
 def _sdk(api: Service) -> tinker.ServiceClient:
     client = tinker.ServiceClient(base_url=api.url, api_key=f"tml-{KEY}")
-    _SDK_CLIENTS.append(client)
+    track(client)
     return client
 
 
 def _rest(api: Service) -> tinker.RestClient:
     client = tinker.RestClient(base_url=api.url, api_key=f"tml-{KEY}")
-    _SDK_CLIENTS.append(client)
+    track(client)
     return client
 
 
