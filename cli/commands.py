@@ -180,7 +180,8 @@ def _cmd_jobs(client: LoraClient, args: argparse.Namespace) -> int:
     print(f"{'JOB':<26} {'STATUS':<10} {'STEP':>11} {'LOSS':>8}  {'CREATED':<19}  DETAIL")
     for job in page.data:
         p = job.progress
-        step = f"{p.current_step}/{p.total_steps}"
+        # a Tinker hosting job has no planned total: its clients' optimizer steps so far
+        step = f"{p.current_step}/{p.total_steps}" if p.total_steps or job.kind != "tinker" else str(p.current_step)
         loss = f"{p.loss:.4f}" if p.loss is not None else "-"
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
         detail = (job.error or job.model_path or job.message or "").replace("\n", " ")[:60]

@@ -87,6 +87,11 @@ def tinker_checkpoints_key(model_id: str) -> str:
     return TINKER_PREFIX + "model:" + model_id + ":checkpoints"
 
 
+def tinker_settled_key(request_id: str) -> str:
+    """List a future's settler pushes to once it is settled: what a waiting retrieve_future blocks on."""
+    return TINKER_PREFIX + "future:" + request_id + ":settled"
+
+
 def tinker_future_key(request_id: str) -> str:
     """Hash per accepted call: pending until the worker (or the API, for a model that is gone) settles it."""
     return TINKER_PREFIX + "future:" + request_id

@@ -134,16 +134,28 @@ def new_future(client: redis.Redis, request_id: str, model_id: str | None) -> No
     client.expire(key, FUTURE_TTL_S)
 
 
-def complete(client: redis.Redis, request_id: str, result: BaseModel) -> None:
+SETTLED_SIGNAL_TTL_S = 60  # a settled signal nobody waited for goes after this
+
+
+def _settle(client: redis.Redis, request_id: str, fields: dict[str, str]) -> None:
+    """Write the outcome, then signal it on the future's own list, which a waiting `retrieve_future` pops
+    (BLPOP: it wakes at once, and a signal sent before it started waiting is still there for it)."""
     key = keys.tinker_future_key(request_id)
-    client.hset(key, mapping={"state": "done", "result": result.model_dump_json()})
-    client.expire(key, FUTURE_TTL_S)
+    signal = keys.tinker_settled_key(request_id)
+    pipe = client.pipeline()
+    pipe.hset(key, mapping=fields)  # type: ignore[arg-type]  # redis-py types the mapping invariantly
+    pipe.expire(key, FUTURE_TTL_S)
+    pipe.rpush(signal, "1")
+    pipe.expire(signal, SETTLED_SIGNAL_TTL_S)
+    pipe.execute()
+
+
+def complete(client: redis.Redis, request_id: str, result: BaseModel) -> None:
+    _settle(client, request_id, {"state": "done", "result": result.model_dump_json()})
 
 
 def fail(client: redis.Redis, request_id: str, error: str, category: ErrorCategory = "server") -> None:
-    key = keys.tinker_future_key(request_id)
-    client.hset(key, mapping={"state": "failed", "error": error, "category": category})
-    client.expire(key, FUTURE_TTL_S)
+    _settle(client, request_id, {"state": "failed", "error": error, "category": category})
 
 
 def read_future(fields: dict[str, str]) -> Future | None:

@@ -1,4 +1,5 @@
-"""`retrieve_future`: a long poll on one future (Redis, asynchronously: a waiting client holds no thread).
+"""`retrieve_future`: a long poll on one future (Redis, asynchronously: a waiting client holds no thread; it
+blocks on the future's settled signal, so a result is answered the moment the worker writes it).
 
 Pending: answered `try_again` after LORA_TINKER_POLL_S (the SDK polls again at once). Done: the result in the
 SDK's shape for its call, protobuf for forward_backward and samples. Failed: HTTP 200 `{"error", "category"}`.
@@ -8,7 +9,6 @@ an idle one with calls queued is started again, a host waiting for a slot is rep
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any, cast
 
@@ -38,7 +38,6 @@ from shared.tinker_ops import (
 )
 
 router = APIRouter(prefix="/api/v1", tags=["tinker"])
-POLL_EVERY_S = 0.05
 CHECK_HOST_EVERY_S = 1.0
 
 
@@ -102,4 +101,6 @@ async def retrieve_future(request: Request, store: StoreDep, celery: CeleryDep, 
             if state.reason:
                 answer["queue_state_reason"] = state.reason
             return JSONResponse(answer)
-        await asyncio.sleep(POLL_EVERY_S)
+        # woken as soon as the future is settled (shared.tinker_store._settle), else to look after its host
+        wait = max(0.01, min(deadline, next_check) - now)
+        await client.blpop([keys.tinker_settled_key(body.request_id)], timeout=wait)

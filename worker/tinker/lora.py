@@ -10,6 +10,7 @@ Several clients on one base share it: each client's adapter is a named PEFT adap
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -67,12 +68,16 @@ def add_client_adapter(model: PreTrainedModel | PeftModel, name: str, *, rank: i
     config = LoraConfig(r=rank, lora_alpha=LORA_ALPHA, lora_dropout=0.0, task_type="CAUSAL_LM",
                         target_modules=target_modules(base, attn=attn, mlp=mlp, unembed=unembed))  # fmt: skip
     torch.manual_seed(seed)
-    if isinstance(model, PeftModel):
-        model.add_adapter(name, config)
-        peft_model = model
-    else:
-        peft_model = get_peft_model(model, config, adapter_name=name)
-        cast_embedding_output(base, autocast_dtype(base))
+    with warnings.catch_warnings():
+        # LoRA on a head tied to the input embedding adapts the head's output only, which is what the client
+        # trains (the embedding stays frozen); PEFT warns about the tie whatever the intent.
+        warnings.filterwarnings("ignore", message=r"Model has `tie_word_embeddings=True`")
+        if isinstance(model, PeftModel):
+            model.add_adapter(name, config)
+            peft_model = model
+        else:
+            peft_model = get_peft_model(model, config, adapter_name=name)
+            cast_embedding_output(base, autocast_dtype(base))
     for param_name, param in peft_model.named_parameters():
         if f".{name}." in param_name and param.is_floating_point() and param.dtype != torch.float32:
             param.data = param.data.float()
