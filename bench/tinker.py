@@ -4,9 +4,11 @@
 
 It builds the tiny random model locally (nothing is downloaded) and times the same supervised loop three ways:
   in-process   the engine's trainer (worker.tinker.trainer) called directly: forward_backward + optim_step
-  one client   the `tinker` SDK against the whole service (`python -m cli serve --workers 2`, embedded Redis,
-               127.0.0.1 only): the same steps through the protocol, futures and the hosting worker
-  two clients  two SDK training clients on the same base, each running the loop in its own thread at once
+  one client   the `tinker` SDK against the whole service as `make run` starts it (`python -m cli serve`: one
+               worker, embedded Redis, 127.0.0.1 only): the same steps through the protocol, futures and the
+               hosting worker; the trainer in-process gets the same torch threads as that worker
+  two clients  two SDK training clients on the same base (one hosting job: the base shared, their calls run
+               together where both are ready), each running the loop in its own thread at once
 and prints seconds per step, the protocol's overhead (one client / in-process) and the two clients' throughput
 relative to one. It asserts nothing. Every process it started and every temp file is removed at the end.
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.load import Config, build_tiny_model, one_command_service
+from worker import cpu_budget
 
 QUESTIONS = [f"Question number {i}: what is {i} plus {i}?" for i in range(64)]
 
@@ -44,18 +47,17 @@ def _examples(model_dir: Path, batch: int) -> list[tuple[list[int], list[float]]
     return out
 
 
-def in_process(model_dir: Path, examples: list[tuple[list[int], list[float]]], steps: int) -> float:
-    """Seconds per step of the trainer called directly (after one warm-up step)."""
+def in_process(model_dir: Path, examples: list[tuple[list[int], list[float]]], steps: int, threads: int) -> float:
+    """Seconds per step of the trainer called directly with `threads` torch threads (after one warm-up step)."""
     import torch
 
     from shared.config import TrainConfig
     from shared.tinker_ops import ForwardOp, OptimStepOp, TinkerDatum
-    from worker import cpu_budget
     from worker.tinker.lora import apply_lora
     from worker.tinker.trainer import TinkerTrainer
     from worker.training.model_loading import load_base_model
 
-    cpu_budget.apply_to_torch()
+    torch.set_num_threads(threads)
     base, _tok, engine = load_base_model(TrainConfig(model_name=str(model_dir)), torch.device("cpu"))
     trainer = TinkerTrainer(apply_lora(base, rank=16, seed=0), engine=engine, base=str(model_dir), rank=16)
     data = [TinkerDatum(tokens=t[:-1], target_tokens=t[1:], weights=w) for t, w in examples]
@@ -128,17 +130,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         tmp = Path(tmp_name)
         model_dir = build_tiny_model(tmp)
         examples = _examples(model_dir, args.batch)
-        local = in_process(model_dir, examples, args.steps)
-        with one_command_service(Config("tinker", None), tmp, extra_args=["--workers", "2"]) as (url, _proc, _log):
+        # the thread budget the service's worker gets (worker.cpu_budget: a core left for the API on this host)
+        threads = cpu_budget.plan_threads(api_on_host=True, workers_on_host=1).threads
+        local = in_process(model_dir, examples, args.steps, threads)
+        with one_command_service(Config("tinker", None), tmp) as (url, _proc, _log):
             one = sdk_loop(url, model_dir.name, examples, args.steps)
             two = two_clients(url, model_dir.name, examples, args.steps)
     figures: dict[str, Any] = {
-        "steps": args.steps, "batch": args.batch,
+        "steps": args.steps, "batch": args.batch, "torch_threads": threads,
         "in_process_s_per_step": round(local, 4), "one_client_s_per_step": round(one, 4),
         "two_clients_s_per_step": round(two, 4),
         "protocol_overhead": round(one / local, 3), "two_clients_throughput_vs_one": round(one / two, 3),
     }  # fmt: skip
-    print(f"{args.steps} supervised steps of {args.batch} conversations on the tiny model (this CPU):")
+    print(
+        f"{args.steps} supervised steps of {args.batch} conversations on the tiny model (this CPU, "
+        f"{threads} torch thread{'s' if threads != 1 else ''} in the trainer as in the service's worker):"
+    )
     print(f"  in-process trainer   {local * 1000:8.1f} ms/step")
     print(f"  one SDK client       {one * 1000:8.1f} ms/step   ({one / local:.2f}x the in-process time)")
     print(f"  two SDK clients      {two * 1000:8.1f} ms/step   ({one / two:.2f}x one client's throughput)")

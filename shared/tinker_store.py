@@ -197,12 +197,16 @@ def set_next_seq_id(client: redis.Redis, model_id: str, seq_id: int) -> None:
     client.set(keys.tinker_seq_key(model_id), seq_id)
 
 
-def push_call(client: redis.Redis, call: TinkerCall) -> None:
-    """Queue `call` for its model's host, its future pending (one transaction: never a call without a future)."""
+def push_call(client: redis.Redis, call: TinkerCall, label: str | None = None) -> None:
+    """Queue `call` for its model's host, its future pending (one transaction: never a call without a future).
+    `label`: the call's name, for the messages about its future."""
     pipe = client.pipeline()
     key = keys.tinker_future_key(call.request_id)
-    pipe.hset(key, mapping={"request_id": call.request_id, "model_id": call.model_id, "state": "pending",
-                            "created_ms": now_ms()})  # fmt: skip
+    fields: dict[str, str | int] = {"request_id": call.request_id, "model_id": call.model_id, "state": "pending",
+                                    "created_ms": now_ms()}  # fmt: skip
+    if label is not None:
+        fields["call"] = label
+    pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
     pipe.expire(key, FUTURE_TTL_S)
     pipe.rpush(keys.tinker_calls_key(call.model_id), call.model_dump_json())
     pipe.execute()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from api.artifacts import adapter_dir, get_checkpoint, list_checkpoints
 from api.base_models import ModelRefused, check_base_model
@@ -23,6 +24,7 @@ from api.openai.model_names import checkpoint_model_name, fine_tuned_model_name,
 from api.openai.schemas import ORGANIZATION_ID
 from api.openai.store import OpenAIStore
 from api.paths import model_location
+from shared import tinker_store as ts
 from shared.jobs import JobRecord, JobStatus
 from shared.settings import Settings
 from shared.store import JobStore
@@ -138,8 +140,28 @@ def list_models(store: JobStore, ostore: OpenAIStore, settings: Settings) -> lis
     return bases + tuned
 
 
+TINKER_SCHEME = "tinker://"
+
+
+def _tinker_checkpoint(store: JobStore, settings: Settings, name: str) -> ServedModel:
+    """A Tinker training client's checkpoint, by its tinker:// path: its adapter on the base its client trained."""
+    parts = name[len(TINKER_SCHEME) :].split("/")
+    model = ts.get_model(store.client, parts[0]) if len(parts) == 3 else None
+    info = ts.checkpoint(store.client, parts[0], name) if model is not None else None
+    if model is None or info is None or not Path(info.folder).is_dir():
+        raise ModelNotFound(
+            name, ": no such Tinker checkpoint (the SDK's save_state / save_weights_for_sampler name one)"
+        )
+    servable = _servable(settings, model.base_model)
+    if servable is None:
+        raise ModelNotFound(name, f": its base model {model.base_model!r} is not allowed here today")
+    return ServedModel(name, info.created_ms // 1000, ORGANIZATION_ID, servable[1], info.folder)
+
+
 def resolve(store: JobStore, ostore: OpenAIStore, settings: Settings, name: str) -> ServedModel:
     """The model `name` stands for: a `ft:` name or job id, else a base model in use; ModelNotFound otherwise."""
+    if name.startswith(TINKER_SCHEME):
+        return _tinker_checkpoint(store, settings, name)
     ref = parse_model_name(name)
     if ref is not None:
         record = store.get(ref.job_id)

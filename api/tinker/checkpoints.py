@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from api.artifacts import iter_tar_gz, list_files
 from api.deps import SettingsDep, StoreDep
 from api.tinker import names
 from api.tinker.errors import bad_request, not_found, unsupported
@@ -102,6 +104,33 @@ async def delete_checkpoint(run_id: str, checkpoint_id: str, store: StoreDep, se
         raise unsupported("unpublish_checkpoint")
     await run_in_threadpool(_delete, store, settings, run_id, checkpoint_id)
     return {}
+
+
+def checkpoint_folder(
+    store: JobStore, settings: Settings, call: str, tinker_path: str
+) -> tuple[ts.CheckpointInfo, Path]:
+    """A checkpoint's record and its adapter folder on the volume (404 when either is gone)."""
+    parsed = names.parse_path(call, tinker_path, "path")
+    _run(store, call, parsed.run_id)
+    info = ts.checkpoint(store.client, parsed.run_id, tinker_path)
+    folder = Path(info.folder) if info is not None else None
+    if info is None or folder is None or not folder.is_dir():
+        raise not_found(call, "path", f"no checkpoint {tinker_path[:200]!r} (deleted, or never saved)")
+    return info, folder
+
+
+@router.get(
+    "/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/archive",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/gzip": {}}, "description": "the checkpoint's folder as a tar.gz"}},
+)
+def checkpoint_archive(run_id: str, checkpoint_id: str, store: StoreDep, settings: SettingsDep) -> StreamingResponse:
+    """A checkpoint's adapter folder as a tar.gz (as a job's adapter downloads): the SDK has no call for it,
+    `curl` does."""
+    _info, folder = checkpoint_folder(store, settings, "checkpoint_archive", f"{names.SCHEME}{run_id}/{checkpoint_id}")
+    filename = f"{run_id}-{checkpoint_id}".replace("/", "-").replace(":", "-")
+    headers = {"Content-Disposition": f'attachment; filename="{filename}.tar.gz"'}
+    return StreamingResponse(iter_tar_gz(folder, list_files(folder)), media_type="application/gzip", headers=headers)
 
 
 @router.api_route(

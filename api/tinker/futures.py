@@ -75,7 +75,8 @@ async def retrieve_future(request: Request, store: StoreDep, celery: CeleryDep, 
     client: aioredis.Redis = request.app.state.generation.client
     key = keys.tinker_future_key(body.request_id)
     deadline = time.monotonic() + settings.tinker_poll_s
-    next_check = time.monotonic()
+    # its host is looked after once the future has waited a while: most results come back well before
+    next_check = time.monotonic() + CHECK_HOST_EVERY_S
     state = hosting.HostState("active")
     while True:
         fields = cast(dict[str, str], await client.hgetall(key))

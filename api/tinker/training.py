@@ -176,8 +176,7 @@ def queue_call(
     if seq_id < ts.next_seq_id(client, model_id):
         ts.release_seq_id(client, model_id, seq_id, request_id)
         raise bad_request(call, "seq_id", f"{seq_id} was already run for model {model_id}")
-    ts.push_call(client, TinkerCall(request_id=request_id, model_id=model_id, seq_id=seq_id, op=op))
-    label_future(store, request_id, call)
+    ts.push_call(client, TinkerCall(request_id=request_id, model_id=model_id, seq_id=seq_id, op=op), label=call)
     # No room for a new host now: the call stays queued, and its retrieve_future tries again (saying it waits).
     with contextlib.suppress(TinkerRefusal):
         hosting.rehost_if_idle(store, celery, settings, model_id, call)

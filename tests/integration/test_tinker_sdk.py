@@ -4,13 +4,16 @@ formula, save_state/load_state continue exactly, two clients stay independent, a
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import signal
+import tarfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import tinker
 import torch
@@ -101,6 +104,26 @@ def test_a_supervised_loop_learns_eight_conversations_and_samples_them_back(
         assert seq.tokens == answer
         assert seq.stop_reason == "stop"
         assert len(seq.logprobs) == len(seq.tokens)
+
+    # the trained state is an adapter folder like a job's: chat completions serve it by its tinker:// name,
+    # it downloads as a tar.gz, and the seed's /merge folds it into its base
+    saved = training.save_state("learned").result().path
+    chat = tinker_service.post("/v1/chat/completions", json={
+        "model": saved, "temperature": 0, "max_tokens": 24, "messages": [{"role": "user", "content": PAIRS[3][0]}],
+    })  # fmt: skip
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["message"]["content"] == PAIRS[3][1]
+    run_id, checkpoint_id = saved.removeprefix("tinker://").split("/", 1)
+    archive = tinker_service.get(f"/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id}/archive")
+    assert archive.status_code == 200, archive.text
+    with tarfile.open(fileobj=io.BytesIO(archive.content), mode="r:gz") as tar:
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(tar.getnames())
+    folder = f"tinker/{run_id.replace(':', '-')}/{checkpoint_id}"
+    merged = httpx.post(tinker_service.url + "/merge", timeout=180, json={
+        "model_name": tiny_model_dir.name, "lora_path": folder, "model_output": "learned-merged",
+    })  # fmt: skip
+    assert merged.status_code == 200 and merged.json()["status"] == "success", merged.text
+    assert (tinker_service.base_path / "learned-merged" / "config.json").is_file()
 
 
 def test_forward_logprobs_before_any_step_equal_transformers(tinker_service: Service, tiny_model_dir: Path) -> None:

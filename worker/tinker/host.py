@@ -394,6 +394,8 @@ class ModelHost:
             model = ts.get_model(self.client, str(raw))
             if model is not None and model.job_id == self.record.id:
                 ts.save_model(self.client, model.model_copy(update={"job_id": None}))
+        if self.together:
+            message += f" ({self.together} steps ran several clients' calls at once)"
         return HostOutcome(kind, message, self.calls)
 
 
