@@ -38,23 +38,42 @@ def _session_of_path(store: JobStore, settings: Settings, call: str, model_path:
     return model.base_model, info.folder, str(path)
 
 
+def _target(
+    store: JobStore,
+    settings: Settings,
+    call: str,
+    model_path: str | None,
+    base_model: str | None,
+    missing: tuple[str, str],
+) -> tuple[str, str, str | None, str | None]:
+    """What to sample from: (the base's name, what a worker loads for it, the adapter folder, the tinker path),
+    from a tinker:// path or a base model's name; a 400 on `missing` (field, reason) when neither is given."""
+    adapter: str | None = None
+    if model_path is not None:
+        base_name, adapter, model_path = _session_of_path(store, settings, call, model_path)
+    elif base_model is not None:
+        base_name = base_model
+    else:
+        raise bad_request(call, *missing)
+    return base_name, accepted_base(settings, base_name, call).location, adapter, model_path
+
+
 def _create(store: JobStore, settings: Settings, body: CreateSamplingSession) -> dict[str, Any]:
     call = "create_sampling_session"
     session = ts.get_session(store.client, body.session_id)
     if session is None:
         raise not_found(call, "session_id", f"no session {body.session_id[:100]!r}")
-    adapter: str | None = None
-    model_path: str | None = None
-    if body.model_path is not None:
-        base_name, adapter, model_path = _session_of_path(store, settings, call, body.model_path)
-    elif body.base_model is not None:
-        base_name = body.base_model
-    else:
-        raise bad_request(call, "model_path", "missing: a tinker:// path, or base_model")
-    base = accepted_base(settings, base_name, call)
+    base_name, location, adapter, model_path = _target(
+        store,
+        settings,
+        call,
+        body.model_path,
+        body.base_model,
+        ("model_path", "missing: a tinker:// path, or base_model"),
+    )
     sampler_id = names.sampling_session_id(body.session_id, body.sampling_session_seq_id)
     ts.save_sampling_session(store.client, ts.SamplingSession(
-        sampling_session_id=sampler_id, session_id=body.session_id, base_model=base_name, model_dir=base.location,
+        sampling_session_id=sampler_id, session_id=body.session_id, base_model=base_name, model_dir=location,
         adapter_dir=adapter, model_path=model_path, created_ms=ts.now_ms()))  # fmt: skip
     ts.add_session_sampler(store.client, body.session_id, sampler_id)
     return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
@@ -188,15 +207,10 @@ def _direct_session(store: JobStore, settings: Settings, call: str, body: Sample
         if found is None:
             raise not_found(call, "sampling_session_id", f"no sampling session {body.sampling_session_id[:100]!r}")
         return found
-    adapter, model_path = None, None
-    if body.model_path is not None:
-        base_name, adapter, model_path = _session_of_path(store, settings, call, body.model_path)
-    elif body.base_model is not None:
-        base_name = body.base_model
-    else:
-        raise bad_request(call, "sampling_session_id", "missing")
-    base = accepted_base(settings, base_name, call)
-    return ts.SamplingSession(sampling_session_id="", session_id="", base_model=base_name, model_dir=base.location,
+    base_name, location, adapter, model_path = _target(
+        store, settings, call, body.model_path, body.base_model, ("sampling_session_id", "missing")
+    )
+    return ts.SamplingSession(sampling_session_id="", session_id="", base_model=base_name, model_dir=location,
                               adapter_dir=adapter, model_path=model_path)  # fmt: skip
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.tinker_ops import LOSS_INPUTS, LossName
+from shared.tinker_ops import LossName
 
 DEFAULT_CLIP_LOW = 0.8
 DEFAULT_CLIP_HIGH = 1.2
@@ -75,8 +75,3 @@ def elementwise_loss(
     if loss_fn == "cispo":
         return -(clipped.detach() * lp * advantages)
     raise ValueError(f"unknown loss {loss_fn!r}")
-
-
-def required_inputs(loss_fn: LossName) -> tuple[str, ...]:
-    """The `loss_fn_inputs` keys a loss reads besides `target_tokens`."""
-    return LOSS_INPUTS[loss_fn]

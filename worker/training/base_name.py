@@ -38,7 +38,7 @@ def hub_id_of_snapshot(folder: Path) -> str | None:
     return "/".join(parts) if len(parts) == 2 and all(parts) else None
 
 
-def save_adapter(model: PeftModel, folder: Path, base: str, *, embedding_layers: bool | str = "auto") -> None:
+def save_adapter(model: PeftModel, folder: Path, base: str) -> None:
     """`model.save_pretrained(folder)`, its adapter_config.json naming `base` (`recorded_base`'s name).
 
     While it saves, PEFT's configs name a local copy of the base when there is one (the hub cache's snapshot
@@ -51,9 +51,7 @@ def save_adapter(model: PeftModel, folder: Path, base: str, *, embedding_layers:
     try:
         for config in configs:
             config.base_model_name_or_path = local
-        # `embedding_layers=False`: an adapter with LoRA on a head PEFT counts as an embedding ("lm_head") would
-        # otherwise carry a full copy of that layer's frozen weight
-        model.save_pretrained(str(folder), save_embedding_layers=embedding_layers)
+        model.save_pretrained(str(folder))
     finally:
         for config, name in zip(configs, before, strict=True):
             config.base_model_name_or_path = name
