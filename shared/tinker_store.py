@@ -13,6 +13,7 @@ import time
 from typing import Literal
 
 import redis
+import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from shared import keys
@@ -137,25 +138,34 @@ def new_future(client: redis.Redis, request_id: str, model_id: str | None) -> No
 SETTLED_SIGNAL_TTL_S = 60  # a settled signal nobody waited for goes after this
 
 
-def _settle(client: redis.Redis, request_id: str, fields: dict[str, str]) -> None:
+def _settle(client: redis.Redis, request_id: str, fields: dict[str, str], ran: tuple[str, int] | None) -> None:
     """Write the outcome, then signal it on the future's own list, which a waiting `retrieve_future` pops
-    (BLPOP: it wakes at once, and a signal sent before it started waiting is still there for it)."""
+    (BLPOP: it wakes at once, and a signal sent before it started waiting is still there for it). `ran`: the
+    model and seq_id of the call this settles, its model's next seq_id moved past it in the same round trip."""
     key = keys.tinker_future_key(request_id)
     signal = keys.tinker_settled_key(request_id)
     pipe = client.pipeline()
     pipe.hset(key, mapping=fields)  # type: ignore[arg-type]  # redis-py types the mapping invariantly
     pipe.expire(key, FUTURE_TTL_S)
+    if ran is not None:
+        pipe.set(keys.tinker_seq_key(ran[0]), ran[1] + 1)
     pipe.rpush(signal, "1")
     pipe.expire(signal, SETTLED_SIGNAL_TTL_S)
     pipe.execute()
 
 
-def complete(client: redis.Redis, request_id: str, result: BaseModel) -> None:
-    _settle(client, request_id, {"state": "done", "result": result.model_dump_json()})
+def complete(client: redis.Redis, request_id: str, result: BaseModel, ran: tuple[str, int] | None = None) -> None:
+    _settle(client, request_id, {"state": "done", "result": result.model_dump_json()}, ran)
 
 
-def fail(client: redis.Redis, request_id: str, error: str, category: ErrorCategory = "server") -> None:
-    _settle(client, request_id, {"state": "failed", "error": error, "category": category})
+def fail(
+    client: redis.Redis,
+    request_id: str,
+    error: str,
+    category: ErrorCategory = "server",
+    ran: tuple[str, int] | None = None,
+) -> None:
+    _settle(client, request_id, {"state": "failed", "error": error, "category": category}, ran)
 
 
 def read_future(fields: dict[str, str]) -> Future | None:
@@ -193,10 +203,6 @@ def next_seq_id(client: redis.Redis, model_id: str) -> int:
     return int(raw) if raw else 1  # type: ignore[arg-type]
 
 
-def set_next_seq_id(client: redis.Redis, model_id: str, seq_id: int) -> None:
-    client.set(keys.tinker_seq_key(model_id), seq_id)
-
-
 def push_call(client: redis.Redis, call: TinkerCall, label: str | None = None) -> None:
     """Queue `call` for its model's host, its future pending (one transaction: never a call without a future).
     `label`: the call's name, for the messages about its future."""
@@ -210,6 +216,45 @@ def push_call(client: redis.Redis, call: TinkerCall, label: str | None = None) -
     pipe.expire(key, FUTURE_TTL_S)
     pipe.rpush(keys.tinker_calls_key(call.model_id), call.model_dump_json())
     pipe.execute()
+
+
+# One accepted call, in one step inside Redis (the API's hot path: a training loop sends two calls a step).
+# KEYS: the model's requests hash, its next-seq key, its call list, the future's hash, its hosting job's hash
+# (a key without a status when it has none). ARGV: seq_id, request_id, the call's JSON, the future's fields' values
+# (created_ms, label), the future's TTL.
+# Returns {"earlier", request_id} (the seq_id was sent before: its future), {"ran"} (a seq_id already run),
+# {"lost"} (the hosting job failed or was cancelled: nothing queued) or {"queued", the hosting job's status}.
+QUEUE_CALL = """
+local seq = ARGV[1]
+local earlier = redis.call('HGET', KEYS[1], seq)
+if earlier then return {'earlier', earlier} end
+local status = redis.call('HGET', KEYS[5], 'status') or ''
+if status == 'failed' or status == 'cancelled' then return {'lost'} end
+local next_seq = tonumber(redis.call('GET', KEYS[2]) or '1')
+if tonumber(seq) < next_seq then return {'ran'} end
+redis.call('HSET', KEYS[1], seq, ARGV[2])
+redis.call('HSET', KEYS[4], 'request_id', ARGV[2], 'model_id', ARGV[6], 'state', 'pending', 'created_ms', ARGV[4],
+  'call', ARGV[5])
+redis.call('EXPIRE', KEYS[4], tonumber(ARGV[7]))
+redis.call('RPUSH', KEYS[3], ARGV[3])
+return {'queued', status}
+"""
+
+
+async def queue_call_async(client: aioredis.Redis, call: TinkerCall, label: str, job_id: str | None) -> list[str]:
+    """Queue `call` for its model's host unless its seq_id was sent before, already ran, or its host was lost
+    (`QUEUE_CALL`: what it returns). For the API's event loop: one round trip, no thread."""
+    model_id = call.model_id
+    future_key = keys.tinker_future_key(call.request_id)
+    job_key = keys.job_key(job_id) if job_id else future_key  # no job: a key with no status yet
+    argv: list[str | int] = [call.seq_id, call.request_id, call.model_dump_json(), now_ms(), label, model_id, FUTURE_TTL_S]
+    script = client.register_script(QUEUE_CALL)
+    reply = await script(
+        keys=[keys.tinker_requests_key(model_id), keys.tinker_seq_key(model_id), keys.tinker_calls_key(model_id),
+              future_key, job_key],
+        args=argv,
+    )  # fmt: skip
+    return [str(part) for part in reply]
 
 
 def pop_call(client: redis.Redis, model_id: str, timeout_s: float) -> TinkerCall | None:

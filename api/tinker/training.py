@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from api.tinker.schemas import (
     parse,
     read_body,
 )
-from api.tinker.wire import WireError, decode_forward_backward
+from api.tinker.wire import WireError, WireForward, decode_forward_backward
 from shared import keys
 from shared import tinker_store as ts
 from shared.config import TrainConfig
@@ -197,17 +198,53 @@ def _callable_model(store: JobStore, call: str, model_id: str, seq_id: int | Non
     return model, None
 
 
-def _forward_backward(store: JobStore, celery: Celery, settings: Settings, body: bytes) -> dict[str, Any]:
+# --------------------------------------------------------------------------- the hot path: forward_backward, optim_step
+
+OFF_LOOP_BYTES = 256 * 1024  # a request this large is decoded and checked on a thread, not on the event loop
+
+
+async def queue_hot(
+    request: Request, store: JobStore, celery: Celery, settings: Settings, call: str, model_id: str, seq_id: int,
+    make_op: Callable[[ts.TinkerModel], TinkerOp], *, heavy: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """`queue_call` for the calls of a training loop, on the event loop: the model and a retry's future in one
+    round trip, the call queued in another (`shared.tinker_store.QUEUE_CALL`). Only the rare turns (a lost
+    host, a model to host again) take a thread. `make_op` checks the call's content (on a thread when `heavy`)."""
+    aclient = request.app.state.generation.client
+    pipe = aclient.pipeline(transaction=False)
+    pipe.get(keys.tinker_model_key(model_id))
+    pipe.hget(keys.tinker_requests_key(model_id), str(seq_id))
+    raw, earlier = await pipe.execute()
+    if raw is None:
+        raise not_found(call, "model_id", f"no model {model_id[:100]!r}")
+    model = ts.TinkerModel.model_validate_json(raw)
+    if earlier:
+        return _future(str(earlier), model_id)
+    if model.closed:
+        raise bad_request(call, "model_id", f"model {model_id} is closed: its session finished")
+    if seq_id < 1:
+        raise bad_request(call, "seq_id", f"{seq_id}: a training client's calls are numbered from 1")
+    op = await run_in_threadpool(make_op, model) if heavy else make_op(model)
+    tinker_call = TinkerCall(request_id=str(uuid.uuid4()), model_id=model_id, seq_id=seq_id, op=op)
+    reply = await ts.queue_call_async(aclient, tinker_call, call, model.job_id)
+    if reply[0] == "earlier":  # sent again meanwhile: the first one's future
+        return _future(reply[1], model_id)
+    if reply[0] == "ran":
+        raise bad_request(call, "seq_id", f"{seq_id} was already run for model {model_id}")
+    if reply[0] == "lost":  # fails what is queued and answers the 400; a host found again meanwhile: queue as usual
+        await run_in_threadpool(hosting.refuse_if_lost, store, model, call)
+        return await run_in_threadpool(queue_call, store, celery, settings, call, model, seq_id, op)
+    if model.job_id is None or reply[1] in ("", "succeeded"):  # its host went idle: host it again
+        with contextlib.suppress(TinkerRefusal):  # no room now: the call waits, and retrieve_future tries again
+            await run_in_threadpool(hosting.rehost_if_idle, store, celery, settings, model_id, call)
+    return _future(tinker_call.request_id, model_id)
+
+
+def _decode(body: bytes) -> WireForward:
     try:
-        wire = decode_forward_backward(body)
+        return decode_forward_backward(body)
     except WireError as exc:
         raise bad_request("forward_backward", "body", str(exc)) from exc
-    call = "forward" if wire.forward_only else "forward_backward"
-    model, earlier = _callable_model(store, call, wire.model_id, wire.seq_id)
-    if earlier is not None:
-        return _future(earlier, model.model_id)
-    op = validate.forward_op(call, wire, model.vocab_size, settings)
-    return queue_call(store, celery, settings, call, model, wire.seq_id, op)
 
 
 @router.post("/forward_backward")
@@ -220,22 +257,21 @@ async def forward_backward(
             "forward_backward", "content-encoding", f"{encoding!r} is not supported (send it uncompressed)"
         )
     body = await read_body(request, "forward_backward", settings)
-    return await run_in_threadpool(_forward_backward, store, celery, settings, body)
-
-
-def _optim_step(store: JobStore, celery: Celery, settings: Settings, body: OptimStep) -> dict[str, Any]:
-    call = "optim_step"
-    model, earlier = _callable_model(store, call, body.model_id, body.seq_id)
-    if earlier is not None:
-        return _future(earlier, model.model_id)
-    op = validate.optim_op(call, body.adam_params, body.optimizer_params or body.optim_params)
-    return queue_call(store, celery, settings, call, model, body.seq_id, op)
+    heavy = len(body) > OFF_LOOP_BYTES
+    wire = await run_in_threadpool(_decode, body) if heavy else _decode(body)
+    call = "forward" if wire.forward_only else "forward_backward"
+    return await queue_hot(request, store, celery, settings, call, wire.model_id, wire.seq_id,
+                           lambda model: validate.forward_op(call, wire, model.vocab_size, settings),
+                           heavy=heavy)  # fmt: skip
 
 
 @router.post("/optim_step")
 async def optim_step(request: Request, store: StoreDep, celery: CeleryDep, settings: SettingsDep) -> dict[str, Any]:
     body = await parse(request, OptimStep, "optim_step", settings)
-    return await run_in_threadpool(_optim_step, store, celery, settings, body)
+    call = "optim_step"
+    return await queue_hot(request, store, celery, settings, call, body.model_id, body.seq_id,
+                           lambda _model: validate.optim_op(call, body.adam_params,
+                                                            body.optimizer_params or body.optim_params))  # fmt: skip
 
 
 def _check_free(store: JobStore, call: str, model: ts.TinkerModel, path: names.TinkerPath, folder: Path) -> None:

@@ -68,7 +68,7 @@ POP_WAIT_S = 0.5  # one BLPOP's wait: how soon a stop request or an idle timeout
 GAP_WAIT_S = 1.0  # how long a missing seq_id holds back the calls after it (see the module docstring)
 MODEL_CHECK_S = 2.0  # how often the clients' records are read again (a session may have finished)
 TOGETHER_WAIT_S = 0.02  # the longest a lone forward call waits for another client's (see _hold_for_company)
-ACTIVE_S = 2.0  # a client with a call this recent is in the middle of a loop
+ACTIVE_S = 2.0  # at most this long after its last forward call is a client still counted as in a loop
 IDLE_STATE = ".idle-state"  # a client's state saved when it leaves its host, in its model's folder
 
 
@@ -93,6 +93,21 @@ class Client:
     gap_since: float | None = None
     last_call: float = field(default_factory=time.monotonic)
     losses: list[float] = field(default_factory=list)
+    last_forward: float | None = None  # when its last forward call arrived
+    cadence: float | None = None  # the usual time between its forward calls' arrivals (a moving average)
+
+    def forward_arrived(self, now: float) -> None:
+        if self.last_forward is not None:
+            gap = now - self.last_forward
+            self.cadence = gap if self.cadence is None else 0.7 * self.cadence + 0.3 * gap
+        self.last_forward = now
+
+    def in_loop(self, now: float) -> bool:
+        """Whether its next forward call is due about now: it came at a steady pace, and not much more than one
+        pace ago (a client that stopped to sample or evaluate is not waited for)."""
+        if self.last_forward is None or self.cadence is None:
+            return False
+        return now - self.last_forward < min(ACTIVE_S, 2 * self.cadence)
 
 
 class ModelHost:
@@ -239,6 +254,8 @@ class ModelHost:
             log.info("model %s: seq_id %d ran already; ignoring its repeat", call.model_id, call.seq_id)
             return
         client.waiting[call.seq_id] = call
+        if isinstance(call.op, ForwardOp):
+            client.forward_arrived(time.monotonic())
 
     def _ready_forwards(self) -> list[tuple[Client, TinkerCall]]:
         """Each client's next call, where it has arrived and is a forward or forward_backward."""
@@ -250,9 +267,9 @@ class ModelHost:
         return ready
 
     def _hold_for_company(self) -> bool:
-        """Wait a moment (`TOGETHER_WAIT_S`) before running a lone forward call while another client that is
-        in the middle of a loop (a call within `ACTIVE_S`) has none ready: its call likely arrives within
-        milliseconds, and the two then run as one step (`worker.tinker.together`)."""
+        """Wait a moment (`TOGETHER_WAIT_S`) before running a lone forward call while another client in the
+        middle of a loop (`Client.in_loop`: its next forward call is due) has none ready: its call likely
+        arrives within milliseconds, and the two then run as one step (`worker.tinker.together`)."""
         if self.fast is None or len(self.clients) < 2:
             return False
         ready = self._ready_forwards()
@@ -260,11 +277,10 @@ class ModelHost:
             self.hold_since = None
             return False
         now = time.monotonic()
-        others_active = any(
-            c is not ready[0][0] and c.next_seq not in c.waiting and now - c.last_call < ACTIVE_S
-            for c in self.clients.values()
+        others_due = any(
+            c is not ready[0][0] and c.next_seq not in c.waiting and c.in_loop(now) for c in self.clients.values()
         )
-        if not others_active:
+        if not others_due:
             self.hold_since = None
             return False
         self.hold_since = self.hold_since or now
@@ -289,10 +305,9 @@ class ModelHost:
             for (client, call), result in zip(group, results, strict=True):
                 if kind == "forward_backward":
                     client.losses.append(result.metrics["loss:sum"])
-                ts.complete(self.client, call.request_id, result)
+                ts.complete(self.client, call.request_id, result, ran=(call.model_id, call.seq_id))
                 client.waiting.pop(call.seq_id)
                 client.next_seq += 1
-                ts.set_next_seq_id(self.client, client.model.model_id, client.next_seq)
                 client.last_call = time.monotonic()
                 self.calls += 1
             self.together += 1
@@ -306,9 +321,8 @@ class ModelHost:
                 client.next_seq = min(client.waiting)
         while client.next_seq in client.waiting:
             client.gap_since = None
-            self.run(client, client.waiting.pop(client.next_seq))
+            self.run(client, client.waiting.pop(client.next_seq))  # settling it moves the model's next seq_id on
             client.next_seq += 1
-            ts.set_next_seq_id(self.client, client.model.model_id, client.next_seq)
             client.last_call = time.monotonic()
 
     def _check_clients(self) -> None:
@@ -322,6 +336,7 @@ class ModelHost:
         trainer = client.trainer
         op = call.op
         name = op.op
+        ran = (call.model_id, call.seq_id)
         result: BaseModel
         try:
             if isinstance(op, ForwardOp):
@@ -341,14 +356,15 @@ class ModelHost:
                 result = UnloadResult(model_id=client.model.model_id)
         except (CheckpointError, ValueError, IndexError) as exc:
             log.info("model %s: %s (seq %d) refused: %s", call.model_id, name, call.seq_id, exc)
-            ts.fail(self.client, call.request_id, f"{name}: {exc}", "user")
+            ts.fail(self.client, call.request_id, f"{name}: {exc}", "user", ran)
         except Exception as exc:
             log.error("model %s: %s (seq %d) failed:\n%s", call.model_id, name, call.seq_id, traceback.format_exc())
-            ts.fail(self.client, call.request_id, f"{name} failed on the worker: {type(exc).__name__}: {exc}", "server")
+            ts.fail(self.client, call.request_id, f"{name} failed on the worker: {type(exc).__name__}: {exc}", "server",
+                    ran)  # fmt: skip
             if isinstance(exc, torch.OutOfMemoryError):
                 torch.cuda.empty_cache()
         else:
-            ts.complete(self.client, call.request_id, result)
+            ts.complete(self.client, call.request_id, result, ran)
         self.calls += 1
 
     def _save(self, client: Client, op: SaveOp) -> SaveResult:

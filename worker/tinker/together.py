@@ -3,7 +3,8 @@
 Clients on one hosting job share the frozen base (`worker.tinker.host`); each has its own LoRA adapter. Their
 calls are packed into one row, so the base's weights are read once for all of them. Each LoRA layer is routed
 for the step: its adapters are switched off (the layer computes the base alone) and a forward hook adds, to
-each client's stretch of the row, that client's adapter's delta (`Routing`). The LM head's rows are taken one
+each client's stretch of the row, that client's adapter's delta: all clients' in two matmuls, their A and B
+matrices stacked and a mask keeping each token to its own client's columns (`Routing`, `_stacked_delta`). The LM head's rows are taken one
 client at a time through `RoutedHead`, which sets the head's adapter before every call, so the chunks that
 activation checkpointing recomputes in the backward are recomputed with the right adapter too. One backward
 of the summed losses sends each adapter the gradient of its own client's loss alone: the losses, gradients and
@@ -36,12 +37,47 @@ class Routing:
 
     token_segments: list[tuple[str, int]] = field(default_factory=list)  # (adapter, tokens)
     row_adapter: str | None = None
+    _masks: dict[tuple[tuple[str, int, float], ...], torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, columns: tuple[tuple[str, int, float], ...], device: torch.device) -> torch.Tensor:
+        """(tokens, total rank): each token's own adapter's rank columns hold that adapter's scaling, the other
+        adapters' columns 0. `columns`: the layer's adapters in order, with their rank and scaling. The same for
+        every layer adapting the same clients, so made once a step."""
+        mask = self._masks.get(columns)
+        if mask is None:
+            total = sum(n for _, n in self.token_segments)
+            mask = torch.zeros(total, sum(rank for _, rank, _ in columns), dtype=torch.float32)
+            start = {name: sum(rank for _, rank, _ in columns[:i]) for i, (name, _, _) in enumerate(columns)}
+            widths = {name: (rank, scaling) for name, rank, scaling in columns}
+            offset = 0
+            for adapter, n in self.token_segments:
+                if adapter in widths:  # a client that does not adapt this layer adds nothing to it
+                    rank, scaling = widths[adapter]
+                    mask[offset : offset + n, start[adapter] : start[adapter] + rank] = scaling
+                offset += n
+            mask = self._masks[columns] = mask.to(device)
+        return mask
 
 
 def _delta(layer: Any, adapter: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     lora_a = layer.lora_A[adapter]
     x = layer._cast_input_dtype(x, lora_a.weight.dtype)
     return (layer.lora_B[adapter](lora_a(x)) * layer.scaling[adapter]).to(dtype)
+
+
+def _stacked_delta(layer: Any, routing: Routing, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Every client's LoRA delta over the packed row in two matmuls: the clients' A stacked, masked so that each
+    token keeps its own client's rank columns (scaled), then the clients' B stacked. The masked columns carry no
+    gradient, so each adapter's gradient comes from its own client's tokens alone."""
+    names = [adapter for adapter in dict.fromkeys(a for a, _ in routing.token_segments) if adapter in layer.lora_A]
+    if not names:
+        return x.new_zeros(())
+    a = torch.cat([layer.lora_A[n].weight for n in names]) if len(names) > 1 else layer.lora_A[names[0]].weight
+    b = torch.cat([layer.lora_B[n].weight for n in names], 1) if len(names) > 1 else layer.lora_B[names[0]].weight
+    columns = tuple((n, int(layer.lora_A[n].weight.shape[0]), float(layer.scaling[n])) for n in names)
+    mask = routing.mask(columns, x.device)
+    low = layer._cast_input_dtype(x, a.dtype) @ a.t()
+    return ((low * mask.to(low.dtype)) @ b.t()).to(dtype)
 
 
 def _hook(routing: Routing) -> Any:
@@ -52,15 +88,7 @@ def _hook(routing: Routing) -> Any:
             if adapter is None or adapter not in layer.lora_A:
                 return output
             return output + _delta(layer, adapter, x, output.dtype)
-        pieces, offset = [], 0
-        for adapter, n in routing.token_segments:
-            part = x[:, offset : offset + n]
-            if adapter in layer.lora_A:
-                pieces.append(_delta(layer, adapter, part, output.dtype))
-            else:  # this client does not adapt this layer
-                pieces.append(output.new_zeros((*output.shape[:1], n, output.shape[-1])))
-            offset += n
-        return output + torch.cat(pieces, dim=1)
+        return output + _stacked_delta(layer, routing, x, output.dtype)
 
     return add_deltas
 

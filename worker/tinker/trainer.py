@@ -202,7 +202,6 @@ class TinkerTrainer:
             group["eps"] = op.eps
             group["weight_decay"] = op.weight_decay
         max_norm = op.grad_clip_norm if op.grad_clip_norm > 0 else math.inf
-        self.activate()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

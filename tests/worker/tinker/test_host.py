@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import uuid
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import redis
@@ -20,7 +21,7 @@ from shared.store import JobStore
 from shared.tinker_ops import ForwardOp, ForwardResult, OptimStepOp, SaveOp, TinkerCall, TinkerDatum
 from tests.service import wait_until
 from worker.jobs.lease import LeaseKeeper
-from worker.tinker.host import IDLE_STATE, HostOutcome, host_model
+from worker.tinker.host import ACTIVE_S, IDLE_STATE, Client, HostOutcome, host_model
 
 DATA = [TinkerDatum(tokens=[5, 9, 13, 2], target_tokens=[9, 13, 2, 7], weights=[0.0, 1.0, 1.0, 1.0])]
 
@@ -195,3 +196,19 @@ def test_two_clients_share_one_base_and_train_independently(
         assert hosting.error is None, repr(hosting.error)
         left = ts.get_model(redis_client, second.model_id)
         assert left is not None and left.load_from is None
+
+
+def test_a_client_counts_as_in_a_loop_only_while_its_next_forward_call_is_due(tmp_path: Path) -> None:
+    model = ts.TinkerModel(model_id="s:train:0", session_id="s", base_model="tiny", rank=4)
+    client = Client(model, cast(Any, None), tmp_path, next_seq=1)
+    client.forward_arrived(100.0)
+    assert not client.in_loop(100.01)  # one call says nothing of a pace
+    for at in (100.03, 100.06, 100.09):  # a loop sending a forward call every 30 ms
+        client.forward_arrived(at)
+    assert client.cadence == pytest.approx(0.03)
+    assert client.in_loop(100.11)  # its next call is due
+    assert not client.in_loop(100.16)  # two paces without one: it stopped (to sample, say); no one waits for it
+    client.forward_arrived(110.0)  # back after 10 s: the pause is not its pace ...
+    assert client.cadence is not None
+    assert client.in_loop(110.0 + min(ACTIVE_S, 2 * client.cadence) - 0.01)
+    assert not client.in_loop(110.0 + ACTIVE_S)  # ... and the wait is bounded whatever the pace
