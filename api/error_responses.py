@@ -22,6 +22,7 @@ STATUS: dict[type[e.ServiceError], int] = {
     e.NotFound: 404,
     e.UploadStalled: 408,
     e.SlotsBusy: 409,
+    e.NoWorkers: 409,
     e.WrongJobState: 409,
     e.OutputInUse: 409,
     e.PayloadTooLarge: 413,

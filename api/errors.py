@@ -146,6 +146,16 @@ class SlotsBusy(ServiceError):
         return {"running_jobs": self.running}
 
 
+class NoWorkers(ServiceError):
+    """No training worker is up: there is no slot at all (a job that may wait joins the waiting line instead)."""
+
+    def __init__(self, within_s: float) -> None:
+        super().__init__(
+            f"no training worker is up (none has reported in the last {within_s:.0f} s), so no job can start; "
+            "start a worker, or submit through /v1/fine_tuning/jobs to wait in the queue for one"
+        )
+
+
 class QueueFull(ServiceError):
     """Every slot is taken and the waiting line is at LORA_MAX_QUEUED_JOBS."""
 

@@ -24,12 +24,14 @@ from api.errors import (
     BrokerUnavailable,
     InvalidInput,
     ModelNotAllowed,
+    NoWorkers,
     OutputInUse,
     QueueFull,
     SlotsBusy,
     field_error,
 )
 from api.paths import UnsafePathError, model_location, resolve_inside
+from shared import workers
 from shared.admission import promote_waiting, publish_or_fail
 from shared.config import TrainConfig
 from shared.job_ids import new_job_id
@@ -154,16 +156,17 @@ def admit_job(store: JobStore, celery: Celery, settings: Settings, record: JobRe
 def _admit(store: JobStore, celery: Celery, settings: Settings, record: JobRecord, *, wait: bool) -> JobRecord:
     """Take a slot and enqueue (or, with `wait`, join the waiting line): SlotsBusy / QueueFull when
     refused, BrokerUnavailable when the task cannot be published (the job is then recorded as failed)."""
+    slots = workers.capacity(store.client, settings)
     result = store.admit(
         record,
-        max_slots=settings.max_concurrent_jobs,
+        max_slots=slots,
         queue_timeout_s=settings.queue_timeout_s,
         max_waiting=settings.max_queued_jobs if wait else 0,
     )
     if result.line_full or (wait and not result.accepted):
         raise QueueFull(settings.max_queued_jobs)
     if not result.accepted:
-        raise SlotsBusy(result.running)
+        raise NoWorkers(workers.fresh_s(settings)) if slots == 0 else SlotsBusy(result.running)
     if not result.admitted:  # waiting: a slot may have freed meanwhile (promotion is atomic, never twice)
         promote_waiting(store, celery, settings)
         return store.get(record.id) or record
@@ -180,14 +183,17 @@ def _admit(store: JobStore, celery: Celery, settings: Settings, record: JobRecor
 def ensure_room(store: JobStore, settings: Settings, *, wait: bool) -> None:
     """SlotsBusy (or with `wait`, QueueFull) before reading a possibly large body when the job could not
     be taken anyway (admission re-checks atomically)."""
+    slots = workers.capacity(store.client, settings)
     if wait:
         if store.waiting_count() >= settings.max_queued_jobs and (
-            settings.max_queued_jobs > 0 or len(store.active_ids()) >= settings.max_concurrent_jobs
+            settings.max_queued_jobs > 0 or len(store.active_ids()) >= slots
         ):
             raise QueueFull(settings.max_queued_jobs)
         return
+    if slots == 0:
+        raise NoWorkers(workers.fresh_s(settings))
     running = store.active_ids()
-    if len(running) >= settings.max_concurrent_jobs or store.waiting_count():
+    if len(running) >= slots or store.waiting_count():
         raise SlotsBusy(running)
 
 

@@ -11,6 +11,7 @@ import logging
 
 from celery import Celery
 
+from shared import workers
 from shared.settings import Settings
 from shared.store import JobStore
 from shared.tasks import publish_train
@@ -32,7 +33,8 @@ def publish_or_fail(store: JobStore, celery: Celery, job_id: str, *, what: str =
 
 def promote_waiting(store: JobStore, celery: Celery, settings: Settings) -> list[str]:
     """Give free slots to the longest-waiting jobs and publish their tasks; returns their ids."""
-    promoted = store.promote(max_slots=settings.max_concurrent_jobs, queue_timeout_s=settings.queue_timeout_s)
+    slots = workers.capacity(store.client, settings)
+    promoted = store.promote(max_slots=slots, queue_timeout_s=settings.queue_timeout_s)
     for job_id in promoted:
         log.info("job %s: a slot is free; publishing it", job_id)
         publish_or_fail(store, celery, job_id)

@@ -14,6 +14,7 @@ from shared.config import TrainConfig
 from shared.events import JobEvent
 from shared.jobs import SEED_STATUS, JobRecord, JobStatus, Progress
 from shared.metrics import TrainingSummary
+from shared.workers import Capacity
 
 
 def shown_progress(record: JobRecord) -> Progress:
@@ -68,6 +69,7 @@ class SeedStatusPublic(BaseModel):
     eta_seconds: float | None = None
     allocated_gpu_memory: float | None = Field(default=None, description="MiB, while a job runs (0 on a CPU worker)")
     reserved_gpu_memory: float | None = Field(default=None, description="MiB, while a job runs (0 on a CPU worker)")
+    capacity: Capacity | None = Field(default=None, description="The live training workers and their slots")
 
     @classmethod
     def idle(cls) -> SeedStatusPublic:

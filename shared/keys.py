@@ -8,6 +8,13 @@ JOB_PREFIX = PREFIX + "job:"  # hash per job: JOB_PREFIX + id
 EVENTS_SUFFIX = ":events"  # stream per job: JOB_PREFIX + id + EVENTS_SUFFIX
 
 
+WORKER_PREFIX = PREFIX + "worker:"  # string per training worker: what it announced (shared.workers), expiring
+
+
+def worker_info_key(name: str) -> str:
+    return WORKER_PREFIX + name
+
+
 def job_key(job_id: str) -> str:
     return JOB_PREFIX + job_id
 

@@ -26,7 +26,11 @@ class Settings(BaseSettings):
 
     base_path: Path = Field(default=Path("./models"), description="Volume for datasets and adapters.")
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Broker and job store.")
-    max_concurrent_jobs: int = Field(default=1, ge=1, description="Training slots (one per GPU).")
+    max_concurrent_jobs: int | None = Field(
+        default=None,
+        ge=1,
+        description="A cap on training slots; unset, the slots are those the live workers announce (one per GPU).",
+    )
     max_upload_mb: float = Field(default=1024.0, gt=0, description="Largest accepted dataset upload.")
     max_record_kb: int = Field(default=8192, ge=1, description="Largest single dataset record.")
     max_records: int = Field(default=2_000_000, ge=1, description="Most records in one dataset.")

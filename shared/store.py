@@ -414,15 +414,14 @@ class JobStore:
         seconds, micros = cast(tuple[int, int], self.client.time())
         return seconds * 1000 + micros // 1000
 
-    def heartbeat_worker(self, name: str) -> None:
-        self.client.zadd(keys.WORKERS, {name: self._now_ms()})
-
-    def forget_worker(self, name: str) -> None:
-        self.client.zrem(keys.WORKERS, name)
-
-    def workers_alive(self, *, within_s: float) -> list[str]:
-        low = self._now_ms() - int(within_s * 1000)
-        return cast(list[str], self.client.zrangebyscore(keys.WORKERS, low, "+inf"))
+    def slot_holders(self) -> list[tuple[str, str | None, str]]:
+        """The jobs holding a slot: (id, the worker that runs it, status), in one pipelined read."""
+        ids = self.active_ids()
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hmget(keys.job_key(job_id), ["worker", "status"])
+        rows = cast(list[list[str | None]], pipe.execute()) if ids else []
+        return [(job_id, row[0] or None, row[1] or "") for job_id, row in zip(ids, rows, strict=True)]
 
     # Base models in use (what /v1/models lists and chat resolves), without reading every job.
     def note_base_model(self, name: str, *, at_ms: int | None = None) -> None:

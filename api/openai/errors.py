@@ -50,6 +50,7 @@ SHAPES: dict[type[e.ServiceError], Shape] = {
     e.ModelNotFound: Shape(404, _INVALID, "model_not_found", "model"),
     e.UploadStalled: Shape(408, _INVALID),
     e.SlotsBusy: Shape(409, "conflict_error", "training_slots_full"),
+    e.NoWorkers: Shape(409, "conflict_error", "no_training_worker"),
     e.WrongJobState: Shape(409, "conflict_error"),
     e.NotPausable: Shape(400, _INVALID, "invalid_job_state", "fine_tuning_job_id"),
     e.OutputInUse: Shape(409, "conflict_error", "output_in_use"),

@@ -9,17 +9,13 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import key_matches
 from api.deps import SettingsDep, StoreDep
 from api.errors import REDIS_DOWN, store_unavailable
+from shared import workers
 from shared.jobs import JobStatus
 from shared.settings import Settings
 from shared.store import JobStore
 from shared.tasks import QUEUE
 
 router = APIRouter(tags=["health"])
-
-
-def worker_fresh_s(settings: Settings) -> float:
-    """A worker heartbeats every reap interval; silent for three of them (at least 10 s) means gone."""
-    return max(10.0, 3 * settings.reap_interval_s)
 
 
 @router.get("/healthz")
@@ -37,15 +33,23 @@ async def readyz(request: Request, store: StoreDep, settings: SettingsDep) -> JS
     given = dict(request.scope["headers"]).get(b"authorization", b"")
     detailed = not settings.api_key or key_matches(given, settings.api_key)  # "" (compose's unset) is no key
     try:
-        workers = await run_in_threadpool(store.workers_alive, within_s=worker_fresh_s(settings))
+        alive = await run_in_threadpool(workers.live, store.client, settings)
     except REDIS_DOWN as exc:
         reason = store_unavailable(exc, settings.redis_url).message
         return _unavailable(reason if detailed else None)
-    if not workers:
+    if not alive:
         return _unavailable(
-            f"no worker has reported in the last {worker_fresh_s(settings):.0f} s" if detailed else None
+            f"no worker has reported in the last {workers.fresh_s(settings):.0f} s" if detailed else None
         )
-    return JSONResponse(content={"status": "ready", "workers": workers} if detailed else {"status": "ready"})
+    names = [info.name for info, _ in alive]
+    return JSONResponse(content={"status": "ready", "workers": names} if detailed else {"status": "ready"})
+
+
+@router.get("/health", responses={503: {"description": "Redis unreachable"}})
+def health(store: StoreDep, settings: SettingsDep) -> workers.Capacity:
+    """The training workers that are alive (host, GPU, busy or free, the job each trains) and the slots they
+    bring: what admission counts."""
+    return workers.overview(store.client, settings, store.slot_holders())
 
 
 def _unavailable(reason: str | None) -> JSONResponse:
@@ -64,7 +68,10 @@ def _metrics_text(store: JobStore, settings: Settings) -> str:
         f"lora_queue_depth {store.client.llen(QUEUE)}",
         "# HELP lora_workers_alive Workers that reported recently.",
         "# TYPE lora_workers_alive gauge",
-        f"lora_workers_alive {len(store.workers_alive(within_s=worker_fresh_s(settings)))}",
+        f"lora_workers_alive {len(workers.live(store.client, settings))}",
+        "# HELP lora_training_slots Training slots the live workers bring (capped by LORA_MAX_CONCURRENT_JOBS).",
+        "# TYPE lora_training_slots gauge",
+        f"lora_training_slots {workers.capacity(store.client, settings)}",
         "# HELP lora_training_tokens_per_second Real (unpadded) tokens per second of each running job.",
         "# TYPE lora_training_tokens_per_second gauge",
         "# HELP lora_training_step_seconds Wall time of the latest optimizer step of each running job.",

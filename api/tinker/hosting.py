@@ -17,7 +17,7 @@ from typing import Literal
 
 from celery import Celery
 
-from api.errors import BrokerUnavailable, QueueFull, SlotsBusy
+from api.errors import BrokerUnavailable, NoWorkers, QueueFull, SlotsBusy
 from api.submission import admit_job
 from api.tinker.bases import accepted_base
 from api.tinker.errors import TinkerRefusal, busy, unavailable
@@ -86,7 +86,7 @@ def ensure_hosted(store: JobStore, celery: Celery, settings: Settings, model: ts
     ts.save_model(store.client, model)  # before admission: the host reads the model as soon as it starts
     try:
         admit_job(store, celery, settings, record, wait=True)
-    except (QueueFull, SlotsBusy) as exc:
+    except (QueueFull, SlotsBusy, NoWorkers) as exc:
         _undo(store, model, previous)
         raise busy(call, f"no training slot for model {model.model_id}: {exc}", retry_after_s=10) from exc
     except BrokerUnavailable as exc:

@@ -1,6 +1,7 @@
 """The fast tier: the ASGI app in this process (Starlette's TestClient, which runs its lifespan) over the
-real Redis-compatible server; no worker and no subprocess. Admitted jobs stay queued, their tasks in
-the broker's queue. The hub ids these tests train on (the seed's default, `some/model`) are in a Hugging Face
+real Redis-compatible server; no worker process and no subprocess, but a training worker's announcement (the
+slots admission counts: tests/fixtures/worker_announcement.py). Admitted jobs stay queued, their tasks in the
+broker's queue. The hub ids these tests train on (the seed's default, `some/model`) are in a Hugging Face
 cache of the test's own, as on a host that downloaded them; the hub itself stays offline."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from api.main import create_app
 from shared.settings import Settings
 from shared.store import JobStore
 from tests.fixtures.hub_cache import add_cached_model
+from tests.fixtures.worker_announcement import announced_worker
 
 CACHED_MODELS = ("Qwen/Qwen2.5-0.5B", "some/model")
 
@@ -43,8 +45,11 @@ def settings(tmp_path: Path, redis_client: redis.Redis, redis_url: str) -> Setti
 
 
 @pytest.fixture
-def api(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as client:
+def api(settings: Settings, redis_client: redis.Redis) -> Iterator[TestClient]:
+    """The app, with one training worker's announcement in Redis (the slots admission counts: as many as the
+    test's settings cap, else one); its jobs stay queued, since no worker process takes them."""
+    slots = settings.max_concurrent_jobs or 1
+    with announced_worker(redis_client, settings, slots=slots), TestClient(create_app(settings)) as client:
         yield client
 
 

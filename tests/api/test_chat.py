@@ -20,6 +20,7 @@ from shared.jobs import Progress
 from shared.settings import Settings
 from shared.store import JobStore
 from tests.data import easy_records, jsonl
+from tests.fixtures.worker_announcement import announced_worker
 
 BASE = "tiny-base"
 
@@ -30,7 +31,7 @@ def api(tmp_path: Path, redis_client: redis.Redis, redis_url: str) -> Iterator[T
                         generation_max_pending=1, generation_timeout_s=1.0, generation_max_tokens=100)  # fmt: skip
     (settings.base_path / BASE).mkdir(parents=True)
     (settings.base_path / BASE / "config.json").write_text("{}")
-    with TestClient(create_app(settings)) as client:
+    with announced_worker(redis_client, settings), TestClient(create_app(settings)) as client:
         files = {"config": (None, json.dumps({"model_name": BASE})), "file": ("d.jsonl", jsonl(easy_records(8)))}
         r = client.post("/train", files=files)
         assert r.status_code == 202, r.text

@@ -20,6 +20,7 @@ from shared.settings import Settings
 from shared.store import JobStore
 from shared.tasks import QUEUE
 from tests.data import easy_records, jsonl
+from tests.fixtures.worker_announcement import announced_worker
 
 
 @pytest.fixture
@@ -29,8 +30,8 @@ def settings(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-def api(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as client:
+def api(settings: Settings, redis_client: redis.Redis) -> Iterator[TestClient]:
+    with announced_worker(redis_client, settings), TestClient(create_app(settings)) as client:
         yield client
 
 

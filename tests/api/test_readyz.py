@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from launcher.embedded_redis import free_port
+from shared import workers
 from shared.settings import Settings
 from shared.store import JobStore
 
@@ -28,7 +29,7 @@ def test_without_a_key_configured_the_details_are_shown(settings: Settings, stor
     status, body = _readyz(settings)
     assert status == 503 and str(body.pop("reason")).startswith("no worker has reported in the last")
     assert body == {"status": "unavailable"}
-    store.heartbeat_worker("gpu0@host-a")
+    workers.announce(store.client, workers.WorkerInfo(name="gpu0@host-a", host="host-a"), settings)
     assert _readyz(settings) == (200, {"status": "ready", "workers": ["gpu0@host-a"]})
 
 
@@ -50,7 +51,7 @@ def test_with_a_key_only_its_holder_sees_the_workers(
     reason = body.pop("reason", None)
     assert body == {"status": "unavailable"}
     assert str(reason).startswith("no worker has reported") if detailed else reason is None
-    store.heartbeat_worker("gpu0@host-a")
+    workers.announce(store.client, workers.WorkerInfo(name="gpu0@host-a", host="host-a"), settings)
     status, body = _readyz(keyed, headers)
     assert status == 200
     assert body == ({"status": "ready", "workers": ["gpu0@host-a"]} if detailed else {"status": "ready"})

@@ -16,9 +16,13 @@ app = make_celery(get_settings(), include=["worker.jobs.tasks"])
 
 @worker_ready.connect
 def _on_ready(sender: Any = None, **_: Any) -> None:
-    from worker.jobs.maintenance import start_maintenance
+    from worker.jobs.maintenance import start_maintenance, worker_info
+    from worker.jobs.runner import worker_name
 
-    start_maintenance(app, get_settings(), getattr(sender, "hostname", None) or "worker")
+    # its slots: the pool's processes, each training one job at a time
+    slots = int(getattr(getattr(sender, "controller", None), "concurrency", None) or app.conf.worker_concurrency or 1)
+    name = getattr(sender, "hostname", None) or "worker"
+    start_maintenance(app, get_settings(), worker_info(name, slots, runner=worker_name(parent=True)))
 
 
 @worker_shutdown.connect

@@ -1,4 +1,4 @@
-"""The worker's housekeeping thread (main process): heartbeat for readiness, and the reaper.
+"""The worker's housekeeping thread (main process): its announcement (shared.workers), and the reaper.
 
 Every worker reaps, so lapsed leases are settled even when no API process is running.
 """
@@ -6,10 +6,15 @@ Every worker reaps, so lapsed leases are settled even when no API process is run
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import socket
+import subprocess
 import threading
 
 from celery import Celery
 
+from shared import workers
 from shared.reaper import reap_once
 from shared.settings import Settings
 from shared.store import JobStore, connect
@@ -17,14 +22,40 @@ from shared.store import JobStore, connect
 log = logging.getLogger(__name__)
 
 
-def start_maintenance(celery: Celery, settings: Settings, name: str) -> threading.Event:
+def visible_gpu() -> tuple[str | None, int | None]:
+    """The name and memory (MiB) of the first GPU this worker's jobs see, from nvidia-smi: the main process must
+    not initialise CUDA (its pool children are forked from it). (None, None) on a host without one."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None, None
+    try:
+        out = subprocess.run([smi, "--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.info("nvidia-smi gave no GPU list: %s", exc)
+        return None, None
+    rows = [[part.strip() for part in line.split(",")] for line in out.splitlines() if line.count(",") >= 3]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    for index, uuid, name, memory in rows:
+        if not visible or visible in (index, uuid):
+            return name, int(float(memory)) if memory.replace(".", "", 1).isdigit() else None
+    return None, None
+
+
+def worker_info(name: str, slots: int, runner: str) -> workers.WorkerInfo:
+    gpu, memory = visible_gpu()
+    return workers.WorkerInfo(name=name, host=socket.gethostname(), slots=slots, gpu=gpu, gpu_memory_mib=memory,
+                              runner=runner)  # fmt: skip
+
+
+def start_maintenance(celery: Celery, settings: Settings, info: workers.WorkerInfo) -> threading.Event:
     stop = threading.Event()
 
     def run() -> None:
         store = JobStore(connect(settings.redis_url))
         while not stop.is_set():
             try:
-                store.heartbeat_worker(name)
+                workers.announce(store.client, info, settings)
                 reap_once(store, celery, settings)
             except Exception as exc:  # Redis down: the worker keeps trying until it returns
                 log.debug("maintenance: %s", exc)
@@ -35,8 +66,8 @@ def start_maintenance(celery: Celery, settings: Settings, name: str) -> threadin
 
 
 def leave(settings: Settings, name: str) -> None:
-    """Drop this worker from the live set at shutdown, so readiness reflects it at once."""
+    """Drop this worker from the live set at shutdown, so capacity and readiness reflect it at once."""
     try:
-        JobStore(connect(settings.redis_url, timeout=2)).forget_worker(name)
+        workers.leave(connect(settings.redis_url, timeout=2), name)
     except Exception as exc:
         log.debug("could not deregister %s: %s", name, exc)

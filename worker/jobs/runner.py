@@ -31,8 +31,11 @@ log = logging.getLogger(__name__)
 _LOSSES_KEPT = 1000  # logged losses kept in the job record, which every /jobs read parses
 
 
-def worker_name() -> str:
-    return get_settings().worker_name or f"{socket.gethostname()}:{os.getppid()}"
+def worker_name(*, parent: bool = False) -> str:
+    """What a job records as the worker that ran it: the worker's main process (this pool child's parent; with
+    `parent`, called in that main process itself)."""
+    main_pid = os.getpid() if parent else os.getppid()
+    return get_settings().worker_name or f"{socket.gethostname()}:{main_pid}"
 
 
 @dataclass

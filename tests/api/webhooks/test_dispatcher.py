@@ -23,6 +23,7 @@ from api.webhooks.queue import WebhookQueue
 from shared import keys
 from shared.settings import Settings
 from tests.data import easy_records, jsonl
+from tests.fixtures.worker_announcement import announced_worker
 from tests.service import wait_until
 from tests.webhook_receiver import Receiver, webhook_receiver
 
@@ -43,7 +44,10 @@ def _settings(tmp_path: Path, redis_url: str, urls: list[str], **extra: Any) -> 
 
 @contextmanager
 def _api(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as client:
+    with (
+        announced_worker(redis.Redis.from_url(settings.redis_url, decode_responses=True), settings),
+        TestClient(create_app(settings)) as client,
+    ):
         yield client
 
 

@@ -1,0 +1,130 @@
+"""The training workers that are alive, and the capacity they bring: no slot count to keep in step with the GPUs.
+
+Each training worker's main process announces itself every reap interval (`announce`): its name, host, training
+slots (its pool's concurrency: one per GPU), GPU and memory, and the id its jobs record as their `worker`. The
+announcement expires: a worker silent for `fresh_s` (three intervals, at least 10 s) is gone, whether it stopped
+(it says so: `leave`) or its host died. Admission (`capacity`) counts the slots of the live workers, capped by
+`LORA_MAX_CONCURRENT_JOBS` where that is set: a worker started on a new host raises it, one lost lowers it.
+A job whose worker vanished loses its lease and is resumed elsewhere from its saved state (shared.reaper).
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import redis
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared import keys
+from shared.settings import Settings
+
+
+class WorkerInfo(BaseModel):
+    """What a training worker announces."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str  # its node name (gpu0@host)
+    host: str
+    slots: int = Field(default=1, ge=0)  # jobs it trains at once (its pool's concurrency)
+    gpu: str | None = None  # the GPU's name; None on a CPU worker
+    gpu_memory_mib: int | None = None
+    runner: str | None = None  # what its jobs record as their `worker` (shared.jobs.JobRecord.worker)
+
+
+class LiveWorker(WorkerInfo):
+    """A live worker as /health and the dashboard show it."""
+
+    last_seen_s: float  # seconds since its last announcement
+    busy: bool = False
+    job_id: str | None = None  # the job it trains now
+
+
+def fresh_s(settings: Settings) -> float:
+    """A worker announces itself every reap interval; silent for three of them (at least 10 s) means gone."""
+    return max(10.0, 3 * settings.reap_interval_s)
+
+
+def _now_ms(client: redis.Redis) -> int:
+    """The server's clock (hosts' clocks may disagree)."""
+    seconds, micros = cast(tuple[int, int], client.time())
+    return seconds * 1000 + micros // 1000
+
+
+def announce(client: redis.Redis, info: WorkerInfo, settings: Settings) -> None:
+    """Say `info`'s worker is alive: its heartbeat and what it brings, both expiring unless said again."""
+    pipe = client.pipeline()
+    pipe.set(keys.worker_info_key(info.name), info.model_dump_json(), px=int(fresh_s(settings) * 1000))
+    pipe.zadd(keys.WORKERS, {info.name: _now_ms(client)})
+    pipe.execute()
+
+
+def leave(client: redis.Redis, name: str) -> None:
+    """The worker stops: its capacity goes at once, not when its heartbeat lapses."""
+    pipe = client.pipeline()
+    pipe.zrem(keys.WORKERS, name)
+    pipe.delete(keys.worker_info_key(name))
+    pipe.execute()
+
+
+def live(client: redis.Redis, settings: Settings) -> list[tuple[WorkerInfo, int]]:
+    """The live workers with the time of their last announcement (ms, the server's clock), by name. A worker
+    that heartbeats without saying what it brings (one started before announcements) counts as one slot."""
+    now = _now_ms(client)
+    rows = cast(
+        list[tuple[str, float]],
+        client.zrangebyscore(keys.WORKERS, now - int(fresh_s(settings) * 1000), "+inf", withscores=True),
+    )
+    if not rows:
+        return []
+    raws = cast(list[str | None], client.mget([keys.worker_info_key(name) for name, _ in rows]))
+    workers = []
+    for (name, seen), raw in zip(rows, raws, strict=True):
+        info: WorkerInfo | None = None
+        if raw:
+            try:
+                info = WorkerInfo.model_validate_json(raw)
+            except ValidationError:
+                info = None
+        workers.append((info or WorkerInfo(name=name, host=name.partition("@")[2] or name), int(seen)))
+    return sorted(workers, key=lambda pair: pair[0].name)
+
+
+def live_slots(client: redis.Redis, settings: Settings) -> int:
+    return sum(info.slots for info, _ in live(client, settings))
+
+
+def capacity(client: redis.Redis, settings: Settings) -> int:
+    """Training slots now: the live workers' slots, capped by LORA_MAX_CONCURRENT_JOBS where it is set."""
+    slots = live_slots(client, settings)
+    cap = settings.max_concurrent_jobs
+    return slots if cap is None else min(slots, cap)
+
+
+def describe(client: redis.Redis, settings: Settings, running: dict[str, str]) -> list[LiveWorker]:
+    """The live workers, each with the job it trains (`running`: a running job's `worker` -> its id)."""
+    now = _now_ms(client)
+    out = []
+    for info, seen in live(client, settings):
+        job_id = running.get(info.runner or "")
+        out.append(LiveWorker(**info.model_dump(), last_seen_s=round((now - seen) / 1000, 1),
+                              busy=job_id is not None, job_id=job_id))  # fmt: skip
+    return out
+
+
+class Capacity(BaseModel):
+    """The training slots now: what /health, /status and the dashboard show."""
+
+    slots: int  # what admission counts: the live workers' slots, capped
+    busy: int  # slots held by jobs (queued for a worker, or running)
+    free: int
+    cap: int | None  # LORA_MAX_CONCURRENT_JOBS, when set
+    workers: list[LiveWorker]
+
+
+def overview(client: redis.Redis, settings: Settings, active: list[tuple[str, str | None, str]]) -> Capacity:
+    """`active`: the jobs holding a slot, as (id, the `worker` that runs it or None, status)."""
+    running = {worker: job_id for job_id, worker, status in active if worker and status in ("running", "pausing")}
+    slots = capacity(client, settings)
+    return Capacity(slots=slots, busy=len(active), free=max(0, slots - len(active)), cap=settings.max_concurrent_jobs,
+                    workers=describe(client, settings, running))  # fmt: skip
