@@ -151,7 +151,6 @@ def serve(opts: ServeOptions) -> int:
 
     gpus = opts.gpus or [None] * opts.workers  # type: ignore[list-item]
     env = dict(os.environ, LORA_BASE_PATH=str(base), LORA_REDIS_URL=redis_url)
-    env.setdefault("LORA_MAX_CONCURRENT_JOBS", str(len(gpus)))
     # The workers' torch sizes its threads from these (worker.cpu_budget): a core stays free for the API.
     env.setdefault("LORA_API_ON_HOST", "true")
     env.setdefault("LORA_WORKERS_ON_HOST", str(len(gpus)))

@@ -35,9 +35,9 @@ class WorkerInfo(BaseModel):
 class LiveWorker(WorkerInfo):
     """A live worker as /health and the dashboard show it."""
 
-    last_seen_s: float  # seconds since its last announcement
-    busy: bool = False
-    job_id: str | None = None  # the job it trains now
+    busy: bool = False  # every slot trains a job
+    job_id: str | None = None  # the job it trains now (its first, on a worker of several slots)
+    jobs: list[str] = Field(default_factory=list)  # every job it trains now
 
 
 def fresh_s(settings: Settings) -> float:
@@ -101,14 +101,13 @@ def capacity(client: redis.Redis, settings: Settings) -> int:
     return slots if cap is None else min(slots, cap)
 
 
-def describe(client: redis.Redis, settings: Settings, running: dict[str, str]) -> list[LiveWorker]:
-    """The live workers, each with the job it trains (`running`: a running job's `worker` -> its id)."""
-    now = _now_ms(client)
+def describe(client: redis.Redis, settings: Settings, running: dict[str, list[str]]) -> list[LiveWorker]:
+    """The live workers, each with the jobs it trains (`running`: a running job's `worker` -> the job ids)."""
     out = []
-    for info, seen in live(client, settings):
-        job_id = running.get(info.runner or "")
-        out.append(LiveWorker(**info.model_dump(), last_seen_s=round((now - seen) / 1000, 1),
-                              busy=job_id is not None, job_id=job_id))  # fmt: skip
+    for info, _ in live(client, settings):
+        jobs = running.get(info.runner or "", [])
+        out.append(LiveWorker(**info.model_dump(), busy=len(jobs) >= max(1, info.slots), job_id=next(iter(jobs), None),
+                              jobs=jobs))  # fmt: skip
     return out
 
 
@@ -124,7 +123,10 @@ class Capacity(BaseModel):
 
 def overview(client: redis.Redis, settings: Settings, active: list[tuple[str, str | None, str]]) -> Capacity:
     """`active`: the jobs holding a slot, as (id, the `worker` that runs it or None, status)."""
-    running = {worker: job_id for job_id, worker, status in active if worker and status in ("running", "pausing")}
+    running: dict[str, list[str]] = {}
+    for job_id, worker, status in active:
+        if worker and status in ("running", "pausing"):
+            running.setdefault(worker, []).append(job_id)
     slots = capacity(client, settings)
     return Capacity(slots=slots, busy=len(active), free=max(0, slots - len(active)), cap=settings.max_concurrent_jobs,
                     workers=describe(client, settings, running))  # fmt: skip

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -32,8 +33,10 @@ from tenacity import (
 
 from launcher.embedded_redis import free_port
 from launcher.process import own_group_dies_with_parent
+from shared.settings import Settings
 from shared.tasks import QUEUE
 from tests.data import easy_records, jsonl
+from tests.fixtures.worker_announcement import announced_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -127,6 +130,8 @@ class Service:
     worker: subprocess.Popen[bytes] | None = None  # the newest worker
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     generator: subprocess.Popen[bytes] | None = None  # the generation worker (chat completions)
+    _worker_names: list[str] = field(default_factory=list)
+    _held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # what slot_elsewhere keeps going
 
     @property
     def url(self) -> str:
@@ -158,6 +163,34 @@ class Service:
         self.start_worker()
         self.start_generator()
         self.start_api()
+        assert self.worker is not None
+        self._wait_announced(self.worker, self._worker_names[-1])
+
+    def health(self) -> dict[str, Any]:
+        key = self.env_extra.get("LORA_API_KEY")
+        body: dict[str, Any] = self.get("/health", headers={"Authorization": f"Bearer {key}"} if key else {}).json()
+        return body
+
+    def wait_slots(self, slots: int, timeout: float = 120) -> dict[str, Any]:
+        """Until the live workers bring `slots` training slots (/health): admission counts only announced workers."""
+        return wait_until(lambda: (body := self.health())["slots"] >= slots and body, timeout=timeout,
+                          ignoring=(httpx.HTTPError,), what=lambda: f"{slots} training slots; worker log:\n" + self.logs("worker"))  # fmt: skip
+
+    def _wait_announced(self, proc: subprocess.Popen[bytes], name: str, timeout: float = 120) -> None:
+        """Until the worker `name` has announced itself (it counts for admission from then on)."""
+        wait_until(lambda: any(w["name"] == name for w in self.health()["workers"]), timeout=timeout,
+                   ignoring=(httpx.HTTPError,), gives_up=lambda: proc.poll() is not None,
+                   what=lambda: f"worker {name} to announce itself; its log:\n" + self.logs("worker"))  # fmt: skip
+
+    def slot_elsewhere(self, slots: int = 1) -> None:
+        """Training slots announced, until the service stops, by a worker on another host that has not taken its
+        message yet: admission counts them, so with this service's own worker stopped, admitted jobs stay queued."""
+        client = self._held.enter_context(redis.Redis.from_url(self.redis_url, decode_responses=True))
+        settings = Settings(reap_interval_s=float(self.env()["LORA_REAP_INTERVAL_S"]))
+        self._held.enter_context(announced_worker(client, settings, slots=slots, name=f"elsewhere{slots}@far"))
+
+    def _a_worker_died(self) -> bool:
+        return any(worker.poll() is not None for worker in self.workers)
 
     def start_api(self) -> None:
         cmd = [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1",
@@ -168,10 +201,15 @@ class Service:
         raise RuntimeError("API did not start:\n" + self.logs("api"))
 
     def start_worker(self, **env: str) -> None:
+        """Start a training worker; with the API up, return once it has announced itself (admission counts it)."""
+        name = f"test{len(self.workers) + 1}@{socket.gethostname()}"
         cmd = [sys.executable, "-m", "celery", "-A", "worker.jobs.celery_app", "worker", "--loglevel", "INFO",
-               "--concurrency", "1", "-Q", QUEUE, "-n", f"test{len(self.workers) + 1}@%h"]  # fmt: skip
+               "--concurrency", "1", "-Q", QUEUE, "-n", name]  # fmt: skip
         self.worker = self._spawn(cmd, "worker", {**self.env(), **env})
         self.workers.append(self.worker)
+        self._worker_names.append(name)
+        if self.api is not None and self.api.poll() is None:
+            self._wait_announced(self.worker, name)
 
     def start_generator(self, **env: str) -> None:
         cmd = [sys.executable, "-m", "worker.generation", "--name", f"test-generate{len(self.workers)}"]
@@ -199,6 +237,7 @@ class Service:
         _stop(self.worker, signal.SIGKILL)
 
     def stop(self) -> None:
+        self._held.close()
         self.stop_api()
         for worker in self.workers:  # every worker this service started, not only the newest
             _stop(worker, signal.SIGKILL)

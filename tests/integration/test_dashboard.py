@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tarfile
 from collections.abc import Iterator
@@ -175,6 +176,14 @@ def test_dashboard_shows_live_progress_and_loss_and_cancels(
     browser.wait_for("/^\\d+$/.test(document.getElementById('tps').textContent)")
     assert browser.text("epoch").endswith("/ 400")
     assert float(browser.text("loss")) > 0
+
+    # The workers panel: the service's worker, on this host, on the CPU, training this job.
+    (worker,) = service.health()["workers"]
+    row = f'#workers tr[data-name="{worker["name"]}"]'
+    browser.wait_for(f"(document.querySelector('{row} td.job') || {{}}).textContent === 'busy: {job_id}'", timeout=20)
+    cells = browser.eval(f"[...document.querySelectorAll('{row} td')].map(td => td.textContent)")
+    assert cells == [worker["name"], socket.gethostname(), "CPU", "1", f"busy: {job_id}"], cells
+    assert browser.text("slots-summary") == "1 of 1 slots busy"
 
     # Pause from the page: the job saves its state and stops; Resume continues it from there.
     assert browser.text("pause") == "Pause"

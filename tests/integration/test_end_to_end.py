@@ -112,6 +112,7 @@ def test_twenty_simultaneous_submissions_admit_exactly_one(
     service: Service, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     service.stop_worker()  # the admitted job stays queued, so its slot stays taken throughout
+    service.slot_elsewhere()  # the slot admission counts: a worker elsewhere that has not taken the job yet
     data = write_jsonl(tmp_path / "d.jsonl", easy_records(4)).read_bytes()
     config = json.dumps({"epochs": 1, "model_name": str(tiny_model_dir)})
     codes: list[int] = []

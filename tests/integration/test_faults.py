@@ -108,6 +108,7 @@ def test_without_keep_base_model_a_cancelled_jobs_child_exits(
 
 def test_cancel_queued_job_removes_it_before_it_starts(service: Service, tiny_model_dir: Path) -> None:
     service.stop_worker()
+    service.slot_elsewhere()  # the slot admission counts: a worker elsewhere that has not taken the job yet
     r = submit(service, tiny_model_dir)
     job_id = r.json()["job_id"]
     assert service.get(f"/jobs/{job_id}").json()["status"] == "queued"
@@ -193,6 +194,7 @@ def test_redelivery_after_visibility_timeout_is_refused(make_service: type[Servi
 
 def test_fifty_simultaneous_submits_admit_one_per_round(service: Service, tiny_model_dir: Path) -> None:
     service.stop_worker()  # admitted jobs stay queued, so each round's cancel frees the slot at once
+    service.slot_elsewhere()  # the slot admission counts: a worker elsewhere that has not taken the job yet
     data = jsonl(easy_records(2))
     config = json.dumps({"epochs": 1, "model_name": str(tiny_model_dir)})
     for round_no in range(10):

@@ -156,6 +156,7 @@ def test_a_job_whose_complete_adapter_a_run_saved_is_recorded_as_succeeded_by_th
     trained = service.wait_for(first.json()["job_id"], {"succeeded", "failed"})
     assert trained["status"] == "succeeded", trained
     service.stop_worker()
+    service.slot_elsewhere()  # the slot admission counts: a worker elsewhere that has not taken the job yet
     second = submit(service, tiny_model_dir)
     assert second.status_code == 202, second.text
     job_id = second.json()["job_id"]

@@ -47,7 +47,7 @@ PAIRS = [
 def tinker_service(tmp_path: Path, redis_url: str) -> Iterator[Service]:
     flush(redis_url)
     svc = Service(base_path=tmp_path / "base", redis_url=redis_url, log_dir=tmp_path / "logs",
-                  env_extra={"LORA_MAX_CONCURRENT_JOBS": "2", "LORA_TINKER_IDLE_TIMEOUT_S": "300"})  # fmt: skip
+                  env_extra={"LORA_TINKER_IDLE_TIMEOUT_S": "300"})  # fmt: skip
     svc.start()
     svc.start_worker()  # two worker processes: two training clients hosted at once
     os.environ["TINKER_TELEMETRY"] = "0"
