@@ -10,13 +10,16 @@ import binascii
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.volume import Volume
+
+if TYPE_CHECKING:
+    from shared.object_store import ObjectStore
 
 
 class Settings(BaseSettings):
@@ -31,6 +34,15 @@ class Settings(BaseSettings):
         ge=1,
         description="A cap on training slots; unset, the slots are those the live workers announce (one per GPU).",
     )
+    storage_url: str | None = Field(
+        default=None,
+        description="s3://bucket/prefix: keep datasets, adapters, checkpoints and saved states in object storage "
+        "(the AWS_* settings name the endpoint and credentials); unset, the local base_path is the store.",
+    )
+    storage_presign_s: int = Field(
+        default=0, ge=0, description="With object storage, answer downloads with a presigned URL valid this long "
+        "(seconds) instead of streaming them through the API; 0: stream.",
+    )  # fmt: skip
     max_upload_mb: float = Field(default=1024.0, gt=0, description="Largest accepted dataset upload.")
     max_record_kb: int = Field(default=8192, ge=1, description="Largest single dataset record.")
     max_records: int = Field(default=2_000_000, ge=1, description="Most records in one dataset.")
@@ -219,6 +231,16 @@ class Settings(BaseSettings):
         "model, each with its own adapter and optimizer; a client past this takes a slot of its own.",
     )
 
+    @field_validator("storage_url", mode="before")
+    @classmethod
+    def _storage_url(cls, value: object) -> object:
+        if value in ("", None):
+            return None
+        from shared.object_store import StorageUrl
+
+        StorageUrl.parse(str(value))  # ValueError names the expected form
+        return value
+
     @field_validator("webhook_url", "models_dir", "allowed_models", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
@@ -271,6 +293,13 @@ class Settings(BaseSettings):
     def volume(self) -> Volume:
         """The layout of everything the service writes under base_path."""
         return Volume(self.base_path)
+
+    @property
+    def store(self) -> ObjectStore | None:
+        """The object store behind base_path (LORA_STORAGE_URL), or None when base_path is the store."""
+        from shared.object_store import object_store
+
+        return object_store(self.storage_url, self.base_path)
 
 
 _SECRET_HELP = (

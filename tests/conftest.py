@@ -12,6 +12,7 @@ inherit all three.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pytest
 import redis
 
 from launcher.embedded_redis import EmbeddedRedis
+from tests.fixtures.s3_server import S3Server
 from tests.service import Service, flush
 
 
@@ -75,3 +77,21 @@ def service(tmp_path: Path, redis_url: str, tiny_model_dir: Path) -> Iterator[Se
         yield svc
     finally:
         svc.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """An S3-compatible server process (moto's server mode) for the object-storage tests."""
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket, with this process's AWS settings pointing at the server (as a deployment sets them)."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_server.create_bucket(f"lora-{uuid.uuid4().hex[:12]}")
