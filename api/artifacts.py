@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -17,6 +18,7 @@ from pydantic import ValidationError
 
 from shared.job_api import FileEntry
 from shared.job_ids import is_job_id
+from shared.object_store import ObjectStore
 from shared.volume import CHECKPOINT_META, CheckpointMeta, Volume, checkpoint_step
 
 _BLOCK = tarfile.BLOCKSIZE  # 512
@@ -49,12 +51,17 @@ def _checkpoints_root(volume: Volume, job_id: str) -> Path | None:
     return _inside(volume.base, volume.job_checkpoints(job_id))
 
 
-def adapter_dir(base_path: Path, model_path: str | None) -> Path | None:
-    """A job's adapter folder when it exists inside `base_path`, else None."""
+def adapter_dir(base_path: Path, model_path: str | None, *, store: ObjectStore | None = None) -> Path | None:
+    """A job's adapter folder when it exists inside `base_path` (with object storage: when the store holds it
+    complete), else None."""
     if not model_path:
         return None
     target = _inside(base_path, Path(model_path))
-    return target if target is not None and target.is_dir() else None
+    if target is None:
+        return None
+    if store is not None:
+        return target if store.manifest(target) is not None else None
+    return target if target.is_dir() else None
 
 
 def list_files(folder: Path) -> list[FileEntry]:
@@ -141,6 +148,57 @@ def iter_tar_gz(folder: Path, files: list[FileEntry], *, chunk_size: int = 1 << 
             if out := put(b"\0" * pad):
                 yield out
         if out := put(b"\0" * (-st.st_size % _BLOCK)):
+            yield out
+    end = 2 * _BLOCK
+    end += -(written + end) % _RECORD
+    yield put(b"\0" * end) + gz.flush()
+
+
+# ----------------------------------------------------------------------------- in the object store
+
+
+def stored_folder(store: ObjectStore, folder: Path) -> list[FileEntry] | None:
+    """The files of the complete folder the store holds at `folder` (its manifest's), or None."""
+    files = store.manifest(folder)
+    if files is None:
+        return None
+    return [FileEntry(path=name, size=size) for name, size in sorted(files.items())]
+
+
+def iter_stored_tar_gz(store: ObjectStore, folder: Path, files: list[FileEntry], *,
+                       chunk_size: int = 1 << 20) -> Iterator[bytes]:  # fmt: skip
+    """A gzip-compressed tar of a folder in the object store, each object read from the store as it is sent:
+    memory stays bounded by `chunk_size`. Sizes are the manifest's (an object that came back shorter is padded,
+    so the archive stays valid)."""
+    gz = zlib.compressobj(6, zlib.DEFLATED, 31)
+    written = 0
+    mtime = int(time.time())
+
+    def put(data: bytes) -> bytes:
+        nonlocal written
+        written += len(data)
+        return gz.compress(data)
+
+    for entry in files:
+        name = PurePosixPath(entry.path)
+        if name.is_absolute() or ".." in name.parts:
+            continue
+        info = tarfile.TarInfo(entry.path)
+        info.size, info.mtime, info.mode = entry.size, mtime, 0o644
+        if out := put(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")):
+            yield out
+        remaining = entry.size
+        for data in store.stream(folder / entry.path, chunk_size=chunk_size):
+            data = data[:remaining]
+            remaining -= len(data)
+            if out := put(data):
+                yield out
+        while remaining > 0:
+            pad = min(chunk_size, remaining)
+            remaining -= pad
+            if out := put(b"\0" * pad):
+                yield out
+        if out := put(b"\0" * (-entry.size % _BLOCK)):
             yield out
     end = 2 * _BLOCK
     end += -(written + end) % _RECORD

@@ -36,6 +36,7 @@ STATUS: dict[type[e.ServiceError], int] = {
     e.StorageFailed: 500,
     e.BrokerUnavailable: 503,
     e.StoreUnavailable: 503,
+    e.ObjectStoreDown: 503,
     e.VolumeFull: 507,
 }
 

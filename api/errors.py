@@ -252,6 +252,10 @@ class StoreUnavailable(ServiceError):
     """Redis (job store and broker) is unreachable."""
 
 
+class ObjectStoreDown(ServiceError):
+    """The object store (LORA_STORAGE_URL) could not be reached or refused a call: the message says which."""
+
+
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 

@@ -25,6 +25,7 @@ from api.errors import (
     InvalidInput,
     ModelNotAllowed,
     NoWorkers,
+    ObjectStoreDown,
     OutputInUse,
     QueueFull,
     SlotsBusy,
@@ -36,7 +37,8 @@ from shared.admission import promote_waiting, publish_or_fail
 from shared.config import TrainConfig
 from shared.job_ids import new_job_id
 from shared.jobs import JobRecord, JobStatus, WandbSpec
-from shared.outputs import destination_problem
+from shared.object_store import ObjectStore, StorageUnavailable
+from shared.outputs import destination_problem, stored_destination_problem
 from shared.settings import Settings
 from shared.store import JobStore
 from shared.volume import ADAPTER_CONFIG, RESERVED_HELP, merged_name
@@ -119,16 +121,20 @@ def submit_job(store: JobStore, celery: Celery, settings: Settings, request: Job
         adapter_dir=str(lora) if lora is not None else None,
         num_records=data.num_records if data is not None else 0,
         output_dir=str(output),
+        volume_base=str(settings.base_path.resolve()),
         message="Queued, waiting for a worker",
         max_attempts=settings.max_attempts,
         wandb=request.wandb,
     )
     try:
+        if data is not None:
+            _push_data(settings, data)
         if request.companion is not None:
             request.companion.attach(job_id)
         admitted = _admit(store, celery, settings, record, wait=request.wait)
     except BaseException:
         if data is not None:
+            _unpush_data(settings, data)
             data.remove()
         if request.companion is not None:
             with contextlib.suppress(redis.RedisError):
@@ -247,14 +253,43 @@ def resolve_output(
     if reserved is not None:
         raise _path_error(field, f"{reserved!r} is reserved for the service's own files ({RESERVED_HELP})", loc)
     if check_owner:
-        check_output_owner(output, user_path, field, loc)
+        check_output_owner(output, user_path, field, loc, store=settings.store)
     return output
 
 
-def check_output_owner(output: Path, user_path: str, field: str, loc: str) -> None:
-    """OutputInUse unless `output` is absent, empty or an earlier output of this service (the worker
-    checks again when it writes: nothing of the user's is ever replaced)."""
+def _push_data(settings: Settings, data: JobData) -> None:
+    """With object storage: the job's datasets go to the store, where its worker finds them (ObjectStoreDown
+    when it cannot take them)."""
+    store = settings.store
+    if store is None:
+        return
+    try:
+        for path in (data.dataset, data.validation):
+            if path is not None:
+                store.push_file(path)
+    except StorageUnavailable as exc:
+        raise ObjectStoreDown(str(exc)) from exc
+
+
+def _unpush_data(settings: Settings, data: JobData) -> None:
+    """A job refused after its datasets went to the store: they go from it too (best effort: a store that is
+    down keeps them, under the refused job's id that nothing reads)."""
+    store = settings.store
+    if store is not None:
+        with contextlib.suppress(StorageUnavailable):
+            store.delete_keys([store.key(p) for p in (data.dataset, data.validation) if p is not None])
+
+
+def check_output_owner(output: Path, user_path: str, field: str, loc: str, *, store: ObjectStore | None = None) -> None:
+    """OutputInUse unless `output` is absent, empty or an earlier output of this service, on the volume and (with
+    object storage) in the store: the same rule for keys (the worker checks again when it writes: nothing
+    of the user's is ever replaced)."""
     problem = destination_problem(output)
+    if problem is None and store is not None:
+        try:
+            problem = stored_destination_problem(store, output)
+        except StorageUnavailable as exc:
+            raise ObjectStoreDown(str(exc)) from exc
     if problem is not None:
         raise OutputInUse(field, user_path, problem, loc)
 
@@ -285,7 +320,7 @@ def _merge_output(settings: Settings, adapter: Path, output_path: str | None, fi
     adapter = adapter.resolve()
     if output == adapter or adapter.is_relative_to(output):
         raise _path_error(field, "would replace the adapter being merged", "body")
-    check_output_owner(output, user_path, field, "body")
+    check_output_owner(output, user_path, field, "body", store=settings.store)
     return output
 
 

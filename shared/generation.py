@@ -46,6 +46,7 @@ class GenerationRequest(BaseModel):
         str  # what to load, as the API resolved it: a model folder (under base_path or the worker's), or a hub id
     )
     adapter_path: str | None = None  # the adapter folder on the volume; None: the base model alone
+    volume_base: str | None = None  # the base path the API named those under (shared.volume.Volume.localize)
     messages: list[ChatMessage] = Field(min_length=1)
     sampling: SamplingSpec
     deadline: float  # seconds since the epoch (the Redis server's clock): stop generating past it

@@ -96,6 +96,9 @@ class JobRecord(BaseModel):
     num_records: int = 0
     output_dir: str
     model_path: str | None = None
+    # The base path the paths above were named under (the API's). A host with another base path (hosts that
+    # share no disk, only the object store) finds them under its own: `shared.volume.Volume.localize`.
+    volume_base: str | None = None
     message: str = ""
     error: str | None = None
     attempts: int = 0

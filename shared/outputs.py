@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from shared.metrics import TrainingSummary
 from shared.volume import TRAINING_SUMMARY
+
+if TYPE_CHECKING:
+    from shared.object_store import ObjectStore
 
 OUTPUT_MARKER = ".lora-server-output.json"
 OutputKind = Literal["adapter", "merged_model", "checkpoint"]
@@ -41,6 +44,14 @@ def destination_problem(path: Path) -> str | None:
     if next(path.iterdir(), None) is None:
         return None
     return "holds files this service did not write"
+
+
+def stored_destination_problem(store: ObjectStore, path: Path) -> str | None:
+    """`destination_problem`'s rule for the keys under `path`'s folder in the object store."""
+    names = store.list_tree(path)
+    if not names or OUTPUT_MARKER in names:  # an output of ours (complete, or an upload a failed run left)
+        return None
+    return "holds objects in the object store that this service did not write"
 
 
 def check_destination(path: Path) -> None:

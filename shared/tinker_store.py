@@ -247,7 +247,15 @@ async def queue_call_async(client: aioredis.Redis, call: TinkerCall, label: str,
     model_id = call.model_id
     future_key = keys.tinker_future_key(call.request_id)
     job_key = keys.job_key(job_id) if job_id else future_key  # no job: a key with no status yet
-    argv: list[str | int] = [call.seq_id, call.request_id, call.model_dump_json(), now_ms(), label, model_id, FUTURE_TTL_S]
+    argv: list[str | int] = [
+        call.seq_id,
+        call.request_id,
+        call.model_dump_json(),
+        now_ms(),
+        label,
+        model_id,
+        FUTURE_TTL_S,
+    ]
     script = client.register_script(QUEUE_CALL)
     reply = await script(
         keys=[keys.tinker_requests_key(model_id), keys.tinker_seq_key(model_id), keys.tinker_calls_key(model_id),

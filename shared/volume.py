@@ -146,6 +146,17 @@ class Volume:
     def checkpoints(self) -> Path:
         return self.base / CHECKPOINTS
 
+    def localize(self, path: str, origin: str | None) -> Path:
+        """`path`, named under the base path `origin` (another host's), as it lies under this base path; a path
+        outside `origin` (a models folder, a hub cache) is the same everywhere."""
+        if origin is None:
+            return Path(path)
+        try:
+            rel = Path(path).relative_to(origin)
+        except ValueError:
+            return Path(path)
+        return self.base.resolve() / rel
+
     def job_state(self, job_id: str) -> Path:
         """The folder of a job's saved training state (it may not exist)."""
         if not is_job_id(job_id):

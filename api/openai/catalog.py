@@ -68,8 +68,10 @@ def _name_parts(record: JobRecord, ostore: OpenAIStore) -> tuple[str, str | None
 
 def _job_models(record: JobRecord, ostore: OpenAIStore, settings: Settings) -> list[ServedModel]:
     """A succeeded job's model and its checkpoints' (none when its adapter is gone from the volume)."""
-    folder = adapter_dir(settings.base_path, record.model_path)
-    if record.status is not JobStatus.succeeded or folder is None:
+    if record.status is not JobStatus.succeeded:
+        return []
+    folder = adapter_dir(settings.base_path, record.model_path, store=settings.store)
+    if folder is None:
         return []
     model, suffix = _name_parts(record, ostore)
     base = _loaded_base(record, settings)
@@ -169,7 +171,7 @@ def resolve(store: JobStore, ostore: OpenAIStore, settings: Settings, name: str)
             raise ModelNotFound(name, f": there is no job {ref.job_id!r}")
         if record.status is not JobStatus.succeeded:
             raise ModelNotFound(name, f": job {ref.job_id!r} is {record.status.value}, not succeeded")
-        folder = adapter_dir(settings.base_path, record.model_path)
+        folder = adapter_dir(settings.base_path, record.model_path, store=settings.store)
         if folder is None:
             raise ModelNotFound(name, f": the adapter of job {ref.job_id!r} is no longer on the volume")
         model, suffix = _name_parts(record, ostore)

@@ -100,6 +100,7 @@ async def create_chat_completion(
         id=f"chatcmpl-{uuid.uuid4().hex}",
         base_model=served.base_model,
         adapter_path=served.adapter_path,
+        volume_base=str(settings.base_path.resolve()),
         messages=[
             ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text) for m in body.messages
         ],

@@ -64,6 +64,7 @@ SHAPES: dict[type[e.ServiceError], Shape] = {
     e.StorageFailed: Shape(500, "server_error"),
     e.BrokerUnavailable: Shape(503, "server_error"),
     e.StoreUnavailable: Shape(503, "server_error", "store_unavailable"),
+    e.ObjectStoreDown: Shape(503, "server_error", "object_store_unavailable"),
     e.VolumeFull: Shape(507, "server_error", "insufficient_storage"),
 }
 

@@ -9,11 +9,22 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from api.artifacts import Checkpoint, adapter_dir, get_checkpoint, iter_tar_gz, list_checkpoints, list_files
+from api.artifacts import (
+    Checkpoint,
+    adapter_dir,
+    get_checkpoint,
+    iter_stored_tar_gz,
+    iter_tar_gz,
+    list_checkpoints,
+    list_files,
+    stored_folder,
+)
 from api.deps import JobDep, SettingsDep
 from api.errors import NotFound, WrongJobState
-from shared.job_api import ArtifactsPublic, CheckpointPage, CheckpointPublic
+from shared.job_api import ArtifactsPublic, CheckpointPage, CheckpointPublic, FileEntry
 from shared.jobs import JobRecord, JobStatus
+from shared.object_store import OutsideStore
+from shared.settings import Settings
 from shared.volume import Volume
 
 router = APIRouter(prefix="/jobs", tags=["artifacts"])
@@ -23,6 +34,19 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such job
 
 def _adapter(record: JobRecord, base_path: Path) -> Path | None:
     return adapter_dir(base_path, record.model_path) if record.status is JobStatus.succeeded else None
+
+
+def _stored_adapter(record: JobRecord, settings: Settings) -> tuple[Path, list[FileEntry]] | None:
+    """With object storage: the succeeded job's adapter folder (as named on this host) and its files."""
+    store = settings.store
+    if store is None or record.status is not JobStatus.succeeded or not record.model_path:
+        return None
+    folder = settings.volume.localize(record.model_path, record.volume_base)
+    try:
+        files = stored_folder(store, folder)
+    except OutsideStore:
+        return None
+    return (folder, files) if files is not None else None
 
 
 def _base_url(request: Request) -> str:
@@ -54,8 +78,13 @@ def _download_name(name: str) -> str:
 def artifacts(record: JobDep, settings: SettingsDep, request: Request) -> ArtifactsPublic:
     """The adapter's files (once the job succeeded) with their sizes, and the job's checkpoints."""
     job_id = record.id
-    folder = _adapter(record, settings.base_path)
-    files = list_files(folder) if folder is not None else []
+    stored = _stored_adapter(record, settings)
+    if stored is not None:
+        folder: Path | None = stored[0]
+        files = stored[1]
+    else:
+        folder = _adapter(record, settings.base_path)
+        files = list_files(folder) if folder is not None else []
     return ArtifactsPublic(
         job_id=job_id,
         status=record.status,
@@ -97,6 +126,11 @@ def archive(
     else:
         if record.status is not JobStatus.succeeded:
             raise WrongJobState(f"job {job_id!r} has no adapter: it is {record.status.value}", record.status.value)
+        stored = _stored_adapter(record, settings)
+        if stored is not None and settings.store is not None:  # streamed from the store, object by object
+            disposition = {"Content-Disposition": f'attachment; filename="{_download_name(stored[0].name)}"'}
+            body = iter_stored_tar_gz(settings.store, stored[0], stored[1])
+            return StreamingResponse(body, media_type="application/gzip", headers=disposition)
         adapter = _adapter(record, settings.base_path)
         if adapter is None:
             raise NotFound(f"the adapter folder of job {job_id!r} is no longer on the volume")

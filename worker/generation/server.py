@@ -39,6 +39,7 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import redis
@@ -47,6 +48,7 @@ from pydantic import ValidationError
 from shared import generation_queue as gq
 from shared import keys, tinker_store
 from shared.generation import GenerationFailed, GenerationRequest, TextDelta
+from shared.object_store import StorageUnavailable
 from shared.settings import Settings, get_settings
 from shared.store import connect
 from shared.tinker_ops import SampleOp
@@ -74,6 +76,24 @@ def _heartbeat(settings: Settings, name: str, stop: threading.Event) -> None:
         gq.forget(client, name)
 
 
+def _on_this_host(request: GenerationRequest, settings: Settings) -> GenerationRequest:
+    """The request's model and adapter folders as they lie under this host's base path, staged from the object
+    store where there is one (FileNotFoundError when it lacks them; StorageUnavailable when it is down)."""
+    from worker.jobs.staging import stage_folder
+
+    volume, origin = settings.volume, request.volume_base
+    base = (
+        str(volume.localize(request.base_model, origin)) if request.base_model.startswith("/") else request.base_model
+    )
+    adapter = str(volume.localize(request.adapter_path, origin)) if request.adapter_path else None
+    store = settings.store
+    if store is not None:
+        for folder in (base, adapter):
+            if folder is not None and folder.startswith("/"):
+                stage_folder(store, Path(folder))
+    return request.model_copy(update={"base_model": base, "adapter_path": adapter})
+
+
 def serve_one(client: redis.Redis, cache: ModelCache, request: GenerationRequest) -> None:
     """Generate one request's answer onto its output stream; every outcome ends the stream with one event."""
     from worker.generation.decoding import GenerationStopped, PromptError, generate
@@ -94,6 +114,7 @@ def serve_one(client: redis.Redis, cache: ModelCache, request: GenerationRequest
 
     try:
         check_stop()
+        request = _on_this_host(request, get_settings())
         done = generate(cache, request, lambda text: out.send(TextDelta(text=text)), check_stop)
     except GenerationStopped as exc:
         log.info("request %s stopped: %s", request.id, exc)
@@ -104,6 +125,9 @@ def serve_one(client: redis.Redis, cache: ModelCache, request: GenerationRequest
         return
     except PromptError as exc:
         out.send(GenerationFailed(code="invalid_request", message=str(exc)))
+        return
+    except (FileNotFoundError, StorageUnavailable) as exc:  # the adapter could not be staged from the store
+        out.send(GenerationFailed(code="model_not_found", message=str(exc)))
         return
     except redis.RedisError:
         raise  # nowhere to report it: the caller times out

@@ -20,11 +20,14 @@ from shared.config import TrainConfig
 from shared.events import InfoNotice
 from shared.jobs import JobRecord, JobStatus, Progress
 from shared.metrics import TrainingSummary
+from shared.object_store import StorageUnavailable
 from shared.outputs import adapter_summary, is_jobs_adapter
 from shared.settings import Settings, get_settings
 from shared.store import JobStore, connect
+from worker.jobs import staging
 from worker.jobs.lease import LeaseKeeper
 from worker.jobs.results import register_results
+from worker.jobs.staging import JobFiles
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +55,14 @@ def _train(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome
     from worker.jobs import child
     from worker.training import RunPaths, train_model  # torch loads in the child only, under the lease
 
+    files = JobFiles.of(record, settings)
+    staging.stage_training(files, settings, record.id)
     result = train_model(
-        _run_config(record),
-        Path(record.dataset_path),
-        validation=Path(record.validation_path) if record.validation_path else None,
-        paths=RunPaths.of_job(settings.volume, record.id, Path(record.output_dir),
-                              state_every_s=settings.state_every_s, state_every=settings.state_every_steps),
+        _run_config(record, files),
+        files.dataset,
+        validation=files.validation,
+        paths=RunPaths.of_job(settings.volume, record.id, files.output, state_every_s=settings.state_every_s,
+                              state_every=settings.state_every_steps, publish=staging.publisher(settings, record.id)),
         control=lease,
         wandb=record.wandb,
         resident=child.resident(),  # the previous job's base, when it is the same load
@@ -65,8 +70,10 @@ def _train(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome
     metrics = result.summary()
     metrics.losses = metrics.losses[-_LOSSES_KEPT:]  # the full curve is in training_summary.json
     if not result.stopped:
-        message = "Training completed"
-        return Outcome(JobStatus.succeeded, message, model_path=str(result.output_dir), metrics=metrics)
+        staging.push_output(settings, files.output)  # complete in the store before it is recorded
+        # Recorded under the API's name for it (the record's), which each host finds under its own base path.
+        metrics.output_dir = record.output_dir
+        return Outcome(JobStatus.succeeded, "Training completed", model_path=record.output_dir, metrics=metrics)
     if lease.cancelled.is_set():
         message = f"Training cancelled at step {result.steps}/{result.total_steps}"
         return Outcome(JobStatus.cancelled, message, error="cancelled by request", metrics=metrics)
@@ -85,21 +92,25 @@ def _train(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome
     return Outcome(JobStatus.failed, "Training stopped", error=error)
 
 
-def _run_config(record: JobRecord) -> TrainConfig:
+def _run_config(record: JobRecord, files: JobFiles) -> TrainConfig:
     """The config the engine loads: the user's, with the base model and the adapter to continue as the
-    submission resolved them (the record keeps the names the user gave: they name the model, ft:{model}:...)."""
-    resolved = {"model_name": record.model_dir, "lora_path": record.adapter_dir}
+    submission resolved them (the record keeps the names the user gave: they name the model, ft:{model}:...),
+    as they lie on this host."""
+    resolved = {"model_name": files.model if record.model_dir else None,
+                "lora_path": str(files.adapter) if files.adapter else None}  # fmt: skip
     return record.config.model_copy(update={k: v for k, v in resolved.items() if v is not None})
 
 
-def _merge(record: JobRecord, lease: LeaseKeeper) -> Outcome:
+def _merge(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome:
     from worker.training.merge import merge_adapter
 
+    files = JobFiles.of(record, settings)
+    staging.stage_training(files, settings, record.id)
     source = f"the adapter of {record.source_job}" if record.source_job else record.dataset_path
     lease.emit(InfoNotice(), f"merging {source} into {record.config.model_name}")
-    base = record.model_dir or record.config.model_name
-    path = merge_adapter(record.dataset_path, record.output_dir, base_model=base)[0]
-    return Outcome(JobStatus.succeeded, "Merge completed", model_path=str(path))
+    path = merge_adapter(str(files.dataset), str(files.output), base_model=files.model)[0]
+    staging.push_output(settings, Path(path))
+    return Outcome(JobStatus.succeeded, "Merge completed", model_path=record.output_dir)
 
 
 def _host_tinker(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome:
@@ -117,18 +128,22 @@ def _host_tinker(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> O
     return Outcome(JobStatus.succeeded, f"Hosting ended{calls}: {ended.message}")
 
 
-def _trained_before(record: JobRecord, lease: LeaseKeeper) -> Outcome | None:
+def _trained_before(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome | None:
     """The outcome of a job whose complete adapter an earlier run saved but could not record (its lease
     lapsed first): succeeded, without training again."""
-    output = Path(record.output_dir)
-    if record.kind != "train" or not is_jobs_adapter(output, record.id):
+    if record.kind != "train":
+        return None
+    output = JobFiles.of(record, settings).output
+    if not staging.stored_output(settings, output) or not is_jobs_adapter(output, record.id):
         return None
     lease.emit(InfoNotice(), "an earlier run of this job saved its complete adapter: recorded as succeeded, "
                "without training again")  # fmt: skip
     metrics = adapter_summary(output)
     if metrics is not None:
         metrics.losses = metrics.losses[-_LOSSES_KEPT:]
-    return Outcome(JobStatus.succeeded, "Training completed", model_path=str(output), metrics=metrics)
+    if metrics is not None:
+        metrics.output_dir = record.output_dir
+    return Outcome(JobStatus.succeeded, "Training completed", model_path=record.output_dir, metrics=metrics)
 
 
 def run_job(job_id: str) -> None:
@@ -146,11 +161,15 @@ def run_job(job_id: str) -> None:
     with LeaseKeeper(store, job_id, token, settings.lease_ttl_s) as lease:
         try:
             if record.kind == "merge":
-                outcome = _merge(record, lease)
+                outcome = _merge(record, settings, lease)
             elif record.kind == "tinker":
                 outcome = _host_tinker(record, settings, lease)
             else:
-                outcome = _trained_before(record, lease) or _train(record, settings, lease)
+                outcome = _trained_before(record, settings, lease) or _train(record, settings, lease)
+        except StorageUnavailable as exc:  # the store is down: a clear failure, the job's state kept for a retry
+            log.error("job %s: %s", job_id, exc)
+            failed = {"merge": "Merge failed", "tinker": "Hosting failed"}.get(record.kind, "Training failed")
+            outcome = Outcome(JobStatus.failed, failed, error=str(exc))
         except Exception as exc:
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
             failed = {"merge": "Merge failed", "tinker": "Hosting failed"}.get(record.kind, "Training failed")
@@ -169,6 +188,8 @@ def run_job(job_id: str) -> None:
         # reaper (its outcome then not ours to record) continues from it.
         if recorded is not None and recorded.terminal:
             _drop_state(settings.volume.job_state(job_id))
+            with contextlib.suppress(StorageUnavailable):  # a store that is down keeps a stale state: harmless
+                staging.drop_state(settings, job_id)
         if recorded is JobStatus.queued:
             log.info("job %s: handed back to the queue, first in line", job_id)
     _start_next(store, settings)

@@ -52,6 +52,7 @@ from worker.training.train_state import (
     clear_train_state,
     fingerprint,
     load_train_state,
+    save_train_state,
 )
 from worker.training.wandb_log import WandbRun
 
@@ -324,8 +325,18 @@ class TrainingRun:
     def _state_writer(self) -> AbstractContextManager[StateWriter | None]:
         if self.paths.state is None:
             return nullcontext(None)
+        publish = self.paths.publish
+        if publish is None:
+            return StateWriter(self.paths.state, fingerprint=self._fingerprint, emit=self.emit,
+                               complete=self._complete_state)  # fmt: skip
+
+        def write_and_publish(folder: Path, state: LoopState, fingerprint: str) -> Path:
+            dest = save_train_state(folder, state, fingerprint=fingerprint)
+            publish(dest)
+            return dest
+
         return StateWriter(self.paths.state, fingerprint=self._fingerprint, emit=self.emit,
-                           complete=self._complete_state)  # fmt: skip
+                           complete=self._complete_state, write=write_and_publish)  # fmt: skip
 
     def _complete_state(self, state: LoopState) -> None:
         """What the run, not the loop, accumulated: a resume does not redo its epoch ends."""
@@ -441,6 +452,8 @@ class TrainingRun:
             full_valid_loss=full.loss if full else None, full_valid_mean_token_accuracy=full.accuracy if full else None,
         )  # fmt: skip
         if saved is not None:
+            if self.paths.publish is not None and self.checkpoints.saved:
+                self.paths.publish(Path(self.checkpoints.saved[-1].path))
             self.emit(saved, f"checkpoint at step {saved.step} saved")
 
     # ----------------------------------------------------------------- save

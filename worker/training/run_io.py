@@ -29,6 +29,10 @@ class RunPaths:
     state_every_s: float = 0.0  # seconds between state saves (0: off; saves at epoch ends and on a pause only)
     state_every: int = 0  # steps between state saves too (0: off); exact steps, which tests rely on
     job_id: str | None = None  # the job this run is (names its W&B run); None for a library call
+    # Called with each folder the run has completed (a saved state, a checkpoint) once it is in place: a job
+    # on object storage sends it to the store from here (worker.jobs.staging). It may raise: a state it
+    # failed for counts as not saved.
+    publish: Callable[[Path], None] | None = None
 
     def __post_init__(self) -> None:
         for name in ("output", "checkpoints", "results", "state"):  # a caller may give plain strings
@@ -39,7 +43,8 @@ class RunPaths:
             raise ValueError("state_every and state_every_s must be >= 0")
 
     @classmethod
-    def of_job(cls, volume: Volume, job_id: str, output: Path, *, state_every_s: float, state_every: int) -> RunPaths:
+    def of_job(cls, volume: Volume, job_id: str, output: Path, *, state_every_s: float, state_every: int,
+               publish: Callable[[Path], None] | None = None) -> RunPaths:  # fmt: skip
         """A job's paths, from the volume's layout and its id."""
         return cls(
             output=output,
@@ -49,6 +54,7 @@ class RunPaths:
             state_every_s=state_every_s,
             state_every=state_every,
             job_id=job_id,
+            publish=publish,
         )
 
     @property
