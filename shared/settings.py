@@ -39,9 +39,9 @@ class Settings(BaseSettings):
         description="s3://bucket/prefix: keep datasets, adapters, checkpoints and saved states in object storage "
         "(the AWS_* settings name the endpoint and credentials); unset, the local base_path is the store.",
     )
-    storage_presign_s: int = Field(
-        default=0, ge=0, description="With object storage, answer downloads with a presigned URL valid this long "
-        "(seconds) instead of streaming them through the API; 0: stream.",
+    storage_cache_gb: float = Field(
+        default=50.0, ge=0, description="With object storage: the most a host keeps of staged copies (base models, "
+        "adapters), least recently used evicted first."
     )  # fmt: skip
     max_upload_mb: float = Field(default=1024.0, gt=0, description="Largest accepted dataset upload.")
     max_record_kb: int = Field(default=8192, ge=1, description="Largest single dataset record.")

@@ -79,7 +79,7 @@ def _heartbeat(settings: Settings, name: str, stop: threading.Event) -> None:
 def _on_this_host(request: GenerationRequest, settings: Settings) -> GenerationRequest:
     """The request's model and adapter folders as they lie under this host's base path, staged from the object
     store where there is one (FileNotFoundError when it lacks them; StorageUnavailable when it is down)."""
-    from worker.jobs.staging import stage_folder
+    from worker.jobs.staging import evict_staged, stage_folder
 
     volume, origin = settings.volume, request.volume_base
     base = (
@@ -91,6 +91,7 @@ def _on_this_host(request: GenerationRequest, settings: Settings) -> GenerationR
         for folder in (base, adapter):
             if folder is not None and folder.startswith("/"):
                 stage_folder(store, Path(folder))
+        evict_staged(settings.base_path, int(settings.storage_cache_gb * 2**30))
     return request.model_copy(update={"base_model": base, "adapter_path": adapter})
 
 

@@ -192,6 +192,8 @@ def run_job(job_id: str) -> None:
                 staging.drop_state(settings, job_id)
         if recorded is JobStatus.queued:
             log.info("job %s: handed back to the queue, first in line", job_id)
+        elif recorded is not None and record.kind != "tinker":
+            staging.tidy(settings, JobFiles.of(record, settings), job_id)
     _start_next(store, settings)
 
 

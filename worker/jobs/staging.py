@@ -11,8 +11,10 @@ completes (manifest last) before the job may be recorded as succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -81,10 +83,12 @@ def stage_training(files: JobFiles, settings: Settings, job_id: str) -> None:
 def stage_folder(store: ObjectStore, folder: Path) -> None:
     """A model or adapter folder under the base path, staged from the store unless this host has it already
     (keys are written once: a folder here is the folder there). FileNotFoundError when the store lacks it."""
-    if not folder.is_absolute() or not _under_store(store, folder) or folder.is_dir():
+    if not folder.is_absolute() or not _under_store(store, folder):
         return
-    if not store.pull_tree(folder):
+    if not folder.is_dir() and not store.pull_tree(folder):
         raise FileNotFoundError(f"no complete folder {store.key(folder)}/ in the object store {store.url}")
+    if (folder / MANIFEST).exists() or store.manifest(folder) is not None:
+        mark_staged(folder)  # a copy of the store's: a cache entry, used now
 
 
 def _pull(store: ObjectStore, path: Path) -> bool:
@@ -143,3 +147,51 @@ def drop_state(settings: Settings, job_id: str) -> None:
     store = settings.store
     if store is not None:
         store.delete_tree(PurePosixPath(settings.volume.job_state(job_id).resolve().relative_to(store.base).as_posix()))
+
+
+# ----------------------------------------------------------------------------- the local copies kept
+
+STAGED_MARK = ".lora-staged"  # in a folder staged from the store (this host's copy only; never uploaded)
+
+
+def mark_staged(folder: Path) -> None:
+    """A staged folder is a cache entry: its mark's time is its last use (LRU)."""
+    if folder.is_dir():
+        (folder / STAGED_MARK).touch()
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def evict_staged(base: Path, max_bytes: int) -> list[Path]:
+    """Delete the least recently used staged folders under `base` until those left hold at most `max_bytes`;
+    returns those deleted. A folder deleted while a model loaded from it is still in use is harmless: the
+    store keeps it, and the next use stages it again."""
+    entries = []
+    for mark in base.rglob(STAGED_MARK):
+        with contextlib.suppress(OSError):
+            entries.append((mark.stat().st_mtime, mark.parent, _size(mark.parent)))
+    total = sum(size for _, _, size in entries)
+    deleted = []
+    for _, folder, size in sorted(entries, key=lambda e: e[0]):
+        if total <= max_bytes:
+            break
+        shutil.rmtree(folder, ignore_errors=True)
+        total -= size
+        deleted.append(folder)
+        log.info("evicted the staged copy %s (%d MB) from this host's cache", folder, size >> 20)
+    return deleted
+
+
+def tidy(settings: Settings, files: JobFiles, job_id: str) -> None:
+    """After a job ends on a host with object storage: its own files go from this host (the store has them),
+    and the staged copies it used are kept within LORA_STORAGE_CACHE_GB."""
+    if settings.store is None:
+        return
+    for path in (files.dataset, files.validation):
+        if path is not None:
+            path.unlink(missing_ok=True)
+    for folder in (files.output, settings.volume.job_state(job_id), settings.volume.job_checkpoints(job_id)):
+        shutil.rmtree(folder, ignore_errors=True)
+    evict_staged(settings.base_path, int(settings.storage_cache_gb * 2**30))

@@ -1,0 +1,147 @@
+"""Hosts that share no disk, only Redis and an object store (moto's S3 server, a real process over HTTP).
+
+The API, the generation worker and each training worker have base paths of their own. A job trains on
+whichever worker is free, staging its dataset from the store and sending its adapter there; the adapter
+downloads through the API and chat completions answer with it; a second worker started mid-test adds its slot;
+a worker killed mid-job has its job resumed on the other from the state it had sent to the store.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import socket
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openai import OpenAI
+
+from tests.fixtures.s3_server import S3Server
+from tests.service import ROOT, Service, flush, submit, submit_long, wait_running, wait_until
+
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+
+def readme_host_command() -> str:
+    """The README's command for a GPU host joining the service."""
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"```bash\n(docker run [^`]*?LORA_STORAGE_URL[^`]*?)```", readme)
+    assert match, "the README's deployment section shows no `docker run` of a worker with LORA_STORAGE_URL"
+    return match.group(1)
+
+
+def readme_host_settings() -> set[str]:
+    """The service's settings (LORA_*) the README's host-joining command passes."""
+    return set(re.findall(r"-e (LORA_[A-Z_]+)=", readme_host_command()))
+
+
+@pytest.fixture
+def hosts(tmp_path: Path, redis_url: str, s3_server: S3Server, s3_bucket: str) -> Iterator[Service]:
+    """The API (and its generation worker) on one folder, a training worker on another: only the bucket is shared."""
+    flush(redis_url)
+    store = {"LORA_STORAGE_URL": f"s3://{s3_bucket}/lora", **s3_server.env, "LORA_STATE_EVERY_STEPS": "5"}
+    svc = Service(base_path=tmp_path / "api-host", redis_url=redis_url, log_dir=tmp_path / "logs", env_extra=store)
+    svc.base_path.mkdir(parents=True)
+    svc.log_dir.mkdir()
+    svc.start_generator(LORA_BASE_PATH=str(tmp_path / "chat-host"))
+    svc.start_api()
+    svc.start_worker(LORA_BASE_PATH=str(tmp_path / "host-a"))
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+def _objects(server: S3Server, bucket: str, prefix: str) -> dict[str, bytes]:
+    client = server.client()
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return {
+        item["Key"][len(prefix) :]: client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read() for item in listed
+    }
+
+
+def _host_of(svc: Service, job: dict[str, Any]) -> int:
+    """Which of the service's workers ran `job` (its index in `svc.workers`)."""
+    pids = [f"{socket.gethostname()}:{w.pid}" for w in svc.workers]
+    return pids.index(job["worker"])
+
+
+def test_the_readme_joins_a_host_with_a_redis_url_and_a_bucket_only() -> None:
+    assert readme_host_settings() == {"LORA_REDIS_URL", "LORA_STORAGE_URL"}, readme_host_command()
+    assert "-v " not in readme_host_command()  # no shared volume mounted
+
+
+def test_jobs_train_on_hosts_that_share_only_the_store(
+    hosts: Service, tiny_model_dir: Path, tmp_path: Path, s3_server: S3Server, s3_bucket: str
+) -> None:
+    svc = hosts
+    # A job trains on the only worker; its adapter is in the store, not on the API's disk.
+    first = submit(svc, tiny_model_dir, epochs=2)
+    assert first.status_code == 202, first.text
+    job_id = first.json()["job_id"]
+    done = svc.wait_for(job_id, {"succeeded", "failed"})
+    assert done["status"] == "succeeded", done
+    output = Path(done["model_path"])
+    assert output == svc.base_path.resolve() / job_id and not output.exists()  # the API's name; not on its disk
+    # The worker's host kept nothing of the job once the store had it (its dataset was staged, then tidied).
+    assert not (tmp_path / "host-a" / job_id).exists()
+    assert not (tmp_path / "host-a" / "datasets" / f"{job_id}.jsonl").exists()
+    assert (tmp_path / "host-a" / "datasets").is_dir()  # it was there: staged from the store
+    stored = _objects(s3_server, s3_bucket, f"lora/{job_id}/")
+    assert {"adapter_model.safetensors", "adapter_config.json", ".lora-complete.json"} <= set(stored), sorted(stored)
+    assert f"{job_id}.jsonl" in _objects(s3_server, s3_bucket, "lora/datasets/")  # the upload, sent by the API
+
+    # Its adapter downloads through the API, streamed from the store: the same bytes.
+    archive = svc.get(f"/jobs/{job_id}/artifacts/archive")
+    assert archive.status_code == 200, archive.text
+    with tarfile.open(fileobj=io.BytesIO(archive.content), mode="r:gz") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
+    assert members["adapter_model.safetensors"] == stored["adapter_model.safetensors"]
+    listed = svc.get(f"/jobs/{job_id}/artifacts").json()
+    assert {f["path"] for f in listed["files"]} == set(members) and listed["total_bytes"] == sum(
+        map(len, members.values())
+    )
+
+    # Chat completions answer with it: the generation worker, on a disk of its own, stages it from the store.
+    client = OpenAI(base_url=svc.url + "/v1", api_key="unused")
+    model = next(m.id for m in client.models.list().data if m.id.startswith("ft:"))
+    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert (
+        reply.choices[0].message.content is not None and reply.usage is not None and reply.usage.completion_tokens > 0
+    )
+    assert (tmp_path / "chat-host" / job_id / "adapter_model.safetensors").is_file()
+
+    # A second host joins with what the README passes (the Redis URL and the bucket; AWS_* name the store):
+    # its slot counts at once, and two jobs train side by side, one on each host.
+    joining = {name: svc.env()[name] for name in readme_host_settings()}
+    assert svc.health()["slots"] == 1
+    svc.start_worker(**joining, LORA_BASE_PATH=str(tmp_path / "host-b"))
+    assert svc.health()["slots"] == 2
+    long_a, long_b = submit_long(svc, tiny_model_dir, epochs=60), submit_long(svc, tiny_model_dir, epochs=60)
+    running = [wait_running(svc, long_a, min_step=6), wait_running(svc, long_b, min_step=1)]
+    assert sorted(_host_of(svc, job) for job in running) == [0, 1]
+
+    # The host running the first loses power mid-job: its job continues on the other host, from the state
+    # it sent to the store (staged there from the bucket: the hosts share no disk).
+    state_prefix = f"lora/.state/{long_a}/"
+    wait_until(lambda: any(k.endswith("/.lora-complete.json") for k in _objects(s3_server, s3_bucket, state_prefix)),
+               timeout=60, what="a saved state of the first long job in the store")  # fmt: skip
+    lost = svc.workers[_host_of(svc, running[0])]
+    os.killpg(lost.pid, signal.SIGKILL)
+    lost.wait()
+    wait_until(lambda: svc.health()["slots"] == 1, timeout=30, what="the lost host's slot to lapse")
+    assert svc.post(f"/jobs/{long_b}/cancel").status_code == 202  # the survivor takes the lost job next
+    resumed = svc.wait_for(long_a, {"succeeded", "failed", "cancelled"}, timeout=300)
+    assert resumed["status"] == "succeeded" and resumed["attempts"] == 2, resumed
+    events = [e["message"] for e in svc.get(f"/jobs/{long_a}/events", params={"limit": 1000}).json()["data"]]
+    assert any("resuming from step" in m for m in events), events
+    assert not _objects(s3_server, s3_bucket, state_prefix)  # its states go once it has ended
+    assert _objects(s3_server, s3_bucket, f"lora/{long_a}/").keys() >= {
+        "adapter_model.safetensors",
+        ".lora-complete.json",
+    }
