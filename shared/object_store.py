@@ -58,7 +58,10 @@ class StorageUrl:
             raise ValueError(f"LORA_STORAGE_URL must look like s3://bucket/prefix, not {url!r}")
         prefix = parts.path.strip("/")
         if any(piece in ("", ".", "..") for piece in prefix.split("/")) and prefix:
-            raise ValueError(f"LORA_STORAGE_URL's prefix has an empty, '.' or '..' part: {url!r}")
+            raise ValueError(
+                f"LORA_STORAGE_URL must look like s3://bucket/prefix, with no empty, '.' or '..' part "
+                f"in the prefix, not {url!r}"
+            )
         return cls(parts.netloc, prefix)
 
 
@@ -109,11 +112,14 @@ class ObjectStore:
     # ------------------------------------------------------------------ calls
     @contextlib.contextmanager
     def _calling(self, what: str) -> Iterator[None]:
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             yield
-        except (BotoCoreError, ClientError) as exc:
+        # Boto3Error: the managed transfer rewraps a ClientError as S3UploadFailedError, exhausted download
+        # retries as RetriesExceededError; neither is a BotoCoreError or ClientError.
+        except (BotoCoreError, ClientError, Boto3Error) as exc:
             raise StorageUnavailable(f"object store {self.url}: {what} failed: {_describe(exc)}") from exc
 
     def _transfer(self) -> Any:
