@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from shared.job_api import FileEntry
 from shared.job_ids import is_job_id
-from shared.object_store import ObjectStore
+from shared.object_store import MANIFEST, ObjectStore, StorageUnavailable
 from shared.volume import CHECKPOINT_META, CheckpointMeta, Volume, checkpoint_step
 
 _BLOCK = tarfile.BLOCKSIZE  # 512
@@ -92,17 +92,40 @@ def _read_checkpoint(folder: Path) -> Checkpoint | None:
     return Checkpoint(**meta.model_dump(), name=folder.name, path=str(folder), files=list_files(folder))
 
 
-def list_checkpoints(volume: Volume, job_id: str) -> list[Checkpoint]:
-    """The job's complete checkpoints, oldest step first; [] when it has none."""
+def list_checkpoints(volume: Volume, job_id: str, *, store: ObjectStore | None = None) -> list[Checkpoint]:
+    """The job's complete checkpoints, oldest step first; [] when it has none. With object storage, those the
+    store holds complete (the worker sends each one as it is written)."""
     root = _checkpoints_root(volume, job_id)
-    if root is None or not root.is_dir():
+    if root is None:
+        return []
+    if store is not None:
+        return _stored_checkpoints(store, root)
+    if not root.is_dir():
         return []
     found = (_read_checkpoint(child) for child in root.iterdir())
     return sorted((c for c in found if c is not None), key=lambda c: c.step)
 
 
-def get_checkpoint(volume: Volume, job_id: str, step: int) -> Checkpoint | None:
-    return next((c for c in list_checkpoints(volume, job_id) if c.step == step), None)
+def get_checkpoint(volume: Volume, job_id: str, step: int, *, store: ObjectStore | None = None) -> Checkpoint | None:
+    return next((c for c in list_checkpoints(volume, job_id, store=store) if c.step == step), None)
+
+
+def _stored_checkpoints(store: ObjectStore, root: Path) -> list[Checkpoint]:
+    names = store.list_tree(root)
+    found = []
+    for name in names:
+        folder, _, leaf = name.partition("/")
+        if leaf != MANIFEST or checkpoint_step(folder) is None:
+            continue
+        files = stored_folder(store, root / folder)
+        if files is None:
+            continue
+        try:
+            meta = CheckpointMeta.model_validate_json(b"".join(store.stream(root / folder / CHECKPOINT_META)))
+        except (ValidationError, StorageUnavailable):
+            continue
+        found.append(Checkpoint(**meta.model_dump(), name=folder, path=str(root / folder), files=files))
+    return sorted(found, key=lambda c: c.step)
 
 
 def iter_tar_gz(folder: Path, files: list[FileEntry], *, chunk_size: int = 1 << 20) -> Iterator[bytes]:

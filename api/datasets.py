@@ -11,8 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from api.dataset_validation import DatasetError, DatasetSummary, validate_dataset
-from api.errors import InvalidDataset, UnknownFile, VolumeFull, WrongDataKind, field_error, storage_failure
+from api.errors import (
+    InvalidDataset,
+    ObjectStoreDown,
+    UnknownFile,
+    VolumeFull,
+    WrongDataKind,
+    field_error,
+    storage_failure,
+)
 from shared.config import TrainingMethod
+from shared.object_store import OutsideStore, StorageUnavailable
 from shared.preference import kind_problem
 from shared.settings import Settings
 
@@ -101,6 +110,7 @@ class StoredData:
 
     def place(self, settings: Settings, job_id: str) -> JobData:
         dataset, held_out = settings.volume.job_datasets(job_id)
+        _stage_from_store(settings, self.dataset, self.validation)
         try:
             _link(self.dataset, dataset)
             if self.validation is not None:
@@ -115,6 +125,22 @@ class StoredData:
             dataset.unlink(missing_ok=True)
             raise storage_failure(exc, "dataset") from exc
         return JobData(dataset, held_out if self.validation is not None else None, self.num_records)
+
+
+def _stage_from_store(settings: Settings, *paths: Path | None) -> None:
+    """Uploaded files this API host has no copy of (it was replaced, or another API took the upload), from the
+    object store."""
+    store = settings.store
+    if store is None:
+        return
+    try:
+        for path in paths:
+            if path is not None and not path.exists():
+                store.pull_file(path)
+    except OutsideStore:
+        return
+    except StorageUnavailable as exc:
+        raise ObjectStoreDown(str(exc)) from exc
 
 
 def _link(src: Path, dest: Path) -> None:

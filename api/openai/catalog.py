@@ -79,7 +79,7 @@ def _job_models(record: JobRecord, ostore: OpenAIStore, settings: Settings) -> l
     served = [
         ServedModel(fine_tuned_model_name(model, suffix, record.id), finished, ORGANIZATION_ID, base, str(folder))
     ]
-    for ckpt in list_checkpoints(settings.volume, record.id):
+    for ckpt in list_checkpoints(settings.volume, record.id, store=settings.store):
         name = checkpoint_model_name(model, suffix, record.id, ckpt.step)
         served.append(ServedModel(name, int(ckpt.created_at), ORGANIZATION_ID, base, ckpt.path))
     return served
@@ -183,7 +183,7 @@ def resolve(store: JobStore, ostore: OpenAIStore, settings: Settings, name: str)
                 _loaded_base(record, settings),
                 str(folder),
             )
-        ckpt = get_checkpoint(settings.volume, record.id, ref.step)
+        ckpt = get_checkpoint(settings.volume, record.id, ref.step, store=settings.store)
         if ckpt is None:
             raise ModelNotFound(name, f": job {ref.job_id!r} has no checkpoint at step {ref.step}")
         return ServedModel(

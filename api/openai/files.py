@@ -8,18 +8,19 @@ result file removes its CSV and its record, so the job no longer lists it and re
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from pathlib import Path
 from typing import Annotated, Final, Literal
 
-from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import FileResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.datasets import check_disk, store_dataset
 from api.deps import SettingsDep
-from api.errors import FileNotFound, InvalidInput, MalformedRequest, field_error
+from api.errors import FileNotFound, InvalidInput, MalformedRequest, ObjectStoreDown, field_error
 from api.openai.convert import file_public
 from api.openai.errors import OpenAIRoute
 from api.openai.records import FileRecord
@@ -28,6 +29,8 @@ from api.openai.store import OpenAIStore, OpenAIStoreDep, UnknownCursorError
 from api.openai.uploads import receive_file_upload
 from api.uploads import multipart_openapi
 from shared.files import RESULTS_PURPOSE, UPLOAD_PURPOSE
+from shared.object_store import OutsideStore, StorageUnavailable
+from shared.settings import Settings
 
 router = APIRouter(prefix="/v1/files", tags=["openai"], route_class=OpenAIRoute)
 
@@ -69,6 +72,7 @@ async def create_file(request: Request, settings: SettingsDep, store: OpenAIStor
         path, summary = await run_in_threadpool(store_dataset, upload.dataset, settings, file_id)
     finally:
         upload.discard()
+    await run_in_threadpool(_push, settings, path)
     record = FileRecord(
         id=file_id,
         bytes=path.stat().st_size,
@@ -111,22 +115,46 @@ def retrieve_file(file_id: str, store: OpenAIStoreDep) -> FilePublic:
 
 
 @router.delete("/{file_id}", responses={404: {}})
-def delete_file(file_id: str, store: OpenAIStoreDep) -> FileDeletedPublic:
+def delete_file(file_id: str, store: OpenAIStoreDep, settings: SettingsDep) -> FileDeletedPublic:
     """Forget the file and remove its content. Jobs created from it keep their own copy of the data;
     a job whose result file this was no longer lists it."""
     record = get_file_record(store, file_id)
     deleted = store.remove_file(file_id)
     Path(record.path).unlink(missing_ok=True)
+    if settings.store is not None:
+        with contextlib.suppress(StorageUnavailable, OutsideStore):  # a store that is down keeps an unlisted copy
+            settings.store.delete_file(Path(record.path))
     return FileDeletedPublic(id=file_id, deleted=deleted)
 
 
 @router.get("/{file_id}/content", response_class=FileResponse, responses={404: {}})
-def file_content(file_id: str, store: OpenAIStoreDep) -> FileResponse:
-    """The stored content: normalised JSON Lines for training data, the CSV for a result file."""
+def file_content(file_id: str, store: OpenAIStoreDep, settings: SettingsDep) -> Response:
+    """The stored content: normalised JSON Lines for training data, the CSV for a result file (with object
+    storage, streamed from the store when this host has no copy)."""
     record = get_file_record(store, file_id)
     path = Path(record.path)
-    if not path.is_file():
-        raise FileNotFound(file_id, f"the content of {file_id} is no longer on the volume")
-    if record.purpose == RESULTS_PURPOSE:
-        return FileResponse(path, media_type="text/csv", filename=record.filename)
-    return FileResponse(path, media_type="application/octet-stream", filename=f"{file_id}.jsonl")
+    csv = record.purpose == RESULTS_PURPOSE
+    media, name = ("text/csv", record.filename) if csv else ("application/octet-stream", f"{file_id}.jsonl")
+    if path.is_file():
+        return FileResponse(path, media_type=media, filename=name)
+    ostore = settings.store
+    try:
+        if ostore is not None and ostore.exists(path):
+            disposition = {"Content-Disposition": f'attachment; filename="{name}"'}
+            return StreamingResponse(ostore.stream(path), media_type=media, headers=disposition)
+    except OutsideStore:
+        pass
+    except StorageUnavailable as exc:
+        raise ObjectStoreDown(str(exc)) from exc
+    raise FileNotFound(file_id, f"the content of {file_id} is no longer on the volume")
+
+
+def _push(settings: Settings, path: Path) -> None:
+    """With object storage the upload goes to the store too: a job's worker, or this API on a new host, finds it."""
+    if settings.store is None:
+        return
+    try:
+        settings.store.push_file(path)
+    except StorageUnavailable as exc:
+        path.unlink(missing_ok=True)
+        raise ObjectStoreDown(str(exc)) from exc

@@ -215,7 +215,7 @@ def list_checkpoints(
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
 ) -> ListPage[FineTuningJobCheckpointPublic]:
     """Checkpoints the worker saved while training, newest first."""
-    found = saved_checkpoints(settings.volume, job.id)
+    found = saved_checkpoints(settings.volume, job.id, store=settings.store)
     extra = ostore.get_job(job.id)
     checkpoints = [convert.checkpoint_public(job, extra, c) for c in reversed(found)]
     if after is not None:

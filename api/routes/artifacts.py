@@ -25,7 +25,6 @@ from shared.job_api import ArtifactsPublic, CheckpointPage, CheckpointPublic, Fi
 from shared.jobs import JobRecord, JobStatus
 from shared.object_store import OutsideStore
 from shared.settings import Settings
-from shared.volume import Volume
 
 router = APIRouter(prefix="/jobs", tags=["artifacts"])
 
@@ -64,9 +63,11 @@ def checkpoint_public(checkpoint: Checkpoint, base_url: str, job_id: str) -> Che
     )
 
 
-def _checkpoints(volume: Volume, job_id: str, request: Request) -> list[CheckpointPublic]:
+def _checkpoints(settings: Settings, job_id: str, request: Request) -> list[CheckpointPublic]:
     base_url = _base_url(request)
-    return [checkpoint_public(c, base_url, job_id) for c in list_checkpoints(volume, job_id)]
+    return [
+        checkpoint_public(c, base_url, job_id) for c in list_checkpoints(settings.volume, job_id, store=settings.store)
+    ]
 
 
 def _download_name(name: str) -> str:
@@ -92,14 +93,14 @@ def artifacts(record: JobDep, settings: SettingsDep, request: Request) -> Artifa
         files=files,
         total_bytes=sum(f.size for f in files),
         archive_url=f"{_base_url(request)}/jobs/{job_id}/artifacts/archive" if folder is not None else None,
-        checkpoints=_checkpoints(settings.volume, job_id, request),
+        checkpoints=_checkpoints(settings, job_id, request),
     )
 
 
 @router.get("/{job_id}/checkpoints", responses=_NOT_FOUND)
 def checkpoints(record: JobDep, settings: SettingsDep, request: Request) -> CheckpointPage:
     """Checkpoints saved so far, oldest first (listed while the job still trains, too)."""
-    return CheckpointPage(job_id=record.id, data=_checkpoints(settings.volume, record.id, request))
+    return CheckpointPage(job_id=record.id, data=_checkpoints(settings, record.id, request))
 
 
 @router.get(
@@ -119,10 +120,14 @@ def archive(
     """The adapter folder (or one checkpoint) as a tar.gz, streamed; members are paths relative to it."""
     job_id = record.id
     if checkpoint is not None:
-        found = get_checkpoint(settings.volume, job_id, checkpoint)
+        found = get_checkpoint(settings.volume, job_id, checkpoint, store=settings.store)
         if found is None:
             raise NotFound(f"job {job_id!r} has no checkpoint at step {checkpoint}")
         folder, name = Path(found.path), f"{job_id}-{found.name}"
+        if settings.store is not None:  # streamed from the store, object by object
+            disposition = {"Content-Disposition": f'attachment; filename="{_download_name(name)}"'}
+            body = iter_stored_tar_gz(settings.store, folder, found.files)
+            return StreamingResponse(body, media_type="application/gzip", headers=disposition)
     else:
         if record.status is not JobStatus.succeeded:
             raise WrongJobState(f"job {job_id!r} has no adapter: it is {record.status.value}", record.status.value)

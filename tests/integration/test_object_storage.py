@@ -89,7 +89,7 @@ def test_jobs_train_on_hosts_that_share_only_the_store(
     output = Path(done["model_path"])
     assert output == svc.base_path.resolve() / job_id and not output.exists()  # the API's name; not on its disk
     # The worker's host kept nothing of the job once the store had it (its dataset was staged, then tidied).
-    assert not (tmp_path / "host-a" / job_id).exists()
+    wait_until(lambda: not (tmp_path / "host-a" / job_id).exists(), timeout=20, what="host-a to tidy the job's files")
     assert not (tmp_path / "host-a" / "datasets" / f"{job_id}.jsonl").exists()
     assert (tmp_path / "host-a" / "datasets").is_dir()  # it was there: staged from the store
     stored = _objects(s3_server, s3_bucket, f"lora/{job_id}/")
@@ -107,8 +107,19 @@ def test_jobs_train_on_hosts_that_share_only_the_store(
         map(len, members.values())
     )
 
-    # Chat completions answer with it: the generation worker, on a disk of its own, stages it from the store.
+    # Its checkpoints (one per epoch) and its result file are read from the store too.
     client = OpenAI(base_url=svc.url + "/v1", api_key="unused")
+    checkpoints = svc.get(f"/jobs/{job_id}/checkpoints").json()["data"]
+    assert [c["epoch"] for c in checkpoints] == [1, 2], checkpoints
+    step = checkpoints[-1]["step"]
+    ckpt = svc.get(f"/jobs/{job_id}/artifacts/archive", params={"checkpoint": step})
+    with tarfile.open(fileobj=io.BytesIO(ckpt.content), mode="r:gz") as tar:
+        assert "adapter_model.safetensors" in tar.getnames() and "checkpoint.json" in tar.getnames()
+    (result_id,) = client.fine_tuning.jobs.retrieve(job_id).result_files
+    csv = client.files.content(result_id).content.decode()
+    assert csv.startswith("step,") and len(csv.splitlines()) == 1 + done["metrics"]["steps"], csv
+
+    # Chat completions answer with it: the generation worker, on a disk of its own, stages it from the store.
     model = next(m.id for m in client.models.list().data if m.id.startswith("ft:"))
     reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     assert (

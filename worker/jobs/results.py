@@ -15,8 +15,9 @@ from worker.training.results_log import count_rows
 log = logging.getLogger(__name__)
 
 
-def register_results(client: redis.Redis, job_id: str, path: Path) -> str | None:
-    """Register `path` as the job's result file when it holds at least one step; its id, else None.
+def register_results(client: redis.Redis, job_id: str, path: Path, *, named: str | None = None) -> str | None:
+    """Register `path` as the job's result file when it holds at least one step; its id, else None. `named`: the
+    path the API knows it by, when that is another host's (object storage).
 
     Called when the job ends, whatever the outcome, before the outcome is recorded: a client that sees
     the job ended already finds the file listed on it.
@@ -34,7 +35,7 @@ def register_results(client: redis.Redis, job_id: str, path: Path) -> str | None
         created_at=int(time.time()),
         filename=STEP_METRICS,
         purpose=RESULTS_PURPOSE,
-        path=str(path),
+        path=named or str(path),
         num_records=rows,
     )
     try:

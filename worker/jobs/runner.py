@@ -179,7 +179,11 @@ def run_job(job_id: str) -> None:
             log.warning("job %s: another runner owns it or it was settled; recording nothing", job_id)
             return
         if record.kind == "train":  # whatever the outcome: a failed or cancelled run keeps the steps it logged
-            register_results(store.client, job_id, settings.volume.step_metrics(job_id))
+            metrics_csv = settings.volume.step_metrics(job_id)
+            if staging.push_file_quietly(settings, metrics_csv):
+                register_results(
+                    store.client, job_id, metrics_csv, named=staging.api_name(settings, record, metrics_csv)
+                )
         # Still under the lease (its thread keeps renewing), so a Redis hiccup here cannot turn a
         # finished job into a "worker lost" one.
         lease.recording_outcome()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from shared.jobs import JobRecord
-from shared.object_store import MANIFEST, ObjectStore, OutsideStore
+from shared.object_store import MANIFEST, ObjectStore, OutsideStore, StorageUnavailable
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,30 @@ def stored_output(settings: Settings, output: Path) -> bool:
     if store is None or output.is_dir():
         return output.is_dir()
     return store.pull_tree(output)
+
+
+def push_file_quietly(settings: Settings, path: Path) -> bool:
+    """Send a file the job wrote (its result CSV) to the store; False when the store would not take it (the
+    job's outcome matters more than its metrics file)."""
+    store = settings.store
+    if store is None or not path.is_file():
+        return True
+    try:
+        store.push_file(path)
+    except StorageUnavailable as exc:
+        log.warning("could not send %s to the object store: %s", path.name, exc)
+        return False
+    return True
+
+
+def api_name(settings: Settings, record: JobRecord, path: Path) -> str:
+    """`path` (under this host's base path) as the API names it: under the base path its record was named under."""
+    if record.volume_base is None:
+        return str(path)
+    try:
+        return str(Path(record.volume_base) / path.resolve().relative_to(settings.base_path.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def drop_state(settings: Settings, job_id: str) -> None:
