@@ -156,3 +156,36 @@ def test_jobs_train_on_hosts_that_share_only_the_store(
         "adapter_model.safetensors",
         ".lora-complete.json",
     }
+
+
+def test_a_store_that_goes_down_fails_the_job_clearly_and_refuses_uploads(
+    tmp_path: Path, redis_url: str, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = S3Server(tmp_path / "moto.log").start()
+    bucket = server.create_bucket("lora-down")
+    flush(redis_url)
+    env = {"LORA_STORAGE_URL": f"s3://{bucket}/lora", **server.env, "LORA_STATE_EVERY_STEPS": "5"}
+    svc = Service(base_path=tmp_path / "api-host", redis_url=redis_url, log_dir=tmp_path / "logs", env_extra=env)
+    svc.base_path.mkdir(parents=True)
+    svc.log_dir.mkdir()
+    svc.start_api()
+    svc.start_worker(LORA_BASE_PATH=str(tmp_path / "host-a"))
+    try:
+        job_id = submit_long(svc, tiny_model_dir, epochs=30)
+        wait_running(svc, job_id, min_step=2)
+        server.stop()
+        # The run goes on while only its state saves fail; its adapter cannot reach the store: failed, saying why.
+        failed = svc.wait_for(job_id, {"succeeded", "failed", "cancelled"}, timeout=240)
+        assert failed["status"] == "failed" and f"object store s3://{bucket}/lora" in failed["error"], failed
+        assert svc.health()["busy"] == 0  # its slot is free
+
+        refused = submit(svc, tiny_model_dir)
+        assert refused.status_code == 503 and f"object store s3://{bucket}/lora" in refused.json()["detail"], (
+            refused.text
+        )
+        assert [j["id"] for j in svc.get("/jobs").json()["data"]] == [job_id]  # nothing of the refused job
+        assert sorted(p.name for p in (svc.base_path / "datasets").glob("*.jsonl")) == [f"{job_id}.jsonl"]
+        assert svc.health()["busy"] == 0
+    finally:
+        svc.stop()
+        server.stop()
