@@ -117,7 +117,7 @@ class Capacity(BaseModel):
     slots: int  # what admission counts: the live workers' slots, capped
     busy: int  # slots held by jobs (queued for a worker, or running)
     free: int
-    cap: int | None  # LORA_MAX_CONCURRENT_JOBS, when set
+    cap: int | None = None  # LORA_MAX_CONCURRENT_JOBS, when set (left out of /status when unset)
     workers: list[LiveWorker]
 
 

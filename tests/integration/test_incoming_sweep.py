@@ -29,6 +29,7 @@ def _api(root: Path, redis_url: str, **env: str) -> Service:
     svc.base_path.mkdir(parents=True)
     svc.log_dir.mkdir(parents=True)
     svc.start_api()
+    svc.slot_elsewhere()  # no worker here (this is about the API): a slot announced elsewhere admits the uploads
     return svc
 
 
