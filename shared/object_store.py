@@ -22,6 +22,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -34,6 +35,7 @@ from urllib.parse import urlsplit
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
+_UPLOAD_TICKET = re.compile(r"^\..+\.upload$")  # an unfinished upload's id, beside its file (`_push_parts`)
 MANIFEST = ".lora-complete.json"  # written last: the folder is complete in the store
 PART_BYTES = 16 * 1024 * 1024  # multipart parts (and the size from which a file goes in parts)
 
@@ -141,10 +143,65 @@ class ObjectStore:
         return True
 
     def push_file(self, path: Path) -> None:
-        """Upload one file to its key (in parts past PART_BYTES)."""
+        """Upload one file to its key: in one request up to PART_BYTES, else in parts, resumably (`_push_parts`)."""
         key = self.key(path)
-        with self._calling(f"uploading {key}"):
-            self.client.upload_file(str(path), self.location.bucket, key, Config=self._transfer())
+        if path.stat().st_size <= PART_BYTES:
+            with self._calling(f"uploading {key}"):
+                self.client.upload_file(str(path), self.location.bucket, key, Config=self._transfer())
+            return
+        self._push_parts(path, key)
+
+    def _push_parts(self, path: Path, key: str) -> None:
+        """A multipart upload that a retry resumes: its upload id is kept beside the file (`.<name>.upload`, with
+        the file's size and mtime), and a later call, in this process or the next (a worker restarted mid-upload),
+        asks the store which parts it has and sends only the others. The parts become the object only when the
+        upload is completed, so a reader never sees a partial file."""
+        st = path.stat()
+        ticket = path.with_name(f".{path.name}.upload")
+        bucket = self.location.bucket
+        upload_id = self._resumable_upload(ticket, key, st)
+        done: dict[int, str] = {}
+        if upload_id is not None:
+            try:
+                with self._calling(f"listing the parts of {key}"):
+                    pages = self.client.get_paginator("list_parts").paginate(Bucket=bucket, Key=key, UploadId=upload_id)
+                    for page in pages:
+                        for part in page.get("Parts", []):
+                            if part.get("Size") == min(PART_BYTES, st.st_size - (part["PartNumber"] - 1) * PART_BYTES):
+                                done[part["PartNumber"]] = part["ETag"]
+            except StorageUnavailable:
+                upload_id = None  # expired or aborted: start again
+        if upload_id is None:
+            with self._calling(f"starting the upload of {key}"):
+                upload_id = self.client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+            ticket.write_text(json.dumps({"key": key, "upload_id": upload_id, "size": st.st_size,
+                                          "mtime_ns": st.st_mtime_ns}))  # fmt: skip
+            done = {}
+        count = (st.st_size + PART_BYTES - 1) // PART_BYTES
+        with path.open("rb") as fh:
+            for number in range(1, count + 1):
+                if number in done:
+                    continue
+                fh.seek((number - 1) * PART_BYTES)
+                body = fh.read(PART_BYTES)
+                with self._calling(f"uploading part {number}/{count} of {key}"):
+                    done[number] = self.client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id,
+                                                           PartNumber=number, Body=body)["ETag"]  # fmt: skip
+        parts = [{"PartNumber": n, "ETag": done[n]} for n in range(1, count + 1)]
+        with self._calling(f"completing the upload of {key}"):
+            self.client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id,
+                                                  MultipartUpload={"Parts": parts})  # type: ignore[typeddict-item]  # fmt: skip
+        ticket.unlink(missing_ok=True)
+
+    @staticmethod
+    def _resumable_upload(ticket: Path, key: str, st: os.stat_result) -> str | None:
+        """The upload id an earlier call left for this very file (same key, size and mtime), else None."""
+        try:
+            kept = json.loads(ticket.read_text())
+        except (OSError, ValueError):
+            return None
+        same = kept.get("key") == key and kept.get("size") == st.st_size and kept.get("mtime_ns") == st.st_mtime_ns
+        return str(kept["upload_id"]) if same and kept.get("upload_id") else None
 
     def pull_file(self, path: Path) -> bool:
         """Download `path`'s key to `path` (through a hidden sibling, renamed into place); False when the store
@@ -194,7 +251,8 @@ class ObjectStore:
         """Upload every file under `folder`, then its manifest (last: only then is the folder complete). Keys
         the folder had in the store but no longer has are removed after the manifest, so a reader never sees
         a complete folder with a file missing."""
-        files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+        files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
+                 if p.is_file() and not _UPLOAD_TICKET.match(p.name)}  # fmt: skip
         files.pop(MANIFEST, None)
         before = self.list_tree(folder)
         if MANIFEST in before:  # replaced: the old manifest goes first, so no reader mixes old and new files

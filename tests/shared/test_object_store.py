@@ -3,6 +3,8 @@ complete only through their manifest, two hosts with no shared disk, and a store
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import time
 from pathlib import Path, PurePosixPath
@@ -193,3 +195,32 @@ def test_a_bucket_that_does_not_exist_is_unavailable(s3_bucket: str, tmp_path: P
         store.push_file(write(store.base / "datasets" / "x.jsonl", b"{}\n"))
     with pytest.raises(StorageUnavailable, match="NoSuchBucket"):
         store.pull_tree(store.base / "out")
+
+
+def test_a_multipart_upload_cut_off_resumes_with_the_parts_it_lacks(tmp_path: Path, s3_bucket: str) -> None:
+    """A worker restarted mid-upload: the upload id kept beside the file lets the next push send only the
+    parts the store does not have (counted on the client's own request events), and no object exists before."""
+    base = tmp_path / "host"
+    big = base / "out" / "adapter_model.safetensors"
+    big.parent.mkdir(parents=True)
+    data = os.urandom(2 * PART_BYTES + 1000)  # three parts
+    big.write_bytes(data)
+    first = ObjectStore(f"s3://{s3_bucket}/pre", base)
+    key = first.key(big)
+    upload_id = first.client.create_multipart_upload(Bucket=s3_bucket, Key=key)["UploadId"]
+    first.client.upload_part(Bucket=s3_bucket, Key=key, UploadId=upload_id, PartNumber=1, Body=data[:PART_BYTES])
+    st = big.stat()
+    (big.parent / f".{big.name}.upload").write_text(
+        json.dumps({"key": key, "upload_id": upload_id, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    )
+    assert not first.exists(big)  # the parts sent are no object yet
+
+    again = ObjectStore(f"s3://{s3_bucket}/pre", base)  # the restarted process
+    sent: list[int] = []
+    again.client.meta.events.register(
+        "provide-client-params.s3.UploadPart", lambda params, **_: sent.append(params["PartNumber"])
+    )
+    assert again.push_tree(big.parent) == {"adapter_model.safetensors": len(data)}  # the ticket is no file of it
+    assert sent == [2, 3]
+    assert b"".join(again.stream(big)) == data
+    assert not (big.parent / f".{big.name}.upload").exists()
