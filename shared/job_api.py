@@ -28,6 +28,10 @@ def shown_progress(record: JobRecord) -> Progress:
 class FileEntry(BaseModel):
     path: str = Field(description="POSIX path relative to the folder listed")
     size: int = Field(ge=0, description="bytes")
+    url: str | None = Field(
+        default=None,
+        description="with object storage and LORA_STORAGE_PRESIGN_S: a signed URL to the file in the store",
+    )
 
 
 class TrainAccepted(BaseModel):

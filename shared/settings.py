@@ -39,6 +39,11 @@ class Settings(BaseSettings):
         description="s3://bucket/prefix: keep datasets, adapters, checkpoints and saved states in object storage "
         "(the AWS_* settings name the endpoint and credentials); unset, the local base_path is the store.",
     )
+    storage_presign_s: int = Field(
+        default=0, ge=0, le=7 * 24 * 3600, description="With object storage: downloads of single files (a file's "
+        "content, an adapter's files) answer with a URL to the store signed for this many seconds; 0: streamed "
+        "through the API."
+    )  # fmt: skip
     storage_cache_gb: float = Field(
         default=50.0, ge=0, description="With object storage: the most a host keeps of staged copies (base models, "
         "adapters), least recently used evicted first."

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Final, Literal
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.datasets import check_disk, store_dataset
@@ -140,6 +140,9 @@ def file_content(file_id: str, store: OpenAIStoreDep, settings: SettingsDep) -> 
     ostore = settings.store
     try:
         if ostore is not None and ostore.exists(path):
+            if settings.storage_presign_s:  # the client fetches it from the store itself
+                url = ostore.presign(path, expires_s=settings.storage_presign_s, filename=name)
+                return RedirectResponse(url, status_code=307)
             disposition = {"Content-Disposition": f'attachment; filename="{name}"'}
             return StreamingResponse(ostore.stream(path), media_type=media, headers=disposition)
     except OutsideStore:

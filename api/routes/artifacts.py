@@ -48,6 +48,14 @@ def _stored_adapter(record: JobRecord, settings: Settings) -> tuple[Path, list[F
     return (folder, files) if files is not None else None
 
 
+def _signed(settings: Settings, folder: Path, files: list[FileEntry]) -> list[FileEntry]:
+    """With LORA_STORAGE_PRESIGN_S: each file with a URL to it in the store, so a client fetches it from there."""
+    store, seconds = settings.store, settings.storage_presign_s
+    if store is None or seconds == 0:
+        return files
+    return [f.model_copy(update={"url": store.presign(folder / f.path, expires_s=seconds)}) for f in files]
+
+
 def _base_url(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
@@ -82,7 +90,7 @@ def artifacts(record: JobDep, settings: SettingsDep, request: Request) -> Artifa
     stored = _stored_adapter(record, settings)
     if stored is not None:
         folder: Path | None = stored[0]
-        files = stored[1]
+        files = _signed(settings, stored[0], stored[1])
     else:
         folder = _adapter(record, settings.base_path)
         files = list_files(folder) if folder is not None else []

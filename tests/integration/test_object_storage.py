@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from openai import OpenAI
 
@@ -44,7 +45,8 @@ def readme_host_settings() -> set[str]:
 def hosts(tmp_path: Path, redis_url: str, s3_server: S3Server, s3_bucket: str) -> Iterator[Service]:
     """The API (and its generation worker) on one folder, a training worker on another: only the bucket is shared."""
     flush(redis_url)
-    store = {"LORA_STORAGE_URL": f"s3://{s3_bucket}/lora", **s3_server.env, "LORA_STATE_EVERY_STEPS": "5"}
+    store = {"LORA_STORAGE_URL": f"s3://{s3_bucket}/lora", **s3_server.env, "LORA_STATE_EVERY_STEPS": "5",
+             "LORA_STORAGE_PRESIGN_S": "600"}  # fmt: skip
     svc = Service(base_path=tmp_path / "api-host", redis_url=redis_url, log_dir=tmp_path / "logs", env_extra=store)
     svc.base_path.mkdir(parents=True)
     svc.log_dir.mkdir()
@@ -106,6 +108,11 @@ def test_jobs_train_on_hosts_that_share_only_the_store(
     assert {f["path"] for f in listed["files"]} == set(members) and listed["total_bytes"] == sum(
         map(len, members.values())
     )
+    # Each file also has a signed URL to the store (LORA_STORAGE_PRESIGN_S), for clients that fetch it from there.
+    weights = next(f for f in listed["files"] if f["path"] == "adapter_model.safetensors")
+    assert (
+        weights["url"].startswith(s3_server.endpoint) and httpx.get(weights["url"]).content == members[weights["path"]]
+    )
 
     # Its checkpoints (one per epoch) and its result file are read from the store too.
     client = OpenAI(base_url=svc.url + "/v1", api_key="unused")
@@ -116,6 +123,8 @@ def test_jobs_train_on_hosts_that_share_only_the_store(
     with tarfile.open(fileobj=io.BytesIO(ckpt.content), mode="r:gz") as tar:
         assert "adapter_model.safetensors" in tar.getnames() and "checkpoint.json" in tar.getnames()
     (result_id,) = client.fine_tuning.jobs.retrieve(job_id).result_files
+    redirect = svc.get(f"/v1/files/{result_id}/content")  # a 307 to the store, signed
+    assert redirect.status_code == 307 and redirect.headers["location"].startswith(s3_server.endpoint), redirect
     csv = client.files.content(result_id).content.decode()
     assert csv.startswith("step,") and len(csv.splitlines()) == 1 + done["metrics"]["steps"], csv
 
