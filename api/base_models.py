@@ -60,6 +60,8 @@ def check_base_model(settings: Settings, name: str, *, online: bool = True) -> B
     _check_form(name)
     _check_allowed(settings, name)
     folder = _model_folder(settings, name)
+    if folder is None and settings.store is not None:
+        folder = _stored_model_folder(settings, name)
     if folder is not None:
         return BaseModel(name, str(folder), is_folder=True, canonical=_folder_name(settings, folder, name))
     repo_id = name[:-1] if name.endswith("/") else name  # `org/name/` is the hub's `org/name`
@@ -163,6 +165,21 @@ def _model_folder(settings: Settings, name: str) -> Path | None:
             f"{_quoted(name)} is an absolute path outside base_path and every models directory (LORA_MODELS_DIR)"
         )
     return None
+
+
+def _stored_model_folder(settings: Settings, name: str) -> Path | None:
+    """With object storage: the model folder `name` names under base_path in the store (its config.json there),
+    which each worker stages and caches; None when the store has none by that name. StorageUnavailable when
+    the store cannot be read."""
+    store = settings.store
+    assert store is not None
+    base = settings.base_path.resolve()
+    candidate = Path(os.path.normpath(base / name))
+    if candidate == base or not candidate.is_relative_to(base):
+        return None
+    if MODEL_CONFIG not in store.listed_folder(candidate):
+        return None
+    return candidate
 
 
 def _within(path: Path, root: Path, resolved_root: Path) -> bool:

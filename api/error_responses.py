@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from api import errors as e
+from shared.object_store import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +68,9 @@ def install_handlers(app: FastAPI) -> None:
 
     for cls in e.REDIS_DOWN:
         app.add_exception_handler(cls, _redis_down)
+
+    async def _object_store_down(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("%s", exc)
+        return native_response(e.ObjectStoreDown(str(exc)))
+
+    app.add_exception_handler(StorageUnavailable, _object_store_down)

@@ -266,10 +266,18 @@ class ObjectStore:
         self.delete_keys(stale)
         return files
 
-    def pull_tree(self, folder: Path) -> bool:
+    def listed_folder(self, path: Path | PurePosixPath) -> dict[str, int]:
+        """A folder put into the store by other means (a base model synced with `aws s3 sync`): every object under
+        it, without the manifest our own folders carry."""
+        return {name: size for name, size in self.list_tree(path).items() if name and not name.endswith("/")}
+
+    def pull_tree(self, folder: Path, *, listed_ok: bool = False) -> bool:
         """Stage the complete folder at `folder` (downloaded beside it, renamed into place); False when the store
-        has none there. A local folder already complete (the same files and sizes) is kept as it is."""
+        has none there. With `listed_ok`, a folder without a manifest (one a user synced there) is taken as listed.
+        A local folder already complete (the same files and sizes) is kept as it is."""
         files = self.manifest(folder)
+        if files is None and listed_ok:
+            files = self.listed_folder(folder) or None
         if files is None:
             return False
         if folder.is_dir() and all(

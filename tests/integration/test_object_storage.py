@@ -136,6 +136,18 @@ def test_jobs_train_on_hosts_that_share_only_the_store(
     )
     assert (tmp_path / "chat-host" / job_id / "adapter_model.safetensors").is_file()
 
+    # A base model synced into the store by other means (no manifest of ours) trains by its name under the prefix:
+    # the API finds its config there, the worker stages it and keeps it in its bounded cache.
+    s3 = s3_server.client()
+    for path in sorted(p for p in tiny_model_dir.rglob("*") if p.is_file()):
+        s3.upload_file(str(path), s3_bucket, f"lora/models/tiny-in-store/{path.relative_to(tiny_model_dir).as_posix()}")
+    from_store = submit(svc, tiny_model_dir, model_name="models/tiny-in-store", epochs=1)
+    assert from_store.status_code == 202, from_store.text
+    trained = svc.wait_for(from_store.json()["job_id"], {"succeeded", "failed"})
+    assert trained["status"] == "succeeded", trained
+    assert (tmp_path / "host-a" / "models" / "tiny-in-store" / ".lora-staged").is_file()
+    assert not (svc.base_path / "models").exists()  # the API only looked it up in the store
+
     # A second host joins with what the README passes (the Redis URL and the bucket; AWS_* name the store):
     # its slot counts at once, and two jobs train side by side, one on each host.
     joining = {name: svc.env()[name] for name in readme_host_settings()}

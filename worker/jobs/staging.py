@@ -82,12 +82,13 @@ def stage_training(files: JobFiles, settings: Settings, job_id: str) -> None:
 
 def stage_folder(store: ObjectStore, folder: Path) -> None:
     """A model or adapter folder under the base path, staged from the store unless this host has it already
-    (keys are written once: a folder here is the folder there). FileNotFoundError when the store lacks it."""
+    (keys are written once: a folder here is the folder there); one a user synced into the store without our
+    manifest is taken as listed. FileNotFoundError when the store lacks it."""
     if not folder.is_absolute() or not _under_store(store, folder):
         return
-    if not folder.is_dir() and not store.pull_tree(folder):
+    if not folder.is_dir() and not store.pull_tree(folder, listed_ok=True):
         raise FileNotFoundError(f"no complete folder {store.key(folder)}/ in the object store {store.url}")
-    if (folder / MANIFEST).exists() or store.manifest(folder) is not None:
+    if store.manifest(folder) is not None or store.listed_folder(folder):
         mark_staged(folder)  # a copy of the store's: a cache entry, used now
 
 
