@@ -309,9 +309,12 @@ def _adapter_path(settings: Settings, user_path: str, field: str, loc: str = "co
         adapter = resolve_inside(settings.base_path, user_path)
     except UnsafePathError as exc:
         raise _path_error(field, str(exc), loc) from exc
-    if not (adapter / ADAPTER_CONFIG).is_file():
-        raise _path_error(field, f"no adapter ({ADAPTER_CONFIG}) at {user_path!r} under base_path", loc)
-    return adapter
+    if (adapter / ADAPTER_CONFIG).is_file():
+        return adapter
+    store = settings.store
+    if store is not None and ADAPTER_CONFIG in store.listed_folder(adapter):  # in the store: the worker stages it
+        return adapter
+    raise _path_error(field, f"no adapter ({ADAPTER_CONFIG}) at {user_path!r} under base_path", loc)
 
 
 def _merge_output(settings: Settings, adapter: Path, output_path: str | None, field: str = "output_path") -> Path:

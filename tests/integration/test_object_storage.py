@@ -128,6 +128,14 @@ def test_jobs_train_on_hosts_that_share_only_the_store(
     csv = client.files.content(result_id).content.decode()
     assert csv.startswith("step,") and len(csv.splitlines()) == 1 + done["metrics"]["steps"], csv
 
+    # A merge runs on a worker that stages the adapter from the store and sends the merged model back.
+    merging = svc.post(f"/jobs/{job_id}/merge")
+    assert merging.status_code == 202, merging.text
+    merged = svc.wait_for(merging.json()["job_id"], {"succeeded", "failed"})
+    assert merged["status"] == "succeeded", merged
+    merged_keys = _objects(s3_server, s3_bucket, f"lora/{Path(merged['model_path']).name}/")
+    assert {"config.json", "model.safetensors", ".lora-complete.json"} <= set(merged_keys), sorted(merged_keys)
+
     # Chat completions answer with it: the generation worker, on a disk of its own, stages it from the store.
     model = next(m.id for m in client.models.list().data if m.id.startswith("ft:"))
     reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)

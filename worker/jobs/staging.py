@@ -94,7 +94,7 @@ def stage_folder(store: ObjectStore, folder: Path) -> None:
 
 def _pull(store: ObjectStore, path: Path) -> bool:
     """A file, or a folder (a merge job's input adapter is a folder)."""
-    return store.pull_file(path) or store.pull_tree(path)
+    return store.pull_file(path) or store.pull_tree(path, listed_ok=True)
 
 
 def pull_newest_state(store: ObjectStore, state_dir: Path) -> Path | None:
