@@ -129,6 +129,7 @@ class SampleOp(_Strict):
     request_id: str
     model_dir: str  # the base model as the worker loads it
     adapter_dir: str | None = None  # the sampler weights' adapter folder; None samples the base itself
+    volume_base: str | None = None  # the base path the API named those under (shared.volume.Volume.localize)
     prompt: list[int]
     num_samples: int = 1
     max_tokens: int = 16

@@ -150,7 +150,10 @@ def _tinker_checkpoint(store: JobStore, settings: Settings, name: str) -> Served
     parts = name[len(TINKER_SCHEME) :].split("/")
     model = ts.get_model(store.client, parts[0]) if len(parts) == 3 else None
     info = ts.checkpoint(store.client, parts[0], name) if model is not None else None
-    if model is None or info is None or not Path(info.folder).is_dir():
+    present = info is not None and (
+        Path(info.folder).is_dir() if settings.store is None else settings.store.manifest(Path(info.folder)) is not None
+    )
+    if model is None or info is None or not present:
         raise ModelNotFound(
             name, ": no such Tinker checkpoint (the SDK's save_state / save_weights_for_sampler name one)"
         )

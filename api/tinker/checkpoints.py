@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.artifacts import iter_tar_gz, list_files
+from api.artifacts import iter_stored_tar_gz, iter_tar_gz, list_files, stored_folder
 from api.deps import SettingsDep, StoreDep
 from api.tinker import names
 from api.tinker.errors import bad_request, not_found, unsupported
@@ -95,6 +95,8 @@ def _delete(store: JobStore, settings: Settings, run_id: str, checkpoint_id: str
     folder = Path(info.folder).resolve()
     if folder.is_relative_to((settings.base_path / TINKER).resolve()):  # never anything outside the service's own
         shutil.rmtree(folder, ignore_errors=True)
+        if settings.store is not None:
+            settings.store.delete_tree(folder)
     ts.remove_checkpoint(store.client, run_id, path)
 
 
@@ -114,7 +116,8 @@ def checkpoint_folder(
     _run(store, call, parsed.run_id)
     info = ts.checkpoint(store.client, parsed.run_id, tinker_path)
     folder = Path(info.folder) if info is not None else None
-    if info is None or folder is None or not folder.is_dir():
+    present = folder is not None and (folder.is_dir() if settings.store is None else settings.store.manifest(folder))
+    if info is None or folder is None or not present:
         raise not_found(call, "path", f"no checkpoint {tinker_path[:200]!r} (deleted, or never saved)")
     return info, folder
 
@@ -130,6 +133,10 @@ def checkpoint_archive(run_id: str, checkpoint_id: str, store: StoreDep, setting
     _info, folder = checkpoint_folder(store, settings, "checkpoint_archive", f"{names.SCHEME}{run_id}/{checkpoint_id}")
     filename = f"{run_id}-{checkpoint_id}".replace("/", "-").replace(":", "-")
     headers = {"Content-Disposition": f'attachment; filename="{filename}.tar.gz"'}
+    stored = stored_folder(settings.store, folder) if settings.store is not None else None
+    if settings.store is not None and stored is not None:  # streamed from the store, object by object
+        return StreamingResponse(iter_stored_tar_gz(settings.store, folder, stored), media_type="application/gzip",
+                                 headers=headers)  # fmt: skip
     return StreamingResponse(iter_tar_gz(folder, list_files(folder)), media_type="application/gzip", headers=headers)
 
 

@@ -78,6 +78,7 @@ def ensure_hosted(store: JobStore, celery: Celery, settings: Settings, model: ts
         model_dir=base.location,
         base_model=base.canonical,
         output_dir=str(settings.volume.tinker_model(model.model_id)),
+        volume_base=str(settings.base_path.resolve()),
         message=f"Hosting Tinker model {model.model_id}",
         max_attempts=1,
     )

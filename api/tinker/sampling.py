@@ -186,6 +186,7 @@ def sample_op(call: str, body: Sample, session: ts.SamplingSession, vocab: int |
         request_id=str(uuid.uuid4()),
         model_dir=session.model_dir,
         adapter_dir=session.adapter_dir,
+        volume_base=str(settings.base_path.resolve()),
         prompt=prompt,
         num_samples=body.num_samples,
         max_tokens=max_tokens if max_tokens is not None else limit,

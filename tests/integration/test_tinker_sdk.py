@@ -19,6 +19,7 @@ import tinker
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.fixtures.s3_server import S3Server
 from tests.service import Service, flush
 from tests.tinker_clients import close_all, service_client
 
@@ -243,3 +244,54 @@ def test_a_killed_worker_fails_pending_futures_and_the_last_save_state_still_loa
         warnings.simplefilter("ignore")
         restored = service_client.create_training_client_from_state(saved).result()
     assert restored.forward(data, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_training_client_on_hosts_that_share_only_the_object_store(
+    tmp_path: Path, redis_url: str, tiny_model_dir: Path, s3_server: S3Server, s3_bucket: str
+) -> None:
+    """The API, the generation worker and two training workers on folders of their own, the bucket between them:
+    a sampler's weights are sampled on another host, and the state one host saved (before it lost power) loads
+    on the other."""
+    flush(redis_url)
+    env = {"LORA_STORAGE_URL": f"s3://{s3_bucket}/lora", **s3_server.env, "LORA_TINKER_IDLE_TIMEOUT_S": "300"}
+    svc = Service(base_path=tmp_path / "api-host", redis_url=redis_url, log_dir=tmp_path / "logs", env_extra=env)
+    svc.base_path.mkdir(parents=True)
+    svc.log_dir.mkdir()
+    svc.start_generator(LORA_BASE_PATH=str(tmp_path / "chat-host"))
+    svc.start_api()
+    svc.start_worker(LORA_BASE_PATH=str(tmp_path / "host-a"))
+    os.environ["TINKER_TELEMETRY"] = "0"
+    try:
+        service_client = _client(svc)
+        training = service_client.create_lora_training_client(base_model=tiny_model_dir.name, rank=8).result()
+        convs = _conversations(tiny_model_dir)
+        data = [_datum(p + a, len(p)) for p, a in convs[:2]]
+        training.forward_backward(data, "cross_entropy").result()
+        training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        sampler = training.save_weights_and_get_sampling_client().result()
+        params = types.SamplingParams(max_tokens=4, temperature=0.0)
+        assert len(sampler.sample(types.ModelInput.from_ints(convs[0][0]), 1, params).result().sequences[0].tokens) > 0
+        assert list((tmp_path / "chat-host" / "tinker").rglob("adapter_model.safetensors"))  # staged there
+
+        saved = training.save_state("on-host-a").result().path
+        expected = training.forward(data, "cross_entropy").result().metrics["loss:sum"]
+        run_id, checkpoint_id = saved.removeprefix("tinker://").split("/", 1)
+        archive = svc.get(f"/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id}/archive")  # from the store
+        with tarfile.open(fileobj=io.BytesIO(archive.content), mode="r:gz") as tar:
+            assert {"adapter_config.json", "adapter_model.safetensors"} <= set(tar.getnames())
+        assert not (svc.base_path / "tinker").exists()  # nothing of it on the API's disk
+
+        host_a = svc.workers[0]
+        os.killpg(host_a.pid, signal.SIGKILL)
+        host_a.wait()
+        with pytest.raises(tinker.RequestFailedError, match="lost"):  # once its host is known lost
+            training.forward(data, "cross_entropy").result(timeout=90)
+        svc.start_worker(LORA_BASE_PATH=str(tmp_path / "host-b"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            restored = service_client.create_training_client_from_state(saved).result()
+        assert restored.forward(data, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(expected, rel=1e-5)
+        assert list((tmp_path / "host-b" / "tinker").rglob("adapter_model.safetensors"))  # staged from the store
+    finally:
+        close_all()
+        svc.stop()

@@ -155,13 +155,22 @@ def serve_sample(client: redis.Redis, cache: ModelCache, op: SampleOp) -> None:
             return
 
     try:
-        base, adapter = cache.get(op.model_dir, op.adapter_dir)
+        adapter_dir = op.adapter_dir
+        settings = get_settings()
+        if adapter_dir is not None:  # the API's name for it; staged from the object store where there is one
+            local = settings.volume.localize(adapter_dir, op.volume_base)
+            if settings.store is not None:
+                from worker.jobs.staging import stage_folder
+
+                stage_folder(settings.store, local)
+            adapter_dir = str(local)
+        base, adapter = cache.get(op.model_dir, adapter_dir)
         with inference(), base.use(adapter):
             result = sample(base.model, base.tokenizer, op, cache_arg=base.cache_arg)
     except SampleInputError as exc:
         tinker_store.fail(client, op.request_id, str(exc), "user")
         return
-    except ModelNotFoundError as exc:
+    except (ModelNotFoundError, FileNotFoundError, StorageUnavailable) as exc:
         tinker_store.fail(client, op.request_id, str(exc), "server")
         return
     except redis.RedisError:

@@ -117,7 +117,12 @@ def _host_tinker(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> O
     from worker.jobs import child
     from worker.tinker.host import host_model
 
-    ended = host_model(record, settings, lease, child.resident())
+    files = JobFiles.of(record, settings)
+    store = settings.store
+    if store is not None:  # a base model kept in the store is staged like a training job's
+        staging.stage_folder(store, Path(files.model))
+    ended = host_model(record.model_copy(update={"model_dir": files.model}) if record.model_dir else record, settings,
+                       lease, child.resident())  # fmt: skip
     calls = f" after {ended.calls} call{'s' if ended.calls != 1 else ''}"
     if ended.kind == "handed_back":
         return Outcome(JobStatus.queued, ended.message, count_attempt=False)

@@ -53,6 +53,7 @@ from shared.tinker_ops import (
     UnloadResult,
 )
 from shared.tinker_store import CheckpointInfo, HostInfo, SamplingSession, TinkerModel
+from worker.jobs import staging
 from worker.jobs.lease import LeaseKeeper
 from worker.tinker.lora import add_client_adapter
 from worker.tinker.together import forward_together
@@ -153,7 +154,7 @@ class ModelHost:
                                     adapter=adapter, fast=self.fast)  # fmt: skip
             self.fast = trainer.fast
             if model.load_from:
-                trainer.load(Path(model.load_from), optimizer=model.load_optimizer)
+                trainer.load(self._staged(model.load_from), optimizer=model.load_optimizer)
         except Exception as exc:
             log.error("model %s: could not host it:\n%s", model_id, traceback.format_exc())
             if self.peft is not None and adapter in self.peft.peft_config:
@@ -190,7 +191,7 @@ class ModelHost:
         if save:
             folder = client.folder / IDLE_STATE
             client.trainer.save(folder, optimizer=True, model_id=model_id, tinker_path=f"tinker://{model_id}/state")
-            update.update(load_from=str(folder), load_optimizer=True)
+            update.update(load_from=self._published(folder), load_optimizer=True)
         client.trainer.remove()
         current = ts.get_model(self.client, model_id) or client.model
         if current.job_id == self.record.id:
@@ -349,7 +350,7 @@ class ModelHost:
             elif isinstance(op, SaveOp):
                 result = self._save(client, op)
             elif isinstance(op, LoadOp):
-                trainer.load(Path(op.folder), optimizer=op.optimizer)
+                trainer.load(self._staged(op.folder), optimizer=op.optimizer)
                 result = LoadResult(path=op.tinker_path)
             else:
                 assert isinstance(op, UnloadOp)
@@ -367,19 +368,39 @@ class ModelHost:
             ts.complete(self.client, call.request_id, result, ran)
         self.calls += 1
 
+    def _local(self, path: str) -> Path:
+        """A folder the API named, as it lies under this host's base path (hosts that share only the store)."""
+        return self.settings.volume.localize(path, self.record.volume_base)
+
+    def _staged(self, path: str) -> Path:
+        """A saved state to load, staged from the object store when this host has no copy (another host saved it)."""
+        folder = self._local(path)
+        store = self.settings.store
+        if store is not None and not folder.is_dir():
+            store.pull_tree(folder)
+        return folder
+
+    def _published(self, folder: Path) -> str:
+        """A folder this host saved, sent to the object store (where there is one); its name as the API knows it."""
+        store = self.settings.store
+        if store is not None:
+            store.push_tree(folder)
+        return staging.api_name(self.settings, self.record, folder)
+
     def _save(self, client: Client, op: SaveOp) -> SaveResult:
         training = op.op == "save_weights"
-        folder = Path(op.folder)
+        folder = self._local(op.folder)
         model_id = client.model.model_id
         client.trainer.save(folder, optimizer=training, model_id=model_id, tinker_path=op.tinker_path)
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        self._published(folder)  # complete in the store before the save is answered
         info = CheckpointInfo(tinker_path=op.tinker_path, checkpoint_type="training" if training else "sampler",
-                              name=op.name, folder=str(folder), created_ms=ts.now_ms(), size_bytes=size)  # fmt: skip
+                              name=op.name, folder=op.folder, created_ms=ts.now_ms(), size_bytes=size)  # fmt: skip
         ts.add_checkpoint(self.client, model_id, info)
         if op.sampling_session_id is not None:
             ts.save_sampling_session(self.client, SamplingSession(
                 sampling_session_id=op.sampling_session_id, session_id=client.model.session_id,
-                base_model=client.model.base_model, model_dir=self.base_dir, adapter_dir=str(folder),
+                base_model=client.model.base_model, model_dir=self.base_dir, adapter_dir=op.folder,
                 model_path=op.tinker_path, created_ms=ts.now_ms(),
             ))  # fmt: skip
         return SaveResult(path=op.tinker_path, sampling_session_id=op.sampling_session_id)
