@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from shared.jobs import JobRecord
 from shared.object_store import MANIFEST, ObjectStore, OutsideStore, StorageUnavailable
+from shared.outputs import DestinationInUse, stored_destination_problem
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -127,9 +128,14 @@ def publisher(settings: Settings, job_id: str) -> Callable[[Path], None] | None:
 
 
 def push_output(settings: Settings, output: Path) -> None:
-    """Send the job's finished folder (adapter, merged model) to the store, completely, before it is recorded."""
+    """Send the job's finished folder (adapter, merged model) to the store, completely, before it is recorded.
+    `DestinationInUse` when objects someone else put under its name since the submission was checked are there:
+    the rule for the volume holds for keys, nothing of a user's is replaced."""
     store = settings.store
     if store is not None:
+        problem = stored_destination_problem(store, output)
+        if problem is not None:
+            raise DestinationInUse(Path(store.key(output)), problem)
         store.push_tree(output)
         log.info("uploaded %s to the object store", store.key(output))
 

@@ -3,12 +3,14 @@ server (moto's server mode), tidied and kept within the cache bound."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 
 from shared.config import TrainConfig
 from shared.jobs import JobRecord, JobStatus
+from shared.outputs import OUTPUT_MARKER, DestinationInUse
 from shared.settings import Settings
 from shared.volume import Volume
 from worker.jobs import staging
@@ -93,3 +95,30 @@ def test_staged_copies_are_evicted_least_recently_used_first(tmp_path: Path) -> 
     assert [p.name for p in deleted] == ["old"]
     assert sorted(p.name for p in (base / "models").iterdir()) == ["mid", "new"] and (base / "mine").is_dir()
     assert staging.evict_staged(base, max_bytes=2000) == []
+
+
+def test_an_adapter_is_never_sent_over_objects_a_user_put_under_its_name(tmp_path: Path, s3_bucket: str) -> None:
+    host = Settings(base_path=tmp_path / "host", storage_url=f"s3://{s3_bucket}/p")
+    assert host.store is not None
+    output = tmp_path / "host" / "my-adapter"
+    output.mkdir(parents=True)
+    (output / "adapter_model.safetensors").write_bytes(b"new")
+    (output / OUTPUT_MARKER).write_text(json.dumps({"written_by": "lora-server", "kind": "adapter"}))
+    theirs = tmp_path / "host" / "my-adapter-theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    host.store.client.upload_file(str(theirs / "notes.txt"), s3_bucket, "p/my-adapter/notes.txt")
+    try:
+        staging.push_output(host, output)
+    except DestinationInUse as exc:
+        assert "p/my-adapter" in str(exc) and "did not write" in str(exc)
+    else:
+        raise AssertionError("objects a user put there must not be replaced")
+    assert host.store.list_tree(output) == {"notes.txt": 4}  # untouched, and no manifest of ours
+    host.store.delete_tree(output)
+    staging.push_output(host, output)  # once theirs are gone, the adapter goes up
+    staging.push_output(host, output)  # and again over our own (a retry)
+    assert host.store.manifest(output) == {
+        OUTPUT_MARKER: (output / OUTPUT_MARKER).stat().st_size,
+        "adapter_model.safetensors": 3,
+    }
