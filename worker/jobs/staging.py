@@ -116,13 +116,20 @@ def publisher(settings: Settings, job_id: str) -> Callable[[Path], None] | None:
     if store is None:
         return None
     state_dir = settings.volume.job_state(job_id).resolve()
+    checkpoints_dir = settings.volume.job_checkpoints(job_id).resolve()
 
     def publish(folder: Path) -> None:
         store.push_tree(folder)
-        if folder.resolve().parent == state_dir:
+        parent = folder.resolve().parent
+        if parent == state_dir:  # only the newest state is kept
             older = {name.split("/", 1)[0] for name in store.list_tree(state_dir)} - {folder.name}
             for name in older:
                 store.delete_tree(state_dir / name)
+        elif parent == checkpoints_dir:  # the checkpoints the run pruned (keep_checkpoints) go from the store too
+            stored = {name.split("/", 1)[0] for name in store.list_tree(checkpoints_dir) if "/" in name}
+            for name in stored:
+                if name.startswith("step-") and not (checkpoints_dir / name).exists():
+                    store.delete_tree(checkpoints_dir / name)
 
     return publish
 
