@@ -110,7 +110,9 @@ def _merge(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome
     lease.emit(InfoNotice(), f"merging {source} into {record.config.model_name}")
     path = merge_adapter(str(files.dataset), str(files.output), base_model=files.model)[0]
     staging.push_output(settings, Path(path))
-    return Outcome(JobStatus.succeeded, "Merge completed", model_path=record.output_dir)
+    # Under the API's name for it where hosts share only the store; as written on a shared volume.
+    model_path = record.output_dir if settings.store is not None else str(path)
+    return Outcome(JobStatus.succeeded, "Merge completed", model_path=model_path)
 
 
 def _host_tinker(record: JobRecord, settings: Settings, lease: LeaseKeeper) -> Outcome:
