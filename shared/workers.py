@@ -10,6 +10,8 @@ A job whose worker vanished loses its lease and is resumed elsewhere from its sa
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import cast
 
 import redis
@@ -30,6 +32,7 @@ class WorkerInfo(BaseModel):
     gpu: str | None = None  # the GPU's name; None on a CPU worker
     gpu_memory_mib: int | None = None
     runner: str | None = None  # what its jobs record as their `worker` (shared.jobs.JobRecord.worker)
+    pid_ns: str | None = None  # its process-id namespace (Linux): where its runner's pid means that process
 
 
 class LiveWorker(WorkerInfo):
@@ -65,6 +68,41 @@ def leave(client: redis.Redis, name: str) -> None:
     pipe.zrem(keys.WORKERS, name)
     pipe.delete(keys.worker_info_key(name))
     pipe.execute()
+
+
+def pid_namespace() -> str | None:
+    """This process's pid namespace ("pid:[4026531836]"), or None where there is no /proc to say."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
+def forget_dead_neighbours(client: redis.Redis, info: WorkerInfo, settings: Settings) -> list[str]:
+    """Drop the announcements of workers on this same host whose main process is gone (a worker killed and
+    started again under another name): their slots would otherwise count until their heartbeat lapses, and a
+    replacement would double them. Only this host can tell; returns the names dropped."""
+    dropped = []
+    for other, _ in live(client, settings):
+        if other.name == info.name or other.host != info.host or not other.runner:
+            continue
+        if info.pid_ns is None or other.pid_ns != info.pid_ns:  # containers sharing a hostname: pids differ
+            continue
+        host, _, pid = other.runner.rpartition(":")
+        if host == socket.gethostname() and pid.isdigit() and _process_gone(int(pid)):
+            leave(client, other.name)
+            dropped.append(other.name)
+    return dropped
 
 
 def live(client: redis.Redis, settings: Settings) -> list[tuple[WorkerInfo, int]]:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import redis
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
@@ -79,3 +84,21 @@ def test_the_overview_names_each_workers_jobs(redis_client: redis.Redis) -> None
     a, b = shown.workers
     assert (a.busy, a.job_id, a.jobs) == (False, "job-1", ["job-1"])  # one of its two slots trains
     assert (b.busy, b.job_id, b.jobs) == (True, "job-3", ["job-3"])
+
+
+def test_a_starting_worker_drops_the_dead_workers_of_its_own_host(redis_client: redis.Redis) -> None:
+    """Killed and started again under another name: the dead one's slot must not count beside the new one's."""
+    here = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process id that no longer runs
+    ns = workers.pid_namespace()
+    assert ns is not None and ns.startswith("pid:[")
+    neighbours = (("old@h", dead.pid, here, ns), ("live@h", os.getpid(), here, ns), ("far@x", dead.pid, "far", ns),
+                  ("other-container@h", dead.pid, here, "pid:[1]"))  # fmt: skip
+    for name, pid, host, namespace in neighbours:
+        info = workers.WorkerInfo(name=name, host=host, runner=f"{host}:{pid}", pid_ns=namespace)
+        workers.announce(redis_client, info, SETTINGS)
+    me = workers.WorkerInfo(name="new@h", host=here, runner=f"{here}:{os.getpid()}", pid_ns=ns)
+    assert workers.forget_dead_neighbours(redis_client, me, SETTINGS) == ["old@h"]
+    alive = [info.name for info, _ in workers.live(redis_client, SETTINGS)]
+    assert alive == ["far@x", "live@h", "other-container@h"]  # another namespace's pid says nothing here

@@ -45,7 +45,7 @@ def visible_gpu() -> tuple[str | None, int | None]:
 def worker_info(name: str, slots: int, runner: str) -> workers.WorkerInfo:
     gpu, memory = visible_gpu()
     return workers.WorkerInfo(name=name, host=socket.gethostname(), slots=slots, gpu=gpu, gpu_memory_mib=memory,
-                              runner=runner)  # fmt: skip
+                              runner=runner, pid_ns=workers.pid_namespace())  # fmt: skip
 
 
 def start_maintenance(celery: Celery, settings: Settings, info: workers.WorkerInfo) -> threading.Event:
@@ -55,6 +55,8 @@ def start_maintenance(celery: Celery, settings: Settings, info: workers.WorkerIn
         store = JobStore(connect(settings.redis_url))
         while not stop.is_set():
             try:
+                for gone in workers.forget_dead_neighbours(store.client, info, settings):
+                    log.info("worker %s on this host is gone: its slots no longer count", gone)
                 workers.announce(store.client, info, settings)
                 reap_once(store, celery, settings)
             except Exception as exc:  # Redis down: the worker keeps trying until it returns
