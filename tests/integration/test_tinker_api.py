@@ -44,7 +44,8 @@ T = TypeVar("T")
 
 @pytest.fixture
 def api(tmp_path: Path, redis_url: str, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
-    """The API alone (no worker), with an API key and small Tinker limits."""
+    """The API alone (no worker, but one training slot announced by a worker elsewhere that never takes its jobs),
+    with an API key and small Tinker limits."""
     monkeypatch.setenv("TINKER_TELEMETRY", "0")
     flush(redis_url)
     env = {
@@ -58,6 +59,7 @@ def api(tmp_path: Path, redis_url: str, tiny_model_dir: Path, monkeypatch: pytes
     svc.base_path.mkdir(parents=True, exist_ok=True)
     svc.log_dir.mkdir(parents=True, exist_ok=True)
     svc.start_api()
+    svc.slot_elsewhere()
     try:
         yield svc
     finally:
