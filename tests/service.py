@@ -230,7 +230,13 @@ class Service:
         _stop(self.api, signal.SIGKILL)
 
     def stop_worker(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the newest worker; with the API up, return once its slot no longer counts (it leaves as it stops;
+        one whose stop was too slow is killed, and its announcement then lapses)."""
         _stop(self.worker, sig)
+        if self.api is not None and self.api.poll() is None and self._worker_names:
+            name = self._worker_names[-1]  # the newest worker's, as `self.worker` is
+            wait_until(lambda: all(w["name"] != name for w in self.health()["workers"]), timeout=60,
+                       ignoring=(httpx.HTTPError,), what=f"stopped worker {name}'s slot to go")  # fmt: skip
 
     def kill_worker_tree(self) -> None:
         """SIGKILL the worker and its prefork children at once, like a host losing power."""
