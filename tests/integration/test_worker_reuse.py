@@ -57,7 +57,14 @@ def test_without_keep_base_model_each_job_gets_a_fresh_child(fresh_children: Ser
     svc = fresh_children
     assert svc.worker is not None
     first, _ = _run(svc, tiny_model_dir)
-    (child,) = children(svc.worker.pid)
+    # The child that will run the next job (Celery may be between replacing the first one and forking the next).
+    pid = svc.worker.pid
+
+    def one_child() -> list[int] | None:
+        found = children(pid)
+        return found if len(found) == 1 else None
+
+    (child,) = wait_until(one_child, timeout=30, every=0.1, what="the pool's child for the next job")
     second, _ = _run(svc, tiny_model_dir)
     assert [e["data"]["base_model"] for e in (first, second)] == ["loaded", "loaded"]
     assert second["data"]["reason"] == "the base is not kept between jobs"
